@@ -1,0 +1,62 @@
+"""peftkit — parameter-efficient fine-tuning for any PyTorch module.
+
+    import peftkit
+    cfg = peftkit.config("lora", target_modules=["query", "value"], r=8, alpha=16)
+    peftkit.adapt(model, cfg)              # in place; the model keeps forward / generate / save_pretrained
+    ...train...
+    peftkit.save(model, "my-adapter")      # adapter_config.json + adapter_model.safetensors
+    peftkit.load(fresh_model, "my-adapter")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .core.config import AdapterConfig
+from .core.errors import PeftkitError
+from .core.model import (
+    active_adapters,
+    adapt,
+    adapted_layers,
+    adapter_names,
+    adapter_state_dict,
+    delete,
+    disable,
+    get_config,
+    load,
+    merge,
+    merge_and_unload,
+    mixed_batch,
+    save,
+    set_active,
+    summary,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .core.procedure import Procedure
+from .core.registry import all_methods
+from .core.registry import get as get_method
+
+__version__ = "0.1.0"
+
+
+def config(method: str, **fields: Any) -> AdapterConfig:
+    """Build the config of a registered method by name, validating every field."""
+    return get_method(method).config.from_dict(fields)
+
+
+def __getattr__(name: str) -> Any:
+    """``peftkit.LoraConfig`` etc.: every registered method's config class by its class name."""
+    for info in all_methods():
+        if info.config.__name__ == name:
+            return info.config
+    raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdapterConfig", "PeftkitError", "Procedure", "active_adapters", "adapt", "adapted_layers", "adapter_names",
+    "adapter_state_dict", "all_methods", "config", "delete", "disable", "get_config", "get_method", "load",
+    "merge", "merge_and_unload", "mixed_batch", "save", "set_active", "summary", "trainable_parameters", "unload",
+    "unmerge",
+]

@@ -1,0 +1,163 @@
+"""Base adapter config: targeting, dropout, bias, per-module overrides, (de)serialisation with validation.
+
+Every method's config is a dataclass that inherits :class:`AdapterConfig`. ``from_dict`` rejects unknown fields
+(listing the valid ones) and wrong types (naming the field), so configs read from JSON or the CLI fail loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+
+from .errors import PeftkitError
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Loose runtime check of ``value`` against a typing annotation (the subset configs use)."""
+    if tp is Any:
+        return True
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in get_args(tp))
+    if origin is Literal:
+        return value in get_args(tp)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        args = get_args(tp)
+        if not args:
+            return True
+        inner = args[0]
+        return all(_type_ok(v, inner) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False
+        kt, vt = get_args(tp) or (Any, Any)
+        return all(_type_ok(k, kt) and _type_ok(v, vt) for k, v in value.items())
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert JSON lists back to tuples where the annotation asks for a tuple; ints to floats."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for a in get_args(tp):
+            if a is not type(None) and _type_ok(value, a):
+                return _coerce(value, a)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every method shares.
+
+    Targeting (see :mod:`peftkit.core.targeting`): ``target_modules`` is a list of module names or name suffixes,
+    a regex string (full match), or ``"all-linear"``; ``target_types`` restricts to module class names;
+    ``layers_to_transform`` keeps modules whose layer index (found with ``layers_pattern``) is listed;
+    ``exclude_modules`` removes matches. ``modules_to_save`` lists extra modules (e.g. a classification head) that
+    train fully and are saved with the adapter. ``bias``: ``"none"``, ``"all"`` (every bias trains) or
+    ``"adapter_only"`` (biases of adapted layers train). ``overrides`` maps a module-name pattern to field
+    overrides for the modules it matches (``{"attn.q": {"r": 16}}``), Hugging Face PEFT ``rank_pattern`` style.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    target_types: list[str] | None = None
+    layers_to_transform: list[int] | None = None
+    layers_pattern: str | None = None
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "adapter_only"] = "none"
+    dropout: float = 0.0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            tp = hints.get(f.name, Any)
+            value = _coerce(value, tp)
+            object.__setattr__(self, f.name, value)
+            if not _type_ok(value, tp):
+                raise PeftkitError(
+                    f"{type(self).__name__}.{f.name} must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+                )
+
+    def validate(self) -> None:
+        """Method configs extend this with their own constraints (call ``super().validate()``)."""
+        if not 0.0 <= self.dropout < 1.0:
+            raise PeftkitError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}")
+        if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
+            raise PeftkitError("layers_to_transform must hold non-negative layer indices")
+        valid = {f.name for f in dataclasses.fields(self)}
+        for pattern, ov in self.overrides.items():
+            bad = set(ov) - valid
+            if bad:
+                raise PeftkitError(
+                    f"overrides[{pattern!r}] names unknown field(s) {sorted(bad)}; valid: {sorted(valid)}"
+                )
+
+    @staticmethod
+    def positive(name: str, value: float) -> None:
+        if value <= 0:
+            raise PeftkitError(f"{name} must be > 0, got {value}")
+
+    # -- per-module view ----------------------------------------------------------------------------
+    def for_module(self, module_name: str) -> AdapterConfig:
+        """This config with the ``overrides`` whose pattern matches ``module_name`` applied (last match wins)."""
+        changes: dict[str, Any] = {}
+        for pattern, ov in self.overrides.items():
+            if re.match(rf"(.*\.)?({pattern})$", module_name):
+                changes.update(ov)
+        return dataclasses.replace(self, **changes) if changes else self
+
+    # -- serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {"method": self.method, **d}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        data.pop("method", None)
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise PeftkitError(
+                f"{cls.__name__} has no field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
+            )
+        try:
+            return cls(**data)
+        except TypeError as e:  # pragma: no cover - dataclass signature problems
+            raise PeftkitError(f"{cls.__name__}: {e}") from None
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]

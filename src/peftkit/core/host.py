@@ -1,0 +1,130 @@
+"""A uniform view of the layer an adapter attaches to.
+
+Every host is seen as a map with a 2-D weight ``W ∈ R^{d_out×d_in}`` (d_in flattened over kernel positions for
+convolutions; for ``nn.Embedding`` d_in = vocabulary size, d_out = embedding dim, i.e. ``W = weightᵀ``;
+for transformers' GPT-2 ``Conv1D`` ``W = weightᵀ``). Methods write their math against this view and call
+``project_in`` / ``project_out`` for the activation path, so one method file serves every host type.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PeftkitError
+
+try:  # transformers' GPT-2 style Conv1D (weight stored as (d_in, d_out))
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except Exception:  # pragma: no cover - transformers is a dependency, but the core does not need it
+    _HFConv1D = None
+
+
+def host_kind(module: nn.Module) -> str | None:
+    """The host kind of ``module`` or None if it is not a supported host."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if _HFConv1D is not None and isinstance(module, _HFConv1D):
+        return "gpt2_conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+class Host:
+    """Shapes and elementary operations of one host layer (holds no parameters of its own)."""
+
+    def __init__(self, module: nn.Module, name: str = "") -> None:
+        kind = host_kind(module)
+        if kind is None:
+            raise PeftkitError(
+                f"module {name!r} is a {type(module).__name__}; supported host layers are Linear, Conv1d, "
+                f"Conv2d, Embedding and transformers' Conv1D"
+            )
+        if kind in ("conv1d", "conv2d") and module.groups != 1:
+            raise PeftkitError(f"module {name!r}: grouped convolutions (groups={module.groups}) are not supported")
+        self.module = module
+        self.name = name
+        self.kind = kind
+        w = module.weight
+        if kind == "linear":
+            self.d_out, self.d_in = w.shape
+        elif kind in ("gpt2_conv1d", "embedding"):
+            self.d_in, self.d_out = w.shape
+        else:
+            self.d_out = w.shape[0]
+            self.d_in = w[0].numel()
+        self.is_conv = kind in ("conv1d", "conv2d")
+
+    # -- weights --------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    def weight_2d(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The host weight (or ``w`` in the host's native layout) as a (d_out, d_in) view."""
+        w = self.module.weight if w is None else w
+        if self.kind in ("gpt2_conv1d", "embedding"):
+            return w.t()
+        if self.is_conv:
+            return w.reshape(self.d_out, self.d_in)
+        return w
+
+    def to_native(self, w2d: torch.Tensor) -> torch.Tensor:
+        """A (d_out, d_in) matrix in the host's native weight layout."""
+        if self.kind in ("gpt2_conv1d", "embedding"):
+            return w2d.t()
+        if self.is_conv:
+            return w2d.reshape(self.module.weight.shape)
+        return w2d
+
+    def out_view(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector shaped to broadcast against the host output."""
+        if self.kind == "conv2d":
+            return v.view(-1, 1, 1)
+        if self.kind == "conv1d":
+            return v.view(-1, 1)
+        return v
+
+    # -- activation path -----------------------------------------------------------------------------
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``x`` through a (k, d_in) matrix as if it were the host weight: h = x·aᵀ (a conv / lookup for those hosts)."""
+        m = self.module
+        if self.kind == "embedding":
+            return F.embedding(x, a.t(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        if self.is_conv:
+            return m._conv_forward(x, a.reshape(a.shape[0], *m.weight.shape[1:]), None)
+        return x.matmul(a.t()) if x.dim() != 2 else torch.mm(x, a.t())
+
+    def project_out(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A (d_out, k) matrix applied channel-wise to ``h`` from :meth:`project_in` (1×1 conv for conv hosts)."""
+        if self.kind == "conv2d":
+            return torch.einsum("bkhw,ok->bohw", h, b)
+        if self.kind == "conv1d":
+            return torch.einsum("bkl,ok->bol", h, b)
+        return h.matmul(b.t())
+
+    def apply_weight(self, x: torch.Tensor, w2d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The host's forward with a different (d_out, d_in) weight."""
+        m = self.module
+        if self.kind == "embedding":
+            return F.embedding(x, w2d.t(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        if self.is_conv:
+            return m._conv_forward(x, self.to_native(w2d), bias)
+        return F.linear(x, w2d, bias)
+
+    def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
+        """``base_out`` minus the host bias (x·Wᵀ alone)."""
+        b = self.bias
+        return base_out if b is None else base_out - self.out_view(b)
+
+    def __repr__(self) -> str:
+        return f"Host({self.name!r}, {self.kind}, d_in={self.d_in}, d_out={self.d_out})"

@@ -1,0 +1,179 @@
+"""The adapted-layer wrapper and the modules-to-save wrapper: named adapters, active set, merge/unmerge,
+disable, and mixed-batch routing (one forward where each sample uses its own adapter)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PeftkitError
+from .host import Host
+
+BASE = "__base__"  # route name meaning "no adapter" (None is accepted too)
+
+
+class Route:
+    """Per-sample adapter names, grouped once into index tensors shared by every layer of a forward pass."""
+
+    def __init__(self, names: Sequence[str | None]) -> None:
+        self.names = [BASE if n is None else n for n in names]
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(self.names):
+            groups.setdefault(n, []).append(i)
+        self.groups = {n: torch.tensor(ix, dtype=torch.long) for n, ix in groups.items()}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def check_batch(self, x: torch.Tensor, where: str) -> None:
+        if x.shape[0] != len(self.names):
+            raise PeftkitError(
+                f"mixed batch: {len(self.names)} adapter names given but {where} sees a batch of {x.shape[0]}"
+            )
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps a host layer; holds its adapters by name. Output = base(x) + Σ_active adapter.delta(x, base(x))."""
+
+    def __init__(self, base_layer: nn.Module, host: Host) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.host = host
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.route: Route | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `layer.weight` (e.g. tied embeddings) keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.route is not None:
+            return self._forward_mixed(x, *args, **kwargs)
+        live = [n for n in self.active if n in self.adapters and n not in self.merged]
+        if not live:
+            return self.base_layer(x, *args, **kwargs)
+        if len(live) == 1 and not args and not kwargs:
+            y = self.adapters[live[0]].fused_forward(x)
+            if y is not None:
+                return y
+        base_out = self.base_layer(x, *args, **kwargs)
+        out = base_out
+        for n in live:
+            out = out + self.adapters[n].delta(x, base_out).to(base_out.dtype)
+        return out
+
+    def _forward_mixed(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        route = self.route
+        assert route is not None
+        route.check_batch(x, f"layer {self.host.name!r}")
+        if self.merged:
+            raise PeftkitError(
+                f"layer {self.host.name!r} has merged adapters {self.merged}; unmerge before a mixed batch"
+            )
+        base_out = self.base_layer(x, *args, **kwargs)
+        out = base_out
+        for name, idx in route.groups.items():
+            if name == BASE or name not in self.adapters:
+                continue
+            idx = idx.to(x.device)
+            d = self.adapters[name].delta(x.index_select(0, idx), base_out.index_select(0, idx))
+            out = out.index_add(0, idx, d.to(out.dtype))
+        return out
+
+    # -- merging ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        """Fold adapters into the host weight; checks for non-finite values before writing anything."""
+        names = [n for n in (self.active if names is None else names) if n in self.adapters]
+        names = [n for n in names if n not in self.merged]
+        if not names:
+            return
+        host = self.host
+        w = host.weight_2d().detach().clone()
+        b = None if host.bias is None else host.bias.detach().clone()
+        for n in names:
+            w, b = self.adapters[n].merge(w, b)
+        if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+            raise PeftkitError(f"merging {names} into {host.name!r} gives non-finite weights; nothing was changed")
+        self._write(w, b)
+        self.merged.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        names = list(self.merged if names is None else [n for n in names if n in self.merged])
+        if not names:
+            return
+        host = self.host
+        w = host.weight_2d().detach().clone()
+        b = None if host.bias is None else host.bias.detach().clone()
+        for n in reversed(names):
+            w, b = self.adapters[n].unmerge(w, b)
+        self._write(w, b)
+        self.merged = [n for n in self.merged if n not in names]
+
+    def _write(self, w2d: torch.Tensor, b: torch.Tensor | None) -> None:
+        host = self.host
+        host.weight.data.copy_(host.to_native(w2d).to(host.weight.dtype))
+        if b is not None:
+            if host.bias is None:
+                host.module.bias = nn.Parameter(b, requires_grad=False)
+            else:
+                host.bias.data.copy_(b)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}"
+
+
+class SavedModule(nn.Module):
+    """``modules_to_save``: the original module (frozen) plus a trainable copy per adapter."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.route: Route | None = None
+
+    def add(self, name: str) -> nn.Module:
+        c = copy.deepcopy(self.original_module)
+        for p in c.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = c
+        return c
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            return getattr(self._modules["original_module"], item)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled:
+            return self.original_module(x, *args, **kwargs)
+        if self.route is not None:
+            route = self.route
+            route.check_batch(x, "a modules_to_save module")
+            out = self.original_module(x, *args, **kwargs)
+            for name, idx in route.groups.items():
+                if name in self.copies:
+                    idx = idx.to(x.device)
+                    out = out.index_copy(0, idx, self.copies[name](x.index_select(0, idx), *args, **kwargs))
+            return out
+        mod = self.copies[self.active] if self.active in self.copies else self.original_module
+        return mod(x, *args, **kwargs)

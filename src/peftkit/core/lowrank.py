@@ -1,0 +1,120 @@
+"""What the low-rank family shares: the config fields r/α/rsLoRA, the scaling rule, factor init, and the fused
+activation-path kernel ``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` with a hand-written backward.
+
+The fused function saves the input once (plus the r-wide ``h = x·Aᵀ``), accumulates the low-rank term into the
+base GEMM's output in place and, in backward, adds the low-rank input gradient into the base input gradient in
+place — no d_out×d_in tensor and no extra d_out-wide temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import PeftkitError
+from .host import Host
+
+
+def lowrank_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """LoRA's ``s = α/r``; rsLoRA's ``s = α/√r``."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """``r``: rank; ``alpha``: scale numerator; ``rslora``: use α/√r instead of α/r."""
+
+    r: int = 8
+    alpha: float = 8.0
+    rslora: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r <= 0:
+            raise PeftkitError(f"{type(self).__name__}.r (rank) must be a positive integer, got {self.r}")
+
+    @property
+    def scaling(self) -> float:
+        return lowrank_scaling(self.alpha, self.r, self.rslora)
+
+
+def check_rank(host: Host, r: int, limit: int | None = None) -> None:
+    limit = min(host.d_in, host.d_out) if limit is None else limit
+    if r > limit:
+        raise PeftkitError(f"module {host.name!r}: rank {r} exceeds min(d_out, d_in) = {limit} ({host!r})")
+
+
+def init_down_(a: torch.Tensor, how: str, r: int) -> None:
+    """Init a (r, d_in) down-projection: ``kaiming`` = kaiming_uniform(a=√5) = U(±1/√d_in), ``gaussian`` = N(0, 1/r²)."""
+    with torch.no_grad():
+        if how == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
+def new_factors(host: Host, r: int, dtype: torch.dtype | None = None) -> tuple[nn.Parameter, nn.Parameter]:
+    """Empty ``A ∈ R^{r×d_in}`` and zero ``B ∈ R^{d_out×r}`` on the host's device."""
+    w = host.weight
+    dt = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+    a = nn.Parameter(torch.empty(r, host.d_in, device=w.device, dtype=dt))
+    b = nn.Parameter(torch.zeros(host.d_out, r, device=w.device, dtype=dt))
+    return a, b
+
+
+def lowrank_delta(host: Host, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s · (x·Aᵀ)·Bᵀ`` through the host's activation path (x cast to the factor dtype, result cast back)."""
+    xd = x if (not x.is_floating_point() or x.dtype == a.dtype) else x.to(a.dtype)
+    out = host.project_out(host.project_in(xd, a), b)
+    return out * s if s != 1.0 else out
+
+
+class _FusedLowRankLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for a frozen (d_out, d_in) ``W``."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+        h = torch.mm(x2, a.t())
+        y.addmm_(h, b.t(), alpha=s)
+        ctx.save_for_backward(x2, w, a, b, h)
+        ctx.s = s
+        ctx.shape = shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x2, w, a, b, h = ctx.saved_tensors
+        s = ctx.s
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gh = torch.mm(g2, b)  # (N, r), unscaled
+        grad_x = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g2, w)
+            grad_x.addmm_(gh, a, alpha=s)
+            grad_x = grad_x.view(ctx.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_a = torch.mm(gh.t(), x2).mul_(s)
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.mm(g2.t(), h).mul_(s)
+        return grad_x, None, grad_bias, grad_a, grad_b, None
+
+
+def fused_lowrank_forward(
+    host: Host, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float
+) -> torch.Tensor | None:
+    """The fused path when it applies (Linear/GPT-2 Conv1D host, frozen weight, matching dtypes), else None."""
+    if host.kind not in ("linear", "gpt2_conv1d"):
+        return None
+    w = host.weight
+    if w.requires_grad or x.dtype != w.dtype or a.dtype != w.dtype or x.dim() < 2:
+        return None
+    return _FusedLowRankLinear.apply(x, host.weight_2d(), host.bias, a, b, s)

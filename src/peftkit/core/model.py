@@ -1,0 +1,493 @@
+"""The model-level API. Everything happens in place on the user's ``nn.Module``: host layers are replaced by
+:class:`AdaptedLayer` wrappers, the adapter configs are kept on the model (``model.peftkit_configs``), and the
+model keeps its own ``forward``, ``generate`` and ``save_pretrained``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import io, registry
+from .adapter import Adapter
+from .config import AdapterConfig
+from .errors import PeftkitError
+from .host import Host
+from .layer import AdaptedLayer, Route, SavedModule
+from .targeting import _matches, find_targets
+
+FORMAT_VERSION = 1
+
+
+# -- bookkeeping on the model ---------------------------------------------------------------------------
+def _configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    cfgs = model.__dict__.get("peftkit_configs")
+    if cfgs is None:
+        cfgs = {}
+        model.__dict__["peftkit_configs"] = cfgs
+    return cfgs
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(_configs(model))
+
+
+def get_config(model: nn.Module, name: str) -> AdapterConfig:
+    cfgs = _configs(model)
+    if name not in cfgs:
+        raise PeftkitError(f"no adapter named {name!r}; loaded adapters: {sorted(cfgs) or '(none)'}")
+    return cfgs[name]
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(model.__dict__.get("peftkit_active", []))
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for n, m in model.named_modules():
+        if isinstance(m, AdaptedLayer):
+            yield n, m
+
+
+def _saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    for n, m in model.named_modules():
+        if isinstance(m, SavedModule):
+            yield n, m
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# -- planning (build everything, change nothing) --------------------------------------------------------
+@dataclass
+class _Plan:
+    name: str
+    config: AdapterConfig
+    layers: list[tuple[str, nn.Module, Host, Adapter]] = field(default_factory=list)
+    saved: list[tuple[str, nn.Module]] = field(default_factory=list)
+    biases: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+
+
+def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
+    if not isinstance(config, AdapterConfig):
+        raise PeftkitError(f"expected an adapter config, got {type(config).__name__}")
+    if not isinstance(name, str) or not name or "." in name or name == "__base__":
+        raise PeftkitError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in _configs(model):
+        raise PeftkitError(f"an adapter named {name!r} already exists; loaded adapters: {adapter_names(model)}")
+    info = registry.get(config.method)
+    plan = _Plan(name, config)
+    for path, module in find_targets(model, config):
+        layer = module if isinstance(module, AdaptedLayer) else None
+        host = layer.host if layer is not None else Host(module, path)
+        if host.kind not in info.hosts:
+            raise PeftkitError(
+                f"method {info.name!r} does not support {type(host.module).__name__} layers "
+                f"(module {path!r}); it supports: {', '.join(info.hosts)}"
+            )
+        plan.layers.append((path, module, host, info.adapter(host, config.for_module(path))))
+    for target in config.modules_to_save or []:
+        found = [(n, m) for n, m in model.named_modules() if n and _matches(n, [target])
+                 and not isinstance(m, AdaptedLayer) and ".original_module" not in n and ".copies." not in n]
+        if not found:
+            leaves = sorted({n.split(".")[-1] for n, _ in model.named_children()})
+            raise PeftkitError(f"modules_to_save entry {target!r} matched no module; top-level modules: {leaves}")
+        plan.saved.extend(found)
+    if config.bias != "none":
+        plan.biases = _bias_params(model, config.bias, {p for p, *_ in plan.layers})
+    return plan
+
+
+def _install(model: nn.Module, plan: _Plan) -> None:
+    for path, module, host, adapter in plan.layers:
+        layer = module if isinstance(module, AdaptedLayer) else None
+        if layer is None:
+            layer = AdaptedLayer(module, host)
+            _set_submodule(model, path, layer)
+        layer.adapters[plan.name] = adapter
+        adapter.on_install()
+    for path, module in plan.saved:
+        wrapper = module if isinstance(module, SavedModule) else None
+        if wrapper is None:
+            wrapper = SavedModule(module)
+            _set_submodule(model, path, wrapper)
+        wrapper.add(plan.name)
+    _configs(model)[plan.name] = plan.config
+
+
+def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
+    """Freeze everything, then unfreeze the active adapters, their saved modules and configured biases."""
+    active = set(active_adapters(model))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not trainable:
+        return
+    for _, layer in adapted_layers(model):
+        for n, a in layer.adapters.items():
+            if n in active:
+                for p in a.parameters():
+                    p.requires_grad_(True)
+    for _, sm in _saved_modules(model):
+        for n, c in sm.copies.items():
+            if n in active:
+                for p in c.parameters():
+                    p.requires_grad_(True)
+    for n in active:
+        for _, p in _adapter_bias_params(model, n):
+            p.requires_grad_(True)
+
+
+def _bias_params(model: nn.Module, mode: str, layers: set[str]) -> list[tuple[str, nn.Parameter]]:
+    """Host biases made trainable by ``bias="all"`` (every bias) or ``"adapter_only"`` (biases of ``layers``)."""
+    out = []
+    for n, p in model.named_parameters():
+        if not n.endswith("bias") or ".adapters." in n or ".copies." in n:
+            continue
+        clean = n.replace(".base_layer", "").replace(".original_module", "")
+        if mode == "all" or clean.rsplit(".", 1)[0] in layers:
+            out.append((clean, p))
+    return out
+
+
+def _adapter_bias_params(model: nn.Module, name: str) -> list[tuple[str, nn.Parameter]]:
+    mode = _configs(model)[name].bias
+    if mode == "none":
+        return []
+    return _bias_params(model, mode, {path for path, layer in adapted_layers(model) if name in layer.adapters})
+
+
+# -- public API -----------------------------------------------------------------------------------------
+def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, activate: bool = True) -> nn.Module:
+    """Attach a new adapter described by ``config`` to ``model`` in place and (by default) make it the active,
+    trainable one. The whole adapter is built before the model is touched: any error leaves it unchanged."""
+    plan = _plan(model, config, name)
+    _install(model, plan)
+    if activate:
+        set_active(model, name)
+    else:
+        _refresh_trainable(model, trainable=bool(active_adapters(model)))
+    return model
+
+
+def set_active(model: nn.Module, names: str | Sequence[str], *, trainable: bool = True) -> None:
+    """Make ``names`` the active adapters (their outputs add up); only active adapters are trainable."""
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        get_config(model, n)
+    model.__dict__["peftkit_active"] = names
+    for _, layer in adapted_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+    for _, sm in _saved_modules(model):
+        sm.active = next((n for n in names if n in sm.copies), None)
+    _refresh_trainable(model, trainable)
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first if it was merged)."""
+    get_config(model, name)
+    for path, layer in list(adapted_layers(model)):
+        if name in layer.adapters:
+            if name in layer.merged:
+                layer.unmerge([name])
+            layer.adapters[name].on_remove()
+            del layer.adapters[name]
+            layer.active = [n for n in layer.active if n != name]
+            if not len(layer.adapters):
+                _set_submodule(model, path, layer.base_layer)
+    for path, sm in list(_saved_modules(model)):
+        if name in sm.copies:
+            del sm.copies[name]
+            if not len(sm.copies):
+                _set_submodule(model, path, sm.original_module)
+    del _configs(model)[name]
+    model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
+    set_active(model, active_adapters(model))
+
+
+def _check_mergeable(model: nn.Module, names: Sequence[str]) -> None:
+    for n in names:
+        info = registry.get(get_config(model, n).method)
+        if not info.mergeable:
+            raise PeftkitError(f"adapter {n!r} ({info.name}) is not mergeable; nothing was merged")
+
+
+def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """Fold the active (or the named) adapters into the base weights; the adapters stay and can be unmerged."""
+    names = active_adapters(model) if names is None else list(names)
+    _check_mergeable(model, names)
+    done: list[AdaptedLayer] = []
+    try:
+        for _, layer in adapted_layers(model):
+            layer.merge(names)
+            done.append(layer)
+    except PeftkitError:
+        for layer in done:
+            layer.unmerge(names)
+        raise
+
+
+def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    for _, layer in adapted_layers(model):
+        layer.unmerge(names)
+
+
+def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
+    """Merge the active (or named) adapters and return the model with plain modules only."""
+    merge(model, names)
+    for path, layer in list(adapted_layers(model)):
+        for n, a in layer.adapters.items():
+            if n not in layer.merged:
+                a.on_remove()
+        _set_submodule(model, path, layer.base_layer)
+    for path, sm in list(_saved_modules(model)):
+        keep = sm.copies[sm.active] if sm.active in sm.copies else sm.original_module
+        _set_submodule(model, path, keep)
+    model.__dict__.pop("peftkit_configs", None)
+    model.__dict__.pop("peftkit_active", None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the plain base model again."""
+    for n in list(adapter_names(model)):
+        delete(model, n)
+    return model
+
+
+@contextlib.contextmanager
+def disable(model: nn.Module) -> Iterator[nn.Module]:
+    """``with disable(model): ...`` runs the base model (merged adapters are unmerged first)."""
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer | SavedModule)]
+    prev = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, p in zip(layers, prev):
+            m.disabled = p
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """``with mixed_batch(model, ["a", "b", None]): model(x)`` — sample i uses adapter ``names[i]``
+    (None or ``"__base__"``: no adapter), all in one forward pass."""
+    known = set(adapter_names(model))
+    unknown = sorted({n for n in names if n not in (None, "__base__") and n not in known})
+    if unknown:
+        raise PeftkitError(f"mixed batch names unknown adapter(s) {unknown}; loaded adapters: {sorted(known)}")
+    route = Route(names)
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer | SavedModule)]
+    for m in layers:
+        m.route = route
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.route = None
+
+
+# -- persistence ----------------------------------------------------------------------------------------
+def _single_name(model: nn.Module, name: str | None) -> str:
+    if name is not None:
+        get_config(model, name)
+        return name
+    act = active_adapters(model)
+    if len(act) == 1:
+        return act[0]
+    names = adapter_names(model)
+    if len(names) == 1:
+        return names[0]
+    raise PeftkitError(f"several adapters loaded ({names}); say which one with name=")
+
+
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that make up adapter ``name``, keyed ``adapter.<module>.<tensor>``, ``saved.<module>.<tensor>``
+    and ``bias.<module>.bias``."""
+    name = _single_name(model, name)
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in adapted_layers(model):
+        if name in layer.adapters:
+            a = layer.adapters[name]
+            for k, v in a.state_dict().items():
+                if k.split(".")[0] not in a.regenerated:
+                    out[f"adapter.{path}.{k}"] = v
+    for path, sm in _saved_modules(model):
+        if name in sm.copies:
+            for k, v in sm.copies[name].state_dict().items():
+                out[f"saved.{path}.{k}"] = v
+    for n, p in _adapter_bias_params(model, name):
+        out[f"bias.{n}"] = p
+    return out
+
+
+def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (atomically)."""
+    name = _single_name(model, name)
+    cfg = get_config(model, name)
+    tensors = adapter_state_dict(model, name)
+    for path, layer in adapted_layers(model):
+        if name in layer.merged:
+            raise PeftkitError(f"adapter {name!r} is merged into {path!r}; unmerge before saving")
+    meta = {
+        "format": "peftkit",
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "base_model_class": type(model).__name__,
+        "config": cfg.to_dict(),
+    }
+    io.write_adapter(directory, meta, tensors, metadata={"format": "pt", "peftkit_method": cfg.method})
+
+
+def _expected_tensors(plan: _Plan) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path, _, _, adapter in plan.layers:
+        for k, v in adapter.state_dict().items():
+            if k.split(".")[0] not in adapter.regenerated:
+                out[f"adapter.{path}.{k}"] = v
+    for path, module in plan.saved:
+        src = module.original_module if isinstance(module, SavedModule) else module
+        for k, v in src.state_dict().items():
+            out[f"saved.{path}.{k}"] = v
+    for n, p in plan.biases:
+        out[f"bias.{n}"] = p
+    return out
+
+
+def load_into_plan(plan: _Plan, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Check every tensor's name and shape against the planned adapter; fill the planned adapters.
+    Returns the tensors for saved modules and biases, written at install time."""
+    expected = _expected_tensors(plan)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise PeftkitError(
+            f"{source}: tensor {extra[0]!r} has no place in this model"
+            + (f" ({len(extra)} such tensors)" if len(extra) > 1 else "")
+            + " — was the adapter made for another architecture?"
+        )
+    if missing:
+        raise PeftkitError(f"{source}: tensor {missing[0]!r} is missing from the file ({len(missing)} missing)")
+    for k, ref in expected.items():
+        if tuple(tensors[k].shape) != tuple(ref.shape):
+            raise PeftkitError(
+                f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)} in the file but "
+                f"{tuple(ref.shape)} in this model — the adapter was made for another base model"
+            )
+    for path, _, _, adapter in plan.layers:
+        prefix = f"adapter.{path}."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        adapter.load_state_dict(sub, strict=False)
+    return {k: v for k, v in tensors.items() if not k.startswith("adapter.")}
+
+
+def _write_rest(model: nn.Module, plan: _Plan, rest: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for path, _ in plan.saved:
+            sm = model.get_submodule(path)
+            assert isinstance(sm, SavedModule)
+            prefix = f"saved.{path}."
+            sm.copies[plan.name].load_state_dict({k[len(prefix):]: v for k, v in rest.items()
+                                                   if k.startswith(prefix)})
+        for n, p in plan.biases:
+            p.copy_(rest[f"bias.{n}"])
+
+
+def load(
+    model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, trainable: bool = False,
+    activate: bool = True,
+) -> str:
+    """Load an adapter saved by :func:`save` (or by Hugging Face PEFT) into ``model``; returns its name.
+
+    Every tensor's name and shape is checked before the model is touched: on any mismatch the error names the
+    tensor and the model is left as it was."""
+    meta = io.read_config(directory)
+    source = str(directory)
+    if "peft_type" in meta:
+        from . import hf
+
+        config, tensors, default_name = hf.import_adapter(model, directory, meta)
+    else:
+        if meta.get("format") != "peftkit" or "config" not in meta:
+            raise PeftkitError(f"{source}: not a peftkit or Hugging Face PEFT adapter config")
+        config = registry.config_from_dict(meta["config"])
+        tensors = io.read_tensors(directory)
+        default_name = meta.get("name", "default")
+    name = name or default_name
+    try:
+        plan = _plan(model, config, name)
+    except PeftkitError as e:
+        raise PeftkitError(f"cannot load adapter {source}: {e}") from None
+    rest = load_into_plan(plan, tensors, source)
+    _install(model, plan)
+    _write_rest(model, plan, rest)
+    if activate:
+        set_active(model, name, trainable=trainable)
+    else:
+        _refresh_trainable(model, trainable)
+    return name
+
+
+# -- reporting ------------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    trainable: int
+    total: int
+    adapters: dict[str, int]
+    active: list[str]
+    methods: dict[str, str]
+    layers: dict[str, int]
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        lines = [f"trainable params: {self.trainable:,} / {self.total:,} ({100 * self.fraction:.4f}%)"]
+        for n, c in self.adapters.items():
+            mark = "*" if n in self.active else " "
+            lines.append(f" {mark} {n:<16} {self.methods[n]:<12} {c:>12,} params on {self.layers[n]} layers")
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Trainable / total parameter counts and the size of every adapter (its tensors, saved modules, biases)."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    counts: dict[str, int] = {}
+    nlayers: dict[str, int] = {}
+    for n in adapter_names(model):
+        c = sum(p.numel() for _, layer in adapted_layers(model) if n in layer.adapters
+                for p in layer.adapters[n].parameters())
+        c += sum(p.numel() for _, sm in _saved_modules(model) if n in sm.copies for p in sm.copies[n].parameters())
+        counts[n] = c
+        nlayers[n] = sum(1 for _, layer in adapted_layers(model) if n in layer.adapters)
+    methods = {n: c.method for n, c in _configs(model).items()}
+    return Summary(trainable, total, counts, active_adapters(model), methods, nlayers)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def get_layer(model: nn.Module, path: str) -> Any:
+    m = model.get_submodule(path)
+    if not isinstance(m, AdaptedLayer):
+        raise PeftkitError(f"{path!r} is not an adapted layer")
+    return m

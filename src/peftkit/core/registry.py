@@ -1,0 +1,107 @@
+"""Name -> method. A method file calls :func:`register`; the core, the CLI and the tests read the registry."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import PeftkitError
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .config import AdapterConfig
+
+HOST_KINDS = ("linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the registry knows about one method.
+
+    ``params`` is the trainable-parameter formula in words (shown by ``peftkit methods``); the adapter class
+    computes the exact count with ``expected_params``. ``procedure`` is a training-procedure class that the
+    trainer attaches automatically. ``hf_peft_type`` names the Hugging Face PEFT ``peft_type`` whose files this
+    method reads and writes, if any.
+    """
+
+    name: str
+    config: type[AdapterConfig]
+    adapter: type[Adapter]
+    paper: str
+    description: str
+    params: str
+    mergeable: bool = True
+    hosts: tuple[str, ...] = HOST_KINDS
+    procedure: type | None = None
+    hf_peft_type: str | None = None
+    init_is_identity: bool = True
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+_LOADED = False
+
+
+def register(
+    name: str,
+    *,
+    config: type[AdapterConfig],
+    paper: str,
+    description: str,
+    params: str,
+    mergeable: bool = True,
+    hosts: tuple[str, ...] = HOST_KINDS,
+    procedure: type | None = None,
+    hf_peft_type: str | None = None,
+    init_is_identity: bool = True,
+) -> Any:
+    """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
+
+    def deco(adapter_cls: type[Adapter]) -> type[Adapter]:
+        bad = set(hosts) - set(HOST_KINDS)
+        if bad:
+            raise ValueError(f"unknown host kinds {bad}; known: {HOST_KINDS}")
+        if name in _REGISTRY and _REGISTRY[name].adapter is not adapter_cls:
+            raise ValueError(f"method {name!r} registered twice")
+        config.method = name
+        adapter_cls.method = name
+        _REGISTRY[name] = MethodInfo(
+            name, config, adapter_cls, paper, description, params, mergeable, tuple(hosts), procedure,
+            hf_peft_type, init_is_identity,
+        )
+        return adapter_cls
+
+    return deco
+
+
+def _load_all() -> None:
+    """Import every module in ``peftkit.methods`` so that each registers itself (no central list to edit)."""
+    global _LOADED
+    if _LOADED:
+        return
+    import peftkit.methods as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    _LOADED = True
+
+
+def get(name: str) -> MethodInfo:
+    _load_all()
+    if name not in _REGISTRY:
+        raise PeftkitError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def all_methods() -> list[MethodInfo]:
+    _load_all()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Build the right config class from a dict holding ``"method"``."""
+    if "method" not in data:
+        raise PeftkitError("adapter config has no 'method' field")
+    return get(data["method"]).config.from_dict(data)

@@ -1,0 +1,122 @@
+"""Which modules of a model an adapter config targets.
+
+Rules (Hugging Face PEFT compatible):
+- a list of strings matches a module whose full name equals an entry or ends with ``"." + entry``;
+- a single string other than ``"all-linear"`` is a regular expression that must match the full name;
+- ``"all-linear"`` selects every Linear / GPT-2 Conv1D except the output head (output embeddings, the names in
+  ``modules_to_save`` and the usual head names);
+- ``target_types`` keeps modules whose class name is listed; ``layers_to_transform`` keeps modules whose layer
+  index (the number after ``layers_pattern``, or after any of layers/layer/h/blocks/block) is listed;
+- ``exclude_modules`` removes matches (same rules as targets).
+A config that matches nothing raises an error listing the closest candidate module names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import PeftkitError
+from .host import host_kind
+
+HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "heads", "output_projection"}
+_DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "encoder_layers", "decoder_layers")
+
+
+def _matches(name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def layer_index(name: str, pattern: str | None) -> int | None:
+    pats = (pattern,) if pattern else _DEFAULT_LAYER_PATTERNS
+    for p in pats:
+        m = re.search(rf"(?:^|\.){re.escape(p)}\.(\d+)(?:\.|$)", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _is_head(model: nn.Module, name: str, module: nn.Module, config: AdapterConfig) -> bool:
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            if get_out() is module:
+                return True
+        except Exception:
+            pass
+    leaf = name.split(".")
+    if config.modules_to_save and _matches(name, config.modules_to_save):
+        return True
+    return bool(set(leaf) & HEAD_NAMES)
+
+
+def candidate_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n and host_kind(m) is not None]
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """(name, module) pairs the config targets, in model order. Raises :class:`PeftkitError` on no match."""
+    from .layer import AdaptedLayer  # local import: layer imports nothing from here
+
+    spec = config.target_modules
+    if spec is None and not config.target_types:
+        raise PeftkitError(
+            f"{type(config).__name__}.target_modules is not set; give module names, a regex, or 'all-linear'. "
+            f"Candidates: {', '.join(_short_list(candidate_names(model)))}"
+        )
+    out: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or ".base_layer" in name or name.endswith("base_layer"):
+            continue
+        if ".modules_to_save." in name or name.endswith(".original_module") or ".original_module." in name:
+            continue
+        target = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if spec == "all-linear":
+            if host_kind(target) not in ("linear", "gpt2_conv1d") or _is_head(model, name, target, config):
+                continue
+        elif spec is not None and not _matches(name, spec):
+            continue
+        if config.target_types and type(target).__name__ not in config.target_types:
+            continue
+        if config.layers_to_transform is not None:
+            idx = layer_index(name, config.layers_pattern)
+            if idx is None or idx not in config.layers_to_transform:
+                continue
+        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
+            continue
+        if isinstance(module, nn.ModuleList | nn.ModuleDict | nn.Sequential) and spec != "all-linear":
+            # containers can only be matched by mistake (e.g. a suffix "layers")
+            raise PeftkitError(f"target {name!r} is a container ({type(module).__name__}), not a layer")
+        out.append((name, module))
+    if not out:
+        raise PeftkitError(_no_match_message(model, config))
+    return out
+
+
+def _short_list(names: list[str], n: int = 12) -> list[str]:
+    return names if len(names) <= n else names[:n] + [f"... ({len(names) - n} more)"]
+
+
+def _no_match_message(model: nn.Module, config: AdapterConfig) -> str:
+    cands = candidate_names(model)
+    leaves = sorted({n.split(".")[-1] for n in cands})
+    spec = config.target_modules
+    wanted = [spec] if isinstance(spec, str) else list(spec or [])
+    close: list[str] = []
+    for w in wanted:
+        close += difflib.get_close_matches(w, leaves, n=5, cutoff=0.3)
+        close += difflib.get_close_matches(w, cands, n=3, cutoff=0.3)
+    close = list(dict.fromkeys(close))
+    msg = f"target_modules={spec!r} matched no module"
+    if config.target_types:
+        msg += f" of type {config.target_types}"
+    if config.layers_to_transform is not None:
+        msg += f" in layers {config.layers_to_transform}"
+    msg += f". Closest candidates: {', '.join(close) if close else '(none)'}"
+    msg += f". Adaptable module names: {', '.join(leaves) if leaves else '(none)'}"
+    return msg
