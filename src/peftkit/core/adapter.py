@@ -8,6 +8,7 @@ mixed batches, persistence) is the core's job.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,37 @@ def make_dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+class SharedStore(nn.Module):
+    """Tensors one adapter shares across all of its layers (e.g. shard pools, seeded random bases).
+
+    It lives on the model as ``model.peftkit_shared[<adapter name>]``, so its parameters reach the optimiser once,
+    and it is saved once (keys ``shared.<key>``); non-persistent buffers are regenerated instead of saved.
+    """
+
+    def parameter(self, key: str, make: Any) -> nn.Parameter:
+        """The shared parameter ``key``, created with ``make()`` the first time it is asked for."""
+        if key not in self._parameters:
+            self.register_parameter(key, nn.Parameter(make()))
+        return self._parameters[key]
+
+    def buffer(self, key: str, make: Any, persistent: bool = True) -> torch.Tensor:
+        """The shared buffer ``key``, created with ``make()`` the first time it is asked for."""
+        if key not in self._buffers:
+            self.register_buffer(key, make(), persistent=persistent)
+        return self._buffers[key]
+
+
+@dataclass
+class PlanContext:
+    """What an adapter that opts in with ``uses_context = True`` learns about the whole adapter it belongs to:
+    every targeted (module name, host) in model order, its own position, and the shared store."""
+
+    name: str
+    targets: list[tuple[str, Host]]
+    index: int
+    shared: SharedStore
+
+
 class Adapter(nn.Module):
     """Base class for a method's per-layer adapter.
 
@@ -34,11 +66,15 @@ class Adapter(nn.Module):
     method: ClassVar[str] = ""
     #: tensors (attribute names) excluded from saving because they are regenerated (e.g. seeded random bases)
     regenerated: ClassVar[tuple[str, ...]] = ()
+    #: adapters that share tensors across layers set this; the core then passes ``context=PlanContext(...)``
+    uses_context: ClassVar[bool] = False
 
-    def __init__(self, host: Host, config: AdapterConfig) -> None:
+    def __init__(self, host: Host, config: AdapterConfig, context: PlanContext | None = None) -> None:
         super().__init__()
         self.host = host
         self.config = config
+        # a plain attribute (not a registered submodule): the store is saved once, not once per layer
+        object.__setattr__(self, "shared", context.shared if context is not None else None)
 
     # -- forward ---------------------------------------------------------------------------------------
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -72,6 +108,10 @@ class Adapter(nn.Module):
 
     def on_remove(self) -> None:
         """Called when the adapter is deleted or the model is unloaded without merging."""
+
+    def check_loaded(self) -> None:
+        """Called after saved tensors were loaded into the adapter, before it is installed: raise
+        :class:`PeftkitError` if they are inconsistent (e.g. a regenerated basis whose checksum differs)."""
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     @classmethod

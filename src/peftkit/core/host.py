@@ -96,7 +96,7 @@ class Host:
 
     # -- activation path -----------------------------------------------------------------------------
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``x`` through a (k, d_in) matrix as if it were the host weight: h = x·aᵀ (a conv / lookup for those hosts)."""
+        """``x`` through a (k, d_in) matrix as if it were the host weight: h = x·aᵀ (conv / lookup for those hosts)."""
         m = self.module
         if self.kind == "embedding":
             return F.embedding(x, a.t(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import io, registry
-from .adapter import Adapter
+from .adapter import Adapter, PlanContext, SharedStore
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import Host
@@ -74,6 +74,7 @@ class _Plan:
     layers: list[tuple[str, nn.Module, Host, Adapter]] = field(default_factory=list)
     saved: list[tuple[str, nn.Module]] = field(default_factory=list)
     biases: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    shared: SharedStore | None = None
 
 
 def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
@@ -85,6 +86,7 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
         raise PeftkitError(f"an adapter named {name!r} already exists; loaded adapters: {adapter_names(model)}")
     info = registry.get(config.method)
     plan = _Plan(name, config)
+    targets: list[tuple[str, nn.Module, Host]] = []
     for path, module in find_targets(model, config):
         layer = module if isinstance(module, AdaptedLayer) else None
         host = layer.host if layer is not None else Host(module, path)
@@ -93,7 +95,16 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
                 f"method {info.name!r} does not support {type(host.module).__name__} layers "
                 f"(module {path!r}); it supports: {', '.join(info.hosts)}"
             )
-        plan.layers.append((path, module, host, info.adapter(host, config.for_module(path))))
+        targets.append((path, module, host))
+    if info.adapter.uses_context:
+        plan.shared = SharedStore()
+        hosts = [(p, h) for p, _, h in targets]
+        for i, (path, module, host) in enumerate(targets):
+            ctx = PlanContext(name, hosts, i, plan.shared)
+            plan.layers.append((path, module, host, info.adapter(host, config.for_module(path), context=ctx)))
+    else:
+        for path, module, host in targets:
+            plan.layers.append((path, module, host, info.adapter(host, config.for_module(path))))
     for target in config.modules_to_save or []:
         found = [(n, m) for n, m in model.named_modules() if n and _matches(n, [target])
                  and not isinstance(m, AdaptedLayer) and ".original_module" not in n and ".copies." not in n]
@@ -106,7 +117,17 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
     return plan
 
 
+def _shared_stores(model: nn.Module) -> nn.ModuleDict | None:
+    return model._modules.get("peftkit_shared")  # type: ignore[return-value]
+
+
 def _install(model: nn.Module, plan: _Plan) -> None:
+    if plan.shared is not None:
+        stores = _shared_stores(model)
+        if stores is None:
+            stores = nn.ModuleDict()
+            model.add_module("peftkit_shared", stores)
+        stores[plan.name] = plan.shared
     for path, module, host, adapter in plan.layers:
         layer = module if isinstance(module, AdaptedLayer) else None
         if layer is None:
@@ -143,6 +164,11 @@ def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
     for n in active:
         for _, p in _adapter_bias_params(model, n):
             p.requires_grad_(True)
+    stores = _shared_stores(model)
+    for n, store in (stores or {}).items():
+        if n in active:
+            for p in store.parameters():
+                p.requires_grad_(True)
 
 
 def _bias_params(model: nn.Module, mode: str, layers: set[str]) -> list[tuple[str, nn.Parameter]]:
@@ -207,9 +233,20 @@ def delete(model: nn.Module, name: str) -> None:
             del sm.copies[name]
             if not len(sm.copies):
                 _set_submodule(model, path, sm.original_module)
+    _drop_store(model, name)
     del _configs(model)[name]
     model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
     set_active(model, active_adapters(model))
+
+
+def _drop_store(model: nn.Module, name: str | None = None) -> None:
+    stores = _shared_stores(model)
+    if stores is None:
+        return
+    if name is not None and name in stores:
+        del stores[name]
+    if name is None or not len(stores):
+        del model._modules["peftkit_shared"]
 
 
 def _check_mergeable(model: nn.Module, names: Sequence[str]) -> None:
@@ -250,6 +287,7 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None) -> nn
     for path, sm in list(_saved_modules(model)):
         keep = sm.copies[sm.active] if sm.active in sm.copies else sm.original_module
         _set_submodule(model, path, keep)
+    _drop_store(model)
     model.__dict__.pop("peftkit_configs", None)
     model.__dict__.pop("peftkit_active", None)
     for p in model.parameters():
@@ -328,6 +366,10 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
                 out[f"saved.{path}.{k}"] = v
     for n, p in _adapter_bias_params(model, name):
         out[f"bias.{n}"] = p
+    stores = _shared_stores(model)
+    if stores is not None and name in stores:
+        for k, v in stores[name].state_dict().items():
+            out[f"shared.{k}"] = v
     return out
 
 
@@ -361,6 +403,9 @@ def _expected_tensors(plan: _Plan) -> dict[str, torch.Tensor]:
             out[f"saved.{path}.{k}"] = v
     for n, p in plan.biases:
         out[f"bias.{n}"] = p
+    if plan.shared is not None:
+        for k, v in plan.shared.state_dict().items():
+            out[f"shared.{k}"] = v
     return out
 
 
@@ -388,7 +433,11 @@ def load_into_plan(plan: _Plan, tensors: dict[str, torch.Tensor], source: str) -
         prefix = f"adapter.{path}."
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         adapter.load_state_dict(sub, strict=False)
-    return {k: v for k, v in tensors.items() if not k.startswith("adapter.")}
+    if plan.shared is not None:
+        plan.shared.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("shared.")}, strict=False)
+    for *_, adapter in plan.layers:
+        adapter.check_loaded()
+    return {k: v for k, v in tensors.items() if k.startswith(("saved.", "bias."))}
 
 
 def _write_rest(model: nn.Module, plan: _Plan, rest: dict[str, torch.Tensor]) -> None:
@@ -476,6 +525,9 @@ def summary(model: nn.Module) -> Summary:
         c = sum(p.numel() for _, layer in adapted_layers(model) if n in layer.adapters
                 for p in layer.adapters[n].parameters())
         c += sum(p.numel() for _, sm in _saved_modules(model) if n in sm.copies for p in sm.copies[n].parameters())
+        stores = _shared_stores(model)
+        if stores is not None and n in stores:
+            c += sum(p.numel() for p in stores[n].parameters())
         counts[n] = c
         nlayers[n] = sum(1 for _, layer in adapted_layers(model) if n in layer.adapters)
     methods = {n: c.method for n, c in _configs(model).items()}
