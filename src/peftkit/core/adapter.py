@@ -26,8 +26,9 @@ def make_dropout(p: float) -> nn.Module:
 class SharedStore(nn.Module):
     """Tensors one adapter shares across all of its layers (e.g. shard pools, seeded random bases).
 
-    It lives on the model as ``model.peftkit_shared[<adapter name>]``, so its parameters reach the optimiser once,
-    and it is saved once (keys ``shared.<key>``); non-persistent buffers are regenerated instead of saved.
+    The adapter of the first targeted layer owns it as its submodule ``shared_store`` (so it is trained, saved and
+    copied once, through that adapter); the others reach it through the plain attribute ``shared``. Non-persistent
+    buffers are regenerated at load instead of saved.
     """
 
     def parameter(self, key: str, make: Any) -> nn.Parameter:

@@ -102,6 +102,8 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
         for i, (path, module, host) in enumerate(targets):
             ctx = PlanContext(name, hosts, i, plan.shared)
             plan.layers.append((path, module, host, info.adapter(host, config.for_module(path), context=ctx)))
+        # the first layer's adapter owns the store: saved, trained and copied once, through that adapter
+        plan.layers[0][3].add_module("shared_store", plan.shared)
     else:
         for path, module, host in targets:
             plan.layers.append((path, module, host, info.adapter(host, config.for_module(path))))
@@ -117,17 +119,7 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
     return plan
 
 
-def _shared_stores(model: nn.Module) -> nn.ModuleDict | None:
-    return model._modules.get("peftkit_shared")  # type: ignore[return-value]
-
-
 def _install(model: nn.Module, plan: _Plan) -> None:
-    if plan.shared is not None:
-        stores = _shared_stores(model)
-        if stores is None:
-            stores = nn.ModuleDict()
-            model.add_module("peftkit_shared", stores)
-        stores[plan.name] = plan.shared
     for path, module, host, adapter in plan.layers:
         layer = module if isinstance(module, AdaptedLayer) else None
         if layer is None:
@@ -164,11 +156,6 @@ def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
     for n in active:
         for _, p in _adapter_bias_params(model, n):
             p.requires_grad_(True)
-    stores = _shared_stores(model)
-    for n, store in (stores or {}).items():
-        if n in active:
-            for p in store.parameters():
-                p.requires_grad_(True)
 
 
 def _bias_params(model: nn.Module, mode: str, layers: set[str]) -> list[tuple[str, nn.Parameter]]:
@@ -233,20 +220,9 @@ def delete(model: nn.Module, name: str) -> None:
             del sm.copies[name]
             if not len(sm.copies):
                 _set_submodule(model, path, sm.original_module)
-    _drop_store(model, name)
     del _configs(model)[name]
     model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
     set_active(model, active_adapters(model))
-
-
-def _drop_store(model: nn.Module, name: str | None = None) -> None:
-    stores = _shared_stores(model)
-    if stores is None:
-        return
-    if name is not None and name in stores:
-        del stores[name]
-    if name is None or not len(stores):
-        del model._modules["peftkit_shared"]
 
 
 def _check_mergeable(model: nn.Module, names: Sequence[str]) -> None:
@@ -287,7 +263,6 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None) -> nn
     for path, sm in list(_saved_modules(model)):
         keep = sm.copies[sm.active] if sm.active in sm.copies else sm.original_module
         _set_submodule(model, path, keep)
-    _drop_store(model)
     model.__dict__.pop("peftkit_configs", None)
     model.__dict__.pop("peftkit_active", None)
     for p in model.parameters():
@@ -366,10 +341,6 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
                 out[f"saved.{path}.{k}"] = v
     for n, p in _adapter_bias_params(model, name):
         out[f"bias.{n}"] = p
-    stores = _shared_stores(model)
-    if stores is not None and name in stores:
-        for k, v in stores[name].state_dict().items():
-            out[f"shared.{k}"] = v
     return out
 
 
@@ -403,9 +374,6 @@ def _expected_tensors(plan: _Plan) -> dict[str, torch.Tensor]:
             out[f"saved.{path}.{k}"] = v
     for n, p in plan.biases:
         out[f"bias.{n}"] = p
-    if plan.shared is not None:
-        for k, v in plan.shared.state_dict().items():
-            out[f"shared.{k}"] = v
     return out
 
 
@@ -433,8 +401,6 @@ def load_into_plan(plan: _Plan, tensors: dict[str, torch.Tensor], source: str) -
         prefix = f"adapter.{path}."
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         adapter.load_state_dict(sub, strict=False)
-    if plan.shared is not None:
-        plan.shared.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("shared.")}, strict=False)
     for *_, adapter in plan.layers:
         adapter.check_loaded()
     return {k: v for k, v in tensors.items() if k.startswith(("saved.", "bias."))}
@@ -525,9 +491,6 @@ def summary(model: nn.Module) -> Summary:
         c = sum(p.numel() for _, layer in adapted_layers(model) if n in layer.adapters
                 for p in layer.adapters[n].parameters())
         c += sum(p.numel() for _, sm in _saved_modules(model) if n in sm.copies for p in sm.copies[n].parameters())
-        stores = _shared_stores(model)
-        if stores is not None and n in stores:
-            c += sum(p.numel() for p in stores[n].parameters())
         counts[n] = c
         nlayers[n] = sum(1 for _, layer in adapted_layers(model) if n in layer.adapters)
     methods = {n: c.method for n, c in _configs(model).items()}

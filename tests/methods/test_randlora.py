@@ -1,0 +1,106 @@
+"""RandLoRA property tests (spec: shared/methods/weight-space.md §11)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+import peftkit.methods._randlora  # noqa: F401
+from peftkit.methods._randlora import RandLoraConfig, make_bases
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 16))
+
+
+def _perturb(model: nn.Module) -> None:
+    with torch.no_grad():
+        for p in peftkit.trainable_parameters(model):
+            p.add_(0.1 * torch.randn_like(p))
+
+
+def test_init_identity_and_param_count():
+    m = _model()
+    x = torch.randn(5, 24)
+    base = m(x)
+    peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=4, alpha=8))
+    assert torch.equal(m(x), base)
+    # layer 0: m=24, N=6 -> 6*(4+24)=168 (the spec's verified count); layer 2: m=16, N=4 -> 4*(4+16)=80
+    assert peftkit.summary(m).trainable == 168 + 80
+
+
+def test_full_rank_update_and_merge():
+    m = _model()
+    peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=4, alpha=8))
+    _perturb(m)
+    for layer, full in [(m[0], 24), (m[2], 16)]:
+        dw = layer.adapters["default"].delta_weight()
+        assert dw.shape == (layer.host.d_out, layer.host.d_in)
+        assert torch.linalg.matrix_rank(dw) == full
+    x = torch.randn(7, 24)
+    y = m(x)
+    peftkit.merge(m)
+    assert torch.allclose(m(x), y, atol=1e-5 * y.abs().max().item())
+
+
+def test_activation_path_equals_delta_weight():
+    m = _model()
+    peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=4, alpha=8))
+    _perturb(m)
+    for layer, d_in in [(m[0], 24), (m[2], 32)]:
+        a = layer.adapters["default"]
+        x = torch.randn(3, d_in)
+        assert torch.allclose(a.delta(x, None), x @ a.delta_weight().t(), atol=1e-5)
+
+
+def test_bases_shared_seeded_and_not_saved(tmp_path):
+    m = _model()
+    peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=4, projection_seed=7))
+    a0, a2 = m[0].adapters["default"], m[2].adapters["default"]
+    assert a2.shared is a0.shared_store  # one set of bases for the whole model
+    a, b = make_bases(RandLoraConfig(r=4, projection_seed=7), 32, 24)
+    assert torch.equal(a0.shared.A, a) and torch.equal(a0.shared.B, b)
+    peftkit.save(m, tmp_path)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert not any(k.endswith((".A", ".B")) for k in keys)
+    assert "adapter.0.shared_store.checksum" in keys
+
+
+def test_save_load_roundtrip_and_checksum(tmp_path):
+    m = _model()
+    ref = copy.deepcopy(m)
+    peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=4, alpha=8, projection_seed=3))
+    _perturb(m)
+    x = torch.randn(5, 24)
+    y = m(x)
+    peftkit.save(m, tmp_path)
+    fresh = copy.deepcopy(ref)
+    peftkit.load(fresh, tmp_path)
+    assert torch.equal(fresh(x), y)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["config"]["projection_seed"] = 4
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    other = copy.deepcopy(ref)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(peftkit.PeftkitError, match="checksum"):
+        peftkit.load(other, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert not isinstance(other[0], peftkit.core.layer.AdaptedLayer)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "very_sparse"])
+def test_sparse_bases_are_ternary(kind):
+    a, b = make_bases(RandLoraConfig(r=4, **{kind: True}), 64, 48)
+    for t in (a, b):
+        vals = torch.unique(t)
+        assert len(vals) == 3 and torch.allclose(vals[0], -vals[2])
+        assert abs(t.std().item() - 1.0) < 1e-5
+    zero_frac = (b == 0).float().mean().item()
+    expected = 1 - 1 / 3 if kind == "sparse" else 1 - 1 / 48**0.5
+    assert abs(zero_frac - expected) < 0.05
