@@ -1,7 +1,7 @@
 """RandLoRA — Albert et al., ICLR 2025, "RandLoRA: Full-rank parameter-efficient fine-tuning of large models"
 (arXiv 2502.00987; official code PaulAlbert31/RandLoRA and its Hugging Face PEFT port).
 
-    forward:  y = base(x) + dropout(x)·ΔWᵀ,  ΔW_{M×m} = s·Σ_{i=1..N} B_i·diag(λ_i)·A·diag(γ_i)  (transposed if d_out < d_in)
+    forward:  y = base(x) + dropout(x)·ΔWᵀ,  ΔW_{M×m} = s·Σ_{i=1..N} B_i·diag(λ_i)·A·diag(γ_i)  (ᵀ if d_out < d_in)
     init:     frozen shared bases A ∈ R^{r×m}, B_i ∈ R^{M×r} from one seeded generator (kaiming_uniform(a=√5) or
               ternary {−1,0,+1}, each divided by its std); trainable λ_i = 0, γ_i = 1/M  ⇒ ΔW = 0
     merge:    W ← W0 + ΔW   (rank(ΔW) = m = min(d_in, d_out) for generic λ, γ: full rank with N = ⌈m/r⌉ terms)
