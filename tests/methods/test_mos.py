@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import peftkit
-import peftkit.methods._mos  # noqa: F401
 from peftkit.methods.lora import Lora
 
 

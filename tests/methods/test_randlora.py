@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 import peftkit
-import peftkit.methods._randlora  # noqa: F401
-from peftkit.methods._randlora import RandLoraConfig, make_bases
+from peftkit.methods.randlora import RandLoraConfig, make_bases
 
 
 def _model() -> nn.Module:

@@ -123,14 +123,14 @@ def _install(model: nn.Module, plan: _Plan) -> None:
     for path, module, host, adapter in plan.layers:
         layer = module if isinstance(module, AdaptedLayer) else None
         if layer is None:
-            layer = AdaptedLayer(module, host)
+            layer = AdaptedLayer(module, host).train(module.training)  # new modules follow the model's mode
             _set_submodule(model, path, layer)
-        layer.adapters[plan.name] = adapter
+        layer.adapters[plan.name] = adapter.train(layer.training)
         adapter.on_install()
     for path, module in plan.saved:
         wrapper = module if isinstance(module, SavedModule) else None
         if wrapper is None:
-            wrapper = SavedModule(module)
+            wrapper = SavedModule(module).train(module.training)
             _set_submodule(model, path, wrapper)
         wrapper.add(plan.name)
     _configs(model)[plan.name] = plan.config

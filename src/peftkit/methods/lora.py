@@ -3,11 +3,13 @@ with rsLoRA scaling (Kalajdzievski 2023) and PiSSA init (Meng et al. 2024).
 
     forward:  y = x·W0ᵀ + b0 + s · dropout(x)·Aᵀ·Bᵀ,   A ∈ R^{r×d_in}, B ∈ R^{d_out×r},  s = α/r (rsLoRA: α/√r)
     init:     A ~ kaiming_uniform(a=√5) = U(±1/√d_in) (or N(0, 1/r²) "gaussian"), B = 0  ⇒ ΔW = 0
-              PiSSA: U,S,Vᵀ = svd(W0); A = diag(√(S_r/s))·Vᵀ_r, B = U_r·diag(√(S_r/s)); W0 ← W_res = W0 − s·B·A
-    merge:    W ← W0 + s·B·A  (ΔW = s·B·A, rank ≤ r)
+              PiSSA: U,S,Vᵀ = svd(W0); A = diag(√(S_r/s))·Vᵀ_r, B = U_r·diag(√(S_r/s)); base = W_res = W0 − s·B0·A0
+    merge:    W ← W0 + s·B·A  (ΔW = s·B·A, rank ≤ r);  PiSSA: W ← W_res + s·B·A = W0 + s·(B·A − B0·A0)
 
-Trainable: A, B — r·(d_in + d_out) per layer. PiSSA keeps its initial factors (A0, B0) as saved buffers so that
-loading into a fresh base rebuilds the residual W_res exactly, and deleting the adapter restores W0.
+Trainable: A, B — r·(d_in + d_out) per layer. PiSSA keeps its initial factors (A0, B0) as saved buffers and
+leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x (one rank-2r pass),
+which is the same function, so ``disable()``, mixed batches and other adapters on the layer still see the true W0,
+and loading into a fresh base reproduces the outputs exactly (Hugging Face PEFT instead rewrites the base weight).
 With ``dropout = 0`` on a Linear / GPT-2 Conv1D host the forward and backward run in one fused autograd function.
 """
 
@@ -87,29 +89,25 @@ class Lora(Adapter):
         self.register_buffer("pissa_A0", a.to(self.lora_A.dtype).clone())
         self.register_buffer("pissa_B0", b.to(self.lora_B.dtype).clone())
 
-    def _pissa_principal(self) -> torch.Tensor:
-        return self.host.to_native(self.s * (self.pissa_B0 @ self.pissa_A0)).to(self.host.weight.dtype)
-
-    @torch.no_grad()
-    def on_install(self) -> None:
-        if self.pissa:  # base becomes the residual W_res = W0 − s·B0·A0
-            self.host.weight.sub_(self._pissa_principal())
-
-    @torch.no_grad()
-    def on_remove(self) -> None:
-        if self.pissa:
-            self.host.weight.add_(self._pissa_principal())
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the update; for PiSSA the rank-2r pair [A; A0], [B, −B0] (ΔW relative to the true W0)."""
+        if not self.pissa:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        return lowrank_delta(self.host, self.dropout(x), self.lora_A, self.lora_B, self.s)
+        a, b = self.factors()
+        return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.config.dropout > 0 and self.training:
             return None
-        return fused_lowrank_forward(self.host, x, self.lora_A, self.lora_B, self.s)
+        a, b = self.factors()
+        return fused_lowrank_forward(self.host, x, a, b, self.s)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.s * (self.lora_B @ self.lora_A)
+        a, b = self.factors()
+        return self.s * (b @ a)
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:

@@ -155,8 +155,8 @@ class RandLora(Adapter):
         a, b = make_bases(self.config, self.shared.B.shape[1], self.shared.A.shape[1])
         if not torch.allclose(checksum(a, b), self.shared.checksum, rtol=1e-9, atol=1e-6):
             raise PeftkitError(
-                "RandLoRA bases regenerated from projection_seed do not match the saved checksum "
-                "(different seed, target sizes or random generator); refusing to load"
+                f"tensor 'adapter.{self.host.name}.shared_store.checksum' does not match the RandLoRA bases "
+                "regenerated from projection_seed (another base model, target sizes or seed); refusing to load"
             )
 
     @classmethod

@@ -1,0 +1,208 @@
+"""Tiny host models for the conformance matrix (and the other test folders, through ``tests/conftest.py``).
+
+Each :class:`TinyModel` builds a seeded, deterministic model (``build()``; ``build(wide=True)`` gives the same module
+names with different widths), a seeded input, the generic target list, and the host kinds those targets are.
+:data:`METHOD_OVERRIDES` is the one hook for methods that need extra config fields in the matrix; keep it empty
+unless a method cannot run with its defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# Extra config fields per method name, merged into the generic config of the matrix, e.g. {"kron": {"factor": 4}}.
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    # the tiny models have one layer per module type: MoS then needs r − r_p ≤ (r_e − r_p)·1
+    "mos": {"r": 4, "r_e": 4, "r_p": 2, "l": 2},
+}
+# Extra config fields per (method name, model name), applied after METHOD_OVERRIDES.
+METHOD_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+class MLP(nn.Module):
+    """(B, d) -> (B, n_out); fc1/fc2 are the targets, ``head`` is a classifier (modules_to_save in the matrix)."""
+
+    def __init__(self, d: int = 16, hidden: int = 32, n_out: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc2(self.act(self.fc1(x))))
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, ff)
+        self.fc2 = nn.Linear(ff, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block on batch-first (B, T, d) input."""
+
+    def __init__(self, d: int = 16, ff: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = FeedForward(d, ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ConvNet1d(nn.Module):
+    def __init__(self, c_in: int = 4, c: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(c_in, c, 3, padding=1)
+        self.conv2 = nn.Conv1d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.tanh(self.conv1(x)))
+
+
+class ConvNet2d(nn.Module):
+    def __init__(self, c_in: int = 3, c: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.tanh(self.conv1(x)))
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self, vocab: int = 40, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.proj = nn.Linear(d, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.tanh(self.emb(ids)))
+
+
+def tiny_gpt2(n_embd: int = 16) -> nn.Module:
+    """A real Hugging Face GPT-2 (one layer) whose projections are transformers' ``Conv1D``."""
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=n_embd, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    cfg._attn_implementation = "eager"
+    return GPT2Model(cfg)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    name: str
+    factory: Callable[[bool], nn.Module]  # wide -> model
+    make_input: Callable[[torch.Generator, int], torch.Tensor]  # (generator, batch) -> input
+    targets: list[str]
+    adapted: list[str]  # full names of the modules the targets select
+    hosts: tuple[str, ...]
+    extra: dict[str, Any] = field(default_factory=dict)  # generic config fields (e.g. modules_to_save)
+    output: Callable[[Any], torch.Tensor] = lambda out: out
+
+    def build(self, wide: bool = False, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.factory(wide).eval()
+
+    def input(self, batch: int = 4, seed: int = 0) -> torch.Tensor:
+        return self.make_input(torch.Generator().manual_seed(1000 + seed), batch)
+
+    def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.output(model(x))
+
+
+def _ids(g: torch.Generator, b: int) -> torch.Tensor:
+    return torch.randint(0, 40, (b, 6), generator=g)
+
+
+MODELS: dict[str, TinyModel] = {
+    m.name: m
+    for m in [
+        TinyModel(
+            "mlp", lambda wide: MLP(hidden=24 if wide else 32), lambda g, b: torch.randn(b, 16, generator=g),
+            ["fc1", "fc2"], ["fc1", "fc2"], ("linear",), extra={"modules_to_save": ["head"]},
+        ),
+        TinyModel(
+            "block", lambda wide: Block(ff=48 if wide else 32), lambda g, b: torch.randn(b, 5, 16, generator=g),
+            ["q", "k", "v", "o", "fc1", "fc2"],
+            ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2"], ("linear",),
+        ),
+        TinyModel(
+            "conv1d", lambda wide: ConvNet1d(c=24 if wide else 16), lambda g, b: torch.randn(b, 4, 10, generator=g),
+            ["conv1", "conv2"], ["conv1", "conv2"], ("conv1d",),
+        ),
+        TinyModel(
+            "conv2d", lambda wide: ConvNet2d(c=24 if wide else 16), lambda g, b: torch.randn(b, 3, 6, 6, generator=g),
+            ["conv1", "conv2"], ["conv1", "conv2"], ("conv2d",),
+        ),
+        TinyModel(
+            "embedding", lambda wide: EmbeddingModel(d=24 if wide else 16), _ids, ["emb"], ["emb"], ("embedding",),
+        ),
+        TinyModel(
+            "gpt2", lambda wide: tiny_gpt2(32 if wide else 16), _ids, ["c_attn", "c_proj", "c_fc"],
+            ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"], ("gpt2_conv1d",),
+            output=lambda out: out.last_hidden_state,
+        ),
+    ]
+}
+
+
+def matrix_config_fields(method: str, model: TinyModel) -> dict[str, Any]:
+    """The generic config of the matrix: the model's targets (+ its generic extras) and any declared override."""
+    fields: dict[str, Any] = {"target_modules": list(model.targets), **model.extra}
+    fields.update(METHOD_OVERRIDES.get(method, {}))
+    fields.update(METHOD_MODEL_OVERRIDES.get((method, model.name), {}))
+    return fields
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
+    """Add N(0, std²) noise to every trainable parameter (the active adapter's tensors, saved copies, biases)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,138 @@
+"""DoRA's own properties (shared/methods/weight-space.md §2 "Sanity"): exact identity at init, merged == unmerged,
+the magnitude really rescales rows (B = 0, m = 2‖W0‖ doubles x·W0ᵀ), the row norm is detached from the graph,
+and the same holds on Conv2d hosts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkit
+from conformance.models import MODELS, TinyModel, perturb
+
+DORA_MODELS = [n for n, spec in sorted(MODELS.items()) if set(spec.hosts) <= set(peftkit.get_method("dora").hosts)]
+
+
+def _rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * float(expected.abs().max()))
+
+
+def _adapt(spec: TinyModel, **fields) -> nn.Module:
+    model = spec.build()
+    peftkit.adapt(model, peftkit.config("dora", target_modules=spec.targets, **fields))
+    return model
+
+
+def test_dora_covers_every_host_but_embedding() -> None:
+    assert DORA_MODELS == ["block", "conv1d", "conv2d", "gpt2", "mlp"]
+
+
+@pytest.mark.parametrize("model_name", DORA_MODELS)
+def test_init_output_is_exactly_the_base(model_name: str) -> None:
+    spec = MODELS[model_name]
+    x = spec.input()
+    with torch.no_grad():
+        y0 = spec.run(spec.build(), x)
+        model = _adapt(spec, r=4)
+        assert torch.equal(spec.run(model, x), y0)
+    for _, layer in peftkit.adapted_layers(model):
+        ad = layer.adapters["default"]
+        torch.testing.assert_close(ad.magnitude.detach(), layer.host.weight_2d().detach().norm(dim=1))
+
+
+@pytest.mark.parametrize("model_name", DORA_MODELS)
+def test_merged_weight_is_row_rescaled_direction(model_name: str) -> None:
+    spec = MODELS[model_name]
+    model = _adapt(spec, r=4, alpha=8)
+    perturb(model, seed=1)
+    x = spec.input()
+    w0 = {p: layer.host.weight_2d().detach().clone() for p, layer in peftkit.adapted_layers(model)}
+    with torch.no_grad():
+        y = spec.run(model, x)
+        peftkit.merge(model)
+        for p, layer in peftkit.adapted_layers(model):
+            ad = layer.adapters["default"]
+            v = w0[p] + ad.s * ad.lora_B @ ad.lora_A
+            _rel_close(layer.host.weight_2d(), (ad.magnitude / v.norm(dim=1))[:, None] * v)
+        _rel_close(spec.run(model, x), y)
+        peftkit.unmerge(model)
+        for p, layer in peftkit.adapted_layers(model):
+            _rel_close(layer.host.weight_2d(), w0[p])
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "conv2d", "gpt2"])
+def test_double_magnitude_with_zero_b_doubles_the_linear_part(model_name: str) -> None:
+    spec = MODELS[model_name]
+    model = _adapt(spec, r=4)
+    layers = dict(peftkit.adapted_layers(model))
+    with torch.no_grad():
+        for layer in layers.values():
+            ad = layer.adapters["default"]
+            ad.lora_A.normal_()  # irrelevant while B = 0
+            ad.magnitude.copy_(2 * layer.host.weight_2d().norm(dim=1))
+    layer = next(iter(layers.values()))
+    host = layer.host
+    x = spec.input() if model_name != "gpt2" else torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if host.is_conv:
+            lin = host.module._conv_forward(x, host.weight, None)
+        else:
+            lin = x @ host.weight_2d().t()
+        expected = 2 * lin + host.out_view(host.bias)
+        _rel_close(layer(x), expected)
+
+
+def test_norm_is_detached_gradients_match_analytic_values() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6)).eval()
+    peftkit.adapt(model, peftkit.config("dora", target_modules=["0"], r=3, alpha=6))
+    perturb(model, seed=2, std=0.3)
+    layer = model[0]
+    ad = layer.adapters["default"]
+    w0, b0, s = layer.host.weight.detach(), layer.host.bias.detach(), ad.s
+    x = torch.randn(7, 12)
+    g = torch.randn(7, 6)
+    (model(x) * g).sum().backward()
+
+    m, a, b = ad.magnitude.detach(), ad.lora_A.detach(), ad.lora_B.detach()
+    v = w0 + s * b @ a
+    n = v.norm(dim=1)  # treated as a constant (paper §4.3)
+    xv = x @ v.t()
+    gs = g * (m / n)
+    torch.testing.assert_close(ad.magnitude.grad, (g * xv / n).sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ad.lora_B.grad, s * gs.t() @ (x @ a.t()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ad.lora_A.grad, s * (gs @ b).t() @ x, rtol=1e-5, atol=1e-6)
+    # the check has power: with n inside the graph the gradient of B is different
+    b_live = b.clone().requires_grad_(True)
+    v_live = w0 + s * b_live @ a
+    y_live = (m / v_live.norm(dim=1)) * (x @ v_live.t()) + b0
+    (y_live * g).sum().backward()
+    assert not torch.allclose(b_live.grad, ad.lora_B.grad, atol=1e-4)
+
+
+def test_conv2d_dora_trains_and_merges() -> None:
+    spec = MODELS["conv2d"]
+    model = _adapt(spec, r=4, alpha=4)
+    x = spec.input()
+    params = peftkit.trainable_parameters(model)
+    assert sum(p.numel() for p in params) == (4 * (27 + 16) + 16) + (4 * (16 + 16) + 16)  # conv1 3x3x3, conv2 1x1
+    y0 = spec.run(model, x).detach()
+    opt = torch.optim.SGD(params, lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(spec.run(model, x), torch.zeros_like(y0)).backward()
+        opt.step()
+    with torch.no_grad():
+        y = spec.run(model, x)
+        assert F.mse_loss(y, torch.zeros_like(y)) < F.mse_loss(y0, torch.zeros_like(y0))
+        peftkit.merge(model)
+        _rel_close(spec.run(model, x), y)
+
+
+def test_dora_rejects_embedding_hosts() -> None:
+    model = MODELS["embedding"].build()
+    with pytest.raises(peftkit.PeftkitError, match="'emb'"):
+        peftkit.adapt(model, peftkit.config("dora", target_modules=["emb"]))
+    assert isinstance(model.emb, nn.Embedding)

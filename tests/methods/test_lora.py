@@ -1,0 +1,272 @@
+"""LoRA's own properties (shared/methods/weight-space.md §1 "Sanity"): exact identity at init, ΔW = s·B·A,
+PiSSA's residual / principal split, rsLoRA scaling, init distributions, dropout, and the fused autograd kernel."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkit
+from conformance.models import MODELS, TinyModel, perturb, same_state, state_copy
+from peftkit.core.lowrank import _FusedLowRankLinear
+
+
+class One(nn.Module):
+    def __init__(self, d_in: int = 24, d_out: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _one(d_in: int = 24, d_out: int = 16, seed: int = 0) -> One:
+    torch.manual_seed(seed)
+    return One(d_in, d_out).eval()
+
+
+def _x(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * float(expected.abs().max()))
+
+
+# -- default init and merging -----------------------------------------------------------------------------
+def test_default_init_is_exactly_the_base(tiny: TinyModel) -> None:
+    model = tiny.build()
+    x = tiny.input()
+    with torch.no_grad():
+        y0 = tiny.run(model, x)
+        peftkit.adapt(model, peftkit.config("lora", target_modules=tiny.targets, r=4, alpha=8))
+        assert torch.equal(tiny.run(model, x), y0)
+    for _, layer in peftkit.adapted_layers(model):
+        assert torch.count_nonzero(layer.adapters["default"].lora_B) == 0
+
+
+def test_kaiming_init_bound() -> None:
+    model = _one(d_in=400)
+    peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=8))
+    a = model.fc.adapters["default"].lora_A.detach()
+    bound = 1 / math.sqrt(400)
+    assert a.abs().max() <= bound
+    assert a.abs().max() > 0.95 * bound
+    assert abs(a.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+
+
+def test_gaussian_init_std_is_one_over_r() -> None:
+    model = _one(d_in=512)
+    peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=8, init="gaussian"))
+    a = model.fc.adapters["default"].lora_A.detach()
+    assert a.shape == (8, 512)
+    assert abs(a.std().item() - 1 / 8) < 0.05 / 8
+    assert abs(a.mean().item()) < 0.01
+
+
+def test_merge_adds_s_b_a_and_matches_unmerged() -> None:
+    model = _one()
+    w0 = model.fc.weight.detach().clone()
+    peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=4, alpha=6))
+    perturb(model, seed=2)
+    ad = model.fc.adapters["default"]
+    assert ad.s == 1.5
+    x = _x(5, 24)
+    with torch.no_grad():
+        y = model(x)
+        peftkit.merge(model)
+        _rel_close(model.fc.base_layer.weight, w0 + 1.5 * ad.lora_B @ ad.lora_A)
+        _rel_close(model(x), y)
+        peftkit.unmerge(model)
+        _rel_close(model.fc.base_layer.weight, w0)
+
+
+def test_linear_hosts_use_the_fused_kernel() -> None:
+    model = _one()
+    peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=4))
+    y = model(_x(3, 24))
+    assert "FusedLowRankLinear" in type(y.grad_fn).__name__
+
+
+# -- rsLoRA -----------------------------------------------------------------------------------------------
+def test_rslora_doubling_r_scales_s_by_inverse_sqrt2() -> None:
+    scales = {}
+    for r in (4, 8):
+        model = _one()
+        peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=r, alpha=16, rslora=True))
+        ad = model.fc.adapters["default"]
+        scales[r] = ad.s
+        assert ad.s == pytest.approx(16 / math.sqrt(r))
+        perturb(model, seed=3)
+        x = _x(4, 24)
+        with torch.no_grad():  # the scale really is what multiplies the low-rank path
+            _rel_close(model(x) - model.fc.base_layer(x), ad.s * (x @ ad.lora_A.t()) @ ad.lora_B.t(), 1e-5)
+    assert scales[8] / scales[4] == pytest.approx(1 / math.sqrt(2))
+    plain = peftkit.config("lora", target_modules=["fc"], r=8, alpha=16)
+    assert plain.scaling == 2.0
+
+
+# -- dropout ----------------------------------------------------------------------------------------------
+def test_dropout_is_identity_in_eval_and_masks_the_input_in_train() -> None:
+    x = _x(6, 24)
+    models = {}
+    for p in (0.0, 0.5):
+        m = _one()
+        peftkit.adapt(m, peftkit.config("lora", target_modules=["fc"], r=4, alpha=8, dropout=p))
+        models[p] = m
+    perturb(models[0.0], seed=4)
+    models[0.5].load_state_dict(models[0.0].state_dict())
+    with torch.no_grad():
+        y_fused = models[0.0](x)
+        assert torch.equal(models[0.5](x), y_fused)  # eval mode: dropout > 0 takes the same fused path
+        layer = models[0.5].fc
+        ad = layer.adapters["default"]
+        base = layer.base_layer(x)
+        _rel_close(base + ad.delta(x, base), y_fused)  # the generic (unfused) path agrees with the fused one
+        models[0.5].train()
+        assert ad.fused_forward(x) is None
+        torch.manual_seed(11)
+        y_train = models[0.5](x)
+        torch.manual_seed(11)
+        xd = F.dropout(x, 0.5, training=True)
+        _rel_close(y_train, base + ad.s * (xd @ ad.lora_A.t()) @ ad.lora_B.t())
+        assert not torch.allclose(y_train, y_fused)
+
+
+# -- the fused autograd kernel ----------------------------------------------------------------------------
+def _plain(x, w, bias, a, b, s):
+    return F.linear(x, w, bias) + s * (x @ a.t()) @ b.t()
+
+
+def test_fused_kernel_matches_plain_autograd() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, generator=g)
+    w = torch.randn(10, 12, generator=g)
+    bias = torch.randn(10, generator=g)
+    a = torch.randn(4, 12, generator=g)
+    b = torch.randn(10, 4, generator=g)
+    gy = torch.randn(3, 5, 10, generator=g)
+    results = []
+    for fn in (_FusedLowRankLinear.apply, _plain):
+        leaves = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+        y = fn(leaves[0], w, leaves[1], leaves[2], leaves[3], 0.75)
+        y.backward(gy)
+        results.append((y.detach(), [t.grad for t in leaves]))
+    (y1, g1), (y2, g2) = results
+    _rel_close(y1, y2)
+    for name, u, v in zip(("x", "bias", "A", "B"), g1, g2):
+        assert u is not None, name
+        _rel_close(u, v)
+
+
+def test_fused_kernel_gradcheck_float64() -> None:
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x, w, bias, a, b = t(2, 3, 5), t(4, 5, grad=False), t(4), t(2, 5), t(4, 2)
+    assert torch.autograd.gradcheck(lambda x, bias, a, b: _FusedLowRankLinear.apply(x, w, bias, a, b, 1.5),
+                                    (x, bias, a, b))
+    assert torch.autograd.gradcheck(lambda x, a, b: _FusedLowRankLinear.apply(x, w, None, a, b, 0.5), (x, a, b))
+
+
+# -- PiSSA ------------------------------------------------------------------------------------------------
+def _principal(w: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+
+
+def test_pissa_splits_w0_into_residual_plus_principal() -> None:
+    model = _one()
+    w0 = model.fc.weight.detach().clone()
+    x = _x(4, 24)
+    with torch.no_grad():
+        y0 = model(x)
+    peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=4, alpha=8, init="pissa"))
+    ad = model.fc.adapters["default"]
+    # the host weight stays W0; the residual W_res = W0 − s·B0·A0 is implicit in the adapter
+    assert torch.equal(model.fc.base_layer.weight.detach(), w0)
+    with torch.no_grad():
+        w_res = w0 - ad.s * ad.pissa_B0 @ ad.pissa_A0
+        sba = ad.s * ad.lora_B @ ad.lora_A
+        _rel_close(w_res + sba, w0)
+        assert torch.linalg.matrix_rank(sba).item() == 4
+        _rel_close(sba, _principal(w0, 4))
+        _rel_close(model(x), y0)
+        # the effective weight is W_res + s·B·A: after training B, A it differs from W0 only through them
+        assert not torch.allclose(w_res, w0)
+        with peftkit.disable(model):
+            assert torch.equal(model(x), y0)
+
+
+def test_pissa_niter_uses_randomised_svd() -> None:
+    g = torch.Generator().manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(24, 16, generator=g))
+    spectrum = torch.tensor([10.0, 8.0, 6.0, 5.0] + [0.01] * 12)
+    model = _one()
+    with torch.no_grad():
+        model.fc.weight.copy_(q1 @ torch.diag(spectrum) @ q2.t())
+    w0 = model.fc.weight.detach().clone()
+    peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=4, alpha=4, init="pissa_niter_4"))
+    ad = model.fc.adapters["default"]
+    with torch.no_grad():
+        sba = ad.s * ad.lora_B @ ad.lora_A
+        w_res = model.fc.base_layer.weight - ad.s * ad.pissa_B0 @ ad.pissa_A0
+        _rel_close(w_res + sba, w0)
+        _rel_close(sba, _principal(w0, 4), 1e-3)
+    assert torch.linalg.matrix_rank(sba).item() == 4
+
+
+def test_pissa_save_load_into_fresh_base_and_delete_restores_w0(tmp_path) -> None:
+    model = _one()
+    w0 = model.fc.weight.detach().clone()
+    peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=4, alpha=8, init="pissa"))
+    perturb(model, seed=5)
+    x = _x(4, 24)
+    with torch.no_grad():
+        y = model(x)
+    peftkit.save(model, tmp_path / "p")
+    fresh = _one()
+    peftkit.load(fresh, tmp_path / "p")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
+    peftkit.delete(fresh, "default")
+    assert isinstance(fresh.fc, nn.Linear)
+    assert torch.equal(fresh.fc.weight.detach(), w0)
+    peftkit.delete(model, "default")
+    assert torch.equal(model.fc.weight.detach(), w0)
+
+
+def test_pissa_on_transposed_gpt2_host_keeps_output() -> None:
+    spec = MODELS["gpt2"]
+    model = spec.build()
+    x = spec.input()
+    with torch.no_grad():
+        y0 = spec.run(model, x)
+        peftkit.adapt(model, peftkit.config("lora", target_modules=["c_attn", "c_fc"], r=4, init="pissa"))
+        _rel_close(spec.run(model, x), y0, 1e-5)
+        perturb(model, seed=6)
+        y = spec.run(model, x)
+        peftkit.merge(model)
+        _rel_close(spec.run(model, x), y)
+
+
+def test_pissa_rank_above_min_dim_is_rejected_and_changes_nothing() -> None:
+    model = _one(d_in=24, d_out=6)
+    before = state_copy(model)
+    with pytest.raises(peftkit.PeftkitError, match="rank 8 exceeds"):
+        peftkit.adapt(model, peftkit.config("lora", target_modules=["fc"], r=8, init="pissa"))
+    assert same_state(before, state_copy(model))
+    assert isinstance(model.fc, nn.Linear)
+
+
+@pytest.mark.parametrize("init", ["svd", "pissa_niter_", "PISSA", ""])
+def test_bad_init_name(init: str) -> None:
+    with pytest.raises(peftkit.PeftkitError, match="init"):
+        peftkit.config("lora", target_modules=["fc"], init=init)
