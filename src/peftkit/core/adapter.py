@@ -9,13 +9,16 @@ mixed batches, persistence) is the core's job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
 from .host import Host
+
+if TYPE_CHECKING:
+    from .hf import HFTensor
 
 
 def make_dropout(p: float) -> nn.Module:
@@ -119,6 +122,29 @@ class Adapter(nn.Module):
     def expected_params(cls, host: Host, config: Any) -> int:
         """Trainable parameters this adapter has on ``host`` (the method's formula)."""
         raise NotImplementedError
+
+    # -- Hugging Face PEFT format (only methods registered with ``hf_peft_type`` implement these) ------------
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any]) -> AdapterConfig | None:
+        """This method's config for a Hugging Face PEFT ``adapter_config.json`` of its ``hf_peft_type``, or None
+        when the file is not for this method (e.g. LoRA declines ``use_dora: true``). Raise
+        :class:`PeftkitError` naming the option when the file uses one that changes the math and is not supported.
+        Targeting fields may be left as in the file: :mod:`peftkit.core.hf` replaces them with the exact list of
+        modules that have tensors in it."""
+        return None
+
+    @classmethod
+    def to_hf_config(cls, config: Any, hosts: list[Host]) -> dict[str, Any] | None:
+        """The method's fields of a Hugging Face PEFT config for ``config`` (``hosts``: the adapted layers); the
+        core adds ``peft_type``, ``target_modules`` and ``modules_to_save``. None: cannot be exported."""
+        return None
+
+    @classmethod
+    def hf_layout(cls, host: Host, config: Any) -> dict[str, HFTensor] | None:
+        """Where each saved tensor of this adapter on ``host`` (with per-module ``config``) lives in a Hugging Face
+        PEFT file: our tensor name -> :class:`~peftkit.core.hf.HFTensor` (key after the module path, HF shape, our
+        shape). None: no Hugging Face format."""
+        return None
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters()}

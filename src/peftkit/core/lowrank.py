@@ -49,7 +49,8 @@ def check_rank(host: Host, r: int, limit: int | None = None) -> None:
 
 
 def init_down_(a: torch.Tensor, how: str, r: int) -> None:
-    """Init a (r, d_in) down-projection: ``kaiming`` = kaiming_uniform(a=√5) = U(±1/√d_in); ``gaussian`` = N(0, 1/r²)."""
+    """Init a (r, d_in) down-projection: ``kaiming`` = kaiming_uniform(a=√5) = U(±1/√d_in);
+    ``gaussian`` = N(0, 1/r²)."""
     with torch.no_grad():
         if how == "gaussian":
             nn.init.normal_(a, std=1.0 / r)

@@ -344,8 +344,17 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     return out
 
 
-def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (atomically)."""
+def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, format: str = "peftkit") -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (atomically).
+    ``format="hf"`` writes the Hugging Face PEFT format instead (for methods that have one), which
+    ``peft.PeftModel.from_pretrained`` reads."""
+    if format == "hf":
+        from . import hf
+
+        hf.export_adapter(model, directory, name)
+        return
+    if format != "peftkit":
+        raise PeftkitError(f"unknown adapter format {format!r}; use 'peftkit' or 'hf'")
     name = _single_name(model, name)
     cfg = get_config(model, name)
     tensors = adapter_state_dict(model, name)

@@ -14,12 +14,13 @@ The norm needs V (d_out×d_in) every forward — inherent to the method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from peftkit.core.adapter import Adapter, make_dropout
+from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
 from peftkit.core.host import Host
 from peftkit.core.lowrank import LowRankConfig, init_down_, lowrank_delta, new_factors
 from peftkit.core.registry import register
@@ -82,3 +83,19 @@ class Dora(Adapter):
     @classmethod
     def expected_params(cls, host: Host, config: DoraConfig) -> int:
         return config.r * (host.d_in + host.d_out) + host.d_out
+
+    # Hugging Face PEFT: peft_type LORA with use_dora; the magnitude is saved as `lora_magnitude_vector`,
+    # shaped (1, d_out, 1[, 1]) for convolutions
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any]) -> DoraConfig | None:
+        return lowrank_config_from_hf(DoraConfig, hf_config) if hf_config.get("use_dora") else None
+
+    @classmethod
+    def to_hf_config(cls, config: DoraConfig, hosts: list[Host]) -> dict[str, Any]:
+        return {**lowrank_config_to_hf(config, hosts), "use_dora": True}
+
+    @classmethod
+    def hf_layout(cls, host: Host, config: DoraConfig) -> dict[str, HFTensor]:
+        hf_shape = (1, host.d_out, *(1,) * (host.weight.dim() - 2)) if host.is_conv else (host.d_out,)
+        magnitude = HFTensor("lora_magnitude_vector", hf_shape, (host.d_out,))
+        return {**lowrank_layout(host, config.r), "magnitude": magnitude}

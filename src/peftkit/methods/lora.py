@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.errors import PeftkitError
+from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
 from peftkit.core.host import Host
 from peftkit.core.lowrank import (
     LowRankConfig,
@@ -112,3 +114,16 @@ class Lora(Adapter):
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
         return config.r * (host.d_in + host.d_out)
+
+    # Hugging Face PEFT: peft_type LORA without use_dora
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any]) -> LoraConfig | None:
+        return None if hf_config.get("use_dora") else lowrank_config_from_hf(LoraConfig, hf_config)
+
+    @classmethod
+    def to_hf_config(cls, config: LoraConfig, hosts: list[Host]) -> dict[str, Any]:
+        return {**lowrank_config_to_hf(config, hosts), "use_dora": False}
+
+    @classmethod
+    def hf_layout(cls, host: Host, config: LoraConfig) -> dict[str, HFTensor]:
+        return lowrank_layout(host, config.r)

