@@ -201,3 +201,90 @@ def test_hf_mixin_adds_the_extra_loss(tmp_path: Any) -> None:
     assert [c[1] for c in rec.calls if c[0] == "extra_loss"] == [0, 1, 2]
     assert [c for c in rec.calls if c[0] in ("train_start", "train_end")] == [("train_start", None),
                                                                              ("train_end", None)]
+
+
+# -- DyLoRA's rank sampling through both trainers ----------------------------------------------------------------
+class _RankSpy(peftkit.Procedure):
+    """Listed after the sampler: at each step start, snapshots one layer's A and B and the sampled rank; at step end
+    records which rows of A / columns of B the optimiser moved."""
+
+    def __init__(self, sampler: Any, layer: Any) -> None:
+        self.sampler, self.layer = sampler, layer
+        self.ranks: list[int] = []
+        self.moved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _ad(self) -> Any:
+        return self.layer.adapters["default"]
+
+    def on_step_start(self, model: nn.Module, step: int) -> None:
+        self.ranks.append(self.sampler.rank)
+        assert self._ad().rank == self.sampler.rank
+        self.a0, self.b0 = self._ad().lora_A.detach().clone(), self._ad().lora_B.detach().clone()
+
+    def on_step_end(self, model: nn.Module, step: int, optimizer: Any = None) -> None:
+        ad = self._ad()
+        self.moved.append(((ad.lora_A.detach() != self.a0).any(1), (ad.lora_B.detach() != self.b0).any(0)))
+
+
+def _check_dylora_run(spy: _RankSpy, r: int, steps: int) -> None:
+    assert len(spy.ranks) == steps and all(1 <= b <= r for b in spy.ranks)
+    assert len(set(spy.ranks)) > 1  # the rank is re-sampled every step
+    for b, (rows, cols) in zip(spy.ranks, spy.moved):  # frozen mode + plain SGD: only row / column b-1 moves
+        assert torch.equal(rows, torch.arange(r) == b - 1) and torch.equal(cols, torch.arange(r) == b - 1)
+    assert spy._ad().rank == r  # back to the full rank (eval_rank unset) after training
+
+
+def test_dylora_sampler_in_the_project_trainer() -> None:
+    from peftkit.methods.dylora import DyLoRASampler
+
+    torch.manual_seed(0)
+    model = MLP()
+    cfg = peftkit.config("dylora", target_modules=["fc1", "fc2"], r=4, modules_to_save=["head"])
+    peftkit.adapt(model, cfg)
+    with torch.no_grad():  # B ≠ 0 so that A's rows get gradients from the first step
+        for p in peftkit.trainable_parameters(model):
+            p.normal_(0, 0.1)
+    sampler = DyLoRASampler(model, cfg, seed=1)
+    spy = _RankSpy(sampler, model.fc1)
+    opt = torch.optim.SGD(peftkit.trainable_parameters(model), lr=0.05)
+    train(model, _pairs(), steps=8, optimizer=opt, procedures=[sampler, spy], progress=False, max_grad_norm=None)
+    _check_dylora_run(spy, 4, 8)
+
+
+def test_dylora_sampler_in_transformers_trainer(tmp_path: Any) -> None:
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from peftkit.methods.dylora import DyLoRASampler
+    from peftkit.train.hf import as_trainer_callback
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     max_position_embeddings=32, num_labels=2))
+    cfg = peftkit.config("dylora", target_modules=["query", "value"], r=4, modules_to_save=["classifier"])
+    peftkit.adapt(model, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora" in n:
+                p.normal_(0, 0.1)
+    sampler = DyLoRASampler(model, cfg, seed=2)
+    spy = _RankSpy(sampler, model.bert.encoder.layer[0].attention.self.query)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, max_grad_norm=0.0)
+    opt = torch.optim.SGD(peftkit.trainable_parameters(model), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    Trainer(model=model, args=args, train_dataset=_hf_dataset(), optimizers=(opt, sched),
+            callbacks=[as_trainer_callback([sampler, spy])]).train()
+    _check_dylora_run(spy, 4, 6)
+    # the trained adapter saves and reloads, and evaluates at any rank b <= r without retraining
+    peftkit.save(model, tmp_path / "dy")
+    torch.manual_seed(0)
+    fresh = BertForSequenceClassification(model.config)
+    peftkit.load(fresh, tmp_path / "dy")
+    x = torch.randint(5, 50, (3, 8))
+    model.eval(), fresh.eval()
+    from peftkit.methods.dylora import set_rank
+
+    for b in (1, 3):
+        set_rank(model, b), set_rank(fresh, b)
+        torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)

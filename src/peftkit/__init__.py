@@ -29,6 +29,7 @@ from .core.model import (
     mixed_batch,
     save,
     set_active,
+    set_rank,
     summary,
     trainable_parameters,
     unload,
@@ -57,6 +58,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdapterConfig", "PeftkitError", "Procedure", "active_adapters", "adapt", "adapted_layers", "adapter_names",
     "adapter_state_dict", "all_methods", "config", "delete", "disable", "get_config", "get_method", "load",
-    "merge", "merge_and_unload", "mixed_batch", "save", "set_active", "summary", "trainable_parameters", "unload",
+    "merge", "merge_and_unload", "mixed_batch", "save", "set_active", "set_rank", "summary", "trainable_parameters",
+    "unload",
     "unmerge",
 ]

@@ -25,7 +25,7 @@ from .core.errors import PeftkitError
 
 TRAIN_INFO = "train_info.json"
 DEFAULTS = {
-    "method": "lora", "rank": 8, "targets": "all-linear", "lr": 2e-3, "epochs": 1.0, "batch_size": 32,
+    "method": "lora", "targets": "all-linear", "lr": 2e-3, "epochs": 1.0, "batch_size": 32,
     "max_length": 64, "eval_size": 1000, "seed": 0, "split_seed": 0, "warmup": 0.06, "eval_batch_size": 128,
 }
 
@@ -170,11 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg_cls = info.config
     fields = cfg_cls.field_names()
     cfg_fields: dict[str, Any] = {"target_modules": _parse_targets(args.targets)}
-    for flag, key, value, default in (("--rank", "r", args.rank, DEFAULTS["rank"]), ("--alpha", "alpha", args.alpha,
-                                                                                     None)):
+    for flag, key, value in (("--rank", "r", args.rank), ("--alpha", "alpha", args.alpha)):
         if key in fields:
-            if value is not None or default is not None:
-                cfg_fields[key] = value if value is not None else default
+            if value is not None:
+                cfg_fields[key] = value
         elif value is not None:
             raise PeftkitError(f"{flag}: method {info.name!r} has no field {key!r}; valid fields: {', '.join(fields)}")
     cfg_fields.update(_parse_opts(args.opt or [], fields, cfg_cls.__name__))
@@ -222,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     pad = D.pad_token_id(tokenizer)
     ids = D.encode(tokenizer, data.texts, args.max_length)
     train_batches = D.Batches([ids[i] for i in train_idx], [data.labels[i] for i in train_idx], args.batch_size, pad,
-                              shuffle=True, seed=args.seed)
+                              shuffle=True, seed=args.seed, bucket=16)
     eval_batches = D.Batches([ids[i] for i in eval_idx], [data.labels[i] for i in eval_idx],
                              DEFAULTS["eval_batch_size"], pad, shuffle=False)
     steps = args.steps if args.steps is not None else max(1, round((args.epochs or DEFAULTS["epochs"])
@@ -240,7 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model, train_batches, steps=steps, lr=args.lr, warmup=args.warmup, procedures=procedures,
                    progress=not args.no_progress)
     print(f"trained {result.steps} steps ({result.examples:,} examples) in {result.seconds:.1f} s — "
-          f"{result.throughput:.1f} examples/s, final loss {result.final_loss:.4f}")
+          f"{result.throughput:.1f} examples/s, final loss {result.final_loss:.4f}"
+          + (f", peak memory +{result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""))
     acc_after = accuracy(model, eval_batches)
     print(f"held-out accuracy after:  {_acc_line(acc_after)}")
 
@@ -268,6 +268,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "examples_seen": result.examples,
         "train_seconds": round(result.seconds, 3),
         "examples_per_second": round(result.throughput, 2),
+        "step_seconds": round(result.seconds / max(result.steps, 1), 4),
+        "train_peak_mib": None if result.peak_mib is None else round(result.peak_mib, 1),
         "final_loss": result.final_loss,
         "accuracy_before": acc_before[0],
         "correct_before": acc_before[1],
@@ -311,12 +313,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names)
     peftkit.load(model, adapter)
+    if args.rank is not None:
+        peftkit.set_rank(model, args.rank)
+        what += f", at rank {args.rank}"
     batches = D.Batches(D.encode(tokenizer, subset.texts, int(info["max_length"])), subset.labels,
                         int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])), D.pad_token_id(tokenizer),
                         shuffle=False)
     acc = accuracy(model, batches)
     print(f"accuracy: {_acc_line(acc)} on {what}")
-    if args.data is None and "correct_after" in info:
+    if args.data is None and args.rank is None and "correct_after" in info:
         rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
         same = rec[1] == acc[1]
         print(f"recorded after training: {_acc_line(rec)} — {'reproduced' if same else 'DIFFERENT'}")
@@ -332,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a sequence classifier with a PEFT method (default: LoRA on "
                                    "all-MiniLM-L6-v2, Rotten Tomatoes reviews).")
     t.add_argument("--method", default=DEFAULTS["method"], help="registered method (see 'peftkit methods')")
-    t.add_argument("--rank", type=int, help=f"rank r, for methods that have one (default {DEFAULTS['rank']})")
+    t.add_argument("--rank", type=int, help="rank r, for methods that have one (default: the method's, 8 for lora)")
     t.add_argument("--alpha", type=float, help="scale numerator alpha, for methods that have one")
     t.add_argument("--targets", default=DEFAULTS["targets"],
                    help="modules to adapt: all-linear, a comma list of names/suffixes, or a full-match regex")
@@ -361,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train' and report its accuracy (or its accuracy on --data FILE).")
     e.add_argument("--adapter", required=True, help="folder written by 'peftkit train'")
     e.add_argument("--data", help="evaluate on this CSV/TSV/JSONL instead (labels must be ones the adapter knows)")
+    e.add_argument("--rank", type=int, help="evaluate at rank b (methods trained for every rank, e.g. dylora)")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: as in training)")
     e.set_defaults(func=cmd_eval)
 

@@ -152,15 +152,17 @@ def test_set_rank_errors_change_nothing() -> None:
     model = _adapted(overrides={"fc2": {"r": 3}})
     assert _ranks(model) == [R, 3]
     for bad in (0, 4, R + 1, 2.0, True):  # 4 fits fc1 (r = 6) but not fc2 (r = 3): all-or-nothing
-        with pytest.raises(peftkit.PeftkitError, match="rank must be an integer"):
+        with pytest.raises(peftkit.PeftkitError, match=r"takes ranks 1\.\.(6|3), got"):
             set_rank(model, bad)
         assert _ranks(model) == [R, 3]
-    with pytest.raises(peftkit.PeftkitError, match="no DyLoRA adapter named 'nope'"):
+    with pytest.raises(peftkit.PeftkitError, match="no adapter named 'nope'"):
         set_rank(model, 1, name="nope")
     plain = _model()
     peftkit.adapt(plain, peftkit.config("lora", target_modules=["fc1"]))
-    with pytest.raises(peftkit.PeftkitError, match="no DyLoRA adapter"):
+    with pytest.raises(peftkit.PeftkitError, match="no adapter with an adjustable rank"):
         set_rank(plain, 1)
+    with pytest.raises(peftkit.PeftkitError, match=r"adapter 'default' \(lora\) has no adapter with an adjustable"):
+        peftkit.set_rank(plain, 1, name="default")
 
 
 def test_set_rank_by_name_and_eval_rank() -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .errors import PeftkitError
 from .host import Host
 
 if TYPE_CHECKING:
@@ -116,6 +117,15 @@ class Adapter(nn.Module):
     def check_loaded(self) -> None:
         """Called after saved tensors were loaded into the adapter, before it is installed: raise
         :class:`PeftkitError` if they are inconsistent (e.g. a regenerated basis whose checksum differs)."""
+
+    # -- adjustable rank (methods trained for several ranks at once) -------------------------------------------
+    def rank_range(self) -> tuple[int, int] | None:
+        """``(lowest, highest)`` rank this adapter can switch to after training, or None (a fixed-rank method)."""
+        return None
+
+    def set_rank(self, b: int) -> None:
+        """Compute with rank ``b`` from now on (only called with ``b`` inside :meth:`rank_range`)."""
+        raise PeftkitError(f"{type(self).__name__} has no adjustable rank")
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     @classmethod

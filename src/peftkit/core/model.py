@@ -203,6 +203,27 @@ def set_active(model: nn.Module, names: str | Sequence[str], *, trainable: bool 
     _refresh_trainable(model, trainable)
 
 
+def set_rank(model: nn.Module, b: int, name: str | None = None) -> int:
+    """Evaluate with rank ``b`` in every adapter that supports a rank change after training (DyLoRA-style methods),
+    or only in adapter ``name``. Everything is checked before anything changes; returns the layers changed."""
+    found = [(path, n, layer, a) for path, layer in adapted_layers(model) for n, a in layer.adapters.items()
+             if (name is None or n == name) and a.rank_range() is not None]
+    if name is not None:
+        get_config(model, name)
+    if not found:
+        which = f"adapter {name!r} ({get_config(model, name).method})" if name is not None else "the model"
+        raise PeftkitError(f"set_rank: {which} has no adapter with an adjustable rank (e.g. dylora)")
+    for path, n, layer, a in found:
+        lo, hi = a.rank_range()
+        if isinstance(b, bool) or not isinstance(b, int) or not lo <= b <= hi:
+            raise PeftkitError(f"set_rank: adapter {n!r} on {path!r} takes ranks {lo}..{hi}, got {b!r}")
+        if n in layer.merged:
+            raise PeftkitError(f"set_rank: adapter {n!r} is merged into {path!r}; unmerge before changing its rank")
+    for *_, a in found:
+        a.set_rank(b)
+    return len(found)
+
+
 def delete(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` (unmerging it first if it was merged)."""
     get_config(model, name)

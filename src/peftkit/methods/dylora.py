@@ -38,6 +38,7 @@ from peftkit.core.lowrank import (
     new_factors,
 )
 from peftkit.core.model import adapted_layers, adapter_names, get_config
+from peftkit.core.model import set_rank as core_set_rank
 from peftkit.core.procedure import Procedure
 from peftkit.core.registry import register
 
@@ -76,11 +77,9 @@ def _set_ranks(found: list[tuple[str, str, Any, Dylora]], ranks: list[int]) -> N
 
 
 def set_rank(model: nn.Module, b: int, name: str | None = None) -> None:
-    """Use rank ``b`` (1..r) in every DyLoRA adapter of ``model`` (or only in the adapter ``name``)."""
-    found = list(_layers(model, None if name is None else {name}))
-    if not found:
-        raise PeftkitError(f"set_rank: the model has no DyLoRA adapter{'' if name is None else f' named {name!r}'}")
-    _set_ranks(found, [b] * len(found))
+    """Use rank ``b`` (1..r) in every DyLoRA adapter of ``model`` (or only in the adapter ``name``); the same as
+    :func:`peftkit.set_rank`."""
+    core_set_rank(model, b, name)
 
 
 class DyLoRASampler(Procedure):
@@ -180,6 +179,12 @@ class Dylora(Adapter):
         b = self.rank if self._merged_rank is None else self._merged_rank
         self._merged_rank = None
         return weight - self.delta_weight(b).to(weight.dtype), bias
+
+    def rank_range(self) -> tuple[int, int]:
+        return 1, self.r
+
+    def set_rank(self, b: int) -> None:
+        self.rank = b
 
     @classmethod
     def expected_params(cls, host: Host, config: DyloraConfig) -> int:

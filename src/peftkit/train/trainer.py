@@ -38,6 +38,7 @@ class TrainResult:
     examples: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    peak_mib: float | None = None  # rise of the process's peak resident memory during training (Linux), MiB
 
     @property
     def throughput(self) -> float:
@@ -51,6 +52,33 @@ class TrainResult:
             return math.nan
         tail = self.losses[-max(1, len(self.losses) // 10):]
         return sum(tail) / len(tail)
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> int | None:
+    """Reset the kernel's peak-RSS counter of this process (Linux); returns the resident KiB now, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def peak_memory_since(rss_kib: int | None) -> float | None:
+    """MiB the peak resident memory rose above ``rss_kib`` (from :func:`reset_peak_memory`)."""
+    peak = _status_kib("VmHWM")
+    return None if rss_kib is None or peak is None else max(0, peak - rss_kib) / 1024
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -176,6 +204,7 @@ def train(
     for p in procedures:
         p.on_train_start(model, optimizer)
     result = TrainResult(0, 0, 0.0)
+    rss = reset_peak_memory() if device.type == "cpu" else None
     start = time.perf_counter()
     ema: float | None = None
     try:
@@ -215,6 +244,7 @@ def train(
             p.on_train_end(model)
     finally:
         result.seconds = time.perf_counter() - start
+        result.peak_mib = peak_memory_since(rss)
         bar.close()
         model.train(was_training)
     return result

