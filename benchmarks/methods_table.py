@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# method -> extra ``peftkit train`` arguments (learning rate and config options)
+# method (or a variant "method/label") -> extra ``peftkit train`` arguments (learning rate and config options)
 OPTIONS: dict[str, list[str]] = {
+    "dylora/full": ["--opt", "mode=full"],
     "lora": [],
     "dora": [],
     "dylora": [],
@@ -39,9 +40,10 @@ OPTIONS: dict[str, list[str]] = {
 
 
 def run(method: str, steps: int, workdir: Path) -> dict[str, Any]:
-    out = workdir / method
-    cmd = [sys.executable, "-m", "peftkit", "train", "--method", method, "--steps", str(steps), "--threads", "2",
-           "--output", str(out), "--overwrite", "--no-progress", *OPTIONS.get(method, [])]
+    """One ``peftkit train`` process for ``method`` (a registered name, or ``name/variant`` from OPTIONS)."""
+    out = workdir / method.replace("/", "-")
+    cmd = [sys.executable, "-m", "peftkit", "train", "--method", method.split("/")[0], "--steps", str(steps),
+           "--threads", "2", "--output", str(out), "--overwrite", "--no-progress", *OPTIONS.get(method, [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -49,6 +51,7 @@ def run(method: str, steps: int, workdir: Path) -> dict[str, Any]:
     info = json.loads((out / "train_info.json").read_text())
     info["process_seconds"] = time.perf_counter() - t0
     info["options"] = " ".join(OPTIONS.get(method, []))
+    info["method"] = method
     return info
 
 
@@ -70,18 +73,22 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--methods", help="comma list (default: every registered method)")
+    ap.add_argument("--methods", help="comma list (default: every registered method, then the variants in OPTIONS)")
+    ap.add_argument("--merge", action="store_true", help="add to the rows already in OUT/methods.json")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     import peftkit
 
-    methods = args.methods.split(",") if args.methods else [m.name for m in peftkit.all_methods()]
+    methods = (args.methods.split(",") if args.methods else
+               [m.name for m in peftkit.all_methods()] + [k for k in OPTIONS if "/" in k])
     if "lora" in methods:  # the reference first
         methods.remove("lora")
         methods.insert(0, "lora")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if args.merge and (out / "methods.json").is_file():
+        rows = [r for r in json.loads((out / "methods.json").read_text()) if r["method"] not in methods]
     with tempfile.TemporaryDirectory() as tmp:
         for m in methods:
             r = run(m, args.steps, Path(tmp))

@@ -333,3 +333,12 @@ def test_batches_cover_every_example_once_per_epoch(bucket: int) -> None:
         assert padding(b) < padding(D.Batches(ids, labels, 8, pad_id=0, shuffle=True, seed=1))
     ev = D.Batches(ids, labels, 8, pad_id=0, shuffle=False)
     assert [x["labels"].tolist() for x in ev] == [x["labels"].tolist() for x in ev]
+
+
+def test_methods_markdown_has_one_row_per_method(capsys: pytest.CaptureFixture[str]) -> None:
+    import peftkit
+
+    assert main(["methods", "--markdown"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| method |") and lines[1].startswith("|---")
+    assert [line.split("|")[1].strip(" `") for line in lines[2:]] == [m.name for m in peftkit.all_methods()]

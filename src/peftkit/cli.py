@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .core.errors import PeftkitError
+from .core.io import read_json, write_json
 
 TRAIN_INFO = "train_info.json"
 DEFAULTS = {
@@ -74,29 +73,13 @@ def _parse_opts(opts: Sequence[str], valid: Sequence[str], config_name: str) -> 
     return out
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read_train_info(adapter: Path) -> dict[str, Any]:
     path = adapter / TRAIN_INFO
     if not adapter.is_dir():
         raise PeftkitError(f"adapter folder not found: {adapter}")
     if not path.is_file():
         raise PeftkitError(f"{adapter} has no {TRAIN_INFO}; only adapters made by 'peftkit train' can be evaluated")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftkitError(f"{path} is not valid JSON: {e}") from None
+    info = read_json(path)
     need = ("model", "data", "label_names", "max_length", "seed", "split_seed", "eval_size")
     missing = [k for k in need if k not in info]
     if missing:
@@ -150,6 +133,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
             for m in all_methods()]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if args.markdown:
+        print("| method | paper | what it does | trainable params per layer | mergeable |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            proc = f" (procedure: `{r['procedure']}`)" if r["procedure"] else ""
+            print(f"| `{r['name']}` | {r['paper']} | {r['description']}{proc} | {r['params']} | "
+                  f"{'yes' if r['mergeable'] else 'no'} |")
         return 0
     head = ("METHOD", "MERGEABLE", "TRAINABLE PARAMS / LAYER", "PAPER")
     table = [(r["name"], "yes" if r["mergeable"] else "no", r["params"], r["paper"]) for r in rows]
@@ -280,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     wall = time.perf_counter() - wall_start
     train_info["wall_seconds"] = round(wall, 3)
-    _write_json_atomic(output / TRAIN_INFO, train_info)
+    write_json(output / TRAIN_INFO, train_info)
     print(f"saved adapter to {output}")
     print(f"wall time: {wall:.1f} s")
     return 0
@@ -371,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("methods", help="list the registered methods")
-    m.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt = m.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     m.set_defaults(func=cmd_methods)
     return p
 

@@ -8,10 +8,13 @@ for transformers' GPT-2 ``Conv1D`` ``W = weightᵀ``). Methods write their math 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant import bnb
 from .errors import PeftkitError
 
 try:  # transformers' GPT-2 style Conv1D (weight stored as (d_in, d_out))
@@ -20,8 +23,14 @@ except Exception:  # pragma: no cover - transformers is a dependency, but the co
     _HFConv1D = None
 
 
+QUANTIZED_KINDS = ("bnb_4bit", "bnb_8bit")
+
+
 def host_kind(module: nn.Module) -> str | None:
     """The host kind of ``module`` or None if it is not a supported host."""
+    qk = bnb.kind(module)  # before Linear: bitsandbytes layers subclass nn.Linear
+    if qk is not None:
+        return qk
     if isinstance(module, nn.Linear):
         return "linear"
     if _HFConv1D is not None and isinstance(module, _HFConv1D):
@@ -43,7 +52,7 @@ class Host:
         if kind is None:
             raise PeftkitError(
                 f"module {name!r} is a {type(module).__name__}; supported host layers are Linear, Conv1d, "
-                f"Conv2d, Embedding and transformers' Conv1D"
+                f"Conv2d, Embedding, transformers' Conv1D and bitsandbytes Linear4bit / Linear8bitLt"
             )
         if kind in ("conv1d", "conv2d") and module.groups != 1:
             raise PeftkitError(f"module {name!r}: grouped convolutions (groups={module.groups}) are not supported")
@@ -51,7 +60,10 @@ class Host:
         self.name = name
         self.kind = kind
         w = module.weight
-        if kind == "linear":
+        self.quantized = kind in QUANTIZED_KINDS
+        if self.quantized:
+            self.d_out, self.d_in = module.out_features, module.in_features
+        elif kind == "linear":
             self.d_out, self.d_in = w.shape
         elif kind in ("gpt2_conv1d", "embedding"):
             self.d_in, self.d_out = w.shape
@@ -63,6 +75,7 @@ class Host:
     # -- weights --------------------------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
+        """The module's weight parameter as stored (packed integer codes for a quantised host)."""
         return self.module.weight
 
     @property
@@ -70,7 +83,10 @@ class Host:
         return getattr(self.module, "bias", None)
 
     def weight_2d(self, w: torch.Tensor | None = None) -> torch.Tensor:
-        """The host weight (or ``w`` in the host's native layout) as a (d_out, d_in) view."""
+        """The host weight (or ``w`` in the host's native layout) as a (d_out, d_in) view; a quantised host's
+        weight is dequantised (a new float32 tensor)."""
+        if self.quantized:
+            return bnb.dequantize(self.module) if w is None else w
         w = self.module.weight if w is None else w
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w.t()
@@ -80,11 +96,40 @@ class Host:
 
     def to_native(self, w2d: torch.Tensor) -> torch.Tensor:
         """A (d_out, d_in) matrix in the host's native weight layout."""
+        if self.quantized:
+            return w2d
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w2d.t()
         if self.is_conv:
             return w2d.reshape(self.module.weight.shape)
         return w2d
+
+    def write_weight_2d(self, w2d: torch.Tensor) -> float | None:
+        """Write a (d_out, d_in) weight into the host. A quantised host quantises it again and returns the largest
+        absolute rounding error; a float host copies it (cast to its dtype) and returns None."""
+        if self.quantized:
+            return bnb.requantize_(self.module, w2d)
+        self.weight.data.copy_(self.to_native(w2d).to(self.weight.dtype))
+        return None
+
+    def snapshot(self) -> tuple[Any, ...] | None:
+        """A quantised host's exact weight state (for an exact unmerge); None for float hosts."""
+        if not self.quantized:
+            return None
+        bias = self.bias
+        return bnb.snapshot(self.module), None if bias is None else bias.detach().clone()
+
+    def restore(self, snap: tuple[Any, ...]) -> None:
+        self.module.weight.requires_grad_(False)
+        bnb.restore(self.module, snap[0])
+        if snap[1] is None:
+            self.module.bias = None
+        else:
+            self.module.bias.data.copy_(snap[1])
+
+    def float_module(self) -> nn.Module:
+        """A quantised host as an equivalent float32 ``nn.Linear`` (dequantised weight); other hosts unchanged."""
+        return bnb.to_float_linear(self.module) if self.quantized else self.module
 
     def out_view(self, v: torch.Tensor) -> torch.Tensor:
         """A per-output-channel vector shaped to broadcast against the host output."""

@@ -66,10 +66,14 @@ def write_adapter(
         raise PeftkitError(f"cannot save adapter to {d}: {e.strerror or e}") from None
 
 
-def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    p = Path(directory) / CONFIG_NAME
-    if not p.is_file():
-        raise PeftkitError(f"no adapter found: {p} does not exist")
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    _atomic_write_bytes(Path(path), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from ``path``; :class:`PeftkitError` when it is not valid JSON or not an object."""
+    p = Path(path)
     try:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -77,6 +81,13 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PeftkitError(f"{p} must hold a JSON object")
     return data
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    p = Path(directory) / CONFIG_NAME
+    if not p.is_file():
+        raise PeftkitError(f"no adapter found: {p} does not exist")
+    return read_json(p)
 
 
 def read_tensors(directory: str | os.PathLike, name: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:

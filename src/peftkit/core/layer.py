@@ -48,6 +48,8 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.route: Route | None = None
+        self.merge_error: float | None = None  # quantised hosts: largest rounding error of the merged weight
+        self._snapshot: tuple[Any, ...] | None = None  # quantised hosts: the weight before the first merge
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `layer.weight` (e.g. tied embeddings) keeps working
@@ -110,6 +112,8 @@ class AdaptedLayer(nn.Module):
             w, b = self.adapters[n].merge(w, b)
         if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
             raise PeftkitError(f"merging {names} into {host.name!r} gives non-finite weights; nothing was changed")
+        if host.quantized and not self.merged:
+            self._snapshot = host.snapshot()
         self._write(w, b)
         self.merged.extend(names)
 
@@ -119,6 +123,13 @@ class AdaptedLayer(nn.Module):
         if not names:
             return
         host = self.host
+        if self._snapshot is not None:  # quantised: back to the exact original codes, then re-merge the rest
+            host.restore(self._snapshot)
+            self.merged = [n for n in self.merged if n not in names]
+            rest, self.merged = self.merged, []
+            self._snapshot, self.merge_error = None, None
+            self.merge(rest)
+            return
         w = host.weight_2d().detach().clone()
         b = None if host.bias is None else host.bias.detach().clone()
         for n in reversed(names):
@@ -128,7 +139,9 @@ class AdaptedLayer(nn.Module):
 
     def _write(self, w2d: torch.Tensor, b: torch.Tensor | None) -> None:
         host = self.host
-        host.weight.data.copy_(host.to_native(w2d).to(host.weight.dtype))
+        err = host.write_weight_2d(w2d)
+        if err is not None:
+            self.merge_error = err
         if b is not None:
             if host.bias is None:
                 host.module.bias = nn.Parameter(b, requires_grad=False)

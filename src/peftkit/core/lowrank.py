@@ -119,3 +119,22 @@ def fused_lowrank_forward(
     if w.requires_grad or x.dtype != w.dtype or a.dtype != w.dtype or x.dim() < 2:
         return None
     return _FusedLowRankLinear.apply(x, host.weight_2d(), host.bias, a, b, s)
+
+
+class LowRankUpdate:
+    """Mixin for adapters whose update is ``s·B·A``: define ``factors() -> (A, B)``, ``self.s`` and
+    ``self.dropout``; this supplies the activation path, the fused path and ΔW."""
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.config.dropout > 0 and self.training:
+            return None
+        a, b = self.factors()
+        return fused_lowrank_forward(self.host, x, a, b, self.s)
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.factors()
+        return self.s * (b @ a)

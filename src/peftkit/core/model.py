@@ -17,7 +17,7 @@ from . import io, registry
 from .adapter import Adapter, PlanContext, SharedStore
 from .config import AdapterConfig
 from .errors import PeftkitError
-from .host import Host
+from .host import QUANTIZED_KINDS, Host, host_kind
 from .layer import AdaptedLayer, Route, SavedModule
 from .targeting import _matches, find_targets
 
@@ -273,8 +273,26 @@ def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> None:
         layer.unmerge(names)
 
 
-def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
-    """Merge the active (or named) adapters and return the model with plain modules only."""
+def _dequantize_hosts(model: nn.Module) -> None:
+    """Swap every quantised host (adapted or not) for its float32 equivalent; adapters follow their layer."""
+    for _path, layer in list(adapted_layers(model)):
+        if layer.host.quantized:
+            layer.unmerge()
+            layer.base_layer = layer.host.float_module()
+            layer.host = Host(layer.base_layer, layer.host.name)
+            for a in layer.adapters.values():
+                a.host = layer.host
+    for path, m in list(model.named_modules()):
+        if host_kind(m) in QUANTIZED_KINDS and not isinstance(m, AdaptedLayer):
+            _set_submodule(model, path, Host(m, path).float_module())
+
+
+def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, *, dequantize: bool = False) -> nn.Module:
+    """Merge the active (or named) adapters and return the model with plain modules only. ``dequantize=True``
+    first turns every quantised base layer (bitsandbytes) into a float32 ``nn.Linear``, so the result is a
+    full-precision model with ΔW added exactly (no re-quantisation rounding)."""
+    if dequantize:
+        _dequantize_hosts(model)
     merge(model, names)
     for path, layer in list(adapted_layers(model)):
         for n, a in layer.adapters.items():

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from .config import AdapterConfig
 
 HOST_KINDS = ("linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d")
+#: bitsandbytes NF4/FP4 and int8 linear layers (frozen quantised bases); a method opts in by listing them in hosts
+QUANTIZED_HOSTS = ("bnb_4bit", "bnb_8bit")
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,9 @@ def register(
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
     def deco(adapter_cls: type[Adapter]) -> type[Adapter]:
-        bad = set(hosts) - set(HOST_KINDS)
+        bad = set(hosts) - set(HOST_KINDS + QUANTIZED_HOSTS)
         if bad:
-            raise ValueError(f"unknown host kinds {bad}; known: {HOST_KINDS}")
+            raise ValueError(f"unknown host kinds {bad}; known: {HOST_KINDS + QUANTIZED_HOSTS}")
         if name in _REGISTRY and _REGISTRY[name].adapter is not adapter_cls:
             raise ValueError(f"method {name!r} registered twice")
         config.method = name

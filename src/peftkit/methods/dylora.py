@@ -40,7 +40,7 @@ from peftkit.core.lowrank import (
 from peftkit.core.model import adapted_layers, adapter_names, get_config
 from peftkit.core.model import set_rank as core_set_rank
 from peftkit.core.procedure import Procedure
-from peftkit.core.registry import register
+from peftkit.core.registry import HOST_KINDS, QUANTIZED_HOSTS, register
 
 
 @dataclass
@@ -131,6 +131,7 @@ class DyLoRASampler(Procedure):
     paper="Valipour et al., EACL 2023, DyLoRA: Dynamic Search-Free Low-Rank Adaptation (arXiv 2210.07558)",
     description="LoRA trained for every rank b ≤ r at once (b sampled per step, scale α/b); any b at inference",
     params="r·(d_in + d_out)",
+    hosts=HOST_KINDS + QUANTIZED_HOSTS,
     procedure=DyLoRASampler,
 )
 class Dylora(Adapter):

@@ -73,7 +73,7 @@ class _Branch(nn.Module):
     paper="Kim et al. 2023, Hydra: Multi-head Low-rank Adaptation for PEFT (github.com/extremebird/Hydra)",
     description="parallel low-rank branch on the input plus sequential low-rank branch on the base output",
     params="r_p·(d_in + d_out) + 2·r_s·d_out (+ r_p + r_s + 2·d_out with branch biases)",
-    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d"),
+    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "bnb_4bit", "bnb_8bit"),
 )
 class Hydra(Adapter):
     def __init__(self, host: Host, config: HydraConfig) -> None:

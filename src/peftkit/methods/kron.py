@@ -75,7 +75,7 @@ def kron_shape(host: Host, config: KronConfig) -> tuple[int, int, int, int]:
     paper="Marjit et al., WACV 2025, DiffuseKronA: Kronecker-product adaptation (github.com/IBM/DiffuseKronA)",
     description="additive Kronecker-product update c·A⊗B, applied by reshaping the input (never materialised)",
     params="a1·a2 + (d_out/a1)·(d_in/a2)",
-    hosts=("linear", "gpt2_conv1d"),
+    hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
 )
 class Kron(Adapter):
     def __init__(self, host: Host, config: KronConfig) -> None:

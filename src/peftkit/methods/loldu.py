@@ -66,7 +66,7 @@ def ldu(w: torch.Tensor, r: int, eps: float, name: str) -> tuple[torch.Tensor, .
     paper="LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition (2024, arXiv 2410.13618)",
     description="LU-decomposes W0 = P·L·D·U once and trains only the r kept diagonal entries (+ optional scale)",
     params="r (+1 with train_scale)",
-    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding"),
+    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding", "bnb_4bit", "bnb_8bit"),
 )
 class Loldu(Adapter):
     def __init__(self, host: Host, config: LolduConfig) -> None:

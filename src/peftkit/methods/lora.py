@@ -27,13 +27,12 @@ from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_
 from peftkit.core.host import Host
 from peftkit.core.lowrank import (
     LowRankConfig,
+    LowRankUpdate,
     check_rank,
-    fused_lowrank_forward,
     init_down_,
-    lowrank_delta,
     new_factors,
 )
-from peftkit.core.registry import register
+from peftkit.core.registry import HOST_KINDS, QUANTIZED_HOSTS, register
 
 _INIT = re.compile(r"kaiming|gaussian|pissa|pissa_niter_\d+")
 
@@ -59,9 +58,10 @@ class LoraConfig(LowRankConfig):
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); rsLoRA (arXiv 2312.03732); PiSSA (arXiv 2404.02948)",
     description="additive low-rank update s·BA; α/r or rsLoRA α/√r scaling; kaiming, gaussian or PiSSA init",
     params="r·(d_in + d_out)",
+    hosts=HOST_KINDS + QUANTIZED_HOSTS,
     hf_peft_type="LORA",
 )
-class Lora(Adapter):
+class Lora(LowRankUpdate, Adapter):
     def __init__(self, host: Host, config: LoraConfig) -> None:
         super().__init__(host, config)
         self.r, self.s = config.r, config.scaling
@@ -96,20 +96,6 @@ class Lora(Adapter):
         if not self.pissa:
             return self.lora_A, self.lora_B
         return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
-
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
-
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.config.dropout > 0 and self.training:
-            return None
-        a, b = self.factors()
-        return fused_lowrank_forward(self.host, x, a, b, self.s)
-
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return self.s * (b @ a)
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:

@@ -27,7 +27,7 @@ from peftkit.core.adapter import Adapter, PlanContext, make_dropout
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.lowrank import fused_lowrank_forward, lowrank_delta, lowrank_scaling
+from peftkit.core.lowrank import LowRankUpdate, lowrank_scaling
 from peftkit.core.registry import register
 
 
@@ -63,9 +63,9 @@ def _group(path: str, host: Host) -> str:
     paper="Wang et al., ICLR 2025, MoS: Mixture of Shards (arXiv 2410.00938)",
     description="LoRA factors assembled from global shard pools shared across layers (private + public shards)",
     params="r_e·(d_in + d_out) per layer (pools shared per module type)",
-    hosts=("linear", "gpt2_conv1d"),
+    hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
 )
-class Mos(Adapter):
+class Mos(LowRankUpdate, Adapter):
     uses_context = True
 
     def __init__(self, host: Host, config: MosConfig, context: PlanContext | None = None) -> None:
@@ -121,20 +121,6 @@ class Mos(Adapter):
         pb = self.pool_b.index_select(1, self.idx_b)  # (d_out/l, r·l)
         b = pb.reshape(pb.shape[0], self.r, self.l).permute(2, 0, 1).reshape(-1, self.r)
         return a, b
-
-    def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
-
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.config.dropout > 0 and self.training:
-            return None
-        a, b = self.factors()
-        return fused_lowrank_forward(self.host, x, a, b, self.s)
-
-    def delta_weight(self) -> torch.Tensor:
-        a, b = self.factors()
-        return self.s * (b @ a)
 
     @classmethod
     def expected_params(cls, host: Host, config: MosConfig) -> int:

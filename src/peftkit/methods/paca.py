@@ -119,7 +119,7 @@ class _PacaLinear(torch.autograd.Function):
     description="trains r randomly chosen input columns of W in place (W[:, idx] = s·P); the backward saves "
     "only those r input features",
     params="r·d_out",
-    hosts=("linear", "gpt2_conv1d"),
+    hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
 )
 class Paca(Adapter):
     def __init__(self, host: Host, config: PacaConfig) -> None:

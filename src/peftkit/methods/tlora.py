@@ -179,7 +179,7 @@ def _identity_core(n: int, rank: int, like: torch.Tensor) -> nn.Parameter:
     description="full-rank input transform T (Kronecker / tensor-ring cores, T = I at init) plus a LoRA, "
     "tensor-ring or TT-matrix residual: W' = W0·T + s·Δ",
     params="Σ I_d²·R_T² + r·(d_in + d_out) | R²·(Σ J_d + Σ I_d) | R²·Σ J_d·I_d",
-    hosts=("linear", "gpt2_conv1d"),
+    hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
 )
 class Tlora(Adapter):
     def __init__(self, host: Host, config: TloraConfig) -> None:

@@ -226,6 +226,8 @@ def train(
                 raise PeftkitError(f"the loss became {value} at step {step}; try a lower learning rate")
             loss.backward()
             if max_grad_norm is not None and max_grad_norm > 0:
+                if sum(len(g["params"]) for g in optimizer.param_groups) != len(params):  # a procedure grew it
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             schedule.step()
