@@ -20,12 +20,10 @@ NEG = ["bad", "awful", "poor", "hate", "dull", "boring"]
 FILL = ["the", "movie", "was", "a", "plot", "acting", "film", "really"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-wide BERT classifier and its WordPiece tokenizer, saved like a Hugging Face model folder."""
+def _make_tiny_bert(d: Path, hidden: int = 32, intermediate: int = 64) -> Path:
+    """A 2-layer BERT classifier and its WordPiece tokenizer, saved like a Hugging Face model folder."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    d = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS + NEG + FILL
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     # positional: transformers 4 calls it vocab_file, 5 calls it vocab (and ignores vocab_file=)
@@ -33,10 +31,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert tok.convert_tokens_to_ids("superb") == vocab.index("superb")
     tok.save_pretrained(d)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=intermediate, max_position_embeddings=64, num_labels=2)
     BertForSequenceClassification(cfg).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def _examples(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -342,3 +345,18 @@ def test_methods_markdown_has_one_row_per_method(capsys: pytest.CaptureFixture[s
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| method |") and lines[1].startswith("|---")
     assert [line.split("|")[1].strip(" `") for line in lines[2:]] == [m.name for m in peftkit.all_methods()]
+
+
+def test_train_on_a_4bit_base_and_eval_rebuilds_it(tmp_path: Path, csv_file: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("bitsandbytes")
+    # bitsandbytes' CPU 4-bit inference kernel needs widths that are multiples of 64
+    d = _make_tiny_bert(tmp_path, hidden=64, intermediate=128)
+    out = tmp_path / "q"
+    assert main(_train_args(d, csv_file, out, "--quantize", "nf4")) == 0
+    stdout = capsys.readouterr().out
+    assert "Linear layers in nf4" in stdout
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["quantize"] == "nf4" and info["accuracy_after"] >= 0.9
+    assert main(["eval", "--adapter", str(out)]) == 0
+    assert "reproduced" in capsys.readouterr().out

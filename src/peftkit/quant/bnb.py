@@ -78,6 +78,22 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     raise PeftkitError(f"{type(module).__name__} is not a bitsandbytes quantised linear layer")
 
 
+def keep_training_layout(module: nn.Module) -> None:
+    """Keep a ``Linear4bit`` in bitsandbytes' standard layout: on CPUs with AVX512-BF16 its first eval forward with
+    an input that needs no grad repacks the codes (block scales rounded to bf16) for an inference kernel, and a later
+    training forward through the repacked weight fails (bitsandbytes 0.50 adds the bias in place to a tensor that
+    requires grad). peftkit turns the repacking off on every quantised layer of an adapted model — train and eval
+    then compute the same function — and undoes it where it already happened."""
+    if kind(module) != "bnb_4bit":
+        return
+    module.support_avx512bf16_for_cpu = False
+    w = module.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+
+
 def requantize_(module: nn.Module, w2d: torch.Tensor) -> float:
     """Quantise the float (d_out, d_in) ``w2d`` into ``module`` (same quant type / block size); returns the largest
     absolute rounding error of the new weight."""
@@ -90,6 +106,7 @@ def requantize_(module: nn.Module, w2d: torch.Tensor) -> float:
                                 quant_type=old.quant_type, blocksize=old.blocksize,
                                 compress_statistics=old.compress_statistics, quant_storage=old.quant_storage)
         module.weight = new.to(device)
+        keep_training_layout(module)
     elif k == "bnb_8bit":
         new = bnb.nn.Int8Params(w2d.detach().to(torch.float16 if device.type != "cpu" else torch.float32)
                                 .contiguous(), requires_grad=False, has_fp16_weights=False)
@@ -164,6 +181,7 @@ def quantize_model(model: nn.Module, quant: str = "nf4", skip: Sequence[str] = (
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         q = q.to(dev)
+        keep_training_layout(q)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     return len(targets)
