@@ -214,3 +214,17 @@ def linear_weight_bytes(model: nn.Module) -> int:
         elif type(m) is nn.Linear:
             total += m.weight.numel() * m.weight.element_size()
     return total
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model``, with bitsandbytes layers counted as codes + scales."""
+    quantised = [m for m in model.modules() if kind(m) is not None]
+    skip = {id(m.weight) for m in quantised}
+    seen: set[int] = set()
+    total = linear_weight_bytes(nn.ModuleList(quantised)) if quantised else 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in skip or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
