@@ -47,3 +47,16 @@ def test_dylora_evaluates_at_a_lower_rank(tmp_path: Path, capsys: pytest.Capture
     assert min(accs.values()) > 0.6  # every rank b <= r was trained: a truncated adapter still works
     assert main(["eval", "--adapter", str(out), "--rank", "9"]) == 1
     assert "takes ranks 1..8, got 9" in capsys.readouterr().err
+
+
+def test_qlora_short_run_on_nf4_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "q"
+    assert main(["train", "--quantize", "nf4", "--steps", "40", "--eval-size", "200", "--output", str(out),
+                 "--no-progress", "--threads", "2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "Linear layers in nf4" in stdout
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["quantize"] == "nf4" and info["accuracy_after"] >= 0.65
+    assert main(["eval", "--adapter", str(out)]) == 0
+    assert "reproduced" in capsys.readouterr().out
