@@ -31,6 +31,7 @@ import torch
 # method (or a variant "method/label") -> extra ``peftkit train`` arguments (learning rate and config options)
 OPTIONS: dict[str, list[str]] = {
     "dylora/full": ["--opt", "mode=full"],
+    "randlora/lr2e-4": ["--lr", "2e-4"],
     "lora": [],
     "dora": [],
     "dylora": [],

@@ -52,7 +52,7 @@ def test_dylora_evaluates_at_a_lower_rank(tmp_path: Path, capsys: pytest.Capture
 def test_qlora_short_run_on_nf4_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q"
-    assert main(["train", "--quantize", "nf4", "--steps", "40", "--eval-size", "200", "--output", str(out),
+    assert main(["train", "--quantize", "nf4", "--steps", "60", "--eval-size", "200", "--output", str(out),
                  "--no-progress", "--threads", "2"]) == 0
     stdout = capsys.readouterr().out
     assert "Linear layers in nf4" in stdout
