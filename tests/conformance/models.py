@@ -19,6 +19,14 @@ from torch import nn
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     # the tiny models have one layer per module type: MoS then needs r − r_p ≤ (r_e − r_p)·1
     "mos": {"r": 4, "r_e": 4, "r_p": 2, "l": 2},
+    # L4Q: several (Δ, β) groups per row (and a partial last group on conv2d's d_in = 27)
+    "l4q": {"group_size": 8},
+    # QWHA: the budget p = r·(d_in + d_out) must stay below d_out·d_in on the 16-wide layers (r = 8 fills them)
+    "qwha": {"r": 2, "group_size": 8},
+    # TriAdaptLoRA as a saved adapter records it after two growths: three blocks on every matrix module
+    "triadaptlora": {"block_ranks": {p: [1, 2, 2] for p in (
+        "fc1", "fc2", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2", "conv1", "conv2", "emb",
+        "h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj")}},
 }
 # Extra config fields per (method name, model name), applied after METHOD_OVERRIDES.
 METHOD_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {}

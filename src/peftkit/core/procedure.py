@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .model import adapted_layers, get_config
+
 
 class Procedure:
     """Base class; every hook is optional."""
@@ -37,3 +39,19 @@ class Procedure:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def find_adapters(model: nn.Module, adapter_cls: type, config: Any = None) -> dict[str, list[tuple[str, Any]]]:
+    """Adapter name -> [(module path, adapter)], in model order, of every ``adapter_cls`` adapter of ``model``; with
+    ``config``, only those of the adapters built from it (that very object, else an equal one). How a method's
+    procedure finds the layers it drives."""
+    found: dict[str, list[tuple[str, Any]]] = {}
+    for path, layer in adapted_layers(model):
+        for n, a in layer.adapters.items():
+            if isinstance(a, adapter_cls):
+                found.setdefault(n, []).append((path, a))
+    if config is not None:
+        mine = {n for n in found if get_config(model, n) is config} or {
+            n for n in found if get_config(model, n) == config}
+        found = {n: v for n, v in found.items() if n in mine}
+    return found
