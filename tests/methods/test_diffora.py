@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkit
-import peftkit.methods._diffora  # noqa: F401  (registers the method)
 from conformance.models import MODELS, perturb, same_state, state_copy
-from peftkit.methods._diffora import Diffora, DifforaSearch, discretize, relaxation_weights
+from peftkit.methods.diffora import Diffora, DifforaSearch, discretize, relaxation_weights
 from peftkit.train.trainer import train
 
 BLOCK_PATHS = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2"]

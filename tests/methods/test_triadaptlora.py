@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 import peftkit
-import peftkit.methods._triadaptlora  # noqa: F401  (registers the method)
 from conformance.models import MODELS, perturb, same_state, state_copy
-from peftkit.methods._triadaptlora import (
+from peftkit.methods.triadaptlora import (
     TriAdaptGrowth,
     TriAdaptLora,
     budget_fraction,
