@@ -360,3 +360,14 @@ def test_train_on_a_4bit_base_and_eval_rebuilds_it(tmp_path: Path, csv_file: Pat
     assert info["quantize"] == "nf4" and info["accuracy_after"] >= 0.9
     assert main(["eval", "--adapter", str(out)]) == 0
     assert "reproduced" in capsys.readouterr().out
+
+
+def test_reproduction_verdict_is_exact_for_float_bases_and_tolerant_only_for_quantised_ones() -> None:
+    from peftkit.cli import reproduction_verdict
+
+    assert reproduction_verdict(142, 142, 200, quantized=False) == "reproduced"
+    assert reproduction_verdict(142, 143, 200, quantized=False) == "DIFFERENT"
+    assert reproduction_verdict(142, 143, 200, quantized=True).startswith("reproduced within float rounding")
+    assert reproduction_verdict(142, 145, 200, quantized=True) == "DIFFERENT"
+    assert reproduction_verdict(1400, 1390, 2000, quantized=True).startswith("reproduced within")  # 0.5 % of 2000
+    assert reproduction_verdict(1400, 1389, 2000, quantized=True) == "DIFFERENT"

@@ -284,6 +284,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def reproduction_verdict(recorded: int, measured: int, n: int, *, quantized: bool) -> str:
+    """Compare the correct count recorded after training with a re-evaluation. A full-precision base must match
+    exactly. A quantised base runs bitsandbytes' CPU kernels, whose float rounding can depend on the CPU and on memory
+    alignment, so a borderline example may flip between two processes: up to max(1, 0.5 %) of ``n`` is reported as
+    such rather than hidden or called a failure."""
+    delta = abs(recorded - measured)
+    if delta == 0:
+        return "reproduced"
+    if quantized and delta <= max(1, round(0.005 * n)):
+        return f"reproduced within float rounding of the quantised base ({delta} example(s) differ)"
+    return "DIFFERENT"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     info = _read_train_info(adapter)
@@ -322,8 +335,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"accuracy: {_acc_line(acc)} on {what}")
     if args.data is None and args.rank is None and "correct_after" in info:
         rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        same = rec[1] == acc[1]
-        print(f"recorded after training: {_acc_line(rec)} — {'reproduced' if same else 'DIFFERENT'}")
+        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=bool(info.get("quantize")))
+        print(f"recorded after training: {_acc_line(rec)} — {verdict}")
     return 0
 
 

@@ -23,6 +23,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "l4q": {"group_size": 8},
     # QWHA: the budget p = r·(d_in + d_out) must stay below d_out·d_in on the 16-wide layers (r = 8 fills them)
     "qwha": {"r": 2, "group_size": 8},
+    # LoCA: n = 32 coefficients fit every tiny layer's d_out·d_in spectrum (the default 1000 does not)
+    "loca": {"n": 32},
     # TriAdaptLoRA as a saved adapter records it after two growths: three blocks on every matrix module
     "triadaptlora": {"block_ranks": {p: [1, 2, 2] for p in (
         "fc1", "fc2", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2", "conv1", "conv2", "emb",
