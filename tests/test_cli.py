@@ -371,3 +371,19 @@ def test_reproduction_verdict_is_exact_for_float_bases_and_tolerant_only_for_qua
     assert reproduction_verdict(142, 145, 200, quantized=True) == "DIFFERENT"
     assert reproduction_verdict(1400, 1390, 2000, quantized=True).startswith("reproduced within")  # 0.5 % of 2000
     assert reproduction_verdict(1400, 1389, 2000, quantized=True) == "DIFFERENT"
+
+
+def test_train_calibrates_a_data_aware_method_first(tiny_model_dir: Path, csv_file: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """QWHA registers a calibration: `peftkit train` runs it on the first training examples before training, and the
+    quantisation error it corrects on that data goes down (QWHA's init with the data's Gram)."""
+    out = tmp_path / "qwha"
+    rc = main(_train_args(tiny_model_dir, csv_file, out, "--method", "qwha", "--rank", "2", "--opt", "group_size=16",
+                          "--steps", "2"))
+    assert rc == 0
+    assert "calibrated" in capsys.readouterr().out
+    cal = json.loads((out / "train_info.json").read_text())["calibration"]
+    assert cal["modules"] > 0 and cal["examples"] > 0
+    assert 0 < cal["error_after"] < cal["error_before"]
+    assert main(["eval", "--adapter", str(out)]) == 0
+    assert "reproduced" in capsys.readouterr().out

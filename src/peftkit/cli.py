@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
 import sys
 import time
@@ -26,6 +27,7 @@ TRAIN_INFO = "train_info.json"
 DEFAULTS = {
     "method": "lora", "targets": "all-linear", "lr": 2e-3, "epochs": 1.0, "batch_size": 32,
     "max_length": 64, "eval_size": 1000, "seed": 0, "split_seed": 0, "warmup": 0.06, "eval_batch_size": 128,
+    "calibration_size": 256,
 }
 
 
@@ -229,6 +231,18 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{args.split_seed}); labels: {', '.join(data.label_names)}")
     print(f"method: {info.name} — {', '.join(f'{k}={v}' for k, v in cfg.to_dict().items() if k != 'method' and v)}")
     print(str(summ).splitlines()[0])
+    calibration = None
+    if info.calibrate is not None:  # data-aware init (e.g. QWHA) from the first training examples, in order
+        calib_idx = train_idx[:DEFAULTS["calibration_size"]]
+        calib = D.Batches([ids[i] for i in calib_idx], [data.labels[i] for i in calib_idx],
+                          DEFAULTS["eval_batch_size"], pad, shuffle=False)
+        errors = info.calibrate(model, ({k: v for k, v in b.items() if k != "labels"} for b in calib))
+        before, after = (math.sqrt(sum(e[i] ** 2 for e in errors.values())) for i in (0, 1))
+        calibration = {"examples": len(calib_idx), "modules": len(errors), "error_before": before,
+                       "error_after": after}
+        print(f"calibrated {len(errors)} modules on {len(calib_idx)} training examples: error on the calibration "
+              f"data {before:.4g} → {after:.4g} ({after / before:.1%} left)" if before > 0 else
+              f"calibrated {len(errors)} modules on {len(calib_idx)} training examples")
     acc_before = accuracy(model, eval_batches)
     print(f"held-out accuracy before: {_acc_line(acc_before)}")
     print(f"training {steps} steps × batch {args.batch_size} (lr {args.lr:g}, max length {args.max_length}, "
@@ -269,6 +283,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "step_seconds": round(result.seconds / max(result.steps, 1), 4),
         "train_peak_mib": None if result.peak_mib is None else round(result.peak_mib, 1),
         "final_loss": result.final_loss,
+        "calibration": calibration,
         "accuracy_before": acc_before[0],
         "correct_before": acc_before[1],
         "accuracy_after": acc_after[0],

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftkit
-import peftkit.methods._l4q as l4q
+import peftkit.methods.l4q as l4q
 from conformance.models import MODELS, perturb, same_state, state_copy
 from peftkit.quant import lsq, rtn
 

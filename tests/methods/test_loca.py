@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
-import peftkit.methods._loca as loca
+import peftkit.methods.loca as loca
 from conformance.models import MODELS, same_state, state_copy
 from peftkit.core.procedure import Procedure
 from peftkit.train.trainer import train

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftkit
-import peftkit.methods._qwha as qwha
+import peftkit.methods.qwha as qwha
 from conformance.models import MODELS, perturb, same_state, state_copy
 from peftkit.quant import rtn
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,9 @@ class MethodInfo:
     ``params`` is the trainable-parameter formula in words (shown by ``peftkit methods``); the adapter class
     computes the exact count with ``expected_params``. ``procedure`` is a training-procedure class that the
     trainer attaches automatically. ``hf_peft_type`` names the Hugging Face PEFT ``peft_type`` whose files this
-    method reads and writes, if any.
+    method reads and writes, if any. ``calibrate(model, batches)`` initialises the method's adapters from data
+    before training (the trainer calls it on a few training batches) and returns, per module, an error
+    ``(before, after)`` that the caller reports.
     """
 
     name: str
@@ -39,6 +42,7 @@ class MethodInfo:
     procedure: type | None = None
     hf_peft_type: str | None = None
     init_is_identity: bool = True
+    calibrate: Callable[..., dict[str, tuple[float, float]]] | None = None
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -57,6 +61,7 @@ def register(
     procedure: type | None = None,
     hf_peft_type: str | None = None,
     init_is_identity: bool = True,
+    calibrate: Callable[..., dict[str, tuple[float, float]]] | None = None,
 ) -> Any:
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
@@ -70,7 +75,7 @@ def register(
         adapter_cls.method = name
         _REGISTRY[name] = MethodInfo(
             name, config, adapter_cls, paper, description, params, mergeable, tuple(hosts), procedure,
-            hf_peft_type, init_is_identity,
+            hf_peft_type, init_is_identity, calibrate,
         )
         return adapter_cls
 
