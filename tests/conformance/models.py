@@ -25,13 +25,18 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwha": {"r": 2, "group_size": 8},
     # LoCA: n = 32 coefficients fit every tiny layer's d_out·d_in spectrum (the default 1000 does not)
     "loca": {"n": 32},
+    # SketchTune: 4-bit tables cover the ≤ 16-weight groups of the 16-wide layers exactly (no sketching error to see);
+    # 2 bits in 2 groups per row sketch every tiny layer lossily (conv2d's conv1, d_in = 27, in one group)
+    "sketchtune": {"bits": 2, "groups_per_row": 2},
     # TriAdaptLoRA as a saved adapter records it after two growths: three blocks on every matrix module
     "triadaptlora": {"block_ranks": {p: [1, 2, 2] for p in (
         "fc1", "fc2", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2", "conv1", "conv2", "emb",
         "h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj")}},
 }
 # Extra config fields per (method name, model name), applied after METHOD_OVERRIDES.
-METHOD_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {}
+METHOD_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
+    ("sketchtune", "conv2d"): {"overrides": {"conv1": {"groups_per_row": 1}}},
+}
 
 
 class MLP(nn.Module):

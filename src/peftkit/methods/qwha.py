@@ -44,10 +44,12 @@ import torch
 from torch import nn
 
 from peftkit.core.adapter import Adapter
+from peftkit.core.calibration import input_grams
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.model import adapted_layers, adapter_names, disable
+from peftkit.core.model import adapter_names
+from peftkit.core.procedure import find_adapters
 from peftkit.core.registry import register
 from peftkit.core.replace import ReplacedWeight
 from peftkit.quant import rtn
@@ -184,15 +186,6 @@ def allocate(p: int, e: torch.Tensor, cap: int) -> torch.Tensor:
     return torch.tensor(alloc, dtype=torch.long)
 
 
-def _call(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, tuple | list):
-        model(*batch)
-    else:
-        model(batch)
-
-
 def calibrate(
     model: nn.Module, batches: Iterable[Any], name: str | None = None, *, refine: bool | None = None
 ) -> dict[str, tuple[float, float]]:
@@ -202,39 +195,13 @@ def calibrate(
     model with its adapters disabled, under ``no_grad``; each QWHA layer accumulates G = Σ xᵀx over the tokens it
     sees, then :meth:`Qwha.initialize` chooses E (AdaAlloc + top-k) and c (refined) for it. Returns, per module
     path, the calibration quantisation error ``(‖ΔW_Q·X‖_F, ‖(ΔW_Q − α·F·Hᵀ)·X‖_F)`` before and after."""
-    names = adapter_names(model)
     if name is None:
+        names = adapter_names(model)
         if len(names) != 1:
             raise PeftkitError(f"qwha.calibrate: several adapters loaded ({names}); say which one with name=")
         name = names[0]
-    layers = [(p, layer) for p, layer in adapted_layers(model) if isinstance(layer.adapters[name]
-              if name in layer.adapters else None, Qwha)]
-    if not layers:
-        raise PeftkitError(f"qwha.calibrate: adapter {name!r} has no QWHA layers")
-    merged = [p for p, layer in layers if name in layer.merged]
-    if merged:
-        raise PeftkitError(f"qwha.calibrate: adapter {name!r} is merged into {merged}; unmerge before calibrating")
-    grams: dict[str, torch.Tensor] = {}
-
-    def hook(path: str, d_in: int) -> Any:
-        def fn(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, d_in).double()
-            grams[path] = grams[path] + x.t() @ x if path in grams else x.t() @ x
-        return fn
-
-    handles = [layer.register_forward_pre_hook(hook(p, layer.host.d_in)) for p, layer in layers]
-    try:
-        with torch.no_grad(), disable(model):
-            for batch in batches:
-                _call(model, batch)
-    finally:
-        for hd in handles:
-            hd.remove()
-    missing = [p for p, _ in layers if p not in grams]
-    if missing:
-        raise PeftkitError(f"qwha.calibrate: no calibration batch reached {missing} (was any batch given?)")
-    return {p: layer.adapters[name].initialize(grams[p], refine) for p, layer in layers}
-
+    grams = input_grams(model, Qwha, batches, name, who="qwha.calibrate")
+    return {p: a.initialize(grams[p], refine) for p, a in find_adapters(model, Qwha)[name]}
 
 
 @register(
