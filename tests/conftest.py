@@ -17,9 +17,9 @@ from conformance.models import MODELS, TinyModel  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(params=sorted(MODELS))
+@pytest.fixture(params=sorted(n for n, m in MODELS.items() if "norm" not in m.hosts))
 def tiny(request: pytest.FixtureRequest) -> TinyModel:
-    """Each tiny host model spec in turn."""
+    """Each tiny weight-matrix host model spec in turn (not the norm-layer model, which only norm methods adapt)."""
     return MODELS[request.param]
 
 

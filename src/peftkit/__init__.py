@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .core.compose import combine, hotswap
 from .core.config import AdapterConfig
 from .core.errors import PeftkitError
 from .core.model import (
@@ -20,6 +21,7 @@ from .core.model import (
     adapted_layers,
     adapter_names,
     adapter_state_dict,
+    condition,
     delete,
     disable,
     get_config,
@@ -57,7 +59,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdapterConfig", "PeftkitError", "Procedure", "active_adapters", "adapt", "adapted_layers", "adapter_names",
-    "adapter_state_dict", "all_methods", "config", "delete", "disable", "get_config", "get_method", "load",
+    "adapter_state_dict", "all_methods", "combine", "condition", "config", "delete", "disable", "get_config",
+    "get_method", "hotswap", "load",
     "merge", "merge_and_unload", "mixed_batch", "save", "set_active", "set_rank", "summary", "trainable_parameters",
     "unload",
     "unmerge",

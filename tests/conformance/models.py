@@ -25,9 +25,18 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwha": {"r": 2, "group_size": 8},
     # LoCA: n = 32 coefficients fit every tiny layer's d_out·d_in spectrum (the default 1000 does not)
     "loca": {"n": 32},
+    # conditional SSF: several conditions, the matrix's plain forwards use the default one (not row 0)
+    "conditional_ssf": {"num_conditions": 3, "default_condition": 1},
+    # ExPLoRA: the tiny models have no numbered blocks to unfreeze (tests/methods/test_explora.py covers that part);
+    # their norms are still unfrozen (saved copies next to the LoRA layers)
+    "explora": {"unfreeze_layers": []},
     # SketchTune: 4-bit tables cover the ≤ 16-weight groups of the 16-wide layers exactly (no sketching error to see);
     # 2 bits in 2 groups per row sketch every tiny layer lossily (conv2d's conv1, d_in = 27, in one group)
     "sketchtune": {"bits": 2, "groups_per_row": 2},
+    # model-level methods on the tiny GPT-2 (16 positions, 6-token inputs): 4 virtual tokens, a small prefix MLP
+    "prompt_tuning": {"num_virtual_tokens": 4},
+    "prefix_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 8},
+    "ptuning_v2": {"num_virtual_tokens": 4},
     # TriAdaptLoRA as a saved adapter records it after two growths: three blocks on every matrix module
     "triadaptlora": {"block_ranks": {p: [1, 2, 2] for p in (
         "fc1", "fc2", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2", "conv1", "conv2", "emb",
@@ -36,6 +45,15 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
 # Extra config fields per (method name, model name), applied after METHOD_OVERRIDES.
 METHOD_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("sketchtune", "conv2d"): {"overrides": {"conv1": {"groups_per_row": 1}}},
+    # the series adapter before the host (default: after it) on Linear, Conv2d and GPT-2 Conv1D hosts
+    ("series_adapter", "block"): {"placement": "mh_adapter"},
+    ("series_adapter", "conv2d"): {"placement": "mh_adapter"},
+    ("series_adapter", "gpt2"): {"placement": "mh_adapter"},
+    # IA3 input scaling (feedforward modules) next to output scaling; conv layers with 3-tap / 3×3 kernels
+    ("ia3", "block"): {"feedforward_modules": ["fc2"]},
+    ("ia3", "conv1d"): {"feedforward_modules": ["conv2"]},
+    ("ia3", "conv2d"): {"feedforward_modules": ["conv1"]},
+    ("ia3", "gpt2"): {"feedforward_modules": ["c_proj"]},
 }
 
 
@@ -128,6 +146,30 @@ class EmbeddingModel(nn.Module):
         return self.proj(torch.tanh(self.emb(ids)))
 
 
+class NormNet(nn.Module):
+    """(B, T, 16) -> (B, n_out) through the three kinds of norm host: ``ln`` (torch LayerNorm, scale and shift),
+    ``rms`` (torch RMSNorm) and ``ln_f`` (transformers' LlamaRMSNorm); non-trivial γ, β; ``head`` is a classifier."""
+
+    def __init__(self, d: int = 16, n_out: int = 4) -> None:
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.fc = nn.Linear(16, d)
+        self.ln = nn.LayerNorm(d)
+        self.rms = nn.RMSNorm(d)
+        self.ln_f = LlamaRMSNorm(d)
+        self.head = nn.Linear(d, n_out)
+        with torch.no_grad():
+            for norm in (self.ln, self.rms, self.ln_f):
+                norm.weight.add_(0.2 * torch.randn(d))
+            self.ln.bias.add_(0.2 * torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.fc(x))
+        h = h + torch.tanh(self.rms(h))
+        return self.head(self.ln_f(h)).mean(1)
+
+
 def tiny_gpt2(n_embd: int = 16) -> nn.Module:
     """A real Hugging Face GPT-2 (one layer) whose projections are transformers' ``Conv1D``."""
     from transformers import GPT2Config, GPT2Model
@@ -140,6 +182,31 @@ def tiny_gpt2(n_embd: int = 16) -> nn.Module:
     return GPT2Model(cfg)
 
 
+def tiny_llama(seed: int = 0, hidden: int = 32) -> nn.Module:
+    """A seeded Hugging Face ``LlamaForCausalLM``: 2 layers, 4 query / 2 key-value heads (grouped-query attention,
+    rotary positions), vocabulary 50, 64 positions, no end-of-sequence token (generation runs its full length);
+    eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2) -> nn.Module:
+    """A seeded Hugging Face ``BertForSequenceClassification``: 2 layers, 4 heads, hidden 32, vocabulary 50,
+    32 absolute positions, dropout off; eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=32, num_labels=num_labels, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
 @dataclass(frozen=True)
 class TinyModel:
     name: str
@@ -150,6 +217,7 @@ class TinyModel:
     hosts: tuple[str, ...]
     extra: dict[str, Any] = field(default_factory=dict)  # generic config fields (e.g. modules_to_save)
     output: Callable[[Any], torch.Tensor] = lambda out: out
+    hf: bool = False  # a Hugging Face model (keyword forward, config, cache): model-level methods run on these
 
     def build(self, wide: bool = False, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -192,15 +260,22 @@ MODELS: dict[str, TinyModel] = {
         TinyModel(
             "gpt2", lambda wide: tiny_gpt2(32 if wide else 16), _ids, ["c_attn", "c_proj", "c_fc"],
             ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"], ("gpt2_conv1d",),
-            output=lambda out: out.last_hidden_state,
+            output=lambda out: out.last_hidden_state, hf=True,
+        ),
+        TinyModel(
+            "norm", lambda wide: NormNet(d=24 if wide else 16), lambda g, b: torch.randn(b, 5, 16, generator=g),
+            ["ln", "rms", "ln_f"], ["ln", "rms", "ln_f"], ("norm",), extra={"modules_to_save": ["head"]},
         ),
     ]
 }
 
 
 def matrix_config_fields(method: str, model: TinyModel) -> dict[str, Any]:
-    """The generic config of the matrix: the model's targets (+ its generic extras) and any declared override."""
-    fields: dict[str, Any] = {"target_modules": list(model.targets), **model.extra}
+    """The generic config of the matrix: the model's targets (+ its generic extras) and any declared override.
+    Model-level methods target no layers: they get the declared overrides only."""
+    from peftkit.core.registry import get
+
+    fields: dict[str, Any] = {} if get(method).model_level else {"target_modules": list(model.targets), **model.extra}
     fields.update(METHOD_OVERRIDES.get(method, {}))
     fields.update(METHOD_MODEL_OVERRIDES.get((method, model.name), {}))
     return fields

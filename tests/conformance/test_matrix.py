@@ -5,7 +5,9 @@ on a model when the model's host kinds are in ``MethodInfo.hosts``. Each method 
 ``{"target_modules": [...]}`` (plus the model's generic extras and any ``METHOD_OVERRIDES`` entry), and its
 adapter tensors are perturbed with noise so that the checks do not pass merely because an update is zero.
 Where a method declares it cannot satisfy a check (``mergeable=False``, ``init_is_identity=False``) the matrix
-asserts the declared behaviour instead.
+asserts the declared behaviour instead. Model-level methods (``model_level=True``: virtual tokens, key/value prefixes)
+run on the Hugging Face tiny models (``TinyModel.hf``), adapt no layers, refuse mixed batches, and where they put
+positions in front of the output (``ModelAdapter.added_positions``) the matrix compares the original positions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import peftkit
 from conformance.models import MODELS, TinyModel, matrix_config_fields, perturb, same_state, state_copy
 from peftkit.core.layer import AdaptedLayer, SavedModule
+from peftkit.core.model_level import model_adapters
 from peftkit.core.registry import MethodInfo, all_methods
 
 METHODS = all_methods()  # what is registered when the matrix is collected
@@ -27,7 +30,7 @@ CASES = [
     pytest.param(info.name, spec.name, id=f"{info.name}-{spec.name}")
     for info in METHODS
     for spec in MODELS.values()
-    if set(spec.hosts) <= set(info.hosts)
+    if (spec.hf if info.model_level else set(spec.hosts) <= set(info.hosts))
 ]
 
 
@@ -69,6 +72,17 @@ def _run(spec: TinyModel, model: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     return spec.run(model, x)
 
 
+def _original_positions(model: torch.nn.Module, y: torch.Tensor, y_base: torch.Tensor) -> torch.Tensor:
+    """``y`` without the positions the active model-level adapter declares it puts in front (their number is
+    checked against the base output's shape)."""
+    active = set(peftkit.active_adapters(model))
+    added = sum(a.added_positions for n, a in model_adapters(model).items() if n in active)
+    if not added:
+        return y
+    assert y.shape[0] == y_base.shape[0] and y.shape[1] == y_base.shape[1] + added and y.shape[2:] == y_base.shape[2:]
+    return y[:, added:]
+
+
 def test_every_method_is_in_the_matrix() -> None:
     covered = {p.values[0] for p in CASES}
     assert covered == {info.name for info in METHODS}, "a registered method runs on none of the tiny models"
@@ -81,8 +95,8 @@ def test_init_output(method: str, model_name: str) -> None:
     x = spec.input()
     y_base = _run(spec, model, x)
     _, _, adapted, _ = _adapted(method, model_name, perturbed=False)
-    assert {p for p, _ in peftkit.adapted_layers(adapted)} == set(spec.adapted)
-    y = _run(spec, adapted, x)
+    assert {p for p, _ in peftkit.adapted_layers(adapted)} == (set() if info.model_level else set(spec.adapted))
+    y = _original_positions(adapted, _run(spec, adapted, x), y_base)
     if info.init_is_identity:
         torch.testing.assert_close(y, y_base, rtol=0.0, atol=1e-6)
     else:  # declared: the adapter changes the output at init (e.g. quantised or sketched bases), but stays finite
@@ -101,7 +115,12 @@ def test_trainable_parameters_match_formula(method: str, model_name: str) -> Non
         info.adapter.expected_params(layer.host, layer.adapters["default"].config)
         for _, layer in peftkit.adapted_layers(model)
     )
-    for name in cfg.modules_to_save or []:
+    if info.model_level:
+        expected += info.adapter.expected_params(model, peftkit.get_config(model, "default"))
+    else:  # what the adapter holds once for all its layers (e.g. shared hypernetworks)
+        hosts = [layer.host for _, layer in peftkit.adapted_layers(model)]
+        expected += info.adapter.shared_params(peftkit.get_config(model, "default"), hosts)
+    for name in peftkit.get_config(model, "default").modules_to_save or []:  # the config as resolved for the model
         sm = model.get_submodule(name)
         assert isinstance(sm, SavedModule)
         expected += sum(p.numel() for p in sm.original_module.parameters())
@@ -178,7 +197,7 @@ def test_disable_gives_base_output(method: str, model_name: str) -> None:
     y_base = _run(spec, spec.build(), x)
     _, _, model, _ = _adapted(method, model_name)
     y = _run(spec, model, x)
-    assert _differs(y, y_base)
+    assert _differs(_original_positions(model, y, y_base), y_base)
     with peftkit.disable(model):
         torch.testing.assert_close(_run(spec, model, x), y_base, rtol=0.0, atol=1e-6)
     torch.testing.assert_close(_run(spec, model, x), y, rtol=0.0, atol=1e-6)
@@ -205,6 +224,11 @@ def test_switch_and_mix_two_adapters(method: str, model_name: str) -> None:
     torch.testing.assert_close(_run(spec, model, x), y_b, rtol=0.0, atol=1e-6)
 
     names = ["a", None, "b", "a", "b"]
+    if info.model_level:  # declared: a model-level adapter changes the whole call, it cannot be routed per sample
+        with pytest.raises(peftkit.PeftkitError, match="mixed batch"), peftkit.mixed_batch(model, names):
+            pass
+        torch.testing.assert_close(_run(spec, model, x), y_b, rtol=0.0, atol=1e-6)
+        return
     with peftkit.mixed_batch(model, names):
         y_mix = _run(spec, model, x)
     for i, n in enumerate(names):

@@ -274,7 +274,7 @@ def _edit_config(d: Path, **changes: Any) -> None:
     ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
     ("init_lora_weights", "olora", "init_lora_weights='olora'"),
     ("some_future_option", 3, "unknown Hugging Face PEFT LoRA option some_future_option"),
-    ("peft_type", "IA3", "'IA3' is not supported"),
+    ("peft_type", "LOKR", "'LOKR' is not supported"),
 ])
 def test_unsupported_options_raise_naming_the_option(tmp_path: Path, option: str, value: Any, pattern: str) -> None:
     _save_with_peft(_bert(), CASES["lora"][1], tmp_path)

@@ -131,7 +131,7 @@ def test_matching_a_container_is_an_error() -> None:
 
 def test_matching_an_unsupported_module_names_it() -> None:
     model = Net()
-    with pytest.raises(peftkit.PeftkitError, match=r"'layers\.0\.norm' is a LayerNorm"):
+    with pytest.raises(peftkit.PeftkitError, match=r"does not support LayerNorm layers \(module 'layers\.0\.norm'\)"):
         peftkit.adapt(model, peftkit.config("lora", r=2, target_modules=["query", "norm"]))
     assert not peftkit.adapter_names(model) and isinstance(model.layers[0].attn.query, nn.Linear)
 

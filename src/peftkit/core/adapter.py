@@ -8,6 +8,7 @@ mixed batches, persistence) is the core's job.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -73,6 +74,10 @@ class Adapter(nn.Module):
     regenerated: ClassVar[tuple[str, ...]] = ()
     #: adapters that share tensors across layers set this; the core then passes ``context=PlanContext(...)``
     uses_context: ClassVar[bool] = False
+    #: adapters whose output depends on a per-sample condition (see :func:`peftkit.condition`) set this; the core
+    #: then calls ``delta(x, base_out, condition=values)`` with the rows of exactly the samples in ``x`` (int64 ids
+    #: or float values, one row per sample), or ``condition=None`` outside a ``condition`` block
+    uses_condition: ClassVar[bool] = False
 
     def __init__(self, host: Host, config: AdapterConfig, context: PlanContext | None = None) -> None:
         super().__init__()
@@ -88,6 +93,19 @@ class Adapter(nn.Module):
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Return ``base(x) + delta`` computed in one place, or None to use the generic path."""
+        return None
+
+    @classmethod
+    def batched_delta(
+        cls, adapters: Sequence[Adapter], x: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
+        inplace: bool = False,
+    ) -> torch.Tensor | None:
+        """Optional fast path for a mixed batch (see :func:`peftkit.mixed_batch`): ``out`` plus the deltas of several
+        adapters of one method family at once, sample ``i`` computed by ``adapters[index[i]]`` (``index[i] == -1``:
+        nothing added). ``x`` is the whole batch, ``out`` the layer output so far; ``inplace``: the core owns ``out``
+        and allows accumulating into it (only do so when no gradient is recorded). Called by the core with ≥ 2
+        adapters whose classes share this implementation; return None, before touching anything, to fall back to one
+        ``delta`` per adapter."""
         return None
 
     # -- merging ---------------------------------------------------------------------------------------
@@ -117,6 +135,11 @@ class Adapter(nn.Module):
     def check_loaded(self) -> None:
         """Called after saved tensors were loaded into the adapter, before it is installed: raise
         :class:`PeftkitError` if they are inconsistent (e.g. a regenerated basis whose checksum differs)."""
+
+    def check_condition(self, ids: torch.Tensor) -> None:
+        """Adapters with ``uses_condition``: raise :class:`PeftkitError` when ``ids`` (one row per sample: int64
+        ids, or float values) is not what this adapter reads — wrong dtype or shape, an id it has no parameters for,
+        a value out of range. Called once when a ``condition`` block starts."""
 
     # -- adjustable rank (methods trained for several ranks at once) -------------------------------------------
     def rank_range(self) -> tuple[int, int] | None:
@@ -155,6 +178,12 @@ class Adapter(nn.Module):
         PEFT file: our tensor name -> :class:`~peftkit.core.hf.HFTensor` (key after the module path, HF shape, our
         shape). None: no Hugging Face format."""
         return None
+
+    @classmethod
+    def shared_params(cls, config: Any, hosts: list[Host]) -> int:
+        """Trainable parameters of the whole adapter on top of the per-layer ``expected_params``: those held once in
+        the shared store (``uses_context``) or sized by all targeted ``hosts`` together. Checked by the tests."""
+        return 0
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters()}

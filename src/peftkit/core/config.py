@@ -128,6 +128,13 @@ class AdapterConfig:
         if value <= 0:
             raise PeftkitError(f"{name} must be > 0, got {value}")
 
+    # -- model-dependent fields -----------------------------------------------------------------------
+    def resolve(self, model: Any) -> AdapterConfig:
+        """This config made concrete for ``model`` (an ``nn.Module``). Configs with fields that depend on the model's
+        structure (e.g. "the last block") return a copy where they are explicit module names; the core calls this
+        before targeting, on adapt and on load, and keeps the result. Must be idempotent and leave the model alone."""
+        return self
+
     # -- per-module view ----------------------------------------------------------------------------
     def for_module(self, module_name: str) -> AdapterConfig:
         """This config with the ``overrides`` whose pattern matches ``module_name`` applied (last match wins)."""

@@ -34,6 +34,7 @@ from . import io, registry
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import Host, host_kind
+from .model_level import CONTAINER
 
 if TYPE_CHECKING:
     from .registry import MethodInfo
@@ -44,11 +45,21 @@ DEFAULT_NAME = "default"
 
 class HFTensor(NamedTuple):
     """Where one adapter tensor lives in a Hugging Face file: the key after ``<module path>.`` (adapter name
-    removed, as PEFT saves it), its shape there, and its shape in peftkit (the two differ only by a reshape)."""
+    removed, as PEFT saves it), its shape there, and its shape in peftkit (the two differ only by a reshape).
+    ``base``: the file holds a trained *copy* of the host's own tensor of that name (e.g. LN tuning's γ) where
+    peftkit keeps the difference to it, so ``file = host.<base> + ours``."""
 
     key: str
     hf_shape: tuple[int, ...]
     shape: tuple[int, ...]
+    base: str | None = None
+
+
+def _host_tensor(host: Host, name: str) -> torch.Tensor:
+    t = getattr(host.module, name, None)
+    if not isinstance(t, torch.Tensor):
+        raise PeftkitError(f"module {host.name!r} has no tensor {name!r}")
+    return t.detach()
 
 
 # -- the Hugging Face LORA config, shared by the low-rank methods --------------------------------------------
@@ -262,7 +273,7 @@ def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     insides (``base_layer``, ``adapters``, ``original_module``, ``copies``) are skipped."""
     from .layer import AdaptedLayer, SavedModule
 
-    inside: list[str] = []
+    inside: list[str] = [CONTAINER]  # model-level adapters' own modules are not the model's
     for path, module in model.named_modules():
         if not path or any(path.startswith(w) for w in inside):
             continue
@@ -312,6 +323,8 @@ def import_adapter(
     shape (the error names the Hugging Face key). The model is not modified."""
     source = str(directory)
     info, cfg = _method_for(meta, source)
+    if info.model_level:
+        return _import_model_level(model, directory, meta, info, cfg, source)
     hf, prefix = _read_hf_tensors(directory, source)
 
     # 1. adapter tensors: every host layer says where its tensors would be
@@ -339,7 +352,10 @@ def import_adapter(
                 f"module {path!r} of this model ({hosts[path]!r}) — the adapter was made for another base model "
                 f"(or its rank_pattern is wrong)"
             )
-        out[f"adapter.{path}.{ours}"] = t.reshape(spec.shape)
+        t = t.reshape(spec.shape)
+        if spec.base is not None:
+            t = t - _host_tensor(hosts[path], spec.base).reshape(spec.shape).to(t.dtype)
+        out[f"adapter.{path}.{ours}"] = t
         targets.add(path)
     for path in targets:
         for spec in layouts[path].values():
@@ -412,6 +428,9 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     info = registry.get(cfg.method)
     if info.hf_peft_type is None:
         raise PeftkitError(f"method {info.name!r} has no Hugging Face PEFT counterpart; save it in peftkit format")
+    if info.model_level:
+        _export_model_level(model, directory, name, cfg, info)
+        return
     layers: list[tuple[str, AdaptedLayer]] = [(p, layer) for p, layer in adapted_layers(model)
                                               if name in layer.adapters]
     for path, layer in layers:
@@ -433,7 +452,10 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
                 f"{path!r} has no place in that format"
             )
         for ours, spec in layout.items():
-            tensors[f"{PREFIX}{path}.{spec.key}"] = state[ours].reshape(spec.hf_shape)
+            t = state[ours]
+            if spec.base is not None:
+                t = _host_tensor(layer.host, spec.base).reshape(t.shape).to(t.dtype) + t
+            tensors[f"{PREFIX}{path}.{spec.key}"] = t.reshape(spec.hf_shape)
     adapted = {p for p, _ in layers}
     saved = [p for p, sm in _saved_modules(model) if name in sm.copies]
     for k, v in adapter_state_dict(model, name).items():
@@ -455,6 +477,67 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "target_modules": [p for p, _ in layers],
         "modules_to_save": saved or None,
+        **method_cfg,
+    }
+    io.write_adapter(directory, meta, tensors, metadata={"format": "pt"})
+
+
+# -- prompt learning (model-level methods): one ``prompt_embeddings`` tensor plus modules_to_save copies ---------
+PROMPT_KEY = "prompt_embeddings"
+_PROMPT_PREFIX = "base_model."  # PEFT's prompt-learning models save the wrapped model's modules under this prefix
+_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def _import_model_level(
+    model: nn.Module, directory: str | os.PathLike, meta: dict[str, Any], info: MethodInfo, cfg: AdapterConfig,
+    source: str,
+) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    if meta.get("num_transformer_submodules") not in (None, 1):
+        raise PeftkitError(f"{source}: num_transformer_submodules={meta['num_transformer_submodules']} (prompts for "
+                           "an encoder-decoder model) is not supported")
+    hf, _ = _read_hf_tensors(directory, source)
+    if PROMPT_KEY not in hf:
+        raise PeftkitError(f"{source}: tensor {PROMPT_KEY!r} is missing from the file")
+    out = {f"model.{info.adapter.hf_state_key}": hf.pop(PROMPT_KEY)}
+    entries = meta.get("modules_to_save") or []
+    saved_paths = [p for p, _ in _user_modules(model) if any(p.endswith(e) for e in entries)]
+    used: set[str] = set()
+    for k, t in hf.items():
+        key = k[len(_PROMPT_PREFIX):] if k.startswith(_PROMPT_PREFIX) else k
+        owner = max((p for p in saved_paths if key.startswith(p + ".")), key=len, default=None)
+        if owner is None or key[len(owner) + 1:] not in _module_state_keys(model.get_submodule(owner)):
+            raise PeftkitError(f"{source}: tensor {k!r} has no place in this model — was the adapter made for another "
+                               "architecture?")
+        out[f"saved.{key}"] = t
+        used.add(owner)
+    return dataclasses.replace(cfg, modules_to_save=[p for p in saved_paths if p in used] or None), out, DEFAULT_NAME
+
+
+def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: str, cfg: AdapterConfig,
+                        info: MethodInfo) -> None:
+    from .model import _saved_modules, adapter_state_dict
+    from .model_level import model_adapters
+
+    adapter = model_adapters(model)[name]
+    method_cfg = adapter.to_hf_config(model)
+    if method_cfg is None:
+        raise PeftkitError(f"method {info.name!r} cannot write the Hugging Face PEFT format")
+    if cfg.bias != "none":
+        raise PeftkitError(f"adapter {name!r}: bias={cfg.bias!r} has no place in Hugging Face PEFT's prompt-learning "
+                           "format")
+    tensors = {PROMPT_KEY: adapter.hf_embeddings().detach().contiguous()}
+    for k, v in adapter_state_dict(model, name).items():
+        kind, _, rest = k.partition(".")
+        if kind == "saved":
+            tensors[f"{_PROMPT_PREFIX}{rest}"] = v
+    cls = type(model).__name__
+    meta = {
+        "peft_type": info.hf_peft_type,
+        "task_type": next((t for suffix, t in _TASKS if cls.endswith(suffix)), "FEATURE_EXTRACTION"),
+        "inference_mode": True,
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "modules_to_save": [p for p, sm in _saved_modules(model) if name in sm.copies] or None,
         **method_cfg,
     }
     io.write_adapter(directory, meta, tensors, metadata={"format": "pt"})

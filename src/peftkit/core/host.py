@@ -4,6 +4,10 @@ Every host is seen as a map with a 2-D weight ``W ∈ R^{d_out×d_in}`` (d_in fl
 convolutions; for ``nn.Embedding`` d_in = vocabulary size, d_out = embedding dim, i.e. ``W = weightᵀ``;
 for transformers' GPT-2 ``Conv1D`` ``W = weightᵀ``). Methods write their math against this view and call
 ``project_in`` / ``project_out`` for the activation path, so one method file serves every host type.
+
+Normalisation layers (kind ``"norm"``: LayerNorm / RMSNorm with a learned scale) are hosts of their own kind: their
+"weight" is the scale γ in its native shape (d_in = d_out = γ.numel()) and the bias β is the shift, if any. Only
+methods that list ``"norm"`` in their registered hosts adapt them; the matrix helpers below do not apply to them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,16 @@ except Exception:  # pragma: no cover - transformers is a dependency, but the co
 
 
 QUANTIZED_KINDS = ("bnb_4bit", "bnb_8bit")
+NORM_KINDS = ("norm",)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """torch's LayerNorm / RMSNorm and any class named ``*LayerNorm`` / ``*RMSNorm`` (transformers' LlamaRMSNorm,
+    T5LayerNorm, ...) that holds a learned scale ``weight`` (norms without an affine scale are no hosts)."""
+    if not isinstance(module, nn.LayerNorm | nn.RMSNorm) and not type(module).__name__.endswith(
+            ("LayerNorm", "RMSNorm")):
+        return False
+    return isinstance(getattr(module, "weight", None), nn.Parameter)
 
 
 def host_kind(module: nn.Module) -> str | None:
@@ -41,6 +55,8 @@ def host_kind(module: nn.Module) -> str | None:
         return "conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if _is_norm(module):
+        return "norm"
     return None
 
 
@@ -52,7 +68,8 @@ class Host:
         if kind is None:
             raise PeftkitError(
                 f"module {name!r} is a {type(module).__name__}; supported host layers are Linear, Conv1d, "
-                f"Conv2d, Embedding, transformers' Conv1D and bitsandbytes Linear4bit / Linear8bitLt"
+                f"Conv2d, Embedding, transformers' Conv1D, bitsandbytes Linear4bit / Linear8bitLt and LayerNorm / "
+                f"RMSNorm with a learned scale"
             )
         if kind in ("conv1d", "conv2d") and module.groups != 1:
             raise PeftkitError(f"module {name!r}: grouped convolutions (groups={module.groups}) are not supported")
@@ -67,6 +84,8 @@ class Host:
             self.d_out, self.d_in = w.shape
         elif kind in ("gpt2_conv1d", "embedding"):
             self.d_in, self.d_out = w.shape
+        elif kind == "norm":
+            self.d_in = self.d_out = w.numel()
         else:
             self.d_out = w.shape[0]
             self.d_in = w[0].numel()
@@ -84,7 +103,7 @@ class Host:
 
     def weight_2d(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """The host weight (or ``w`` in the host's native layout) as a (d_out, d_in) view; a quantised host's
-        weight is dequantised (a new float32 tensor)."""
+        weight is dequantised (a new float32 tensor); a norm's scale γ stays in its native shape."""
         if self.quantized:
             return bnb.dequantize(self.module) if w is None else w
         w = self.module.weight if w is None else w
@@ -143,6 +162,14 @@ class Host:
         if self.kind == "conv1d":
             return v.view(-1, 1)
         return v
+
+    def sample_view(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A per-sample, per-output-channel (B, d_out) tensor shaped to broadcast against the host output ``out``
+        (channels at dim 1 for convolutions, last otherwise)."""
+        mid = (1,) * (out.dim() - 2)
+        if self.is_conv:
+            return v.view(v.shape[0], v.shape[1], *mid)
+        return v.view(v.shape[0], *mid, v.shape[1])
 
     # -- activation path -----------------------------------------------------------------------------
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter import Adapter
 from .errors import PeftkitError
 from .host import Host
 
@@ -25,15 +26,27 @@ class Route:
         for i, n in enumerate(self.names):
             groups.setdefault(n, []).append(i)
         self.groups = {n: torch.tensor(ix, dtype=torch.long) for n, ix in groups.items()}
+        self._index: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.names)
 
+    def index(self, names: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Per sample, the position of its adapter in ``names`` (−1: another one or none); cached per forward."""
+        key = (tuple(names), device)
+        if key not in self._index:
+            pos = {n: i for i, n in enumerate(names)}
+            self._index[key] = torch.tensor([pos.get(n, -1) for n in self.names], dtype=torch.long, device=device)
+        return self._index[key]
+
     def check_batch(self, x: torch.Tensor, where: str) -> None:
-        if x.shape[0] != len(self.names):
-            raise PeftkitError(
-                f"mixed batch: {len(self.names)} adapter names given but {where} sees a batch of {x.shape[0]}"
-            )
+        n, b = len(self.names), x.shape[0]
+        if b != n:
+            hint = ""
+            if b > n and b % n == 0:
+                hint = (f"; the batch is {b // n}× the names — generate(num_beams / num_return_sequences="
+                        f"{b // n}) expands each sample into consecutive rows: pass mixed_batch(..., repeat={b // n})")
+            raise PeftkitError(f"mixed batch: {n} adapter names given but {where} sees a batch of {b}{hint}")
 
 
 class AdaptedLayer(nn.Module):
@@ -48,6 +61,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.route: Route | None = None
+        self.condition: torch.Tensor | None = None  # per-sample condition rows of this forward (``condition``)
         self.merge_error: float | None = None  # quantised hosts: largest rounding error of the merged weight
         self._snapshot: tuple[Any, ...] | None = None  # quantised hosts: the weight before the first merge
 
@@ -64,6 +78,8 @@ class AdaptedLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.condition is not None and self.merged:
+            self._check_unmerged_for_condition()
         if self.route is not None:
             return self._forward_mixed(x, *args, **kwargs)
         live = [n for n in self.active if n in self.adapters and n not in self.merged]
@@ -76,8 +92,37 @@ class AdaptedLayer(nn.Module):
         base_out = self.base_layer(x, *args, **kwargs)
         out = base_out
         for n in live:
-            out = out + self.adapters[n].delta(x, base_out).to(base_out.dtype)
+            out = out + self._delta(n, x, base_out).to(base_out.dtype)
         return out
+
+    def _check_unmerged_for_condition(self) -> None:
+        """A merged adapter runs as part of the host weight: it cannot follow per-sample conditions."""
+        merged = [n for n in self.merged if self.adapters[n].uses_condition]
+        if merged:
+            raise PeftkitError(
+                f"condition: adapter(s) {merged} read per-sample conditions but are merged into "
+                f"{self.host.name!r}; unmerge before running under peftkit.condition"
+            )
+
+    def _delta(
+        self, name: str, x: torch.Tensor, base_out: torch.Tensor, idx: torch.Tensor | None = None, batch: int = 0
+    ) -> torch.Tensor:
+        """Adapter ``name``'s delta on ``x`` (the samples ``idx`` of a mixed batch of ``batch``, or the whole
+        batch); adapters that read condition ids get those of exactly these samples."""
+        adapter = self.adapters[name]
+        if not adapter.uses_condition:
+            return adapter.delta(x, base_out)
+        cond = self.condition
+        if cond is not None:
+            batch = batch if idx is not None else x.shape[0]
+            if cond.shape[0] != batch:
+                raise PeftkitError(
+                    f"condition: {cond.shape[0]} condition ids given but layer {self.host.name!r} sees a batch of "
+                    f"{batch}"
+                )
+            cond = cond.to(x.device)
+            cond = cond if idx is None else cond.index_select(0, idx)
+        return adapter.delta(x, base_out, condition=cond)
 
     def _forward_mixed(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         route = self.route
@@ -89,13 +134,45 @@ class AdaptedLayer(nn.Module):
             )
         base_out = self.base_layer(x, *args, **kwargs)
         out = base_out
-        for name, idx in route.groups.items():
-            if name == BASE or name not in self.adapters:
-                continue
-            idx = idx.to(x.device)
-            d = self.adapters[name].delta(x.index_select(0, idx), base_out.index_select(0, idx))
+        routed = [n for n in route.groups if n != BASE and n in self.adapters]
+        if len(routed) > 1:
+            out, routed = self._batched(x, out, routed, route)
+        for name in routed:  # the per-adapter path (index_add makes new tensors: base_out stays the base output)
+            idx = route.groups[name].to(x.device)
+            d = self._delta(name, x.index_select(0, idx), base_out.index_select(0, idx), idx, x.shape[0])
             out = out.index_add(0, idx, d.to(out.dtype))
         return out
+
+    def _batched(
+        self, x: torch.Tensor, out: torch.Tensor, routed: list[str], route: Route
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Routed adapters whose classes share an :meth:`Adapter.batched_delta` run together in one call; returns
+        the output so far and the adapters left for the one-``delta``-per-adapter path."""
+        families: dict[Any, list[str]] = {}
+        for n in routed:
+            a = self.adapters[n]
+            fn = getattr(type(a).batched_delta, "__func__", None)
+            if fn is not None and fn is not Adapter.batched_delta.__func__ and not a.uses_condition:
+                families.setdefault(fn, []).append(n)
+        groups = [names for names in families.values() if len(names) > 1]
+        batched = {n for names in groups for n in names}
+        rest = [n for n in routed if n not in batched]
+        base_out = out
+        for name in rest:  # adapters without a shared hook first (they may read the untouched base output)
+            idx = route.groups[name].to(x.device)
+            d = self._delta(name, x.index_select(0, idx), base_out.index_select(0, idx), idx, x.shape[0])
+            out = out.index_add(0, idx, d.to(out.dtype))
+        left: list[str] = []
+        for names in groups:
+            adapters = [self.adapters[n] for n in names]
+            # accumulate in place only into a tensor this layer made, or into the base output once nothing reads it
+            inplace = out is not base_out or (len(groups) == 1 and not rest)
+            y = type(adapters[0]).batched_delta(adapters, x, route.index(names, x.device), out, inplace)
+            if y is None:
+                left.extend(names)
+            else:
+                out = y
+        return out, left
 
     # -- merging ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,10 +9,12 @@ place — no d_out×d_in tensor and no extra d_out-wide temporaries.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import AdapterConfig
 from .errors import PeftkitError
@@ -138,3 +140,37 @@ class LowRankUpdate:
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
         return self.s * (b @ a)
+
+    @classmethod
+    def batched_delta(
+        cls, adapters: Sequence[LowRankUpdate], x: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
+        inplace: bool = False,
+    ) -> torch.Tensor | None:
+        """Many low-rank adapters in one mixed batch (Punica's BGMV as gather + batched matmul): the factors are
+        stacked with ranks zero-padded to r_max, A_allᵀ (N+1, d_in, r_max) and (s·B_all)ᵀ (N+1, r_max, d_out)
+        (slot N is all zeros, for samples with ``index == -1``); sample i gets
+        ``out_i + (x_i·A_all[idx_i]ᵀ)·(s·B_all[idx_i])ᵀ`` as one ``baddbmm``. Zero padding adds exact zeros, so
+        the result equals each adapter's own ``delta``. None (per-adapter path) for embedding / conv hosts,
+        adapters that override ``delta``, dropout while training, or mixed dtypes."""
+        host = adapters[0].host
+        if host.kind == "embedding" or host.is_conv or x.dim() < 2:
+            return None
+        for ad in adapters:
+            if type(ad).delta is not LowRankUpdate.delta or (ad.training and ad.config.dropout > 0):
+                return None
+        pairs = [ad.factors() for ad in adapters]
+        dt = pairs[0][0].dtype
+        if any(t.dtype != dt for pair in pairs for t in pair) or out.dtype != dt or x.dtype != dt:
+            return None
+        r_max = max(a.shape[0] for a, _ in pairs)
+        a_all = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])).t() for a, _ in pairs]
+                            + [pairs[0][0].new_zeros(host.d_in, r_max)])
+        b_all = torch.stack([F.pad(b * ad.s, (0, r_max - b.shape[1])).t() for ad, (_, b) in zip(adapters, pairs)]
+                            + [pairs[0][1].new_zeros(r_max, host.d_out)])
+        idx = torch.where(index < 0, len(adapters), index)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        h = torch.bmm(x3, a_all.index_select(0, idx))
+        out3 = out.reshape(out.shape[0], -1, out.shape[-1])
+        if inplace and not torch.is_grad_enabled() and out3.data_ptr() == out.data_ptr():
+            return out3.baddbmm_(h, b_all.index_select(0, idx)).view(out.shape)
+        return torch.baddbmm(out3, h, b_all.index_select(0, idx)).view(out.shape)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import io, registry
+from . import model_level as ml
 from .adapter import Adapter, PlanContext, SharedStore
 from .config import AdapterConfig
 from .errors import PeftkitError
@@ -75,6 +76,7 @@ class _Plan:
     saved: list[tuple[str, nn.Module]] = field(default_factory=list)
     biases: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     shared: SharedStore | None = None
+    model_adapter: ml.ModelAdapter | None = None  # model-level methods: one adapter for the whole model
 
 
 def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
@@ -85,9 +87,10 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
     if name in _configs(model):
         raise PeftkitError(f"an adapter named {name!r} already exists; loaded adapters: {adapter_names(model)}")
     info = registry.get(config.method)
+    config = config.resolve(model)
     plan = _Plan(name, config)
     targets: list[tuple[str, nn.Module, Host]] = []
-    for path, module in find_targets(model, config):
+    for path, module in [] if info.model_level else find_targets(model, config):
         layer = module if isinstance(module, AdaptedLayer) else None
         host = layer.host if layer is not None else Host(module, path)
         if host.kind not in info.hosts:
@@ -96,7 +99,9 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
                 f"(module {path!r}); it supports: {', '.join(info.hosts)}"
             )
         targets.append((path, module, host))
-    if info.adapter.uses_context:
+    if info.model_level:
+        plan.model_adapter = info.adapter(model, config)
+    elif info.adapter.uses_context:
         plan.shared = SharedStore()
         hosts = [(p, h) for p, _, h in targets]
         for i, (path, module, host) in enumerate(targets):
@@ -109,7 +114,8 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
             plan.layers.append((path, module, host, info.adapter(host, config.for_module(path))))
     for target in config.modules_to_save or []:
         found = [(n, m) for n, m in model.named_modules() if n and _matches(n, [target])
-                 and not isinstance(m, AdaptedLayer) and ".original_module" not in n and ".copies." not in n]
+                 and not isinstance(m, AdaptedLayer) and ".original_module" not in n and ".copies." not in n
+                 and not n.startswith(ml.CONTAINER)]
         if not found:
             leaves = sorted({n.split(".")[-1] for n, _ in model.named_children()})
             raise PeftkitError(f"modules_to_save entry {target!r} matched no module; top-level modules: {leaves}")
@@ -127,6 +133,8 @@ def _install(model: nn.Module, plan: _Plan) -> None:
             _set_submodule(model, path, layer)
         layer.adapters[plan.name] = adapter.train(layer.training)
         adapter.on_install()
+    if plan.model_adapter is not None:
+        ml.install(model, plan.name, plan.model_adapter)
     for path, module in plan.saved:
         wrapper = module if isinstance(module, SavedModule) else None
         if wrapper is None:
@@ -156,6 +164,9 @@ def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
     for n in active:
         for _, p in _adapter_bias_params(model, n):
             p.requires_grad_(True)
+    for n, a in ml.model_adapters(model).items():
+        if n in active:
+            a.requires_grad_(True)
 
 
 def _bias_params(model: nn.Module, mode: str, layers: set[str]) -> list[tuple[str, nn.Parameter]]:
@@ -198,9 +209,11 @@ def set_active(model: nn.Module, names: str | Sequence[str], *, trainable: bool 
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         get_config(model, n)
+    ml.check_active(model, names)
     model.__dict__["peftkit_active"] = names
     for _, layer in adapted_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
+    ml.set_active(model, names)
     for _, sm in _saved_modules(model):
         sm.active = next((n for n in names if n in sm.copies), None)
     _refresh_trainable(model, trainable)
@@ -244,6 +257,7 @@ def delete(model: nn.Module, name: str) -> None:
             del sm.copies[name]
             if not len(sm.copies):
                 _set_submodule(model, path, sm.original_module)
+    ml.remove(model, name)
     del _configs(model)[name]
     model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
     set_active(model, active_adapters(model))
@@ -305,6 +319,8 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, *, de
     for path, sm in list(_saved_modules(model)):
         keep = sm.copies[sm.active] if sm.active in sm.copies else sm.original_module
         _set_submodule(model, path, keep)
+    for n in ml.model_adapters(model):  # inactive model-level adapters (an active one cannot merge) are dropped
+        ml.remove(model, n)
     model.__dict__.pop("peftkit_configs", None)
     model.__dict__.pop("peftkit_active", None)
     for p in model.parameters():
@@ -322,27 +338,48 @@ def unload(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disable(model: nn.Module) -> Iterator[nn.Module]:
     """``with disable(model): ...`` runs the base model (merged adapters are unmerged first)."""
-    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer | SavedModule)]
-    prev = [m.disabled for m in layers]
-    for m in layers:
-        m.disabled = True
-    try:
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer | SavedModule | ml.ModelAdapters)]
+    with _temporarily(layers, "disabled", True):
         yield model
-    finally:
-        for m, p in zip(layers, prev):
-            m.disabled = p
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+def _temporarily(objs: Sequence[Any], attr: str, value: Any) -> Iterator[None]:
+    """Set ``attr`` to ``value`` on every object for the duration of the block, then restore each one's own value."""
+    prev = [getattr(m, attr) for m in objs]
+    for m in objs:
+        setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        for m, p in zip(objs, prev):
+            setattr(m, attr, p)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, names: Sequence[str | None], *, repeat: int = 1) -> Iterator[nn.Module]:
     """``with mixed_batch(model, ["a", "b", None]): model(x)`` — sample i uses adapter ``names[i]``
-    (None or ``"__base__"``: no adapter), all in one forward pass."""
+    (None or ``"__base__"``: no adapter), all in one forward pass. The names hold for every forward inside the block,
+    so ``with mixed_batch(model, names): model.generate(ids)`` decodes each sequence with its own adapter.
+    ``repeat=k``: each name stands for k consecutive rows (``generate(num_beams=k)`` or ``num_return_sequences=k``
+    expands every sample that way). Adapters of one family that share :meth:`Adapter.batched_delta` (e.g. the
+    low-rank family, any mix of ranks) run together as one gathered batched matmul per layer."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise PeftkitError(f"mixed batch: names must be a non-empty list of adapter names (one per sample), got "
+                           f"{names!r}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise PeftkitError(f"mixed batch: repeat must be a positive integer, got {repeat!r}")
+    names = [n for n in names for _ in range(repeat)]
     known = set(adapter_names(model))
-    unknown = sorted({n for n in names if n not in (None, "__base__") and n not in known})
+    unknown = sorted({n for n in names if n not in (None, "__base__") and n not in known}, key=str)
     if unknown:
         raise PeftkitError(f"mixed batch names unknown adapter(s) {unknown}; loaded adapters: {sorted(known)}")
+    ml.check_mixable(model, list(names))
     route = Route(names)
     layers = [m for m in model.modules() if isinstance(m, AdaptedLayer | SavedModule)]
+    cond = next((m.condition for m in layers if isinstance(m, AdaptedLayer) and m.condition is not None), None)
+    if cond is not None:  # inside a ``condition`` block: each adapter now reads the ids of its own samples
+        _check_condition_ids(model, cond, route)
     for m in layers:
         m.route = route
     try:
@@ -350,6 +387,55 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
     finally:
         for m in layers:
             m.route = None
+
+
+def _check_condition_ids(model: nn.Module, ids: torch.Tensor, route: Route | None) -> None:
+    """Check ``ids`` against the adapters that will read them: the active ones, or in a mixed batch each routed
+    adapter on the ids of its own samples."""
+    for path, layer in adapted_layers(model):
+        for n, a in layer.adapters.items():
+            if not a.uses_condition:
+                continue
+            if route is None:
+                sub = ids if n in layer.active else None
+            else:
+                idx = route.groups.get(n)
+                sub = None if idx is None or len(route) != len(ids) else ids.index_select(0, idx.to(ids.device))
+            if sub is None:
+                continue
+            try:
+                a.check_condition(sub)
+            except PeftkitError as e:
+                raise PeftkitError(f"condition: adapter {n!r} on {path!r}: {e}") from None
+
+
+@contextlib.contextmanager
+def condition(model: nn.Module, values: Sequence[Any] | torch.Tensor) -> Iterator[nn.Module]:
+    """``with condition(model, [0, 2, 1]): model(x)`` — sample i is computed under condition ``values[i]`` by every
+    adapter that reads conditions, all in one forward pass; adapters that read none are unaffected. ``values`` has
+    one row per sample: integer ids (e.g. which input modalities are present; cast to int64) or float values (e.g. a
+    per-sample gate, or a gate vector per sample; kept as given, so a gate computed by a trainable network passes its
+    gradient on). Each reading adapter checks the values it gets (dtype, shape, range) before anything runs: the
+    active ones, or — inside a mixed batch, and again when a mixed batch starts inside this block — each routed
+    adapter on the rows of its own samples. Combines with :func:`mixed_batch`; refused by a layer where such an
+    adapter is merged."""
+    t = torch.as_tensor(values)
+    if t.dim() == 0 or t.is_complex():
+        raise PeftkitError(
+            f"condition values must have one row per sample (integer ids or float values), got {t.dtype} of shape "
+            f"{tuple(t.shape)}"
+        )
+    if not t.is_floating_point() and t.dtype != torch.bool:
+        t = t.long()
+    if not any(a.uses_condition for _, layer in adapted_layers(model) for a in layer.adapters.values()):
+        methods = sorted({c.method for c in _configs(model).values()})
+        raise PeftkitError(
+            f"condition: no adapter of this model reads condition ids (loaded methods: {methods or '(none)'})"
+        )
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+    _check_condition_ids(model, t, next((m.route for m in layers if m.route is not None), None))
+    with _temporarily(layers, "condition", t):
+        yield model
 
 
 # -- persistence ----------------------------------------------------------------------------------------
@@ -368,9 +454,11 @@ def _single_name(model: nn.Module, name: str | None) -> str:
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors that make up adapter ``name``, keyed ``adapter.<module>.<tensor>``, ``saved.<module>.<tensor>``
-    and ``bias.<module>.bias``."""
+    and ``bias.<module>.bias`` (a model-level adapter's own tensors: ``model.<tensor>``)."""
     name = _single_name(model, name)
     out: dict[str, torch.Tensor] = {}
+    if name in ml.model_adapters(model):
+        out.update({f"model.{k}": v for k, v in ml.model_adapters(model)[name].state_dict().items()})
     for path, layer in adapted_layers(model):
         if name in layer.adapters:
             a = layer.adapters[name]
@@ -415,6 +503,8 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
 
 def _expected_tensors(plan: _Plan) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    if plan.model_adapter is not None:
+        out.update({f"model.{k}": v for k, v in plan.model_adapter.state_dict().items()})
     for path, _, _, adapter in plan.layers:
         for k, v in adapter.state_dict().items():
             if k.split(".")[0] not in adapter.regenerated:
@@ -454,6 +544,9 @@ def load_into_plan(plan: _Plan, tensors: dict[str, torch.Tensor], source: str) -
         adapter.load_state_dict(sub, strict=False)
     for *_, adapter in plan.layers:
         adapter.check_loaded()
+    if plan.model_adapter is not None:
+        plan.model_adapter.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        plan.model_adapter.check_loaded()
     return {k: v for k, v in tensors.items() if k.startswith(("saved.", "bias."))}
 
 
@@ -469,6 +562,19 @@ def _write_rest(model: nn.Module, plan: _Plan, rest: dict[str, torch.Tensor]) ->
             p.copy_(rest[f"bias.{n}"])
 
 
+def read_adapter(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    """(config, tensors keyed the peftkit way, saved name) of an adapter directory written by :func:`save` or by
+    Hugging Face PEFT; the model is not modified."""
+    meta = io.read_config(directory)
+    if "peft_type" in meta:
+        from . import hf
+
+        return hf.import_adapter(model, directory, meta)
+    if meta.get("format") != "peftkit" or "config" not in meta:
+        raise PeftkitError(f"{directory}: not a peftkit or Hugging Face PEFT adapter config")
+    return registry.config_from_dict(meta["config"]), io.read_tensors(directory), meta.get("name", "default")
+
+
 def load(
     model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, trainable: bool = False,
     activate: bool = True,
@@ -477,18 +583,8 @@ def load(
 
     Every tensor's name and shape is checked before the model is touched: on any mismatch the error names the
     tensor and the model is left as it was."""
-    meta = io.read_config(directory)
+    config, tensors, default_name = read_adapter(model, directory)
     source = str(directory)
-    if "peft_type" in meta:
-        from . import hf
-
-        config, tensors, default_name = hf.import_adapter(model, directory, meta)
-    else:
-        if meta.get("format") != "peftkit" or "config" not in meta:
-            raise PeftkitError(f"{source}: not a peftkit or Hugging Face PEFT adapter config")
-        config = registry.config_from_dict(meta["config"])
-        tensors = io.read_tensors(directory)
-        default_name = meta.get("name", "default")
     name = name or default_name
     try:
         plan = _plan(model, config, name)
@@ -522,7 +618,8 @@ class Summary:
         lines = [f"trainable params: {self.trainable:,} / {self.total:,} ({100 * self.fraction:.4f}%)"]
         for n, c in self.adapters.items():
             mark = "*" if n in self.active else " "
-            lines.append(f" {mark} {n:<16} {self.methods[n]:<12} {c:>12,} params on {self.layers[n]} layers")
+            where = f"on {self.layers[n]} layers" if self.layers[n] else "(model-level)"
+            lines.append(f" {mark} {n:<16} {self.methods[n]:<12} {c:>12,} params {where}")
         return "\n".join(lines)
 
 
@@ -542,6 +639,7 @@ def summary(model: nn.Module) -> Summary:
         c = sum(p.numel() for _, layer in adapted_layers(model) if n in layer.adapters
                 for p in layer.adapters[n].parameters())
         c += sum(p.numel() for _, sm in _saved_modules(model) if n in sm.copies for p in sm.copies[n].parameters())
+        c += sum(p.numel() for p in ml.model_adapters(model)[n].parameters()) if n in ml.model_adapters(model) else 0
         counts[n] = c
         nlayers[n] = sum(1 for _, layer in adapted_layers(model) if n in layer.adapters)
     methods = {n: c.method for n, c in _configs(model).items()}

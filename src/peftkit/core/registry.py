@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 HOST_KINDS = ("linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d")
 #: bitsandbytes NF4/FP4 and int8 linear layers (frozen quantised bases); a method opts in by listing them in hosts
 QUANTIZED_HOSTS = ("bnb_4bit", "bnb_8bit")
+#: LayerNorm / RMSNorm layers (their scale γ and shift β); only methods written for norms list them in hosts
+NORM_HOSTS = ("norm",)
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,9 @@ class MethodInfo:
     trainer attaches automatically. ``hf_peft_type`` names the Hugging Face PEFT ``peft_type`` whose files this
     method reads and writes, if any. ``calibrate(model, batches)`` initialises the method's adapters from data
     before training (the trainer calls it on a few training batches) and returns, per module, an error
-    ``(before, after)`` that the caller reports.
+    ``(before, after)`` that the caller reports. ``model_level`` marks a method that adapts the whole model's
+    inputs (a :class:`~peftkit.core.model_level.ModelAdapter`, e.g. virtual tokens or key/value prefixes) instead
+    of host layers; it has no ``hosts``.
     """
 
     name: str
@@ -43,6 +47,7 @@ class MethodInfo:
     hf_peft_type: str | None = None
     init_is_identity: bool = True
     calibrate: Callable[..., dict[str, tuple[float, float]]] | None = None
+    model_level: bool = False
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -62,20 +67,24 @@ def register(
     hf_peft_type: str | None = None,
     init_is_identity: bool = True,
     calibrate: Callable[..., dict[str, tuple[float, float]]] | None = None,
+    model_level: bool = False,
 ) -> Any:
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
     def deco(adapter_cls: type[Adapter]) -> type[Adapter]:
-        bad = set(hosts) - set(HOST_KINDS + QUANTIZED_HOSTS)
+        known = HOST_KINDS + QUANTIZED_HOSTS + NORM_HOSTS
+        bad = set(hosts) - set(known)
         if bad:
-            raise ValueError(f"unknown host kinds {bad}; known: {HOST_KINDS + QUANTIZED_HOSTS}")
+            raise ValueError(f"unknown host kinds {bad}; known: {known}")
+        if model_level and (mergeable or hosts):
+            raise ValueError(f"model-level method {name!r} must register with mergeable=False and hosts=()")
         if name in _REGISTRY and _REGISTRY[name].adapter is not adapter_cls:
             raise ValueError(f"method {name!r} registered twice")
         config.method = name
         adapter_cls.method = name
         _REGISTRY[name] = MethodInfo(
             name, config, adapter_cls, paper, description, params, mergeable, tuple(hosts), procedure,
-            hf_peft_type, init_is_identity, calibrate,
+            hf_peft_type, init_is_identity, calibrate, model_level,
         )
         return adapter_cls
 

@@ -2,9 +2,10 @@
 
 Rules (Hugging Face PEFT compatible):
 - a list of strings matches a module whose full name equals an entry or ends with ``"." + entry``;
-- a single string other than ``"all-linear"`` is a regular expression that must match the full name;
+- a single string other than ``"all-linear"`` / ``"all-norm"`` is a regular expression that must match the full name;
 - ``"all-linear"`` selects every Linear / GPT-2 Conv1D (quantised Linear layers included) except the output head
   (output embeddings, the names in ``modules_to_save`` and the usual head names);
+- ``"all-norm"`` selects every LayerNorm / RMSNorm with a learned scale (host kind ``"norm"``), heads excluded alike;
 - ``target_types`` keeps modules whose class name is listed; ``layers_to_transform`` keeps modules whose layer
   index (the number after ``layers_pattern``, or after any of layers/layer/h/blocks/block) is listed;
 - ``exclude_modules`` removes matches (same rules as targets).
@@ -20,8 +21,11 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import PeftkitError
-from .host import QUANTIZED_KINDS, host_kind
+from .host import NORM_KINDS, QUANTIZED_KINDS, host_kind
+from .model_level import CONTAINER
 
+#: target keywords that select every layer of some host kinds (other than the output head)
+ALL_KINDS = {"all-linear": ("linear", "gpt2_conv1d", *QUANTIZED_KINDS), "all-norm": NORM_KINDS}
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "heads", "output_projection"}
 _DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "encoder_layers", "decoder_layers")
 
@@ -71,14 +75,13 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         )
     out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not name or ".base_layer" in name or name.endswith("base_layer"):
-            continue
+        if not name or ".base_layer" in name or name.endswith("base_layer") or name.startswith(CONTAINER):
+            continue  # model-level adapters' own layers (under CONTAINER) are never targets
         if ".modules_to_save." in name or name.endswith(".original_module") or ".original_module." in name:
             continue
         target = module.base_layer if isinstance(module, AdaptedLayer) else module
-        if spec == "all-linear":
-            linear = host_kind(target) in ("linear", "gpt2_conv1d", *QUANTIZED_KINDS)
-            if not linear or _is_head(model, name, target, config):
+        if isinstance(spec, str) and spec in ALL_KINDS:
+            if host_kind(target) not in ALL_KINDS[spec] or _is_head(model, name, target, config):
                 continue
         elif spec is not None and not _matches(name, spec):
             continue
@@ -90,7 +93,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
                 continue
         if config.exclude_modules is not None and _matches(name, config.exclude_modules):
             continue
-        if isinstance(module, nn.ModuleList | nn.ModuleDict | nn.Sequential) and spec != "all-linear":
+        if isinstance(module, nn.ModuleList | nn.ModuleDict | nn.Sequential) and not (
+                isinstance(spec, str) and spec in ALL_KINDS):
             # containers can only be matched by mistake (e.g. a suffix "layers")
             raise PeftkitError(f"target {name!r} is a container ({type(module).__name__}), not a layer")
         out.append((name, module))

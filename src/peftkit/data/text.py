@@ -204,15 +204,22 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0 if pid is None else int(pid)
 
 
-def collate(ids: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence: ``input_ids``, ``attention_mask``, ``labels``."""
+def collate(ids: Sequence[Sequence[int]], labels: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: ``input_ids``, ``attention_mask``, ``labels``. A label is one class per
+    example, or one per token (a sequence, as for causal-LM training), right-padded with -100 (no loss)."""
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
+    per_token = bool(labels) and isinstance(labels[0], Sequence)
+    target = torch.full((len(ids), width), -100, dtype=torch.long) if per_token else None
     for i, x in enumerate(ids):
         input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[i, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(list(labels), dtype=torch.long)}
+        if target is not None:
+            target[i, : len(labels[i])] = torch.tensor(labels[i], dtype=torch.long)
+    if target is None:
+        target = torch.tensor(list(labels), dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": target}
 
 
 class Batches:
