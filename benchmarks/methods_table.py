@@ -25,7 +25,7 @@ from typing import Any
 
 from peftkit.bench import report
 from peftkit.bench.options import OPTIONS  # noqa: F401 — re-exported: the per-method settings live in the package
-from peftkit.bench.runner import BenchSettings, resolve_methods, run_bench, time_one
+from peftkit.bench.runner import BenchSettings, child_env, resolve_methods, run_bench, time_one
 from peftkit.bench.timing import measure
 from peftkit.core.errors import PeftkitError
 from peftkit.models import default_model_dir
@@ -54,7 +54,8 @@ def main() -> None:
         print(json.dumps(measure(args.timing_child, model_dir, steps=min(args.steps, 8))))
         return
     out = Path(args.out)
-    settings = {"task": "classification", "model": model_dir, "data": "rotten_tomatoes", **vars(s)}
+    settings = {"task": "classification", **vars(s), "model": model_dir, "data": "rotten_tomatoes",
+                "omp_wait_policy": child_env()["OMP_WAIT_POLICY"]}
     if args.timing:
         rows = _read_rows(out / "methods.json")
         s.timing_steps = min(args.steps, 8)

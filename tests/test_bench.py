@@ -4,6 +4,7 @@ bad input is one line and writes nothing. Plus the pieces: options, table, timin
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def test_bench_three_methods_writes_json_table_and_plot(tiny_dir: Path, csv_file
     assert all("error" not in r for r in rows), rows
     s = data["settings"]
     assert (s["steps"], s["eval_size"], s["seed"], s["threads"], s["timing"]) == (2, 40, 0, 1, True)
+    assert s["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     for r in rows:  # same budget and split for all, and every number the table needs
         assert (r["steps"], r["eval_size"], r["seed"], r["split_seed"]) == (2, 40, 0, 0)
         assert r["timing_step_seconds"] > 0 and r["step_seconds"] > 0
@@ -230,3 +232,10 @@ def test_methods_table_wrapper_keeps_its_cli(tmp_path: Path) -> None:
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode == 1 and "unknown method 'nosuch'; registered methods:" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_children_wait_passively_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert runner.child_env(X="1")["OMP_WAIT_POLICY"] == "PASSIVE" and runner.child_env(X="1")["X"] == "1"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert runner.child_env()["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -52,7 +52,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .. import data as D
     from ..models import resolve_model_dir
     from . import report
-    from .runner import BenchSettings, resolve_methods, run_bench
+    from .runner import BenchSettings, child_env, resolve_methods, run_bench
 
     wall_start = time.perf_counter()
     quick = args.quick
@@ -79,7 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {
         "task": "classification", "methods": methods, "quick": quick, "model": str(model_dir),
         "data": data.source, "labels": data.label_names, **{k: v for k, v in vars(s).items() if k not in
-                                                             ("model", "data")}}
+                                                             ("model", "data")},
+        "omp_wait_policy": child_env()["OMP_WAIT_POLICY"]}
     model_name = "all-MiniLM-L6-v2" if args.model is None else model_dir.name
     title = (f"peftkit bench{' --quick' if quick else ''}: {model_name}, {Path(data.source).name}, "
              f"{s.steps} steps × batch {s.batch_size}, max length {s.max_length}, seed {s.seed}, "

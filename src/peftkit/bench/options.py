@@ -34,7 +34,7 @@ OPTIONS: dict[str, list[str]] = {
 #: ``--quick``: one fast method per family (LoRA is the reference), each well under a second per step at 2 threads
 QUICK_METHODS: tuple[str, ...] = ("lora", "dora", "ia3", "lntuning", "series_adapter", "prompt_tuning")
 #: ``--quick``: a tiny budget — few short steps, a small held-out split, no separate timing pass
-QUICK_SETTINGS: dict[str, int] = {"steps": 30, "eval_size": 200, "batch_size": 16, "max_length": 32}
+QUICK_SETTINGS: dict[str, int] = {"steps": 40, "eval_size": 200, "batch_size": 16, "max_length": 32}
 
 
 def base_method(method: str) -> str:

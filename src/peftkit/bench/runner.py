@@ -5,7 +5,7 @@ length and threads; the method's extras from :data:`~peftkit.bench.options.OPTIO
 ``train_info.json``. With timing on, a second fresh process per method (:mod:`peftkit.bench.timing`) measures the
 step time and peak memory of one training step on a fixed batch, which the table prefers to the training run's own
 numbers. A method that fails, in either process, leaves a row whose ``error`` says why in one line; the others run
-on.
+on. Children run with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (see :data:`OMP_DEFAULT`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ REFERENCE = "lora"
 TASK = "classification"
 #: glibc: return freed blocks to the OS at once, so that the peak-RSS rise of a step measures that step
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+#: OpenMP threads of every child wait passively instead of spinning, unless the caller's environment says otherwise.
+#: On a machine shared with other jobs, the spinning threads of a 2-thread run steal each other's core; measured on
+#: this project's 2-core machine under load ~7: 12 LoRA training steps took 31-36 s spinning, 7 s passive (same
+#: losses); under load ~4 the fixed-batch step took 5.8 s spinning, 1.0-1.1 s passive. On an idle machine passive
+#: waiting costs ~15-20 % (20 steps: 5.2 s vs 6.2 s) — set OMP_WAIT_POLICY=ACTIVE there for a plain run's speed.
+OMP_DEFAULT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: ours, OpenMP's wait policy defaulted (see OMP_DEFAULT), ``extra``."""
+    return {**OMP_DEFAULT, **os.environ, **extra}
 
 
 @dataclass
@@ -131,7 +142,7 @@ def train_one(method: str, s: BenchSettings, workdir: Path, log: Path | None = N
     out = workdir / method.replace("/", "-")
     cmd = train_command(method, s, out)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(TQDM_DISABLE="1"))
     seconds = time.perf_counter() - t0
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +163,7 @@ def time_one(method: str, s: BenchSettings, labels: int, model_dir: str) -> dict
             "max_length": s.max_length, "threads": s.threads, "steps": s.timing_steps, "seed": s.seed, "lr": lr,
             "opts": config_options(method, s.steps)}
     proc = subprocess.run([sys.executable, "-m", "peftkit.bench.timing", json.dumps(spec)], capture_output=True,
-                          text=True, env=dict(os.environ, **MALLOC_ENV))
+                          text=True, env=child_env(**MALLOC_ENV))
     if proc.returncode != 0:
         return {"error": failure(proc)}
     try:

@@ -10,7 +10,7 @@ method's training procedure attached) and trained by the project's own loop on o
 (optimiser state already allocated: activations, gradients and temporaries of one step), then the median wall time
 of ``steps`` further steps. Data-aware initialisation (``calibrate``) is skipped: it changes adapter values, not
 step cost. Run it with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set (the runner does) so that freed
-tensors leave the resident set, on an otherwise idle machine.
+tensors leave the resident set, and with passive OpenMP waiting (the runner's default), on an otherwise idle machine.
 """
 
 from __future__ import annotations
