@@ -22,7 +22,7 @@ from .core.io import read_json, write_json
 TASK = "causal-lm"
 # chosen so that the default run takes < 5 minutes on 2 CPU cores (see the README for measured numbers)
 LM_DEFAULTS = {
-    "steps": 120, "lr": 2e-3, "batch_size": 8, "max_length": 96, "eval_size": 100, "eval_batch_size": 16,
+    "steps": 80, "lr": 2e-3, "batch_size": 8, "max_length": 96, "eval_size": 100, "eval_batch_size": 16,
     "examples": 3, "example_tokens": 32, "max_new_tokens": 64, "calibration_size": 64,
 }
 
