@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import re
@@ -89,19 +88,6 @@ def _read_train_info(adapter: Path) -> dict[str, Any]:
     if missing:
         raise PeftkitError(f"{path} lacks {missing}")
     return info
-
-
-def _procedures(info: Any, model: Any, cfg: Any) -> list[Any]:
-    """Instantiate the method's training procedure, if it has one: ``Procedure(model, config)`` or ``Procedure()``."""
-    cls = info.procedure
-    if cls is None:
-        return []
-    try:
-        params = [p for p in inspect.signature(cls).parameters.values()
-                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    return [cls(model, cfg) if len(params) >= 2 else cls()]
 
 
 def _model_label(model_dir: Path) -> str:
@@ -241,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import peftkit
 
     from .models import classifier_head_names, load_classifier
-    from .train.trainer import accuracy, train
+    from .train.trainer import accuracy, method_procedures, train
 
     model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names,
                                        quantize=args.quantize)
@@ -250,7 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = cfg_cls.from_dict(cfg_fields)
     torch.manual_seed(args.seed)
     peftkit.adapt(model, cfg)
-    procedures = _procedures(info, model, cfg)
+    procedures = method_procedures(info, model, cfg)
     if args.density_loss is not None:  # DEFT: any method + λ·(smooth L0 of the MLP activations)
         from .train.density import DensityLoss
 

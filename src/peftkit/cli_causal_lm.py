@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import TRAIN_INFO, _calibrate, _check_train_args, _procedures, _set_threads
+from .cli import TRAIN_INFO, _calibrate, _check_train_args, _set_threads
 from .core.errors import PeftkitError
 from .core.io import read_json, write_json
 
@@ -90,7 +90,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
 
     from .models import load_causal_lm
     from .train.causal_lm import answer, chat_batches, heldout_loss, perplexity
-    from .train.trainer import train
+    from .train.trainer import method_procedures, train
 
     model, tokenizer = load_causal_lm(model_dir, quantize=args.quantize)
     train_ids, train_labels, train_kept = _encode(tokenizer, data, train_idx, args.max_length)
@@ -101,7 +101,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     cfg = cfg_cls.from_dict(cfg_fields)
     torch.manual_seed(args.seed)
     peftkit.adapt(model, cfg)
-    procedures = _procedures(info, model, cfg)
+    procedures = method_procedures(info, model, cfg)
     if getattr(args, "density_loss", None) is not None:  # DEFT: any method + λ·(smooth L0 of the MLP activations)
         from .train.density import DensityLoss
 

@@ -16,7 +16,6 @@ tensors leave the resident set, and with passive OpenMP waiting (the runner's de
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import statistics
 import sys
@@ -64,20 +63,6 @@ class _Edge(Procedure):
             self.watch.mark(step, 1)
 
 
-def _procedures(info: Any, model: nn.Module, cfg: Any) -> list[Procedure]:
-    """The method's training procedure, built as ``peftkit train`` builds it: ``Procedure(model, config)`` when its
-    constructor takes two arguments, else ``Procedure()``."""
-    cls = info.procedure
-    if cls is None:
-        return []
-    try:
-        params = [p for p in inspect.signature(cls).parameters.values()
-                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    return [cls(model, cfg) if len(params) >= 2 else cls()]
-
-
 def _parse(raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw
@@ -94,7 +79,7 @@ def measure(method: str, model: str, *, labels: int = 2, batch_size: int = 32, m
     ``name/variant``) on the classifier in folder ``model``; see the module docstring."""
     import peftkit
     from peftkit.models import classifier_head_names, load_classifier
-    from peftkit.train.trainer import train
+    from peftkit.train.trainer import method_procedures, train
 
     from .options import base_method
 
@@ -117,7 +102,7 @@ def measure(method: str, model: str, *, labels: int = 2, batch_size: int = 32, m
              "attention_mask": torch.ones(batch_size, max_length, dtype=torch.long),
              "labels": torch.randint(0, labels, (batch_size,), generator=g)}
     watch = _Stopwatch(peak_step=2)
-    train(net, [batch], steps=3 + steps, lr=lr, warmup=0, procedures=[watch.start, *_procedures(info, net, cfg),
+    train(net, [batch], steps=3 + steps, lr=lr, warmup=0, procedures=[watch.start, *method_procedures(info, net, cfg),
                                                                       watch.end], progress=False)
     return {"method": method, "step_seconds": statistics.median(watch.seconds(range(3, 3 + steps))),
             "step_peak_mib": watch.peak_mib}

@@ -15,6 +15,7 @@ clip → optimiser step → schedule step → ``on_step_end(model, step, optimiz
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -281,3 +282,17 @@ def accuracy(model: nn.Module, batches: Iterable[Any]) -> tuple[float, int, int]
     pred, gold = predict(model, batches)
     correct = int((pred == gold).sum())
     return correct / max(len(gold), 1), correct, len(gold)
+
+
+def method_procedures(info: Any, model: nn.Module, cfg: Any) -> list[Procedure]:
+    """The training procedure a method registered (``info.procedure``), built as ``peftkit train`` and ``peftkit
+    bench`` build it: ``Procedure(model, config)`` when its constructor takes two arguments, else ``Procedure()``."""
+    cls = info.procedure
+    if cls is None:
+        return []
+    try:
+        params = [p for p in inspect.signature(cls).parameters.values()
+                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [cls(model, cfg) if len(params) >= 2 else cls()]
