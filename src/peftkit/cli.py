@@ -90,6 +90,25 @@ def _read_train_info(adapter: Path) -> dict[str, Any]:
     return info
 
 
+def run_record(args: argparse.Namespace, result: Any) -> dict[str, Any]:
+    """The training budget and measured speed/memory that every task records in ``train_info.json``."""
+    import torch
+
+    return {
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "steps": result.steps,
+        "examples_seen": result.examples,
+        "train_seconds": round(result.seconds, 3),
+        "examples_per_second": round(result.throughput, 2),
+        "step_seconds": round(result.seconds / max(result.steps, 1), 4),
+        "train_peak_mib": None if result.peak_mib is None else round(result.peak_mib, 1),
+        "final_loss": result.final_loss,
+    }
+
+
 def _model_label(model_dir: Path) -> str:
     try:
         from .models import default_model_dir
@@ -305,17 +324,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train_examples": len(train_idx),
         "max_length": args.max_length,
         "eval_batch_size": DEFAULTS["eval_batch_size"],
-        "threads": torch.get_num_threads(),
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "steps": result.steps,
-        "examples_seen": result.examples,
-        "train_seconds": round(result.seconds, 3),
-        "examples_per_second": round(result.throughput, 2),
-        "step_seconds": round(result.seconds / max(result.steps, 1), 4),
-        "train_peak_mib": None if result.peak_mib is None else round(result.peak_mib, 1),
-        "final_loss": result.final_loss,
+        **run_record(args, result),
         "calibration": calibration,
         "accuracy_before": acc_before[0],
         "correct_before": acc_before[1],

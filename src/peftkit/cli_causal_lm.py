@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import TRAIN_INFO, _calibrate, _check_train_args, _set_threads
+from .cli import TRAIN_INFO, _calibrate, _check_train_args, _set_threads, run_record
 from .core.errors import PeftkitError
 from .core.io import read_json, write_json
 
@@ -182,17 +182,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
         "train_examples": len(train_kept),
         "max_length": args.max_length,
         "eval_batch_size": LM_DEFAULTS["eval_batch_size"],
-        "threads": torch.get_num_threads(),
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "steps": result.steps,
-        "examples_seen": result.examples,
-        "train_seconds": round(result.seconds, 3),
-        "examples_per_second": round(result.throughput, 2),
-        "step_seconds": round(result.seconds / max(result.steps, 1), 4),
-        "train_peak_mib": None if result.peak_mib is None else round(result.peak_mib, 1),
-        "final_loss": result.final_loss,
+        **run_record(args, result),
         "calibration": calibration,
         "density_loss": getattr(args, "density_loss", None),
         "loss_before": loss_before,
