@@ -29,6 +29,13 @@ OPTIONS: dict[str, list[str]] = {
     "qwha": [],
     "triadaptlora": ["--lr", "5e-3", "--opt", "total_steps={steps}"],  # T of the rank-growth schedule = the run
     "diffora": ["--opt", "search_steps={steps_third}"],  # relaxed search for the first third, then discretise
+    # few values per layer (scales, shifts, norms, virtual tokens): the larger learning rates their papers use
+    "ia3": ["--lr", "1e-2"],
+    "conditional_ssf": ["--lr", "1e-2"],
+    "lntuning": ["--lr", "1e-2"],
+    "prompt_tuning": ["--lr", "3e-2"],
+    "prefix_tuning": ["--lr", "1e-2"],
+    "ptuning_v2": ["--lr", "1e-2"],
 }
 
 #: ``--quick``: one fast method per family (LoRA is the reference), each well under a second per step at 2 threads

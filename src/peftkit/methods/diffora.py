@@ -104,24 +104,34 @@ def discretize(model: nn.Module, name: str | None = None,
                                f"records the selection; give each adapter its own config (copy.deepcopy)")
     out = {}
     for n, mods in found.items():
-        cfg = get_config(model, n)
         order = sorted(range(len(mods)), key=lambda i: (-float(mods[i][1].theta), i))
-        keep = set(order[: cfg.kept(len(mods))])
-        dropped: list[torch.Tensor] = []
-        for i, (_, a) in enumerate(mods):
-            dropped.extend(a.switch(i in keep))
-        selected = [path for i, (path, _) in enumerate(mods) if i in keep]
-        cfg.selected = selected
-        for _, a in mods:  # per-module configs (overrides) are copies: keep their record in step
-            a.config.selected = selected
-        if optimizer is not None and dropped:
-            gone = {id(p) for p in dropped}
-            for g in optimizer.param_groups:
-                g["params"] = [p for p in g["params"] if id(p) not in gone]
-            for p in dropped:
-                optimizer.state.pop(p, None)
-        out[n] = selected
+        keep = set(order[: get_config(model, n).kept(len(mods))])
+        out[n] = apply_selection(model, n, mods, [path for i, (path, _) in enumerate(mods) if i in keep], optimizer)
     return out
+
+
+def apply_selection(model: nn.Module, name: str, mods: list[tuple[str, Diffora]], selected: list[str],
+                    optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """Keep LoRA on the modules at ``selected`` and switch the others of adapter ``name`` off (their tensors leave the
+    model and ``optimizer``); records the selection in the config. Returns ``selected`` in model order."""
+    keep = set(selected)
+    unknown = keep - {path for path, _ in mods}
+    if unknown:
+        raise PeftkitError(f"DiffoRA adapter {name!r} has no candidate module {sorted(unknown)[0]!r}")
+    dropped: list[torch.Tensor] = []
+    for path, a in mods:
+        dropped.extend(a.switch(path in keep))
+    selected = [path for path, _ in mods if path in keep]
+    get_config(model, name).selected = selected
+    for _, a in mods:  # per-module configs (overrides) are copies: keep their record in step
+        a.config.selected = selected
+    if optimizer is not None and dropped:
+        gone = {id(p) for p in dropped}
+        for g in optimizer.param_groups:
+            g["params"] = [p for p in g["params"] if id(p) not in gone]
+        for p in dropped:
+            optimizer.state.pop(p, None)
+    return selected
 
 
 def _task_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
@@ -187,7 +197,10 @@ class DifforaSearch(Procedure):
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.train_optimizer = optimizer
-        self._searching(model)
+        searching = self._searching(model)
+        for n, selected in self.selected.items():  # resuming after the discretisation: re-apply it
+            if n in searching:
+                apply_selection(model, n, searching[n], list(selected), optimizer)
 
     def extra_loss(self, model: nn.Module, batch: Any, outputs: Any) -> torch.Tensor | None:
         if self.held_out is None:

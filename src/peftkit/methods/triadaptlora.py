@@ -145,6 +145,21 @@ def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, An
     return optimizer.param_groups[0]
 
 
+def _grow_modules(cfg: TriAdaptLoraConfig, mods: list[tuple[str, TriAdaptLora]], paths: list[str],
+                  optimizer: torch.optim.Optimizer) -> None:
+    """Grow the modules at ``paths`` by one Δr block each, train the new tensors in their module's optimiser group and
+    record the new block ranks in the config."""
+    ranks = dict(cfg.block_ranks)
+    by_path = dict(mods)
+    for path in paths:
+        a = by_path[path]
+        _group_of(optimizer, a.lora_A[0])["params"].extend(a.grow(a.config.delta_rank))
+        ranks[path] = a.blocks
+    cfg.block_ranks = ranks
+    for _, a in mods:  # per-module configs (overrides) are copies: keep their record in step
+        a.config.block_ranks = ranks
+
+
 class TriAdaptGrowth(Procedure):
     """Grows TriAdaptLoRA ranks after optimiser steps (module docstring) and adds the orthogonality loss.
 
@@ -158,6 +173,7 @@ class TriAdaptGrowth(Procedure):
         self.optimizer: torch.optim.Optimizer | None = None
         self.prev_norm: dict[str, float] = {}  # "adapter:path" -> n at the previous evaluation
         self.events: list[dict[str, Any]] = []
+        self._replay: list[dict[str, Any]] = []  # growth events to re-apply after load_state_dict
 
     def _total(self, cfg: TriAdaptLoraConfig, name: str) -> int:
         total = self.total_steps or cfg.total_steps
@@ -167,11 +183,6 @@ class TriAdaptGrowth(Procedure):
         if total <= cfg.warmup_steps:
             raise PeftkitError(f"TriAdaptGrowth: total_steps = {total} must be > warmup_steps = {cfg.warmup_steps}")
         return total
-
-    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.optimizer = optimizer
-        for name in _modules(model, self.config):
-            self._total(get_config(model, name), name)
 
     def extra_loss(self, model: nn.Module, batch: Any, outputs: Any) -> torch.Tensor | None:
         loss = None
@@ -219,18 +230,9 @@ class TriAdaptGrowth(Procedure):
         k = min(growth_count(cfg.schedule, r_target - r_total, budget_fraction(t, cfg.warmup_steps, total)),
                 len(mods))
         threshold = sorted(scores, reverse=True)[k - 1]
-        grown = []
-        ranks = dict(cfg.block_ranks)
-        for (path, a), score in zip(mods, scores):
-            if score >= threshold:
-                group = _group_of(optimizer, a.lora_A[0])
-                group["params"].extend(a.grow(a.config.delta_rank))
-                ranks[path] = a.blocks
-                grown.append(path)
-        cfg.block_ranks = ranks
-        for _, a in mods:  # per-module configs (overrides) are copies: keep their record in step
-            a.config.block_ranks = ranks
-        self.events.append({"step": t, "k": k, "threshold": threshold, "grown": grown,
+        grown = [path for (path, _), score in zip(mods, scores) if score >= threshold]
+        _grow_modules(cfg, mods, grown, optimizer)
+        self.events.append({"adapter": name, "step": t, "k": k, "threshold": threshold, "grown": grown,
                             "total_rank": sum(a.rank for _, a in mods)})
         return grown
 
@@ -238,8 +240,26 @@ class TriAdaptGrowth(Procedure):
         return {"prev_norm": dict(self.prev_norm), "events": list(self.events)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the schedule's memory; the growth events are replayed on the freshly built adapter at the next
+        ``on_train_start`` (resuming a checkpoint), so its shapes and the optimiser's parameters match again."""
         self.prev_norm = dict(state["prev_norm"])
         self.events = list(state["events"])
+        self._replay = list(self.events)
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.optimizer = optimizer
+        found = _modules(model, self.config)
+        for name in found:
+            self._total(get_config(model, name), name)
+        replay, self._replay = getattr(self, "_replay", []), []
+        for event in replay:
+            name = event.get("adapter", next(iter(found)))
+            if name not in found:
+                raise PeftkitError(f"TriAdaptGrowth: the saved growth of adapter {name!r} cannot be replayed: the "
+                                   f"model has no such TriAdaptLoRA adapter")
+            if optimizer is None:
+                raise PeftkitError("TriAdaptGrowth: replaying saved rank growth needs the optimiser")
+            _grow_modules(get_config(model, name), found[name], event["grown"], optimizer)
 
 
 @register(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,13 +181,37 @@ def train(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     desc: str = "train",
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_every: int = 0,
+    resume: bool = False,
+    checkpoint_meta: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimiser steps; returns the loss curve, examples and seconds.
 
     The default optimiser is AdamW over :func:`peftkit.trainable_parameters` (the active adapters, their saved
-    modules and trainable biases). The schedule (warmup then linear decay) multiplies every group's lr."""
+    modules and trainable biases). The schedule (warmup then linear decay) multiplies every group's lr.
+
+    ``save_every=k`` with ``checkpoint_dir`` writes a resumable checkpoint after every k-th step
+    (:mod:`peftkit.train.checkpoint`, with ``checkpoint_meta`` stored in it); ``resume=True`` continues from the
+    newest checkpoint there: the model, procedures and ``batches`` must be rebuilt exactly as for the interrupted run,
+    and the result is the one an uninterrupted run would have produced. Under ``torchrun`` (an initialised process
+    group) gradients of the trainable parameters are averaged across processes every step
+    (:mod:`peftkit.train.distributed`); only rank 0 shows progress and writes checkpoints."""
     if steps < 1:
         raise PeftkitError(f"steps must be >= 1, got {steps}")
+    if (save_every or resume) and checkpoint_dir is None:
+        raise PeftkitError("save_every / resume need checkpoint_dir")
+    if save_every < 0:
+        raise PeftkitError(f"save_every must be >= 0, got {save_every}")
+    from .checkpoint import latest_checkpoint, save_checkpoint
+    from .distributed import broadcast_parameters, sync_gradients, world
+
+    ckpt = latest_checkpoint(checkpoint_dir) if resume else None  # type: ignore[arg-type]
+    if ckpt is not None and ckpt.step >= steps:
+        raise PeftkitError(f"the checkpoint in {checkpoint_dir} is at step {ckpt.step}, not before the run's last "
+                           f"step {steps}: nothing to resume")
+    rank, size = world()
+    progress = progress and rank == 0
     if optimizer is None:
         params = trainable_parameters(model)
         if not params:
@@ -199,22 +224,43 @@ def train(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=True)
     was_training = model.training
     model.train()
-    for p in procedures:
+    if ckpt is not None:
+        ckpt.restore_procedures(procedures)
+    for p in procedures:  # on resume, a procedure that changed the adapter's structure replays it here
         p.on_train_start(model, optimizer)
     result = TrainResult(0, 0, 0.0)
+    first = 0
+    prior_seconds = 0.0
+    if ckpt is not None:
+        ckpt.restore_model(model)
+        ckpt.restore_optimizer(model, optimizer, schedule)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        first = result.steps = ckpt.step
+        result.examples = int(ckpt.state["examples"])
+        result.losses = [float(v) for v in ckpt.state["losses"]]
+        prior_seconds = float(ckpt.state["seconds"])
+    if size > 1:
+        broadcast_parameters(params)
+    bar = tqdm(total=steps, initial=first, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
+               leave=True)
     rss = reset_peak_memory() if device.type == "cpu" else None
     start = time.perf_counter()
     ema: float | None = None
     try:
         source = _cycle(batches)
-        for step in range(steps):
+        for _ in range(first):  # the batches the interrupted run consumed
+            if next(source, _END) is _END:
+                break
+        if ckpt is not None:
+            ckpt.restore_rng()
+        for step in range(first, steps):
             batch = next(source, _END)
             if batch is _END:
                 break
             batch = _to(batch, device)
+            n_local = batch_size(batch)
             for p in procedures:
                 p.on_step_start(model, step)
             loss, outputs = loss_fn(model, batch)
@@ -226,9 +272,10 @@ def train(
             if not math.isfinite(value):
                 raise PeftkitError(f"the loss became {value} at step {step}; try a lower learning rate")
             loss.backward()
+            if sum(len(g["params"]) for g in optimizer.param_groups) != len(params):  # a procedure grew / pruned it
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+            n_step = sync_gradients(params, n_local) if size > 1 else n_local
             if max_grad_norm is not None and max_grad_norm > 0:
-                if sum(len(g["params"]) for g in optimizer.param_groups) != len(params):  # a procedure grew it
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             schedule.step()
@@ -236,17 +283,23 @@ def train(
             for p in procedures:
                 p.on_step_end(model, step, optimizer)
             result.steps += 1
-            result.examples += batch_size(batch)
+            result.examples += n_step
             result.losses.append(value)
             ema = value if ema is None else 0.9 * ema + 0.1 * value
             if progress:
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{ema:.4f}", ex_s=f"{result.examples / max(elapsed, 1e-9):.1f}", refresh=False)
+                bar.set_postfix(loss=f"{ema:.4f}", ex_s=f"{(result.examples) / max(elapsed + prior_seconds, 1e-9):.1f}",
+                                refresh=False)
                 bar.update(1)
+            if save_every and result.steps % save_every == 0 and result.steps < steps and rank == 0:
+                save_checkpoint(checkpoint_dir, step=result.steps, model=model, optimizer=optimizer,  # type: ignore
+                                schedule=schedule, procedures=procedures, losses=result.losses,
+                                examples=result.examples, seconds=prior_seconds + time.perf_counter() - start,
+                                meta=checkpoint_meta)
         for p in procedures:
             p.on_train_end(model)
     finally:
-        result.seconds = time.perf_counter() - start
+        result.seconds = prior_seconds + time.perf_counter() - start
         result.peak_mib = peak_memory_since(rss)
         bar.close()
         model.train(was_training)
