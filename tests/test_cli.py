@@ -20,7 +20,7 @@ NEG = ["bad", "awful", "poor", "hate", "dull", "boring"]
 FILL = ["the", "movie", "was", "a", "plot", "acting", "film", "really"]
 
 
-def _make_tiny_bert(d: Path, hidden: int = 32, intermediate: int = 64) -> Path:
+def _make_tiny_bert(d: Path, hidden: int = 32, intermediate: int = 64, dropout: float = 0.1) -> Path:
     """A 2-layer BERT classifier and its WordPiece tokenizer, saved like a Hugging Face model folder."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -32,7 +32,8 @@ def _make_tiny_bert(d: Path, hidden: int = 32, intermediate: int = 64) -> Path:
     tok.save_pretrained(d)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=intermediate, max_position_embeddings=64, num_labels=2)
+                     intermediate_size=intermediate, max_position_embeddings=64, num_labels=2,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(cfg).save_pretrained(d)
     return d
 

@@ -94,8 +94,11 @@ def run_record(args: argparse.Namespace, result: Any) -> dict[str, Any]:
     """The training budget and measured speed/memory that every task records in ``train_info.json``."""
     import torch
 
+    from .train.distributed import world
+
     return {
         "threads": torch.get_num_threads(),
+        "processes": world()[1],
         "batch_size": args.batch_size,
         "lr": args.lr,
         "warmup": args.warmup,
@@ -211,7 +214,76 @@ def _calibrate(info: Any, model: Any, batches: Any, examples: int) -> dict[str, 
     return {"examples": examples, "modules": len(errors), "error_before": before, "error_after": after}
 
 
+CHECKPOINTS = "checkpoints"
+_RESUME_KEEPS = ("resume", "threads", "no_progress", "func", "command")  # options a resumed run may set anew
+
+
+def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The options of the interrupted run in ``--resume DIR`` (from its newest checkpoint), with the run's own
+    ``--threads`` / ``--no-progress``; any other option given with ``--resume`` is an error."""
+    from .train.checkpoint import latest_checkpoint
+
+    folder = Path(args.resume)
+    if not folder.is_dir():
+        raise PeftkitError(f"--resume: {folder} is not a folder")
+    defaults = vars(build_parser().parse_args(["train"]))
+    given = [k for k, v in vars(args).items() if k not in _RESUME_KEEPS and v != defaults.get(k)]
+    if given:
+        raise PeftkitError(f"--resume continues the run with its own options (stored in {folder / CHECKPOINTS}); "
+                           f"drop --{given[0].replace('_', '-')}")
+    if not (folder / CHECKPOINTS).is_dir() and (folder / TRAIN_INFO).is_file():
+        raise PeftkitError(f"--resume: the run in {folder} finished (it has its {TRAIN_INFO}); nothing to resume")
+    stored = latest_checkpoint(folder / CHECKPOINTS).meta.get("args")
+    if not isinstance(stored, dict):
+        raise PeftkitError(f"--resume: the checkpoint in {folder / CHECKPOINTS} was not written by 'peftkit train'")
+    resumed = argparse.Namespace(**{**defaults, **stored})
+    for k in _RESUME_KEEPS:
+        setattr(resumed, k, getattr(args, k))
+    if args.threads is None:
+        resumed.threads = stored.get("threads")
+    resumed.output, resumed.overwrite = str(folder), True
+    return resumed
+
+
+def checkpointing(args: argparse.Namespace, output: Path) -> dict[str, Any]:
+    """The checkpoint arguments of :func:`peftkit.train.train` for a ``peftkit train`` run (any task): a checkpoint
+    every ``--save-every`` steps in ``OUTPUT/checkpoints`` (holding the run's options for ``--resume``), and
+    resuming from the one in ``--resume DIR``."""
+    if args.save_every < 0:
+        raise PeftkitError(f"--save-every must be >= 0, got {args.save_every}")
+    folder = Path(args.resume) if args.resume is not None else output
+    stored = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
+    return {"checkpoint_dir": folder / CHECKPOINTS, "save_every": args.save_every, "resume": args.resume is not None,
+            "checkpoint_meta": {"args": stored}}
+
+
+def finish_checkpoints(kwargs: dict[str, Any]) -> None:
+    """After the adapter of a finished run is saved: its checkpoints are not needed any more."""
+    import shutil
+
+    shutil.rmtree(kwargs["checkpoint_dir"], ignore_errors=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """``peftkit train``: joins the process group when started by ``torchrun``, takes the options of a ``--resume``
+    run, then trains the task. Every process runs the same code; only rank 0 prints and keeps its files."""
+    from .train.distributed import init_from_env
+
+    rank, _ = init_from_env()
+    if args.resume is not None:
+        args = _resume_args(args)
+    if rank == 0:
+        return _train_task(args)
+    import contextlib
+    import io
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        args.output, args.overwrite, args.no_progress = str(Path(tmp) / "out"), True, True
+        return _train_task(args)
+
+
+def _train_task(args: argparse.Namespace) -> int:
     wall_start = time.perf_counter()
     if args.task == "causal-lm":
         from .cli_causal_lm import cmd_train_causal_lm
@@ -246,6 +318,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import peftkit
 
     from .models import classifier_head_names, load_classifier
+    from .train.distributed import Shard, world
     from .train.trainer import accuracy, method_procedures, train
 
     model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names,
@@ -263,8 +336,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     pad = D.pad_token_id(tokenizer)
     ids = D.encode(tokenizer, data.texts, args.max_length)
-    train_batches = D.Batches([ids[i] for i in train_idx], [data.labels[i] for i in train_idx], args.batch_size, pad,
-                              shuffle=True, seed=args.seed, bucket=16)
+    rank, world_size = world()  # under torchrun: a global batch of world_size × --batch-size, this process's slice
+    train_batches = D.Batches([ids[i] for i in train_idx], [data.labels[i] for i in train_idx],
+                              args.batch_size * world_size, pad, shuffle=True, seed=args.seed, bucket=16)
+    if world_size > 1:
+        train_batches = Shard(train_batches, rank, world_size)
     eval_batches = D.Batches([ids[i] for i in eval_idx], [data.labels[i] for i in eval_idx],
                              DEFAULTS["eval_batch_size"], pad, shuffle=False)
     steps = args.steps if args.steps is not None else max(1, round((args.epochs or DEFAULTS["epochs"])
@@ -294,10 +370,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         density["before"] = activation_density(model, eval_batches)
         print(f"held-out MLP activation density before: {_density_line(density['before'])}")
     print(f"held-out accuracy before: {_acc_line(acc_before)}")
-    print(f"training {steps} steps × batch {args.batch_size} (lr {args.lr:g}, max length {args.max_length}, "
-          f"{torch.get_num_threads()} threads)", flush=True)
+    print(f"training {steps} steps × batch {args.batch_size}{_processes(world_size)} (lr {args.lr:g}, max length "
+          f"{args.max_length}, {torch.get_num_threads()} threads)", flush=True)
+    ckpt = checkpointing(args, output)
     result = train(model, train_batches, steps=steps, lr=args.lr, warmup=args.warmup, procedures=procedures,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, **ckpt)
     print(f"trained {result.steps} steps ({result.examples:,} examples) in {result.seconds:.1f} s — "
           f"{result.throughput:.1f} examples/s, final loss {result.final_loss:.4f}"
           + (f", peak memory +{result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""))
@@ -340,9 +417,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - wall_start
     train_info["wall_seconds"] = round(wall, 3)
     write_json(output / TRAIN_INFO, train_info)
+    finish_checkpoints(ckpt)
     print(f"saved adapter to {output}")
     print(f"wall time: {wall:.1f} s")
     return 0
+
+
+def _processes(world_size: int) -> str:
+    return f" per process × {world_size} processes (torchrun)" if world_size > 1 else ""
 
 
 def reproduction_verdict(recorded: int, measured: int, n: int, *, quantized: bool) -> str:
@@ -451,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set any field of the method's config (JSON value, else string); repeatable")
     t.add_argument("--density-loss", type=float, metavar="W",
                    help="add DEFT's density loss W·D on the MLP activations (any method); reports their density")
+    t.add_argument("--save-every", type=int, default=50, metavar="N",
+                   help="write a resumable checkpoint to OUTPUT/checkpoints every N steps (0: never; default 50)")
+    t.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted run whose --output was DIR, from its newest checkpoint, with its own "
+                        "options (only --threads / --no-progress may be given)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

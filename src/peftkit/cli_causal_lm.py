@@ -15,7 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import TRAIN_INFO, _calibrate, _check_train_args, _set_threads, run_record
+from .cli import (
+    TRAIN_INFO,
+    _calibrate,
+    _check_train_args,
+    _processes,
+    _set_threads,
+    checkpointing,
+    finish_checkpoints,
+    run_record,
+)
 from .core.errors import PeftkitError
 from .core.io import read_json, write_json
 
@@ -90,6 +99,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
 
     from .models import load_causal_lm
     from .train.causal_lm import answer, chat_batches, heldout_loss, perplexity
+    from .train.distributed import Shard, world
     from .train.trainer import method_procedures, train
 
     model, tokenizer = load_causal_lm(model_dir, quantize=args.quantize)
@@ -107,7 +117,11 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
 
         procedures.append(DensityLoss(model, args.density_loss))
 
-    train_batches = chat_batches(tokenizer, train_ids, train_labels, args.batch_size, shuffle=True, seed=args.seed)
+    rank, world_size = world()  # under torchrun: a global batch of world_size × --batch-size, this process's slice
+    train_batches = chat_batches(tokenizer, train_ids, train_labels, args.batch_size * world_size, shuffle=True,
+                                 seed=args.seed)
+    if world_size > 1:
+        train_batches = Shard(train_batches, rank, world_size)
     eval_batches = chat_batches(tokenizer, eval_ids, eval_labels, LM_DEFAULTS["eval_batch_size"], shuffle=False)
     steps = args.steps if args.steps is not None else (
         max(1, round(args.epochs * len(train_batches))) if args.epochs is not None else LM_DEFAULTS["steps"])
@@ -143,10 +157,11 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     loss_before, n_tokens = heldout_loss(model, eval_batches)
     print(f"held-out before: {_loss_line(loss_before, n_tokens)}", flush=True)
     before = answers()
-    print(f"training {steps} steps × batch {args.batch_size} (lr {args.lr:g}, max length {args.max_length}, "
-          f"{torch.get_num_threads()} threads)", flush=True)
+    print(f"training {steps} steps × batch {args.batch_size}{_processes(world_size)} (lr {args.lr:g}, max length "
+          f"{args.max_length}, {torch.get_num_threads()} threads)", flush=True)
+    ckpt = checkpointing(args, output)
     result = train(model, train_batches, steps=steps, lr=args.lr, warmup=args.warmup, procedures=procedures,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, **ckpt)
     print(f"trained {result.steps} steps ({result.examples:,} conversations) in {result.seconds:.1f} s — "
           f"{result.throughput:.1f} conversations/s, final loss {result.final_loss:.4f}"
           + (f", peak memory +{result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""))
@@ -197,6 +212,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - wall_start
     train_info["wall_seconds"] = round(wall, 3)
     write_json(output / TRAIN_INFO, train_info)
+    finish_checkpoints(ckpt)
     print(f"saved adapter to {output}")
     print(f"wall time: {wall:.1f} s")
     return 0

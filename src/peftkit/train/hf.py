@@ -63,6 +63,24 @@ class ProcedureCallback(TrainerCallback):
             p.on_train_end(_unwrap(model))
 
 
+class AdapterCheckpointCallback(TrainerCallback):
+    """Save the adapter (``peftkit.save``: ``adapter_config.json`` + ``adapter_model.safetensors``, a few MB) into
+    every checkpoint folder the Trainer writes, as ``checkpoint-<step>/adapter/`` — loadable with
+    ``peftkit.load(base_model, path)`` without the Trainer's full-model files."""
+
+    def __init__(self, subfolder: str = "adapter") -> None:
+        self.subfolder = subfolder
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None or not state.is_world_process_zero:
+            return
+        from pathlib import Path
+
+        from ..core.model import save
+
+        save(_unwrap(model), Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.subfolder)
+
+
 def as_trainer_callback(procedures: Procedure | Sequence[Procedure]) -> ProcedureCallback:
     """Wrap procedures for ``Trainer(callbacks=[...])``. Their ``extra_loss`` needs :class:`ProcedureLossMixin`."""
     return ProcedureCallback(procedures)
