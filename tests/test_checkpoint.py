@@ -18,8 +18,8 @@ from torch import nn
 import peftkit
 from peftkit import PeftkitError
 from peftkit.core.registry import get as get_method
-from peftkit.train import train
 from peftkit.train import checkpoint as C
+from peftkit.train import train
 from peftkit.train.density import DensityLoss
 from peftkit.train.trainer import method_procedures
 
@@ -79,7 +79,8 @@ class _Dies:
 CASES: dict[str, dict[str, Any]] = {
     "lora": {"r": 4, "dropout": 0.2},  # dropout: the RNG state must be restored
     "dylora": {"r": 4},  # the rank sampler's generator
-    "triadaptlora": {"r": 4, "init_rank": 1, "total_steps": STEPS, "warmup_steps": 1, "interval": 2},  # rank growth before and after the checkpoints: replayed on resume
+    # rank growth before and after the checkpoints: replayed on resume
+    "triadaptlora": {"r": 4, "init_rank": 1, "total_steps": STEPS, "warmup_steps": 1, "interval": 2},
     "diffora": {"r": 2, "search_steps": 6, "rho": 0.5},  # discretised between the checkpoints (after step 6)
     "loca": {"n": 20, "t_loc": 8, "b_a": 2, "b_l": 2},  # alternating coefficient / location phases
 }

