@@ -15,13 +15,12 @@ import json
 import math
 import re
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .core.errors import PeftkitError
-from .core.io import read_json, write_json
+from .core.io import read_json
 
 TRAIN_INFO = "train_info.json"
 DEFAULTS = {
@@ -284,7 +283,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_task(args: argparse.Namespace) -> int:
-    wall_start = time.perf_counter()
     if args.task == "causal-lm":
         from .cli_causal_lm import cmd_train_causal_lm
 
@@ -293,79 +291,45 @@ def _train_task(args: argparse.Namespace) -> int:
         from .cli_token import cmd_train_token
 
         return cmd_train_token(args)
+    return _train_classification(args)
+
+
+def _train_classification(args: argparse.Namespace) -> int:
     if args.examples is not None:
         raise PeftkitError("--examples applies only to --task causal-lm")
-    for key in ("lr", "batch_size", "max_length"):  # None: the classification default (causal-lm has its own)
-        if getattr(args, key) is None:
-            setattr(args, key, DEFAULTS[key])
-    # ---- validate everything cheap before touching the model or the disk
-    info, cfg_cls, cfg_fields = _check_train_args(args)
+    from .cli_run import TrainRun
 
+    run = TrainRun(args, DEFAULTS)  # every cheap option checked before the model or the disk is touched
+    from . import data as D
     from .models import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    output = Path(args.output) if args.output else Path("runs") / f"{info.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise PeftkitError(f"output {output} already exists and is not empty; choose another --output or --overwrite")
-
-    from . import data as D
-
     data = D.load_data(args.data)
     if len(set(data.labels)) < 2:
         raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found {data.label_names}")
     eval_size = args.eval_size if args.eval_size is not None else min(DEFAULTS["eval_size"], max(1, len(data) // 5))
     train_idx, eval_idx = D.split_indices(len(data), eval_size, args.split_seed)
 
-    # ---- model, adapter
-    import torch
-
-    import peftkit
-
-    from .models import classifier_head_names, load_classifier
-    from .train.distributed import Shard, world
-    from .train.trainer import accuracy, method_procedures, train
+    from .models import load_classifier
+    from .train.trainer import accuracy
 
     model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names,
                                        quantize=args.quantize)
-    if "modules_to_save" not in cfg_fields:
-        cfg_fields["modules_to_save"] = classifier_head_names(model) or None
-    cfg = cfg_cls.from_dict(cfg_fields)
-    torch.manual_seed(args.seed)
-    peftkit.adapt(model, cfg)
-    procedures = method_procedures(info, model, cfg)
-    if args.density_loss is not None:  # DEFT: any method + λ·(smooth L0 of the MLP activations)
-        from .train.density import DensityLoss
-
-        procedures.append(DensityLoss(model, args.density_loss))
-
+    _, procedures = run.adapt(model)
     pad = D.pad_token_id(tokenizer)
     ids = D.encode(tokenizer, data.texts, args.max_length)
-    rank, world_size = world()  # under torchrun: a global batch of world_size × --batch-size, this process's slice
-    train_batches = D.Batches([ids[i] for i in train_idx], [data.labels[i] for i in train_idx],
-                              args.batch_size * world_size, pad, shuffle=True, seed=args.seed, bucket=16)
-    if world_size > 1:
-        train_batches = Shard(train_batches, rank, world_size)
-    eval_batches = D.Batches([ids[i] for i in eval_idx], [data.labels[i] for i in eval_idx],
-                             DEFAULTS["eval_batch_size"], pad, shuffle=False)
-    steps = args.steps if args.steps is not None else max(1, round((args.epochs or DEFAULTS["epochs"])
-                                                                    * len(train_batches)))
-    summ = peftkit.summary(model)
-    print(f"model: {_model_label(model_dir)} — {type(model).__name__}, {len(data.label_names)} labels")
-    if args.quantize:
-        from .quant.bnb import linear_weight_bytes
 
-        print(f"base: Linear layers in {args.quantize} (bitsandbytes, frozen) — linear weights "
-              f"{linear_weight_bytes(model) / 2**20:.1f} MiB")
-    print(f"data: {data.source} — {len(train_idx):,} train / {len(eval_idx):,} held-out (split seed "
-          f"{args.split_seed}); labels: {', '.join(data.label_names)}")
-    print(f"method: {info.name} — {', '.join(f'{k}={v}' for k, v in cfg.to_dict().items() if k != 'method' and v)}")
-    print(str(summ).splitlines()[0])
-    calibration = None
-    if info.calibrate is not None:  # data-aware init (e.g. QWHA) from the first training examples, in order
-        calib_idx = train_idx[:DEFAULTS["calibration_size"]]
-        calib = D.Batches([ids[i] for i in calib_idx], [data.labels[i] for i in calib_idx],
-                          DEFAULTS["eval_batch_size"], pad, shuffle=False)
-        calibration = _calibrate(info, model, calib, len(calib_idx))
+    def batches(idx: Sequence[int], size: int, shuffle: bool) -> D.Batches:
+        return D.Batches([ids[i] for i in idx], [data.labels[i] for i in idx], size, pad, shuffle=shuffle,
+                         seed=args.seed, bucket=16 if shuffle else 0)
+
+    train_batches = run.batches(lambda size: batches(train_idx, size, True))
+    eval_batches = batches(eval_idx, DEFAULTS["eval_batch_size"], False)
+    steps = run.steps(len(train_batches), DEFAULTS["epochs"])  # type: ignore[arg-type]
+    run.describe(model, f"{_model_label(model_dir)} — {type(model).__name__}, {len(data.label_names)} labels",
+                 [f"data: {data.source} — {len(train_idx):,} train / {len(eval_idx):,} held-out (split seed "
+                  f"{args.split_seed}); labels: {', '.join(data.label_names)}"])
+    run.calibrate(model, lambda n: batches(train_idx[:n], DEFAULTS["eval_batch_size"], False), len(train_idx))
     acc_before = accuracy(model, eval_batches)
     density: dict[str, Any] = {}
     if args.density_loss is not None:
@@ -374,57 +338,25 @@ def _train_task(args: argparse.Namespace) -> int:
         density["before"] = activation_density(model, eval_batches)
         print(f"held-out MLP activation density before: {_density_line(density['before'])}")
     print(f"held-out accuracy before: {_acc_line(acc_before)}")
-    print(f"training {steps} steps × batch {args.batch_size}{_processes(world_size)} (lr {args.lr:g}, max length "
-          f"{args.max_length}, {torch.get_num_threads()} threads)", flush=True)
-    ckpt = checkpointing(args, output)
-    result = train(model, train_batches, steps=steps, lr=args.lr, warmup=args.warmup, procedures=procedures,
-                   progress=not args.no_progress, **ckpt)
-    print(f"trained {result.steps} steps ({result.examples:,} examples) in {result.seconds:.1f} s — "
-          f"{result.throughput:.1f} examples/s, final loss {result.final_loss:.4f}"
-          + (f", peak memory +{result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""))
+    run.train(model, train_batches, steps, procedures)
     acc_after = accuracy(model, eval_batches)
     if args.density_loss is not None:
         density["after"] = activation_density(model, eval_batches)
         print(f"held-out MLP activation density after:  {_density_line(density['after'])}")
     print(f"held-out accuracy after:  {_acc_line(acc_after)}")
-
-    # ---- save: adapter (atomic), then the info that lets `peftkit eval` rebuild everything
-    peftkit.save(model, output)
-    train_info = {
-        "peftkit_version": peftkit.__version__,
-        "method": info.name,
-        "config": cfg.to_dict(),
-        "model": str(model_dir),
-        "model_is_default": args.model is None,
-        "quantize": args.quantize,
+    return run.finish(model, "classification", model_dir, {
         "data": data.source,
         "label_names": data.label_names,
-        "seed": args.seed,
-        "split_seed": args.split_seed,
         "eval_size": len(eval_idx),
         "train_examples": len(train_idx),
-        "max_length": args.max_length,
         "eval_batch_size": DEFAULTS["eval_batch_size"],
-        **run_record(args, result),
-        "calibration": calibration,
         "accuracy_before": acc_before[0],
         "correct_before": acc_before[1],
         "accuracy_after": acc_after[0],
         "correct_after": acc_after[1],
-        "trainable_params": summ.trainable,
-        **({"density_loss": args.density_loss,
-            **{f"activation_density_{k}": round(d.density, 6) for k, d in density.items()},
-            **{f"activation_density_smooth_{k}": round(d.smooth, 6) for k, d in density.items()}}
-           if args.density_loss is not None else {}),
-        "total_params": summ.total,
-    }
-    wall = time.perf_counter() - wall_start
-    train_info["wall_seconds"] = round(wall, 3)
-    write_json(output / TRAIN_INFO, train_info)
-    finish_checkpoints(ckpt)
-    print(f"saved adapter to {output}")
-    print(f"wall time: {wall:.1f} s")
-    return 0
+        **{f"activation_density_{k}": round(d.density, 6) for k, d in density.items()},
+        **{f"activation_density_smooth_{k}": round(d.smooth, 6) for k, d in density.items()},
+    })
 
 
 def _processes(world_size: int) -> str:
@@ -456,12 +388,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_token(args)
     info = _read_train_info(adapter)
     from . import data as D
-    from .models import default_model_dir, resolve_model_dir
+    from .cli_run import eval_model_dir
+    from .models import default_model_dir
 
-    model_dir = Path(info["model"])
-    if not (model_dir / "config.json").is_file() and info.get("model_is_default"):
-        model_dir = default_model_dir()  # the package moved (new environment): same model, new place
-    model_dir = resolve_model_dir(model_dir)
+    model_dir = eval_model_dir(info, default_model_dir)
     names = list(info["label_names"])
     _set_threads(args.threads if args.threads is not None else info.get("threads"))
     if args.data is not None:

@@ -11,22 +11,15 @@ answers with it; ``--compare`` puts the base model's answer (adapter disabled) n
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
 from .cli import (
     TRAIN_INFO,
-    _calibrate,
-    _check_train_args,
-    _processes,
     _set_threads,
-    checkpointing,
-    finish_checkpoints,
-    run_record,
 )
 from .core.errors import PeftkitError
-from .core.io import read_json, write_json
+from .core.io import read_json
 
 TASK = "causal-lm"
 # chosen so that the default run takes < 5 minutes on 2 CPU cores (see the README for measured numbers)
@@ -74,33 +67,22 @@ def _short(text: str, width: int = 100) -> str:
 
 
 def cmd_train_causal_lm(args: argparse.Namespace) -> int:
-    wall_start = time.perf_counter()
-    for key in ("lr", "batch_size", "max_length"):
-        if getattr(args, key) is None:
-            setattr(args, key, LM_DEFAULTS[key])
+    from .cli_run import TrainRun
+
+    run = TrainRun(args, LM_DEFAULTS, tag="lm")
     n_examples = LM_DEFAULTS["examples"] if args.examples is None else args.examples
     if n_examples < 0:
         raise PeftkitError(f"--examples must be >= 0, got {n_examples}")
     if args.max_length < 2:
         raise PeftkitError(f"--max-length must be at least 2 tokens, got {args.max_length}")
-    info, cfg_cls, cfg_fields = _check_train_args(args)
-    output = Path(args.output) if args.output else Path("runs") / f"{info.name}-lm-{time.strftime('%Y%m%d-%H%M%S')}"
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise PeftkitError(f"output {output} already exists and is not empty; choose another --output or --overwrite")
     from .data.chat import load_chat_data
 
     data = load_chat_data(args.data)  # every data error surfaces before the model loads
     train_idx, eval_idx = _split(data, args.eval_size, args.split_seed)
     model_dir = _model_dir(args.model)
 
-    import torch
-
-    import peftkit
-
     from .models import load_causal_lm
     from .train.causal_lm import answer, chat_batches, heldout_loss, perplexity
-    from .train.distributed import Shard, world
-    from .train.trainer import method_procedures, train
 
     model, tokenizer = load_causal_lm(model_dir, quantize=args.quantize)
     train_ids, train_labels, train_kept = _encode(tokenizer, data, train_idx, args.max_length)
@@ -108,44 +90,20 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     if not train_ids or not eval_ids:
         raise PeftkitError(f"--max-length {args.max_length} truncates away every answer of the "
                            f"{'training' if not train_ids else 'held-out'} split; raise it")
-    cfg = cfg_cls.from_dict(cfg_fields)
-    torch.manual_seed(args.seed)
-    peftkit.adapt(model, cfg)
-    procedures = method_procedures(info, model, cfg)
-    if getattr(args, "density_loss", None) is not None:  # DEFT: any method + λ·(smooth L0 of the MLP activations)
-        from .train.density import DensityLoss
-
-        procedures.append(DensityLoss(model, args.density_loss))
-
-    rank, world_size = world()  # under torchrun: a global batch of world_size × --batch-size, this process's slice
-    train_batches = chat_batches(tokenizer, train_ids, train_labels, args.batch_size * world_size, shuffle=True,
-                                 seed=args.seed)
-    if world_size > 1:
-        train_batches = Shard(train_batches, rank, world_size)
+    _, procedures = run.adapt(model, heads=())
+    train_batches = run.batches(lambda size: chat_batches(tokenizer, train_ids, train_labels, size, shuffle=True,
+                                                          seed=args.seed))
     eval_batches = chat_batches(tokenizer, eval_ids, eval_labels, LM_DEFAULTS["eval_batch_size"], shuffle=False)
-    steps = args.steps if args.steps is not None else (
-        max(1, round(args.epochs * len(train_batches))) if args.epochs is not None else LM_DEFAULTS["steps"])
-    summ = peftkit.summary(model)
+    steps = run.steps(len(train_batches), default_steps=LM_DEFAULTS["steps"])  # type: ignore[arg-type]
     dropped = (len(train_idx) - len(train_kept)) + (len(eval_idx) - len(eval_kept))
-    print(f"model: {_model_label(model_dir, args.model is None)} — {type(model).__name__}")
-    if args.quantize:
-        from .quant.bnb import linear_weight_bytes
-
-        print(f"base: Linear layers in {args.quantize} (bitsandbytes, frozen) — linear weights "
-              f"{linear_weight_bytes(model) / 2**20:.1f} MiB")
-    print(f"data: {data.source} — {len(data):,} conversations"
-          + (f" ({data.duplicates:,} exact duplicates dropped)" if data.duplicates else "")
-          + f": {len(train_kept):,} train / {len(eval_kept):,} held-out, split by question (split seed "
-          f"{args.split_seed})" + (f"; {dropped} with no answer token left at max length {args.max_length} skipped"
-                                   if dropped else ""))
-    print(f"method: {info.name} — {', '.join(f'{k}={v}' for k, v in cfg.to_dict().items() if k != 'method' and v)}")
-    print(str(summ).splitlines()[0])
-    calibration = None
-    if info.calibrate is not None:  # data-aware init (e.g. QWHA) from the first training conversations, in order
-        n = LM_DEFAULTS["calibration_size"]
-        calib = chat_batches(tokenizer, train_ids[:n], train_labels[:n], LM_DEFAULTS["eval_batch_size"],
-                             shuffle=False)
-        calibration = _calibrate(info, model, calib, min(n, len(train_ids)))
+    run.describe(model, f"{_model_label(model_dir, args.model is None)} — {type(model).__name__}", [
+        f"data: {data.source} — {len(data):,} conversations"
+        + (f" ({data.duplicates:,} exact duplicates dropped)" if data.duplicates else "")
+        + f": {len(train_kept):,} train / {len(eval_kept):,} held-out, split by question (split seed "
+        f"{args.split_seed})" + (f"; {dropped} with no answer token left at max length {args.max_length} skipped"
+                                 if dropped else "")])
+    run.calibrate(model, lambda n: chat_batches(tokenizer, train_ids[:n], train_labels[:n],
+                                                LM_DEFAULTS["eval_batch_size"], shuffle=False), len(train_ids))
 
     n_examples = min(n_examples, len(eval_kept))  # spread over the held-out split (the corpus is ordered by topic)
     shown = [eval_kept[j * len(eval_kept) // n_examples] for j in range(n_examples)] if n_examples else []
@@ -157,14 +115,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     loss_before, n_tokens = heldout_loss(model, eval_batches)
     print(f"held-out before: {_loss_line(loss_before, n_tokens)}", flush=True)
     before = answers()
-    print(f"training {steps} steps × batch {args.batch_size}{_processes(world_size)} (lr {args.lr:g}, max length "
-          f"{args.max_length}, {torch.get_num_threads()} threads)", flush=True)
-    ckpt = checkpointing(args, output)
-    result = train(model, train_batches, steps=steps, lr=args.lr, warmup=args.warmup, procedures=procedures,
-                   progress=not args.no_progress, **ckpt)
-    print(f"trained {result.steps} steps ({result.examples:,} conversations) in {result.seconds:.1f} s — "
-          f"{result.throughput:.1f} conversations/s, final loss {result.final_loss:.4f}"
-          + (f", peak memory +{result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""))
+    run.train(model, train_batches, steps, procedures, unit="conversations")
     loss_after, _ = heldout_loss(model, eval_batches)
     print(f"held-out after:  {_loss_line(loss_after, n_tokens)}")
     after = answers()
@@ -176,46 +127,22 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
         examples.append({"question": data.prompt(i), "reference": reference, "before": b, "after": a})
         print(f"  Q: {_short(data.prompt(i))}\n     before:    {_short(b)}\n     after:     {_short(a)}\n"
               f"     reference: {_short(reference)}")
-
-    peftkit.save(model, output)
-    train_info = {
-        "peftkit_version": peftkit.__version__,
-        "task": TASK,
-        "method": info.name,
-        "config": cfg.to_dict(),
-        "model": str(model_dir),
-        "model_is_default": args.model is None,
-        "quantize": args.quantize,
+    return run.finish(model, TASK, model_dir, {
         "data": data.source,
         "conversations": len(data),
         "duplicates_dropped": data.duplicates,
-        "seed": args.seed,
-        "split_seed": args.split_seed,
         "eval_size": len(eval_idx),
         "eval_examples": len(eval_kept),
         "eval_tokens": n_tokens,
         "train_examples": len(train_kept),
-        "max_length": args.max_length,
         "eval_batch_size": LM_DEFAULTS["eval_batch_size"],
-        **run_record(args, result),
-        "calibration": calibration,
-        "density_loss": getattr(args, "density_loss", None),
         "loss_before": loss_before,
         "loss_after": loss_after,
         "perplexity_before": perplexity(loss_before),
         "perplexity_after": perplexity(loss_after),
         "example_max_new_tokens": tokens,
         "examples": examples,
-        "trainable_params": summ.trainable,
-        "total_params": summ.total,
-    }
-    wall = time.perf_counter() - wall_start
-    train_info["wall_seconds"] = round(wall, 3)
-    write_json(output / TRAIN_INFO, train_info)
-    finish_checkpoints(ckpt)
-    print(f"saved adapter to {output}")
-    print(f"wall time: {wall:.1f} s")
-    return 0
+    })
 
 
 def _adapted_model(adapter: Path, model: str | None, threads: int | None) -> tuple[Any, Any, dict[str, Any]]:
@@ -225,17 +152,14 @@ def _adapted_model(adapter: Path, model: str | None, threads: int | None) -> tup
         raise PeftkitError(f"adapter folder not found: {adapter}")
     info = read_json(adapter / TRAIN_INFO) if (adapter / TRAIN_INFO).is_file() else {}
     if info and info.get("task", "classification") != TASK:
-        raise PeftkitError(f"{adapter} holds a classification adapter; 'peftkit generate' needs one trained with "
-                           f"--task {TASK}")
+        raise PeftkitError(f"{adapter} holds a {info.get('task', 'classification')} adapter; 'peftkit generate' "
+                           f"needs one trained with --task {TASK}")
     if model is not None:
         model_dir = _model_dir(model)
     elif info:
-        from .models import resolve_model_dir
+        from .cli_run import eval_model_dir
 
-        model_dir = Path(info["model"])
-        if info.get("model_is_default") and not (model_dir / "config.json").is_file():
-            model_dir = _model_dir(None)  # the cache moved (new environment): same model, new place
-        model_dir = resolve_model_dir(model_dir)
+        model_dir = eval_model_dir(info, lambda: _model_dir(None))
     else:
         raise PeftkitError(f"{adapter} has no {TRAIN_INFO}; pass --model DIR, the base model the adapter was "
                            "trained on")

@@ -12,13 +12,11 @@ accuracy before and after training, and saves the adapter plus ``train_info.json
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
-from .cli import TRAIN_INFO, _calibrate, _check_train_args, _model_label, _set_threads, reproduction_verdict, run_record
+from .cli import _model_label, _read_train_info, _set_threads, reproduction_verdict
 from .core.errors import PeftkitError
-from .core.io import read_json, write_json
 
 TASK = "token-classification"
 # the default run (3 epochs of the WNUT-16 training split, 375 steps) takes about 4 minutes at 1 thread (README);
@@ -42,20 +40,14 @@ def _data_line(data: Any) -> str:
 
 
 def cmd_train_token(args: argparse.Namespace) -> int:
-    wall_start = time.perf_counter()
-    for key in ("lr", "batch_size", "max_length"):
-        if getattr(args, key) is None:
-            setattr(args, key, TOKEN_DEFAULTS[key])
     if args.examples is not None:
         raise PeftkitError("--examples applies only to --task causal-lm")
+    from .cli_run import TrainRun
+
+    run = TrainRun(args, TOKEN_DEFAULTS, tag="ner")
     if args.max_length < 3:
         raise PeftkitError(f"--max-length must be at least 3 tokens (two special tokens and a word), got "
                            f"{args.max_length}")
-    info, cfg_cls, cfg_fields = _check_train_args(args)
-    output = Path(args.output) if args.output else Path("runs") / f"{info.name}-ner-{time.strftime('%Y%m%d-%H%M%S')}"
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise PeftkitError(f"output {output} already exists and is not empty; choose another --output or --overwrite")
-
     from .data.conll import align, load_token_data
     from .data.text import split_indices
     from .models import resolve_model_dir
@@ -66,13 +58,8 @@ def cmd_train_token(args: argparse.Namespace) -> int:
     train_idx, eval_idx = split_indices(len(data), eval_size, args.split_seed)
     model_dir = resolve_model_dir(args.model)
 
-    import torch
-
-    import peftkit
-
-    from .models import classifier_head_names, load_token_classifier
+    from .models import load_token_classifier
     from .train.token_classification import evaluate_tags, token_batches
-    from .train.trainer import method_procedures, train
 
     names = data.label_names
     model, tokenizer = load_token_classifier(model_dir, len(names), seed=args.seed, label_names=names,
@@ -85,92 +72,42 @@ def cmd_train_token(args: argparse.Namespace) -> int:
     if not labelled:
         raise PeftkitError("no training sentence keeps a tokenised word; check the tokenizer and --max-length")
     train_aligned = train_aligned.subset(labelled)
-    if "modules_to_save" not in cfg_fields:
-        cfg_fields["modules_to_save"] = classifier_head_names(model) or None
-    cfg = cfg_cls.from_dict(cfg_fields)
-    torch.manual_seed(args.seed)
-    peftkit.adapt(model, cfg)
-    procedures = method_procedures(info, model, cfg)
-    if args.density_loss is not None:  # DEFT: any method + λ·(smooth L0 of the MLP activations)
-        from .train.density import DensityLoss
-
-        procedures.append(DensityLoss(model, args.density_loss))
-
-    train_batches = token_batches(tokenizer, train_aligned, args.batch_size, shuffle=True, seed=args.seed)
+    _, procedures = run.adapt(model)
+    train_batches = run.batches(lambda size: token_batches(tokenizer, train_aligned, size, shuffle=True,
+                                                           seed=args.seed))
     eval_bs = TOKEN_DEFAULTS["eval_batch_size"]
-    steps = args.steps if args.steps is not None else max(1, round((args.epochs or TOKEN_DEFAULTS["epochs"])
-                                                                   * len(train_batches)))
-    summ = peftkit.summary(model)
-    print(f"model: {_model_label(model_dir)} — {type(model).__name__}, {len(names)} tags")
-    if args.quantize:
-        from .quant.bnb import linear_weight_bytes
-
-        print(f"base: Linear layers in {args.quantize} (bitsandbytes, frozen) — linear weights "
-              f"{linear_weight_bytes(model) / 2**20:.1f} MiB")
-    print(f"data: {data.source} — {_data_line(data)}")
+    steps = run.steps(len(train_batches), TOKEN_DEFAULTS["epochs"])  # type: ignore[arg-type]
     dropped = train_aligned.dropped_words + eval_aligned.dropped_words
-    print(f"split: {len(train_aligned):,} train / {len(eval_idx):,} held-out sentences (split seed {args.split_seed})"
-          + (f"; {dropped:,} words past max length {args.max_length} (held-out: predicted O)" if dropped else ""))
-    print(f"method: {info.name} — {', '.join(f'{k}={v}' for k, v in cfg.to_dict().items() if k != 'method' and v)}")
-    print(str(summ).splitlines()[0])
-    calibration = None
-    if info.calibrate is not None:  # data-aware init (e.g. QWHA) from the first training sentences, in order
-        n = min(TOKEN_DEFAULTS["calibration_size"], len(train_aligned))
-        calib = token_batches(tokenizer, train_aligned.subset(range(n)), eval_bs, shuffle=False)
-        calibration = _calibrate(info, model, calib, n)
+    run.describe(model, f"{_model_label(model_dir)} — {type(model).__name__}, {len(names)} tags", [
+        f"data: {data.source} — {_data_line(data)}",
+        f"split: {len(train_aligned):,} train / {len(eval_idx):,} held-out sentences (split seed {args.split_seed})"
+        + (f"; {dropped:,} words past max length {args.max_length} (held-out: predicted O)" if dropped else "")])
+    run.calibrate(model, lambda n: token_batches(tokenizer, train_aligned.subset(range(n)), eval_bs, shuffle=False),
+                  len(train_aligned))
     before = evaluate_tags(model, tokenizer, eval_aligned, gold, names, eval_bs)
     print(f"held-out before: {_scores_line(before)}")
-    print(f"training {steps} steps × batch {args.batch_size} (lr {args.lr:g}, max length {args.max_length}, "
-          f"{torch.get_num_threads()} threads)", flush=True)
-    result = train(model, train_batches, steps=steps, lr=args.lr, warmup=args.warmup, procedures=procedures,
-                   progress=not args.no_progress)
-    print(f"trained {result.steps} steps ({result.examples:,} sentences) in {result.seconds:.1f} s — "
-          f"{result.throughput:.1f} sentences/s, final loss {result.final_loss:.4f}"
-          + (f", peak memory +{result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""))
+    run.train(model, train_batches, steps, procedures, unit="sentences")
     after = evaluate_tags(model, tokenizer, eval_aligned, gold, names, eval_bs)
     print(f"held-out after:  {_scores_line(after)}")
     best = sorted(after.per_type, key=lambda k: -after.per_type[k][0])
     print("  per type (F1, entities in held-out): "
           + ", ".join(f"{k} {after.type_f1(k):.2f} ({after.per_type[k][0]})" for k in best))
-
-    peftkit.save(model, output)
-    train_info = {
-        "peftkit_version": peftkit.__version__,
-        "task": TASK,
-        "method": info.name,
-        "config": cfg.to_dict(),
-        "model": str(model_dir),
-        "model_is_default": args.model is None,
-        "quantize": args.quantize,
+    return run.finish(model, TASK, model_dir, {
         "data": data.source,
         "data_sha256": data.sha256,
         "sentences": len(data),
         "iob1_converted": data.converted,
         "label_names": names,
-        "seed": args.seed,
-        "split_seed": args.split_seed,
         "eval_size": len(eval_idx),
         "train_examples": len(train_aligned),
-        "max_length": args.max_length,
         "eval_batch_size": eval_bs,
-        **run_record(args, result),
-        "calibration": calibration,
-        "density_loss": args.density_loss,
         "before": before.to_dict(),
         "after": after.to_dict(),
         "f1_before": before.f1,
         "f1_after": after.f1,
         "token_accuracy_before": before.accuracy,
         "token_accuracy_after": after.accuracy,
-        "trainable_params": summ.trainable,
-        "total_params": summ.total,
-    }
-    wall = time.perf_counter() - wall_start
-    train_info["wall_seconds"] = round(wall, 3)
-    write_json(output / TRAIN_INFO, train_info)
-    print(f"saved adapter to {output}")
-    print(f"wall time: {wall:.1f} s")
-    return 0
+    })
 
 
 _COUNTS = ("correct_entities", "predicted_entities", "gold_entities", "correct_tokens", "tokens")
@@ -180,19 +117,13 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
     """Held-out (or ``--data``) entity F1 and token accuracy of a token-classification adapter, compared with the
     scores recorded after training."""
     adapter = Path(args.adapter)
-    info = read_json(adapter / TRAIN_INFO)
-    missing = [k for k in ("model", "data", "label_names", "max_length", "seed", "split_seed", "eval_size")
-               if k not in info]
-    if missing:
-        raise PeftkitError(f"{adapter / TRAIN_INFO} lacks {missing}")
+    info = _read_train_info(adapter)
+    from .cli_run import eval_model_dir
     from .data.conll import align, load_token_data
     from .data.text import split_indices
-    from .models import default_model_dir, resolve_model_dir
+    from .models import default_model_dir
 
-    model_dir = Path(info["model"])
-    if not (model_dir / "config.json").is_file() and info.get("model_is_default"):
-        model_dir = default_model_dir()  # the package moved (new environment): same model, new place
-    model_dir = resolve_model_dir(model_dir)
+    model_dir = eval_model_dir(info, default_model_dir)
     names = list(info["label_names"])
     _set_threads(args.threads if args.threads is not None else info.get("threads"))
     if args.data is not None:

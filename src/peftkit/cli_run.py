@@ -1,0 +1,198 @@
+"""What every ``peftkit train`` task does around its own data, model and metrics — written once.
+
+A task module (classification in :mod:`peftkit.cli`, :mod:`peftkit.cli_causal_lm`, :mod:`peftkit.cli_token`,
+:mod:`peftkit.cli_vision`) loads its data and base model and measures its own metric; :class:`TrainRun` does the
+rest the same way for all of them:
+
+    run = TrainRun(args, TASK_DEFAULTS, tag="ner")      # defaults, option checks, the output folder
+    cfg, procedures = run.adapt(model)                  # config (+ head in modules_to_save), adapter, procedures
+    batches = run.batches(lambda b: make_batches(b))    # under torchrun: the global batch, this process's slice
+    summ = run.describe(model, model_line, data_lines)  # model / base / data / method / parameter lines
+    run.calibrate(model, calibration_batches, n)        # data-aware init, for methods that register one
+    result = run.train(model, batches, steps, "sentences")   # progress bar, checkpoints, --resume
+    return run.finish(model, {...task's own train_info...})  # adapter + train_info.json, checkpoints removed
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .cli import (
+    TRAIN_INFO,
+    _calibrate,
+    _check_train_args,
+    _processes,
+    checkpointing,
+    finish_checkpoints,
+    run_record,
+)
+from .core.errors import PeftkitError
+from .core.io import write_json
+
+
+class TrainRun:
+    """One ``peftkit train`` run of any task (module docstring). Construction validates every cheap option and
+    fixes the output folder before anything is loaded."""
+
+    def __init__(self, args: argparse.Namespace, defaults: dict[str, Any], tag: str = "") -> None:
+        self.wall_start = time.perf_counter()
+        for key in ("lr", "batch_size", "max_length"):  # None: the task's default
+            if getattr(args, key, None) is None and key in defaults:
+                setattr(args, key, defaults[key])
+        self.args, self.defaults = args, defaults
+        self.info, self.cfg_cls, self.cfg_fields = _check_train_args(args)
+        name = f"{self.info.name}-{tag}" if tag else self.info.name
+        self.output = Path(args.output) if args.output else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.output.exists() and (not self.output.is_dir() or any(self.output.iterdir())) and not args.overwrite:
+            raise PeftkitError(f"output {self.output} already exists and is not empty; choose another --output or "
+                               "--overwrite")
+        from .train.distributed import world
+
+        self.rank, self.world_size = world()
+        self.cfg: Any = None
+        self.calibration: dict[str, Any] | None = None
+        self._ckpt: dict[str, Any] | None = None
+        self.result: Any = None
+        self.summary: Any = None
+
+    # -- model ----------------------------------------------------------------------------------------------
+    def adapt(self, model: nn.Module, heads: Sequence[str] | None = None) -> tuple[Any, list[Any]]:
+        """Build the config (the task head — ``heads``, else the model's classifier head — in ``modules_to_save``
+        unless ``--opt`` set it), adapt ``model`` with ``--seed``, and build the method's procedure plus DEFT's
+        density loss when asked."""
+        import torch
+
+        import peftkit
+
+        from .models import classifier_head_names
+        from .train.trainer import method_procedures
+
+        fields = dict(self.cfg_fields)
+        if "modules_to_save" not in fields:
+            fields["modules_to_save"] = list(heads if heads is not None else classifier_head_names(model)) or None
+        self.cfg = self.cfg_cls.from_dict(fields)
+        torch.manual_seed(self.args.seed)
+        peftkit.adapt(model, self.cfg)
+        procedures = method_procedures(self.info, model, self.cfg)
+        if getattr(self.args, "density_loss", None) is not None:  # DEFT: any method + λ·(smooth L0 of MLP acts)
+            from .train.density import DensityLoss
+
+            procedures.append(DensityLoss(model, self.args.density_loss))
+        return self.cfg, procedures
+
+    def batches(self, make: Callable[[int], Iterable[Any]]) -> Iterable[Any]:
+        """``make(batch_size)`` with the global batch size (``world_size × --batch-size``); under ``torchrun`` this
+        process's slice of every batch."""
+        from .train.distributed import Shard
+
+        batches = make(self.args.batch_size * self.world_size)
+        return Shard(batches, self.rank, self.world_size) if self.world_size > 1 else batches
+
+    def steps(self, n_batches: int, default_epochs: float | None = None, default_steps: int | None = None) -> int:
+        """``--steps``; else ``--epochs`` (else ``default_epochs``) × batches per epoch; else ``default_steps``."""
+        a = self.args
+        if a.steps is not None:
+            return a.steps
+        epochs = a.epochs if a.epochs is not None else default_epochs
+        if epochs is None:
+            if default_steps is None:
+                raise PeftkitError("give --steps or --epochs")
+            return default_steps
+        return max(1, round(epochs * n_batches))
+
+    def describe(self, model: nn.Module, model_line: str, data_lines: Sequence[str]) -> Any:
+        """Print what is trained on what; returns :func:`peftkit.summary` of the adapted model."""
+        import peftkit
+
+        self.summary = peftkit.summary(model)
+        print(f"model: {model_line}")
+        if self.args.quantize:
+            from .quant.bnb import linear_weight_bytes
+
+            print(f"base: Linear layers in {self.args.quantize} (bitsandbytes, frozen) — linear weights "
+                  f"{linear_weight_bytes(model) / 2**20:.1f} MiB")
+        for line in data_lines:
+            print(line)
+        cfg = self.cfg.to_dict()
+        print(f"method: {self.info.name} — {', '.join(f'{k}={v}' for k, v in cfg.items() if k != 'method' and v)}")
+        print(str(self.summary).splitlines()[0])
+        return self.summary
+
+    def calibrate(self, model: nn.Module, make: Callable[[int], Iterable[Any]], available: int) -> None:
+        """Data-aware init for methods that register ``calibrate`` (e.g. QWHA), from ``make(n)``: the first ``n``
+        training examples in order, ``n`` = the task's ``calibration_size``."""
+        if self.info.calibrate is None:
+            return
+        n = min(self.defaults.get("calibration_size", 256), available)
+        self.calibration = _calibrate(self.info, model, make(n), n)
+
+    # -- training -------------------------------------------------------------------------------------------
+    def train(self, model: nn.Module, batches: Iterable[Any], steps: int, procedures: Sequence[Any],
+              unit: str = "examples") -> Any:
+        """:func:`peftkit.train.train` with the run's options, checkpoints and ``--resume``; prints the budget
+        before and the speed after."""
+        import torch
+
+        from .train.trainer import train
+
+        a = self.args
+        print(f"training {steps} steps × batch {a.batch_size}{_processes(self.world_size)} (lr {a.lr:g}, max length "
+              f"{a.max_length}, {torch.get_num_threads()} threads)", flush=True)
+        self._ckpt = checkpointing(a, self.output)
+        r = self.result = train(model, batches, steps=steps, lr=a.lr, warmup=a.warmup, procedures=procedures,
+                                progress=not a.no_progress, **self._ckpt)
+        print(f"trained {r.steps} steps ({r.examples:,} {unit}) in {r.seconds:.1f} s — {r.throughput:.1f} {unit}/s, "
+              f"final loss {r.final_loss:.4f}" + (f", peak memory +{r.peak_mib:.0f} MiB" if r.peak_mib is not None
+                                                   else ""))
+        return r
+
+    def finish(self, model: nn.Module, task: str, model_dir: Path | str, fields: dict[str, Any]) -> int:
+        """Save the adapter, then ``train_info.json``: what every task records plus the task's ``fields``; drop the
+        checkpoints of the now finished run."""
+        import peftkit
+
+        a = self.args
+        peftkit.save(model, self.output)
+        info = {
+            "peftkit_version": peftkit.__version__,
+            "task": task,
+            "method": self.info.name,
+            "config": self.cfg.to_dict(),
+            "model": str(model_dir),
+            "model_is_default": a.model is None,
+            "quantize": a.quantize,
+            "seed": a.seed,
+            "split_seed": a.split_seed,
+            "max_length": a.max_length,
+            **run_record(a, self.result),
+            "calibration": self.calibration,
+            "density_loss": getattr(a, "density_loss", None),
+            **fields,
+            "trainable_params": self.summary.trainable,
+            "total_params": self.summary.total,
+        }
+        wall = time.perf_counter() - self.wall_start
+        info["wall_seconds"] = round(wall, 3)
+        write_json(self.output / TRAIN_INFO, info)
+        if self._ckpt is not None:
+            finish_checkpoints(self._ckpt)
+        print(f"saved adapter to {self.output}")
+        print(f"wall time: {wall:.1f} s")
+        return 0
+
+
+def eval_model_dir(info: dict[str, Any], default: Callable[[], Path]) -> Path:
+    """The base model folder an adapter's ``train_info.json`` names; the task's packaged ``default()`` when the
+    run used it and the package has moved (a new environment: same model, new place)."""
+    from .models import resolve_model_dir
+
+    model_dir = Path(info["model"])
+    if not (model_dir / "config.json").is_file() and info.get("model_is_default"):
+        model_dir = default()
+    return resolve_model_dir(model_dir)
