@@ -191,7 +191,7 @@ def _check_train_args(args: argparse.Namespace) -> tuple[Any, type, dict[str, An
     cfg_fields.update(_parse_opts(args.opt or [], fields, cfg_cls.__name__))
     cfg_cls.from_dict(cfg_fields)  # field values checked now; modules_to_save is filled once the model is loaded
     for flag, v in (("--lr", args.lr), ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
-        if v <= 0:
+        if v is not None and v <= 0:  # None: an option the task does not use (max length for images)
             raise PeftkitError(f"{flag} must be > 0, got {v}")
     if args.steps is not None and args.steps < 1:
         raise PeftkitError(f"--steps must be >= 1, got {args.steps}")
@@ -291,6 +291,10 @@ def _train_task(args: argparse.Namespace) -> int:
         from .cli_token import cmd_train_token
 
         return cmd_train_token(args)
+    if args.task == "image-classification":
+        from .cli_vision import cmd_train_image
+
+        return cmd_train_image(args)
     return _train_classification(args)
 
 
@@ -386,6 +390,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .cli_token import cmd_eval_token
 
         return cmd_eval_token(args)
+    if (adapter / TRAIN_INFO).is_file() and read_json(adapter / TRAIN_INFO).get("task") == "image-classification":
+        from .cli_vision import cmd_eval_image
+
+        return cmd_eval_image(args)
     info = _read_train_info(adapter)
     from . import data as D
     from .cli_run import eval_model_dir
@@ -435,10 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a sequence classifier with a PEFT method (default: LoRA on "
                                    "all-MiniLM-L6-v2, Rotten Tomatoes reviews), or with --task causal-lm a chat "
                                    "model (default: SmolLM2-135M-Instruct on the English ChatterBot corpus).")
-    t.add_argument("--task", choices=("classification", "causal-lm", "token-classification"),
+    t.add_argument("--task", choices=("classification", "causal-lm", "token-classification", "image-classification"),
                    default="classification",
                    help="classification (default); causal-lm: instruction tuning, loss on the answers only; "
-                        "token-classification: BIO tagging (NER) from a CoNLL-style file")
+                        "token-classification: BIO tagging (NER) from a CoNLL-style file; image-classification: "
+                        "EfficientNet-Lite0 on scikit-learn's digits or an .npz of images")
     t.add_argument("--method", default=DEFAULTS["method"], help="registered method (see 'peftkit methods')")
     t.add_argument("--rank", type=int, help="rank r, for methods that have one (default: the method's, 8 for lora)")
     t.add_argument("--alpha", type=float, help="scale numerator alpha, for methods that have one")
@@ -455,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {DEFAULTS['batch_size']} (causal-lm {LM_DEFAULTS['batch_size']})")
     t.add_argument("--max-length", type=int,
                    help=f"tokens (default {DEFAULTS['max_length']}; causal-lm {LM_DEFAULTS['max_length']})")
+    t.add_argument("--image-size", type=int, metavar="PX",
+                   help="image-classification: input side in pixels, images resized bilinearly (default 64)")
     t.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init, shuffling, dropout (default 0)")
     t.add_argument("--split-seed", type=int, default=DEFAULTS["split_seed"], help="held-out split (default 0)")
     t.add_argument("--eval-size", type=int, help="held-out examples (default 1000, causal-lm "

@@ -134,16 +134,17 @@ class TrainRun:
 
     # -- training -------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, batches: Iterable[Any], steps: int, procedures: Sequence[Any],
-              unit: str = "examples") -> Any:
+              unit: str = "examples", inputs: str | None = None) -> Any:
         """:func:`peftkit.train.train` with the run's options, checkpoints and ``--resume``; prints the budget
-        before and the speed after."""
+        (``inputs``: what one example is, default the max length) before and the speed after."""
         import torch
 
         from .train.trainer import train
 
         a = self.args
-        print(f"training {steps} steps × batch {a.batch_size}{_processes(self.world_size)} (lr {a.lr:g}, max length "
-              f"{a.max_length}, {torch.get_num_threads()} threads)", flush=True)
+        inputs = inputs or f"max length {a.max_length}"
+        print(f"training {steps} steps × batch {a.batch_size}{_processes(self.world_size)} (lr {a.lr:g}, {inputs}, "
+              f"{torch.get_num_threads()} threads)", flush=True)
         self._ckpt = checkpointing(a, self.output)
         r = self.result = train(model, batches, steps=steps, lr=a.lr, warmup=a.warmup, procedures=procedures,
                                 progress=not a.no_progress, **self._ckpt)
