@@ -34,8 +34,13 @@ OPTIONS: dict[str, list[str]] = {
     "conditional_ssf": ["--lr", "1e-2"],
     "lntuning": ["--lr", "1e-2"],
     "prompt_tuning": ["--lr", "3e-2"],
-    "prefix_tuning": ["--lr", "1e-2"],
+    "prefix_tuning": ["--lr", "1e-3"],  # 2.6M values through the MLP: lr 1e-2 collapsed to the majority class
+    # many values or a large built-in scale (MTLoRA: r = 64, scale 4; parallel adapter: bottleneck 256 on the MLPs):
+    # lr 2e-3 collapsed to the majority class in 300-step runs
+    "mtlora": ["--lr", "2e-4"],
+    "parallel_adapter": ["--lr", "2e-4"],
     "ptuning_v2": ["--lr", "1e-2"],
+    "divcontrol": ["--lr", "1e-2"],  # 7,874 values (singular-value gates and the condition router)
 }
 
 #: ``--quick``: one fast method per family (LoRA is the reference), each well under a second per step at 2 threads
