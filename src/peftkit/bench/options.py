@@ -38,6 +38,7 @@ OPTIONS: dict[str, list[str]] = {
     # many values or a large built-in scale (MTLoRA: r = 64, scale 4; parallel adapter: bottleneck 256 on the MLPs):
     # lr 2e-3 collapsed to the majority class in 300-step runs
     "mtlora": ["--lr", "2e-4"],
+    "polyhistor": ["--lr", "5e-4"],  # adapter weights from a shared hypernetwork: 2e-3 collapsed too
     "parallel_adapter": ["--lr", "2e-4"],
     "ptuning_v2": ["--lr", "1e-2"],
     "divcontrol": ["--lr", "1e-2"],  # 7,874 values (singular-value gates and the condition router)
