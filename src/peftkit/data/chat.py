@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import PeftkitError
+from .text import json_objects, open_text
 
 CHATTERBOT = "chatterbot"
 CHATTERBOT_PACKAGE = "chatterbot-corpus"
@@ -121,36 +122,21 @@ def load_chat_jsonl(path: str | Path) -> ChatData:
     Every problem is reported with its line number; duplicates are kept (a repeated line is a weighting)."""
     path = Path(path)
     convs: list[list[Message]] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PeftkitError(f"{path}:{n}: not valid JSON ({e.msg}); expected one object per line") from None
-                if not isinstance(rec, dict):
-                    raise PeftkitError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-                has_pair, has_chat = "prompt" in rec or "response" in rec, "messages" in rec
-                if has_pair and has_chat:
-                    raise PeftkitError(f"{path}:{n}: has both 'messages' and 'prompt'/'response'; give one form")
-                if has_chat:
-                    convs.append(_messages(path, n, rec["messages"]))
-                elif "prompt" in rec and "response" in rec:
-                    p, r = rec["prompt"], rec["response"]
-                    if not isinstance(p, str) or not isinstance(r, str):
-                        raise PeftkitError(f"{path}:{n}: 'prompt' and 'response' must be strings")
-                    convs.append([{"role": "user", "content": p}, {"role": "assistant", "content": r}])
-                else:
-                    raise PeftkitError(f"{path}:{n}: expected {{'prompt', 'response'}} or {{'messages': [...]}}, "
-                                       f"found keys {sorted(rec)}")
-    except FileNotFoundError:
-        raise PeftkitError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise PeftkitError(f"data path is a directory, not a file: {path}") from None
-    except UnicodeDecodeError as e:
-        raise PeftkitError(f"{path}: not UTF-8 text ({e.reason})") from None
+    with open_text(path) as f:
+        for n, rec in json_objects(f, path):
+            has_pair, has_chat = "prompt" in rec or "response" in rec, "messages" in rec
+            if has_pair and has_chat:
+                raise PeftkitError(f"{path}:{n}: has both 'messages' and 'prompt'/'response'; give one form")
+            if has_chat:
+                convs.append(_messages(path, n, rec["messages"]))
+            elif "prompt" in rec and "response" in rec:
+                p, r = rec["prompt"], rec["response"]
+                if not isinstance(p, str) or not isinstance(r, str):
+                    raise PeftkitError(f"{path}:{n}: 'prompt' and 'response' must be strings")
+                convs.append([{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+            else:
+                raise PeftkitError(f"{path}:{n}: expected {{'prompt', 'response'}} or {{'messages': [...]}}, "
+                                   f"found keys {sorted(rec)}")
     if not convs:
         raise PeftkitError(f"{path}: no examples")
     return ChatData(convs, str(path.resolve()))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import PeftkitError
+from .text import open_text
 
 OUTSIDE = "O"
 IGNORE = -100
@@ -136,39 +137,32 @@ def _read_sentences(path: Path, tag_column: int) -> list[_Sentence]:
             sentences.append(cur)
         cur = _Sentence()
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, raw in enumerate(f, 1):
-                line = raw.strip()
-                if not line:
-                    close()
-                    continue
-                cols = _COLUMNS.split(line)
-                if cols[0] == DOCSTART:
-                    close()
-                    continue
-                if len(cols) < 2:
-                    raise PeftkitError(f"{path}:{n}: expected a token and its tag separated by spaces or tabs, got "
-                                       f"{line!r}")
-                if not ncols:
-                    ncols, first = len(cols), n
-                elif len(cols) != ncols:
-                    raise PeftkitError(f"{path}:{n}: {len(cols)} columns, but line {first} has {ncols}; every token "
-                                       "line needs the same columns (a token cannot contain a space)")
-                if not -ncols <= tag_column < ncols:
-                    raise PeftkitError(f"{path}:{n}: no tag column {tag_column}: the lines have {ncols} columns")
-                tag = cols[tag_column]
-                _check_tag(path, n, tag)
-                cur.words.append(cols[0])
-                cur.tags.append(tag)
-                cur.lines.append(n)
-            close()
-    except FileNotFoundError:
-        raise PeftkitError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise PeftkitError(f"data path is a directory, not a file: {path}") from None
-    except UnicodeDecodeError as e:
-        raise PeftkitError(f"{path}: not UTF-8 text ({e.reason})") from None
+    with open_text(path) as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                close()
+                continue
+            cols = _COLUMNS.split(line)
+            if cols[0] == DOCSTART:
+                close()
+                continue
+            if len(cols) < 2:
+                raise PeftkitError(f"{path}:{n}: expected a token and its tag separated by spaces or tabs, got "
+                                   f"{line!r}")
+            if not ncols:
+                ncols, first = len(cols), n
+            elif len(cols) != ncols:
+                raise PeftkitError(f"{path}:{n}: {len(cols)} columns, but line {first} has {ncols}; every token "
+                                   "line needs the same columns (a token cannot contain a space)")
+            if not -ncols <= tag_column < ncols:
+                raise PeftkitError(f"{path}:{n}: no tag column {tag_column}: the lines have {ncols} columns")
+            tag = cols[tag_column]
+            _check_tag(path, n, tag)
+            cur.words.append(cols[0])
+            cur.tags.append(tag)
+            cur.lines.append(n)
+        close()
     if not sentences:
         raise PeftkitError(f"{path}: no sentences (expected one 'token tag' line per token, blank lines between "
                            "sentences)")

@@ -11,14 +11,15 @@ Tokenisation happens once (:func:`encode`, no padding); :class:`Batches` pads ea
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -69,6 +70,36 @@ def load_rotten_tomatoes() -> TextData:
     return TextData(texts, labels, list(_RT_LABELS), ROTTEN_TOMATOES)
 
 
+@contextlib.contextmanager
+def open_text(path: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """``path`` opened as UTF-8 text; a missing file, a folder or bytes that are not UTF-8 (while reading too) become
+    one clear :class:`PeftkitError`."""
+    try:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            yield f
+    except FileNotFoundError:
+        raise PeftkitError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise PeftkitError(f"data path is a directory, not a file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise PeftkitError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+def json_objects(lines: Iterable[str], path: Path, expected: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSON-lines file; a line that is not a JSON object is
+    an error naming ``path:line``."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PeftkitError(f"{path}:{n}: not valid JSON ({e.msg}); expected one object per line") from None
+        if not isinstance(rec, dict):
+            raise PeftkitError(f"{path}:{n}: expected {expected}, got {type(rec).__name__}")
+        yield n, rec
+
+
 def _read_rows(path: Path) -> list[tuple[int, Any, Any]]:
     """(line number, text, raw label) for every record of a CSV / TSV / JSONL file."""
     suffix = path.suffix.lower()
@@ -76,7 +107,7 @@ def _read_rows(path: Path) -> list[tuple[int, Any, Any]]:
         raise PeftkitError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; use .csv, .tsv or .jsonl")
     rows: list[tuple[int, Any, Any]] = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open_text(path, newline="") as f:
             if suffix in (".csv", ".tsv"):
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 cols = reader.fieldnames or []
@@ -89,26 +120,11 @@ def _read_rows(path: Path) -> list[tuple[int, Any, Any]]:
                 for row in reader:
                     rows.append((reader.line_num, row["text"], row["label"]))
             else:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        msg = f"{path}:{n}: not valid JSON ({e.msg}); expected one object per line"
-                        raise PeftkitError(msg) from None
-                    if not isinstance(rec, dict):
-                        raise PeftkitError(f"{path}:{n}: expected a JSON object with 'text' and 'label'")
+                for n, rec in json_objects(f, path, "a JSON object with 'text' and 'label'"):
                     missing = [c for c in ("text", "label") if c not in rec]
                     if missing:
                         raise PeftkitError(f"{path}:{n}: missing field(s) {missing}; found {sorted(rec)}")
                     rows.append((n, rec["text"], rec["label"]))
-    except FileNotFoundError:
-        raise PeftkitError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise PeftkitError(f"data path is a directory, not a file: {path}") from None
-    except UnicodeDecodeError as e:
-        raise PeftkitError(f"{path}: not UTF-8 text ({e.reason})") from None
     except csv.Error as e:
         raise PeftkitError(f"{path}: malformed CSV ({e})") from None
     if not rows:
