@@ -410,17 +410,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, eval_idx = D.split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
         subset, what = data.subset(eval_idx), f"the held-out split of {data.source}"
 
-    import peftkit
-
+    from .cli_run import load_for_eval
     from .models import load_classifier
     from .train.trainer import accuracy
 
     model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                        quantize=info.get("quantize"))
-    peftkit.load(model, adapter)
-    if args.rank is not None:
-        peftkit.set_rank(model, args.rank)
-        what += f", at rank {args.rank}"
+    what = load_for_eval(model, adapter, args.rank, what)
     batches = D.Batches(D.encode(tokenizer, subset.texts, int(info["max_length"])), subset.labels,
                         int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])), D.pad_token_id(tokenizer),
                         shuffle=False)

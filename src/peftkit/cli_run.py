@@ -197,3 +197,15 @@ def eval_model_dir(info: dict[str, Any], default: Callable[[], Path]) -> Path:
     if not (model_dir / "config.json").is_file() and info.get("model_is_default"):
         model_dir = default()
     return resolve_model_dir(model_dir)
+
+
+def load_for_eval(model: nn.Module, adapter: Path, rank: int | None, what: str) -> str:
+    """Load the adapter saved in ``adapter`` into ``model`` (``peftkit eval``), at rank ``rank`` when given (methods
+    trained for every rank, e.g. DyLoRA); returns ``what`` (the evaluated data's description) saying so."""
+    import peftkit
+
+    peftkit.load(model, adapter)
+    if rank is not None:
+        peftkit.set_rank(model, rank)
+        what += f", at rank {rank}"
+    return what

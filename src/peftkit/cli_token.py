@@ -134,17 +134,13 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
         _, idx = split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
         what = f"the held-out split of {data.source}"
 
-    import peftkit
-
+    from .cli_run import load_for_eval
     from .models import load_token_classifier
     from .train.token_classification import evaluate_tags
 
     model, tokenizer = load_token_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                              quantize=info.get("quantize"))
-    peftkit.load(model, adapter)
-    if args.rank is not None:
-        peftkit.set_rank(model, args.rank)
-        what += f", at rank {args.rank}"
+    what = load_for_eval(model, adapter, args.rank, what)
     aligned = align(tokenizer, [data.words[i] for i in idx], None, int(info["max_length"]))
     scores = evaluate_tags(model, tokenizer, aligned, [data.tag_names(i) for i in idx], names,
                            int(info.get("eval_batch_size", TOKEN_DEFAULTS["eval_batch_size"])))

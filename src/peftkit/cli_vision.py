@@ -143,16 +143,12 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
 
     import torch
 
-    import peftkit
-
+    from .cli_run import load_for_eval
     from .train.trainer import accuracy
 
     torch.manual_seed(int(info["seed"]))
     model = build_backbone(model_name, len(names))
-    peftkit.load(model, adapter)
-    if args.rank is not None:
-        peftkit.set_rank(model, args.rank)
-        what += f", at rank {args.rank}"
+    what = load_for_eval(model, adapter, args.rank, what)
     batches = ImageBatches(subset, int(info.get("eval_batch_size", IMG_DEFAULTS["eval_batch_size"])),
                            int(info["image_size"]), shuffle=False)
     acc = accuracy(model, batches)
