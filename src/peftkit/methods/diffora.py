@@ -29,12 +29,11 @@ step: alternating, but single-split — a documented fallback, not the paper's b
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.adapter import Adapter, make_dropout
@@ -134,23 +133,6 @@ def apply_selection(model: nn.Module, name: str, mods: list[tuple[str, Diffora]]
     return selected
 
 
-def _task_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
-    """``model(**batch).loss`` (cross-entropy on its logits against ``labels`` if it has none) for a mapping batch;
-    cross-entropy of ``model(inputs)`` against ``targets`` for an ``(inputs, targets)`` pair."""
-    if isinstance(batch, Mapping):
-        outputs = model(**batch)
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-        if loss is None:
-            logits = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs)
-            loss = F.cross_entropy(logits, batch["labels"])
-        return loss, outputs
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        outputs = model(batch[0])
-        return F.cross_entropy(getattr(outputs, "logits", outputs), batch[1]), outputs
-    raise PeftkitError(f"DifforaSearch: cannot compute a loss for a batch of type {type(batch).__name__}; "
-                       f"pass loss_fn=")
-
-
 class DifforaSearch(Procedure):
     """The alternating bi-level search and the discretisation (module docstring).
 
@@ -164,7 +146,9 @@ class DifforaSearch(Procedure):
                  loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]] | None = None) -> None:
         self.config = config
         self.held_out = held_out
-        self.loss_fn = loss_fn or _task_loss
+        if loss_fn is None:
+            from peftkit.train.trainer import default_loss as loss_fn  # the trainer's task loss, the same definition
+        self.loss_fn = loss_fn
         self.optimizers: dict[str, torch.optim.Adam] = {}  # adapter name -> optimiser of its θ's
         self.train_optimizer: torch.optim.Optimizer | None = None
         self.theta_steps = 0
