@@ -25,7 +25,7 @@ OPTIONS: dict[str, list[str]] = {
     "svd": ["--lr", "5e-3"],
     "tlora": [],
     "loca": ["--lr", "1e-2"],
-    "l4q": [],
+    "l4q": ["--lr", "2e-4"],
     "qwha": [],
     "triadaptlora": ["--lr", "5e-3", "--opt", "total_steps={steps}"],  # T of the rank-growth schedule = the run
     "diffora": ["--opt", "search_steps={steps_third}"],  # relaxed search for the first third, then discretise
@@ -34,7 +34,11 @@ OPTIONS: dict[str, list[str]] = {
     "conditional_ssf": ["--lr", "1e-2"],
     "lntuning": ["--lr", "1e-2"],
     "prompt_tuning": ["--lr", "3e-2"],
-    "prefix_tuning": ["--lr", "1e-3"],  # 2.6M values through the MLP: lr 1e-2 collapsed to the majority class
+    # 2.6M values through the reparametrising MLP: lr 1e-2 and 1e-3 collapsed to the majority class
+    "prefix_tuning": ["--lr", "1e-4"],
+    # the trained values are the weights themselves (SketchTune's tables) or sit next to learned quantiser steps
+    # (L4Q): lr 2e-3 collapsed to the majority class
+    "sketchtune": ["--lr", "5e-5"],
     # many values or a large built-in scale (MTLoRA: r = 64, scale 4; parallel adapter: bottleneck 256 on the MLPs):
     # lr 2e-3 collapsed to the majority class in 300-step runs
     "mtlora": ["--lr", "2e-4"],
