@@ -388,3 +388,24 @@ def test_train_calibrates_a_data_aware_method_first(tiny_model_dir: Path, csv_fi
     assert 0 < cal["error_after"] < cal["error_before"]
     assert main(["eval", "--adapter", str(out)]) == 0
     assert "reproduced" in capsys.readouterr().out
+
+
+def test_head_lr_trains_the_head_at_its_own_rate(tiny_model_dir: Path, csv_file: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    outs = {}
+    for tag, extra in (("same", ()), ("fast-head", ("--head-lr", "5e-2"))):
+        out = tmp_path / tag
+        args = _train_args(tiny_model_dir, csv_file, out, "--steps", "5", "--lr", "1e-3", *extra)
+        assert main(args) == 0
+        outs[tag] = out
+    info = json.loads((outs["fast-head"] / "train_info.json").read_text())
+    assert info["head_lr"] == 5e-2 and json.loads((outs["same"] / "train_info.json").read_text())["head_lr"] is None
+    a, b = (load_file(str(outs[t] / "adapter_model.safetensors")) for t in ("same", "fast-head"))
+    head = [k for k in a if "classifier" in k]
+    assert head and all(not torch.allclose(a[k], b[k]) for k in head)
+    capsys.readouterr()
+    assert main(_train_args(tiny_model_dir, csv_file, tmp_path / "bad", "--head-lr", "0")) == 1
+    assert "--head-lr must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

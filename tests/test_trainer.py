@@ -288,3 +288,25 @@ def test_dylora_sampler_in_transformers_trainer(tmp_path: Any) -> None:
     for b in (1, 3):
         set_rank(model, b), set_rank(fresh, b)
         torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)
+
+
+def test_head_param_groups_put_the_saved_head_at_its_own_lr() -> None:
+    from peftkit.train.trainer import head_param_groups
+
+    model = _tiny_bert()  # LoRA on query/value, classifier in modules_to_save
+    groups = head_param_groups(model, 1e-4, 5e-3)
+    assert [g["lr"] for g in groups] == [1e-4, 5e-3]
+    names = {id(p): n for n, p in model.named_parameters()}
+    adapter = {names[id(p)] for p in groups[0]["params"]}
+    head = {names[id(p)] for p in groups[1]["params"]}
+    assert head == {"classifier.copies.default.weight", "classifier.copies.default.bias"}
+    assert adapter and all("lora_" in n for n in adapter)
+    assert len(adapter) + len(head) == len(peftkit.trainable_parameters(model))
+    # the schedule scales both groups; after one step each group moved by its own lr (Adam: |Δ| ≈ lr)
+    opt = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = {"input_ids": torch.randint(5, 50, (4, 8)), "labels": torch.tensor([0, 1, 0, 1])}
+    train(model, [batch], steps=1, optimizer=opt, warmup=0, progress=False, max_grad_norm=None)
+    step = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad}
+    assert step["classifier.copies.default.weight"] == pytest.approx(5e-3, rel=0.05)
+    assert max(v for n, v in step.items() if "lora_B" in n) == pytest.approx(1e-4, rel=0.05)

@@ -100,6 +100,7 @@ def run_record(args: argparse.Namespace, result: Any) -> dict[str, Any]:
         "processes": world()[1],
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "head_lr": getattr(args, "head_lr", None),
         "warmup": args.warmup,
         "steps": result.steps,
         "examples_seen": result.examples,
@@ -190,7 +191,8 @@ def _check_train_args(args: argparse.Namespace) -> tuple[Any, type, dict[str, An
             raise PeftkitError(f"{flag}: method {info.name!r} has no field {key!r}; valid fields: {', '.join(fields)}")
     cfg_fields.update(_parse_opts(args.opt or [], fields, cfg_cls.__name__))
     cfg_cls.from_dict(cfg_fields)  # field values checked now; modules_to_save is filled once the model is loaded
-    for flag, v in (("--lr", args.lr), ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+    for flag, v in (("--lr", args.lr), ("--batch-size", args.batch_size), ("--max-length", args.max_length),
+                    ("--head-lr", args.head_lr)):
         if v is not None and v <= 0:  # None: an option the task does not use (max length for images)
             raise PeftkitError(f"{flag} must be > 0, got {v}")
     if args.steps is not None and args.steps < 1:
@@ -455,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, help=f"epochs over the training split (default {DEFAULTS['epochs']:g})")
     t.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']:g}; causal-lm "
                                             f"{LM_DEFAULTS['lr']:g})")
+    t.add_argument("--head-lr", type=float, metavar="LR",
+                   help="learning rate of the fresh task head (modules_to_save) when it should differ from --lr")
     t.add_argument("--warmup", type=float, default=DEFAULTS["warmup"], help="warmup fraction (default %(default)g)")
     t.add_argument("--batch-size", type=int,
                    help=f"default {DEFAULTS['batch_size']} (causal-lm {LM_DEFAULTS['batch_size']})")

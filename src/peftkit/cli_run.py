@@ -139,15 +139,18 @@ class TrainRun:
         (``inputs``: what one example is, default the max length) before and the speed after."""
         import torch
 
-        from .train.trainer import train
+        from .train.trainer import head_param_groups, train
 
         a = self.args
         inputs = inputs or f"max length {a.max_length}"
         print(f"training {steps} steps × batch {a.batch_size}{_processes(self.world_size)} (lr {a.lr:g}, {inputs}, "
               f"{torch.get_num_threads()} threads)", flush=True)
         self._ckpt = checkpointing(a, self.output)
+        optimizer = None
+        if getattr(a, "head_lr", None) is not None:  # the fresh task head at its own learning rate
+            optimizer = torch.optim.AdamW(head_param_groups(model, a.lr, a.head_lr), lr=a.lr)
         r = self.result = train(model, batches, steps=steps, lr=a.lr, warmup=a.warmup, procedures=procedures,
-                                progress=not a.no_progress, **self._ckpt)
+                                optimizer=optimizer, progress=not a.no_progress, **self._ckpt)
         print(f"trained {r.steps} steps ({r.examples:,} {unit}) in {r.seconds:.1f} s — {r.throughput:.1f} {unit}/s, "
               f"final loss {r.final_loss:.4f}" + (f", peak memory +{r.peak_mib:.0f} MiB" if r.peak_mib is not None
                                                    else ""))

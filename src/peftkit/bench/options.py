@@ -34,15 +34,17 @@ OPTIONS: dict[str, list[str]] = {
     "conditional_ssf": ["--lr", "1e-2"],
     "lntuning": ["--lr", "1e-2"],
     "prompt_tuning": ["--lr", "3e-2"],
-    # 2.6M values through the reparametrising MLP: lr 1e-2 and 1e-3 collapsed to the majority class
-    "prefix_tuning": ["--lr", "1e-4"],
+    # 2.6M values through the reparametrising MLP: lr 1e-2, 1e-3 and 1e-4 (head included) stayed at the majority
+    # class; the fresh head needs a larger rate than the MLP tolerates
+    "prefix_tuning": ["--lr", "3e-4", "--head-lr", "2e-3"],
     # the trained values are the weights themselves (SketchTune's tables) or sit next to learned quantiser steps
     # (L4Q): lr 2e-3 collapsed to the majority class
     "sketchtune": ["--lr", "5e-5"],
     # many values or a large built-in scale (MTLoRA: r = 64, scale 4; parallel adapter: bottleneck 256 on the MLPs):
     # lr 2e-3 collapsed to the majority class in 300-step runs
     "mtlora": ["--lr", "2e-4"],
-    "polyhistor": ["--lr", "5e-4"],  # adapter weights from a shared hypernetwork: 2e-3 collapsed too
+    # adapter weights from a shared hypernetwork: 2e-3 and 5e-4 (head included) stayed at the majority class
+    "polyhistor": ["--lr", "5e-4", "--head-lr", "2e-3"],
     "parallel_adapter": ["--lr", "2e-4"],
     "ptuning_v2": ["--lr", "1e-2"],
     "divcontrol": ["--lr", "1e-2"],  # 7,874 values (singular-value gates and the condition router)

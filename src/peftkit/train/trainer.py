@@ -337,6 +337,19 @@ def accuracy(model: nn.Module, batches: Iterable[Any]) -> tuple[float, int, int]
     return correct / max(len(gold), 1), correct, len(gold)
 
 
+def head_param_groups(model: nn.Module, lr: float, head_lr: float) -> list[dict[str, Any]]:
+    """Two AdamW parameter groups: the adapters (and any other trainable tensor) at ``lr``, the fully trained copies
+    of ``modules_to_save`` (e.g. a fresh classification head) at ``head_lr`` — for methods whose adapter needs a
+    much smaller or larger learning rate than a fresh head (prefix tuning's reparametrising MLP, prompt tuning)."""
+    from ..core.model import _saved_modules
+
+    head_ids = {id(p) for _, sm in _saved_modules(model) for p in sm.copies.parameters() if p.requires_grad}
+    params = trainable_parameters(model)
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
+              {"params": [p for p in params if id(p) in head_ids], "lr": head_lr}]
+    return [g for g in groups if g["params"]]
+
+
 def method_procedures(info: Any, model: nn.Module, cfg: Any) -> list[Procedure]:
     """The training procedure a method registered (``info.procedure``), built as ``peftkit train`` and ``peftkit
     bench`` build it: ``Procedure(model, config)`` when its constructor takes two arguments, else ``Procedure()``."""
