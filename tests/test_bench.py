@@ -176,7 +176,7 @@ def test_options_placeholders_follow_the_steps() -> None:
     assert O.train_options("not-listed", 10) == []
     for method, args in O.OPTIONS.items():  # every entry is flag/value pairs naming a registered method's fields
         info = peftkit.get_method(O.base_method(method))
-        assert len(args) % 2 == 0 and set(args[::2]) <= {"--lr", "--opt"}, method
+        assert len(args) % 2 == 0 and set(args[::2]) <= {"--lr", "--head-lr", "--opt"}, method
         assert set(O.config_options(method, 300)) <= set(info.config.field_names()), method
 
 
