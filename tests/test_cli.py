@@ -409,3 +409,14 @@ def test_head_lr_trains_the_head_at_its_own_rate(tiny_model_dir: Path, csv_file:
     assert main(_train_args(tiny_model_dir, csv_file, tmp_path / "bad", "--head-lr", "0")) == 1
     assert "--head-lr must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_output_that_cannot_be_created_fails_before_training(tiny_model_dir: Path, csv_file: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(_train_args(tiny_model_dir, csv_file, blocker / "run")) == 1
+    cap = capsys.readouterr()
+    assert "cannot be created" in cap.err and "is a file, not a folder" in cap.err
+    assert "training" not in cap.out  # refused before the model was loaded
+    assert blocker.read_text() == "x"

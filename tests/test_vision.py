@@ -516,3 +516,50 @@ def test_pretrained_features_beat_random_ones_on_digits() -> None:
     with torch.no_grad():
         random.train().features(x[:n])
     assert pretrained >= 0.85 and pretrained > probe(random) + 0.3
+
+
+def _bars_folder(root: Path, n: int = 90) -> Path:
+    """The bars as PNG files in class subfolders, at mixed sizes and modes (grey, RGB, RGBA)."""
+    from PIL import Image
+
+    images, labels = _bars(n)
+    names = ["horizontal", "vertical", "diagonal"]
+    for i, (img, c) in enumerate(zip(images, labels)):
+        d = root / names[c]
+        d.mkdir(parents=True, exist_ok=True)
+        side = (12, 20, 31)[i % 3]
+        im = Image.fromarray(img, mode="L").resize((side, side), Image.Resampling.NEAREST)
+        im = im.convert(("L", "RGB", "RGBA")[i % 3])
+        im.save(d / f"{i:03d}.png")
+    (root / "horizontal" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_image_folder_of_mixed_sizes_trains_and_evaluates(tiny_backbone: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from peftkit.data.images import FOLDER_SIDE, load_image_folder
+
+    root = _bars_folder(tmp_path / "bars")
+    data = load_image_folder(root)
+    assert data.label_names == ["diagonal", "horizontal", "vertical"]  # sorted folder names
+    assert tuple(data.images.shape) == (90, 3, FOLDER_SIDE, FOLDER_SIDE) and len(data.labels) == 90
+    assert float(data.images.min()) >= 0 and float(data.images.max()) <= 1
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_backbone, root, out, "--steps", "40", "--lr", "0.02", "--batch-size", "16")) == 0
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["label_names"] == data.label_names and info["train_examples"] == 72
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out)]) == 0
+    assert "reproduced" in capsys.readouterr().out
+    # bad folders: an undecodable image is named; no class folders; a class the adapter never saw
+    (root / "vertical" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(PeftkitError, match="broken.png: not a readable image"):
+        load_image_folder(root)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(PeftkitError, match="no class subfolders"):
+        load_image_folder(tmp_path / "flat")
+    (root / "vertical" / "broken.png").unlink()
+    (root / "square").mkdir()
+    (root / "square" / "a.png").write_bytes((root / "vertical" / "001.png").read_bytes())
+    with pytest.raises(PeftkitError, match=r"class folder\(s\) \['square'\] are not among"):
+        load_image_folder(root, data.label_names)

@@ -52,6 +52,7 @@ class TrainRun:
         if self.output.exists() and (not self.output.is_dir() or any(self.output.iterdir())) and not args.overwrite:
             raise PeftkitError(f"output {self.output} already exists and is not empty; choose another --output or "
                                "--overwrite")
+        _check_writable(self.output)
         from .train.distributed import world
 
         self.rank, self.world_size = world()
@@ -189,6 +190,19 @@ class TrainRun:
         print(f"saved adapter to {self.output}")
         print(f"wall time: {wall:.1f} s")
         return 0
+
+
+def _check_writable(output: Path) -> None:
+    """Fail before training, not after it, when ``output`` cannot be created or written (nothing is created here)."""
+    import os
+
+    here = output.absolute()
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise PeftkitError(f"output {output} cannot be created: {here} is a file, not a folder")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise PeftkitError(f"output {output} cannot be written: no write permission on {here}")
 
 
 def eval_model_dir(info: dict[str, Any], default: Callable[[], Path]) -> Path:

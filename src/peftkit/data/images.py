@@ -164,15 +164,58 @@ def load_npz(path: str | Path, label_names: Sequence[str] | None = None) -> Imag
     return ImageData(images, [index[k] for k in keys], names, str(path.resolve()))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+FOLDER_SIDE = 96  # images of a folder are resized to FOLDER_SIDE × FOLDER_SIDE when read (training resizes again)
+
+
+def load_image_folder(path: str | Path, label_names: Sequence[str] | None = None) -> ImageData:
+    """A folder with one subfolder per class (``root/<label>/<image>``, the torchvision ``ImageFolder`` layout).
+
+    Images may have any size and mode: each is decoded with Pillow, converted to RGB and resized (bilinear) to
+    ``FOLDER_SIDE`` × ``FOLDER_SIDE`` on reading, so a folder of mixed sizes stacks into one tensor; training then
+    resizes to ``--image-size``. Classes are the subfolder names, sorted (or the adapter's ``label_names``); files
+    that are not images by suffix are ignored; a file that cannot be decoded is an error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise PeftkitError(f"{root}: no class subfolders (expected {root}/<label>/<image files>)")
+    names = list(label_names) if label_names is not None else classes
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        raise PeftkitError(f"{root}: class folder(s) {unknown} are not among the adapter's labels {names}")
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for c in classes:
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
+                continue
+            try:
+                with Image.open(f) as im:
+                    rgb = im.convert("RGB").resize((FOLDER_SIDE, FOLDER_SIDE), Image.Resampling.BILINEAR)
+            except (UnidentifiedImageError, OSError) as e:
+                raise PeftkitError(f"{f}: not a readable image ({e})") from None
+            images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1))
+            labels.append(names.index(c))
+    if not images:
+        raise PeftkitError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    return ImageData(torch.stack(images), labels, names, str(root.resolve()))
+
+
 def load_image_data(source: str | None, label_names: Sequence[str] | None = None) -> ImageData:
-    """``None`` or ``"digits"``: scikit-learn's digits; anything else: an ``.npz`` file for :func:`load_npz`."""
+    """``None`` or ``"digits"``: scikit-learn's digits; a folder: :func:`load_image_folder`; else an ``.npz`` file
+    for :func:`load_npz`."""
     if source is None or source == DIGITS:
         data = load_digits()
         if label_names is not None and list(label_names) != data.label_names:
             raise PeftkitError(f"the adapter's labels {list(label_names)} are not the digits' {data.label_names}")
         return data
+    if Path(source).is_dir():
+        return load_image_folder(source, label_names)
     if Path(source).suffix.lower() != ".npz":
-        raise PeftkitError(f"{source}: image data must be an .npz file (images, labels) or 'digits'")
+        raise PeftkitError(f"{source}: image data must be an .npz file (images, labels), a folder of class "
+                           f"subfolders, or 'digits'")
     return load_npz(source, label_names)
 
 
