@@ -313,8 +313,7 @@ def _train_classification(args: argparse.Namespace) -> int:
     data = D.load_data(args.data)
     if len(set(data.labels)) < 2:
         raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found {data.label_names}")
-    eval_size = args.eval_size if args.eval_size is not None else min(DEFAULTS["eval_size"], max(1, len(data) // 5))
-    train_idx, eval_idx = D.split_indices(len(data), eval_size, args.split_seed)
+    train_idx, eval_idx = D.split_indices(len(data), run.eval_size(len(data)), args.split_seed)
 
     from .models import load_classifier
     from .train.trainer import accuracy

@@ -39,11 +39,9 @@ def _model_label(model_dir: Path, is_default: bool) -> str:
     return "SmolLM2-135M-Instruct (packaged, cached at " + str(model_dir) + ")" if is_default else str(model_dir)
 
 
-def _split(data: Any, eval_size: int | None, split_seed: int) -> tuple[list[int], list[int]]:
+def _split(data: Any, eval_size: int, split_seed: int) -> tuple[list[int], list[int]]:
     from .data.chat import split_by_prompt
 
-    if eval_size is None:
-        eval_size = min(LM_DEFAULTS["eval_size"], max(1, len(data) // 5))
     return split_by_prompt(data, eval_size, split_seed)
 
 
@@ -78,7 +76,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     from .data.chat import load_chat_data
 
     data = load_chat_data(args.data)  # every data error surfaces before the model loads
-    train_idx, eval_idx = _split(data, args.eval_size, args.split_seed)
+    train_idx, eval_idx = _split(data, run.eval_size(len(data)), args.split_seed)
     model_dir = _model_dir(args.model)
 
     from .models import load_causal_lm

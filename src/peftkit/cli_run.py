@@ -95,6 +95,11 @@ class TrainRun:
         batches = make(self.args.batch_size * self.world_size)
         return Shard(batches, self.rank, self.world_size) if self.world_size > 1 else batches
 
+    def eval_size(self, n: int) -> int:
+        """``--eval-size``, else the task's default held-out size, at most a fifth of the ``n`` examples."""
+        a = self.args.eval_size
+        return a if a is not None else min(self.defaults["eval_size"], max(1, n // 5))
+
     def steps(self, n_batches: int, default_epochs: float | None = None, default_steps: int | None = None) -> int:
         """``--steps``; else ``--epochs`` (else ``default_epochs``) × batches per epoch; else ``default_steps``."""
         a = self.args

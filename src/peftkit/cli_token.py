@@ -53,9 +53,7 @@ def cmd_train_token(args: argparse.Namespace) -> int:
     from .models import resolve_model_dir
 
     data = load_token_data(args.data)  # every data error surfaces before the model loads
-    eval_size = args.eval_size if args.eval_size is not None else min(TOKEN_DEFAULTS["eval_size"],
-                                                                      max(1, len(data) // 5))
-    train_idx, eval_idx = split_indices(len(data), eval_size, args.split_seed)
+    train_idx, eval_idx = split_indices(len(data), run.eval_size(len(data)), args.split_seed)
     model_dir = resolve_model_dir(args.model)
 
     from .models import load_token_classifier

@@ -48,10 +48,6 @@ def _targets_for(info: Any, targets: str | None) -> str | None:
     return targets
 
 
-def _eval_size(n: int, eval_size: int | None) -> int:
-    return eval_size if eval_size is not None else min(IMG_DEFAULTS["eval_size"], max(1, n // 5))
-
-
 def _model_label(name: str) -> str:
     from .vision import BACKBONES
 
@@ -79,7 +75,7 @@ def cmd_train_image(args: argparse.Namespace) -> int:
     data = load_image_data(args.data)  # every data error surfaces before the model loads
     if len(set(data.labels)) < 2:
         raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found {data.label_names}")
-    train_idx, eval_idx = split_indices(len(data), _eval_size(len(data), args.eval_size), args.split_seed)
+    train_idx, eval_idx = split_indices(len(data), run.eval_size(len(data)), args.split_seed)
 
     import torch
 

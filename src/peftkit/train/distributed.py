@@ -22,7 +22,7 @@ of its own (DiffoRA's selection logits θ) updates them per process, from that p
 Dropout draws different masks in different processes (each has its own RNG stream); with dropout > 0 the N-process
 run is a valid data-parallel run but not bit-comparable to the 1-process one.
 
-The backend is ``gloo`` (CPU); on GPUs ``nccl`` is chosen when the model is on CUDA.
+The backend is ``gloo`` (CPU; the models ``peftkit train`` loads stay on the CPU).
 """
 
 from __future__ import annotations
@@ -53,14 +53,8 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     if not dist.is_available():
         raise PeftkitError("this torch build has no torch.distributed; run without torchrun")
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() and os.environ.get("PEFTKIT_DEVICE") == "cuda"
-                              else "gloo")
-        dist.init_process_group(backend)
+        dist.init_process_group(backend or "gloo")
     return world()
-
-
-def is_main() -> bool:
-    return world()[0] == 0
 
 
 class Shard:
