@@ -16,9 +16,8 @@ What it prints (every number is a ratio measured in this one run):
   step runs; the figure is the rise of ``VmHWM`` over the RSS before the step (what the step allocates at its peak:
   saved activations, gradients, temporaries). The child runs with a fixed glibc mmap threshold
   (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set and RSS tracks live memory.
-  Also reported: the bytes of tensors autograd saves for backward
-  (``torch.autograd.graph.saved_tensors_hooks``, distinct storages, parameters excluded) — a deterministic measure
-  of the activation memory each library keeps.
+  Also reported: the bytes of tensors autograd keeps for backward (found by walking the autograd graph: distinct
+  storages, parameters excluded) — a deterministic measure of the activation memory each library keeps.
 * **inference** (eval mode, ``torch.inference_mode``): unmerged peftkit and peft vs the plain base model, and merged
   peftkit vs the plain model; interleaved rounds as above.
 """
@@ -150,17 +149,37 @@ def _status_kb(field: str) -> int:
 
 
 def _saved_tensor_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct storages the autograd graph of one forward keeps for backward, parameters excluded —
+    found by walking the graph (every node's ``_saved_*`` tensors, a custom Function's ``saved_tensors``), so that
+    no saved-tensor hook is in force while the step runs."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
+    def note(t: object) -> None:
+        if isinstance(t, (tuple, list)):
+            for v in t:
+                note(v)
+        elif isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**inputs).last_hidden_state.pow(2).mean()
+    loss = model(**inputs).last_hidden_state.pow(2).mean()
+    stack, visited = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    note(getattr(node, name))
+                except RuntimeError:  # declared but not saved (conditional saving)
+                    pass
+        if hasattr(node, "saved_tensors"):
+            note(node.saved_tensors)
+        stack.extend(fn for fn, _ in node.next_functions)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())

@@ -1,7 +1,8 @@
 """What the low-rank family shares: the config fields r/α/rsLoRA, the scaling rule, factor init, and the fused
 activation-path kernel ``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` with a hand-written backward.
 
-The fused function saves the input once (plus the r-wide ``h = x·Aᵀ``), accumulates the low-rank term into the
+The fused function keeps the input once (plus the r-wide ``h = x·Aᵀ``) — or nothing new at all when the input's
+producer already holds what rebuilds it (:mod:`.saved_input`) —, accumulates the low-rank term into the
 base GEMM's output in place and, in backward, adds the low-rank input gradient into the base input gradient in
 place — no d_out×d_in tensor and no extra d_out-wide temporaries.
 """
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import saved_input
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import Host
@@ -76,38 +78,54 @@ def lowrank_delta(host: Host, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return out * s if s != 1.0 else out
 
 
+def _lowrank_linear(
+    x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, s: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): ``h = x·Aᵀ`` and ``y = x·Wᵀ + b + s·h·Bᵀ``. The r-wide GEMM writes the output first — with the
+    bias folded in as ``[h, 1]·[s·B, b]ᵀ`` — and the base GEMM accumulates into it (β = 1), so the output is
+    written once, as by the base layer alone (which copies the bias in, then accumulates)."""
+    h = torch.mm(x2, a.t())
+    if bias is None:
+        y = torch.mm(h, (b * s).t())
+    else:
+        y = torch.mm(torch.cat([h, h.new_ones(h.shape[0], 1)], 1), torch.cat([b * s, bias[:, None]], 1).t())
+    y.addmm_(x2, w.t())
+    return y, h
+
+
 class _FusedLowRankLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for a frozen (d_out, d_in) ``W``."""
+    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for a frozen (d_out, d_in) ``W``. The input is kept through
+    :mod:`~peftkit.core.saved_input` (no copy of x when its producer — LayerNorm, GELU, SiLU, a gated product —
+    already holds what rebuilds it)."""
 
     @staticmethod
     def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
-        h = torch.mm(x2, a.t())
-        y.addmm_(h, b.t(), alpha=s)
-        ctx.save_for_backward(x2, w, a, b, h)
+        y, h = _lowrank_linear(x.reshape(-1, shape[-1]), w, bias, a, b, s)
+        kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
+        ctx.save_for_backward(w, a, b, h, *kept)
+        ctx.kind, ctx.extra = kind, extra
         ctx.s = s
         ctx.shape = shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        x2, w, a, b, h = ctx.saved_tensors
+        w, a, b, h, *kept = ctx.saved_tensors
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
         gh = torch.mm(g2, b)  # (N, r), unscaled
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g2, w)
-            grad_x.addmm_(gh, a, alpha=s)
+            grad_x = torch.mm(gh * s, a)
+            grad_x.addmm_(g2, w)  # the base GEMM accumulates into the r-wide one's output (one write)
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_a = torch.mm(gh.t(), x2).mul_(s)
+            grad_a = saved_input.left_matmul(ctx.kind, ctx.extra, tuple(kept), gh).mul_(s)
         if ctx.needs_input_grad[4]:
-            grad_b = torch.mm(g2.t(), h).mul_(s)
+            grad_b = torch.mm(h.t(), g2).t().mul_(s)  # (hᵀ·g)ᵀ: the fast layout for a skinny r-wide GEMM
         return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
@@ -120,6 +138,9 @@ def fused_lowrank_forward(
     w = host.weight
     if w.requires_grad or x.dtype != w.dtype or a.dtype != w.dtype or x.dim() < 2:
         return None
+    if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad):
+        y, _ = _lowrank_linear(x.reshape(-1, x.shape[-1]), host.weight_2d(), host.bias, a, b, s)
+        return y.view(*x.shape[:-1], y.shape[-1])
     return _FusedLowRankLinear.apply(x, host.weight_2d(), host.bias, a, b, s)
 
 

@@ -1,0 +1,157 @@
+"""The fused low-rank kernel keeps no copy of an input that its producer's autograd node can rebuild (LayerNorm,
+GELU, SiLU, a gated product): ``Gᵀ·x`` from the packed form equals the one from ``x``, gradients equal the reference,
+and the input's storage is not among the tensors the graph keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkit
+from peftkit.core import saved_input
+
+
+def _u(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 2 + 0.5).requires_grad_()
+
+
+def _ln(affine: bool, bias: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    torch.manual_seed(3)
+    ln = nn.LayerNorm(12, elementwise_affine=affine, bias=bias)
+    if affine:
+        with torch.no_grad():
+            ln.weight.normal_(1, 0.3)
+            if bias:
+                ln.bias.normal_(0, 0.3)
+    return ln
+
+
+PRODUCERS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "layer_norm": ("layer_norm", _ln(True, True)),
+    "layer_norm_no_bias": ("layer_norm", _ln(True, False)),
+    "layer_norm_no_affine": ("layer_norm", _ln(False, False)),
+    "gelu": ("gelu", F.gelu),
+    "gelu_tanh": ("gelu", lambda u: F.gelu(u, approximate="tanh")),
+    "silu": ("silu", F.silu),
+    "gated_product": ("mul", lambda u: F.silu(u) * (u * 0.5 + 1)),
+    "leaf": ("plain", lambda u: u),
+    "relu": ("plain", F.relu),  # ReluBackward0 keeps x itself: saving x costs nothing more
+    "dropout_mask": ("plain", lambda u: u * (torch.rand(u.shape, generator=torch.Generator().manual_seed(1)) > 0.3)),
+    "view": ("plain", lambda u: F.gelu(u).reshape(-1, 12).reshape(u.shape)),
+}
+
+
+@pytest.mark.parametrize("name", list(PRODUCERS))
+def test_pack_and_left_matmul_match_the_input(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kind, fn = PRODUCERS[name]
+    monkeypatch.setattr(saved_input, "_BLOCK_ELEMENTS", 12 * 5)  # several recompute blocks of 5 rows (+ a remainder)
+    x = fn(_u(3, 7, 12))
+    got_kind, extra, kept = saved_input.pack(x)
+    assert got_kind == kind
+    if kind != "plain":
+        assert all(t.data_ptr() != x.data_ptr() for t in kept)
+    g = torch.randn(21, 4, generator=torch.Generator().manual_seed(2))
+    ref = g.t() @ x.detach().reshape(-1, 12)
+    got = saved_input.left_matmul(got_kind, extra, kept, g)
+    assert got.shape == (4, 12)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_tensor_hooks_fall_back_to_the_input_itself() -> None:
+    """Under checkpointing / offloading hooks, reading a producer's saved tensors could trigger the hook: keep x."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        x = F.gelu(_u(4, 12))
+        assert saved_input.pack(x)[0] == "plain"
+    assert saved_input.pack(F.gelu(_u(4, 12)))[0] == "gelu"
+
+
+class Block(nn.Module):
+    """LayerNorm → Linear → GELU → Linear → (gated) Linear: every producer kind in front of an adapted Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 32)
+        self.gate = nn.Linear(32, 24, bias=False)
+        self.val = nn.Linear(32, 24)
+        self.down = nn.Linear(24, 16)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.up(self.ln(u)))
+        return self.down(F.silu(self.gate(h)) * self.val(h))
+
+
+def _adapted(seed: int = 0) -> Block:
+    torch.manual_seed(seed)
+    m = Block()
+    with torch.no_grad():
+        m.ln.weight.normal_(1, 0.2)
+        m.ln.bias.normal_(0, 0.2)
+    peftkit.adapt(m, peftkit.config("lora", target_modules=["up", "gate", "val", "down"], r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return m
+
+
+def _kept_storages(out: torch.Tensor) -> set[int]:
+    """Data pointers of every tensor the autograd graph of ``out`` keeps (a custom Function's saved tensors too)."""
+    seen: set[int] = set()
+    stack, visited = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                v = getattr(node, name)
+                if isinstance(v, torch.Tensor):
+                    seen.add(v.untyped_storage().data_ptr())
+        for t in getattr(node, "saved_tensors", ()):
+            seen.add(t.untyped_storage().data_ptr())
+        stack.extend(fn for fn, _ in node.next_functions)
+    return seen
+
+
+def test_fused_gradients_match_the_reference_and_rebuilt_inputs_are_not_kept() -> None:
+    m = _adapted()
+    u = _u(2, 5, 16, seed=4)
+    acts: dict[str, torch.Tensor] = {}
+    for name in ("up", "gate", "down"):
+        getattr(m, name).register_forward_pre_hook(lambda mod, args, name=name: acts.__setitem__(name, args[0]))
+    out = m(u)
+    assert "FusedLowRankLinear" in type(out.grad_fn).__name__
+    kept = _kept_storages(out)
+    for name in ("up", "gate", "down"):  # LayerNorm output, GELU output, the gated product: none kept
+        assert acts[name].untyped_storage().data_ptr() not in kept, name
+    acts.clear()
+    out.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    grad_u = u.grad.clone()
+
+    ref = _adapted()  # the same function through the unfused activation path
+    for layer in (ref.up, ref.gate, ref.val, ref.down):
+        layer.adapters["default"].fused_forward = lambda x: None
+    u2 = u.detach().clone().requires_grad_()
+    ref(u2).pow(2).sum().backward()
+    torch.testing.assert_close(u2.grad, grad_u, rtol=1e-5, atol=1e-6)
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_inference_without_grad_skips_autograd_and_matches() -> None:
+    m = _adapted()
+    u = _u(3, 16, seed=5).detach()
+    y_grad = m(u)
+    with torch.no_grad():
+        y = m(u)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
