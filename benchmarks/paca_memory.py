@@ -6,8 +6,11 @@ r' = 8·(d_in + d_out)/d_out (16 for the 384×384 layers, 10 for the FFN up-proj
 the same 337,920 trainable parameters. Each setup runs in a fresh process (with a fixed glibc mmap threshold so that
 resident memory follows live tensors) and reports:
 
-* the bytes of tensors autograd saves for backward (parameters excluded, distinct storages) — PaCA saves the r'
-  selected input features where LoRA saves the whole input;
+* the bytes of tensors autograd keeps for backward (parameters excluded, distinct storages) — PaCA saves the r'
+  selected input features; LoRA's fused kernel keeps the whole input only where its producer cannot rebuild it
+  (``core/saved_input.py``: on BERT only the attention-output projection's input), so on 2026-11-30 the two
+  measured 423 vs 440 MiB saved (0.96) and 445 vs 459 MiB step peak (0.97) — before that change LoRA kept every
+  adapted layer's input (545 MiB);
 * the rise of peak RSS during one training step over the RSS before it.
 
     python benchmarks/paca_memory.py
