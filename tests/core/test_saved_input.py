@@ -155,3 +155,26 @@ def test_inference_without_grad_skips_autograd_and_matches() -> None:
         y = m(u)
     assert y.grad_fn is None
     torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layer_norm_keeps_its_output(dtype: torch.dtype) -> None:
+    """A half-precision LayerNorm saves μ and 1/σ rounded to its dtype: too coarse to rebuild x from."""
+    ln = nn.LayerNorm(12).to(dtype)
+    x = ln(_u(5, 12).to(dtype))
+    assert saved_input.pack(x)[0] == "plain"
+    assert saved_input.pack(F.gelu(_u(5, 12).to(dtype)))[0] == "gelu"
+
+
+def test_layer_norm_identity_is_accurate_when_the_rows_mean_dominates() -> None:
+    """|μ|/σ = 40: the two terms of the identity nearly cancel; the float32 result stays within 1e-4 relative."""
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(64)
+    u = (torch.randn(300, 64) * 0.5 + 20).requires_grad_()
+    x = ln(u)
+    kind, extra, kept = saved_input.pack(x)
+    assert kind == "layer_norm"
+    g = torch.randn(300, 4)
+    ref = g.double().t() @ x.detach().double()
+    got = saved_input.left_matmul(kind, extra, kept, g).double()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
