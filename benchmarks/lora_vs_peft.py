@@ -165,40 +165,16 @@ def _status_kb(field: str) -> int:
 
 
 def _saved_tensor_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
-    """Bytes of the distinct storages the autograd graph of one forward keeps for backward, parameters excluded —
-    found by walking the graph (every node's ``_saved_*`` tensors, a custom Function's ``saved_tensors``), so that
-    no saved-tensor hook is in force while the step runs."""
+    """Bytes of the distinct storages the autograd graph of one forward keeps for backward, parameters excluded
+    (``peftkit.bench.timing.kept_storages``: the graph walked, no saved-tensor hook in force)."""
+    from peftkit.bench.timing import kept_storages
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def note(t: object) -> None:
-        if isinstance(t, (tuple, list)):
-            for v in t:
-                note(v)
-        elif isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[st.data_ptr()] = st.nbytes()
-
     loss = model(**inputs).last_hidden_state.pow(2).mean()
-    stack, visited = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        for name in dir(node):
-            if name.startswith("_saved_"):
-                try:
-                    note(getattr(node, name))
-                except RuntimeError:  # declared but not saved (conditional saving)
-                    pass
-        if hasattr(node, "saved_tensors"):
-            note(node.saved_tensors)
-        stack.extend(fn for fn, _ in node.next_functions)
+    kept = kept_storages(loss)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return sum(n for ptr, n in kept.items() if ptr not in params)
 
 
 def child(kind: str) -> dict[str, Any]:

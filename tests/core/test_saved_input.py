@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkit
+from peftkit.bench.timing import kept_storages
 from peftkit.core import saved_input
 
 
@@ -100,26 +101,6 @@ def _adapted(seed: int = 0) -> Block:
     return m
 
 
-def _kept_storages(out: torch.Tensor) -> set[int]:
-    """Data pointers of every tensor the autograd graph of ``out`` keeps (a custom Function's saved tensors too)."""
-    seen: set[int] = set()
-    stack, visited = [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        for name in dir(node):
-            if name.startswith("_saved_"):
-                v = getattr(node, name)
-                if isinstance(v, torch.Tensor):
-                    seen.add(v.untyped_storage().data_ptr())
-        for t in getattr(node, "saved_tensors", ()):
-            seen.add(t.untyped_storage().data_ptr())
-        stack.extend(fn for fn, _ in node.next_functions)
-    return seen
-
-
 def test_fused_gradients_match_the_reference_and_rebuilt_inputs_are_not_kept() -> None:
     m = _adapted()
     u = _u(2, 5, 16, seed=4)
@@ -128,7 +109,7 @@ def test_fused_gradients_match_the_reference_and_rebuilt_inputs_are_not_kept() -
         getattr(m, name).register_forward_pre_hook(lambda mod, args, name=name: acts.__setitem__(name, args[0]))
     out = m(u)
     assert "FusedLowRankLinear" in type(out.grad_fn).__name__
-    kept = _kept_storages(out)
+    kept = kept_storages(out)
     for name in ("up", "gate", "down"):  # LayerNorm output, GELU output, the gated product: none kept
         assert acts[name].untyped_storage().data_ptr() not in kept, name
     acts.clear()

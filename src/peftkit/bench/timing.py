@@ -63,6 +63,37 @@ class _Edge(Procedure):
             self.watch.mark(step, 1)
 
 
+def kept_storages(out: torch.Tensor) -> dict[int, int]:
+    """The storages (data pointer -> bytes) that the autograd graph of ``out`` keeps for backward: every node's
+    ``_saved_*`` tensors and a custom Function's ``saved_tensors``, found by walking the graph — no saved-tensor hook
+    in force, so what is measured is what runs (a hook would change it: see ``core/saved_input.py``)."""
+    seen: dict[int, int] = {}
+
+    def note(t: Any) -> None:
+        if isinstance(t, (tuple, list)):
+            for v in t:
+                note(v)
+        elif isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+
+    stack, visited = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    note(getattr(node, name))
+                except RuntimeError:  # declared but not saved (conditional saving)
+                    pass
+        note(getattr(node, "saved_tensors", ()))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return seen
+
+
 def _parse(raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw
