@@ -159,3 +159,49 @@ def test_layer_norm_identity_is_accurate_when_the_rows_mean_dominates() -> None:
     ref = g.double().t() @ x.detach().double()
     got = saved_input.left_matmul(kind, extra, kept, g).double()
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def _tiny_hf(kind: str, fused: bool) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":  # ln_1 → c_attn, ln_2 → c_fc (LayerNorm), NewGELU's 0.5·x·(1 + tanh …) → c_proj (a product)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
+                                           resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=0,
+                                           eos_token_id=0))
+        targets: str | list[str] = ["c_attn", "c_proj", "c_fc"]
+    else:  # SiLU(gate) ⊙ up → down_proj (a product); RMSNorm outputs are kept as they are
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                             bos_token_id=0, eos_token_id=0))
+        targets = "all-linear"
+    peftkit.adapt(model, peftkit.config("lora", target_modules=targets, r=4))
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, 0, 0.1)
+    if not fused:
+        from peftkit.core.layer import AdaptedLayer
+
+        for mod in model.modules():
+            if isinstance(mod, AdaptedLayer):
+                mod.adapters["default"].fused_forward = lambda x: None
+    return model.train()
+
+
+@pytest.mark.parametrize("kind, expected", [("gpt2", {"layer_norm", "mul"}), ("llama", {"mul"})])
+def test_transformers_models_rebuild_inputs_and_match_the_unfused_gradients(
+    kind: str, expected: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    pack = saved_input.pack
+    monkeypatch.setattr(saved_input, "pack", lambda x: (lambda r: (seen.append(r[0]), r)[1])(pack(x)))
+    ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fused in (True, False):
+        model = _tiny_hf(kind, fused)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert expected <= set(seen)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
