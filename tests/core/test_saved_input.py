@@ -36,10 +36,17 @@ PRODUCERS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
     "layer_norm": ("layer_norm", _ln(True, True)),
     "layer_norm_no_bias": ("layer_norm", _ln(True, False)),
     "layer_norm_no_affine": ("layer_norm", _ln(False, False)),
-    "gelu": ("gelu", F.gelu),
-    "gelu_tanh": ("gelu", lambda u: F.gelu(u, approximate="tanh")),
-    "silu": ("silu", F.silu),
-    "gated_product": ("mul", lambda u: F.silu(u) * (u * 0.5 + 1)),
+    "gelu": ("rebuild", F.gelu),
+    "gelu_tanh": ("rebuild", lambda u: F.gelu(u, approximate="tanh")),
+    "silu": ("rebuild", F.silu),
+    "gated_product": ("rebuild", lambda u: F.silu(u) * (u * 0.5 + 1)),
+    # Llama's RMSNorm: γ ⊙ (u ⊙ rsqrt(mean(u²) + ε)) with γ frozen: the product node keeps γ only, the normalised u
+    # is rebuilt from the inner product's u and rsqrt (a rows × 1 factor)
+    "rms_norm_frozen_scale": ("rebuild", lambda u: (torch.linspace(0.5, 1.5, 12)
+                                                     * (u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + 1e-6)))),
+    "rms_norm_trained_scale": ("rebuild", lambda u: (torch.linspace(0.5, 1.5, 12).requires_grad_()
+                                                      * (u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + 1e-6)))),
+    "scaled_by_python_number": ("plain", lambda u: F.gelu(u) * 0.5),
     "leaf": ("plain", lambda u: u),
     "relu": ("plain", F.relu),  # ReluBackward0 keeps x itself: saving x costs nothing more
     "dropout_mask": ("plain", lambda u: u * (torch.rand(u.shape, generator=torch.Generator().manual_seed(1)) > 0.3)),
@@ -68,7 +75,7 @@ def test_saved_tensor_hooks_fall_back_to_the_input_itself() -> None:
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         x = F.gelu(_u(4, 12))
         assert saved_input.pack(x)[0] == "plain"
-    assert saved_input.pack(F.gelu(_u(4, 12)))[0] == "gelu"
+    assert saved_input.pack(F.gelu(_u(4, 12)))[0] == "rebuild"
 
 
 class Block(nn.Module):
@@ -144,7 +151,7 @@ def test_half_precision_layer_norm_keeps_its_output(dtype: torch.dtype) -> None:
     ln = nn.LayerNorm(12).to(dtype)
     x = ln(_u(5, 12).to(dtype))
     assert saved_input.pack(x)[0] == "plain"
-    assert saved_input.pack(F.gelu(_u(5, 12).to(dtype)))[0] == "gelu"
+    assert saved_input.pack(F.gelu(_u(5, 12).to(dtype)))[0] == "rebuild"
 
 
 def test_layer_norm_identity_is_accurate_when_the_rows_mean_dominates() -> None:
@@ -170,7 +177,7 @@ def _tiny_hf(kind: str, fused: bool) -> nn.Module:
                                            resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=0,
                                            eos_token_id=0))
         targets: str | list[str] = ["c_attn", "c_proj", "c_fc"]
-    else:  # SiLU(gate) ⊙ up → down_proj (a product); RMSNorm outputs are kept as they are
+    else:  # RMSNorm → q/k/v and gate/up, SiLU(gate) ⊙ up → down_proj: all rebuilt
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
                                              bos_token_id=0, eos_token_id=0))
@@ -189,7 +196,7 @@ def _tiny_hf(kind: str, fused: bool) -> nn.Module:
     return model.train()
 
 
-@pytest.mark.parametrize("kind, expected", [("gpt2", {"layer_norm", "mul"}), ("llama", {"mul"})])
+@pytest.mark.parametrize("kind, expected", [("gpt2", {"layer_norm", "rebuild"}), ("llama", {"rebuild"})])
 def test_transformers_models_rebuild_inputs_and_match_the_unfused_gradients(
     kind: str, expected: set[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,5 +210,7 @@ def test_transformers_models_rebuild_inputs_and_match_the_unfused_gradients(
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert expected <= set(seen)
+    if kind == "llama":  # kept: layer 0's q/k/v input (no grad_fn: frozen embeddings) and each o_proj's input
+        assert seen.count("plain") == 3 + 2 and seen.count("rebuild") == 2 * 7 - 5, seen
     for n, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][n], rtol=1e-5, atol=1e-6, msg=n)

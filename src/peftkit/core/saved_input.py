@@ -11,10 +11,11 @@ the output of an op whose own backward already keeps everything needed to rebuil
   two terms cancel when the rows' mean is large against their spread: the relative error of ``Gᵀ·x`` grows like
   ``ε·|μ|/σ`` (about 1e-5 at |μ|/σ = 40 in float32; every LayerNorm input row of all-MiniLM-L6-v2 has
   |μ|/σ < 0.1, where it matches the direct product's ~3e-7).
-* **GELU / SiLU** (their nodes keep the input ``z``): ``x = act(z)`` is recomputed in row blocks of about 2 MiB,
-  each folded into ``Gᵀ·x`` at once, so the block never grows to the layer's size.
-* **Product** ``x = a ⊙ b`` where the node keeps both factors (a gated MLP's ``act(gate) ⊙ up``): recomputed the
-  same way.
+* **GELU / SiLU** of a kept input, and **products** whose factors are kept or are themselves rebuildable — a gated
+  MLP's ``act(gate) ⊙ up``, GPT-2's ``0.5·z ⊙ (1 + tanh …)``, a Llama RMSNorm's ``γ ⊙ (u ⊙ rsqrt(mean(u²) + ε))``
+  (with γ frozen the outer product keeps only γ; the normalised u is rebuilt from the inner product's u and rsqrt):
+  x is recomputed in row blocks of about 2 MiB, each folded into ``Gᵀ·x`` at once, so the block never grows to the
+  layer's size. Factors are row-wise (x's shape, or rows × 1) or broadcast over the rows ((d,), a scalar).
 
 Anything else (a plain input, a view, an op not listed, a producer that did not keep its tensors, saved-tensor hooks
 in force as under activation checkpointing or offloading, ``torch.compile`` tracing) saves ``x`` itself. The rebuilt
@@ -48,6 +49,66 @@ def _saved(node: Any, *names: str) -> list[torch.Tensor] | None:
     return out if all(isinstance(t, torch.Tensor) for t in out) else None
 
 
+def _leaf(t: torch.Tensor, shape: torch.Size, leaves: list[torch.Tensor]) -> tuple[str, int, bool] | None:
+    """A saved tensor as a leaf of the rebuild: row-wise (x's shape, or x's rows × 1) or fixed (broadcast over the
+    rows: shape (d,) / (1, …, 1, d) / a scalar)."""
+    d = shape[-1]
+    if t.shape == shape or t.shape == (*shape[:-1], 1):
+        rows = True
+    elif t.numel() in (1, d) and all(n == 1 for n in t.shape[:-1]):
+        rows = False
+    else:
+        return None
+    leaves.append(t)
+    return "leaf", len(leaves) - 1, rows
+
+
+def _plan(node: Any, shape: torch.Size, leaves: list[torch.Tensor], depth: int) -> tuple[Any, ...] | None:
+    """How to rebuild the output of ``node`` (shape ``shape``) from tensors autograd already keeps: GELU / SiLU of a
+    saved input, or a product whose factors are saved or are themselves rebuilt (a Llama RMSNorm's
+    ``γ ⊙ (u ⊙ rsqrt(mean(u²) + ε))`` keeps γ, u and the rsqrt but not the normalised u). None if it cannot."""
+    kind = type(node).__name__
+    if kind in ("GeluBackward0", "SiluBackward0"):
+        t = _saved(node, "_saved_self")
+        leaf = None if t is None or t[0].shape != shape else _leaf(t[0], shape, leaves)
+        if leaf is None:
+            return None
+        return ("gelu", node._saved_approximate, leaf) if kind == "GeluBackward0" else ("silu", None, leaf)
+    if kind == "MulBackward0" and depth < 3:
+        parts = []
+        for i, name in enumerate(("_saved_self", "_saved_other")):
+            t = _saved(node, name)
+            if t is not None:
+                part = _leaf(t[0], shape, leaves)
+            else:  # not kept by this node: rebuild it from its own producer, if that is the whole factor
+                producer = node.next_functions[i][0]
+                part = None if producer is None else _plan(producer, shape, leaves, depth + 1)
+            if part is None:
+                return None
+            parts.append(part)
+        return "mul", *parts
+    return None
+
+
+def _leaf_kinds(plan: tuple[Any, ...], row_wise: dict[int, bool]) -> None:
+    if plan[0] == "leaf":
+        row_wise[plan[1]] = plan[2]
+    else:
+        for part in plan[1:]:
+            if isinstance(part, tuple):
+                _leaf_kinds(part, row_wise)
+
+
+def _rebuild(plan: tuple[Any, ...], leaves: list[torch.Tensor]) -> torch.Tensor:
+    op = plan[0]
+    if op == "leaf":
+        return leaves[plan[1]]
+    if op == "mul":
+        return torch.mul(_rebuild(plan[1], leaves), _rebuild(plan[2], leaves))
+    z = _rebuild(plan[2], leaves)
+    return F.gelu(z, approximate=plan[1]) if op == "gelu" else F.silu(z)
+
+
 def pack(x: torch.Tensor) -> Packed:
     """What to save for ``x`` (N-D, features last): ``(kind, extra, tensors)``; ``tensors`` go to
     ``ctx.save_for_backward`` and come back in :func:`left_matmul`."""
@@ -63,14 +124,11 @@ def pack(x: torch.Tensor) -> Packed:
             w, b = node._saved_weight, node._saved_bias
             affine = tuple(v for v in (w, b) if isinstance(v, torch.Tensor))
             return "layer_norm", (isinstance(w, torch.Tensor), isinstance(b, torch.Tensor)), (*t, *affine)
-    elif kind in ("GeluBackward0", "SiluBackward0"):
-        t = _saved(node, "_saved_self")
-        if t is not None and t[0].shape == x.shape and t[0].dtype == x.dtype:
-            return ("gelu", node._saved_approximate, tuple(t)) if kind == "GeluBackward0" else ("silu", None, tuple(t))
-    elif kind == "MulBackward0":
-        t = _saved(node, "_saved_self", "_saved_other")
-        if t is not None and all(v.shape == x.shape for v in t) and torch.result_type(*t) == x.dtype:
-            return "mul", None, tuple(t)
+    else:
+        leaves: list[torch.Tensor] = []
+        plan = _plan(node, x.shape, leaves, 0)
+        if plan is not None and all(t.dtype == x.dtype for t in leaves):
+            return "rebuild", plan, tuple(leaves)
     return "plain", None, (x,)
 
 
@@ -93,17 +151,17 @@ def left_matmul(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], g: tor
         if has_b:
             out.addr_(g.sum(0), affine[-1])
         return out
-    rows = [_rows(t) for t in tensors]
-    n, d = rows[0].shape
-    step = max(1, _BLOCK_ELEMENTS // d)
-    out = g.new_zeros(g.shape[1], d)
+    # "rebuild": x recomputed in row blocks, each folded into Gᵀ·x at once
+    row_wise: dict[int, bool] = {}
+    _leaf_kinds(extra, row_wise)
+    n = g.shape[0]
+    views = [t.reshape(n, -1) if row_wise[i] else t.reshape(-1) for i, t in enumerate(tensors)]
+    width = max((v.shape[-1] for i, v in enumerate(views) if row_wise[i]), default=1)
+    step = max(1, _BLOCK_ELEMENTS // width)
+    out: torch.Tensor | None = None
     for i in range(0, n, step):
-        block = [t[i:i + step] for t in rows]
-        if kind == "gelu":
-            xb = F.gelu(block[0], approximate=extra)
-        elif kind == "silu":
-            xb = F.silu(block[0])
-        else:
-            xb = torch.mul(block[0], block[1])
-        out.addmm_(g[i:i + step].t(), xb)
+        xb = _rebuild(extra, [v[i:i + step] if row_wise[k] else v for k, v in enumerate(views)])
+        gb = g[i:i + step].t()
+        out = torch.mm(gb, xb) if out is None else out.addmm_(gb, xb)
+    assert out is not None
     return out
