@@ -170,7 +170,8 @@ def test_resolve_methods_defaults_and_reference() -> None:
 
 
 def test_options_placeholders_follow_the_steps() -> None:
-    assert O.train_options("triadaptlora", 40) == ["--lr", "5e-3", "--opt", "total_steps=40"]
+    assert O.train_options("triadaptlora", 40) == ["--opt", "total_steps=40"]
+    assert O.train_options("randlora/lr2e-3", 40) == ["--lr", "2e-3"]
     assert O.config_options("diffora", 300) == {"search_steps": "100"}
     assert O.config_options("diffora", 2) == {"search_steps": "1"}
     assert O.train_options("not-listed", 10) == []

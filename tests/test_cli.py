@@ -420,3 +420,29 @@ def test_output_that_cannot_be_created_fails_before_training(tiny_model_dir: Pat
     assert "cannot be created" in cap.err and "is a file, not a folder" in cap.err
     assert "training" not in cap.out  # refused before the model was loaded
     assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("method, extra, lr, head_lr", [
+    ("lora", (), 2e-3, None),
+    ("ia3", (), 1e-2, None),  # lr_scale 5: few values per layer
+    ("sketchtune", (), 5e-5, None),  # lr_scale 0.025: the trained values are the weights themselves
+    ("prefix_tuning", (), 3e-4, 2e-3),  # the fresh head at the task's own rate
+    ("prefix_tuning", ("--lr", "1e-3"), 1e-3, 2e-3),  # an explicit --lr wins; the head keeps its default
+    ("ia3", ("--lr", "1e-3", "--head-lr", "4e-3"), 1e-3, 4e-3),
+])
+def test_train_without_lr_uses_the_methods_rate(method: str, extra: tuple[str, ...], lr: float,
+                                               head_lr: float | None, tiny_model_dir: Path, csv_file: Path,
+                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from peftkit.core.registry import get as get_method
+
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(csv_file), "--output", str(tmp_path / "out"),
+            "--steps", "2", "--eval-size", "40", "--batch-size", "8", "--no-progress", "--method", method, *extra]
+    assert main(args) == 0
+    info = json.loads((tmp_path / "out" / "train_info.json").read_text())
+    assert info["lr"] == pytest.approx(lr) and (info["head_lr"] == pytest.approx(head_lr) if head_lr else
+                                                info["head_lr"] is None)
+    printed = capsys.readouterr().out
+    assert f"(lr {lr:g}" in printed
+    assert (f", head lr {head_lr:g}," in printed) if head_lr else ("head lr" not in printed)
+    if not extra:
+        assert get_method(method).lr_scale == pytest.approx(lr / 2e-3)

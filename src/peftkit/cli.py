@@ -146,7 +146,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from .core.registry import all_methods
 
     rows = [{"name": m.name, "paper": m.paper, "description": m.description, "params": m.params,
-             "mergeable": m.mergeable, "procedure": m.procedure.__name__ if m.procedure else None}
+             "mergeable": m.mergeable, "procedure": m.procedure.__name__ if m.procedure else None,
+             "lr_scale": m.lr_scale, "head_lr_scale": m.head_lr_scale}
             for m in all_methods()]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -454,10 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help=f"optimiser steps (causal-lm default {LM_DEFAULTS['steps']})")
     g.add_argument("--epochs", type=float, help=f"epochs over the training split (default {DEFAULTS['epochs']:g})")
-    t.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']:g}; causal-lm "
-                                            f"{LM_DEFAULTS['lr']:g})")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']:g}, causal-lm "
+                                            f"{LM_DEFAULTS['lr']:g}, times the method's factor: "
+                                            "'peftkit methods --json' lr_scale)")
     t.add_argument("--head-lr", type=float, metavar="LR",
-                   help="learning rate of the fresh task head (modules_to_save) when it should differ from --lr")
+                   help="learning rate of the fresh task head (modules_to_save) when it should differ from --lr "
+                        "(default: --lr, or the task's rate × the method's head_lr_scale)")
     t.add_argument("--warmup", type=float, default=DEFAULTS["warmup"], help="warmup fraction (default %(default)g)")
     t.add_argument("--batch-size", type=int,
                    help=f"default {DEFAULTS['batch_size']} (causal-lm {LM_DEFAULTS['batch_size']})")

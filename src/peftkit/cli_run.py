@@ -42,11 +42,16 @@ class TrainRun:
 
     def __init__(self, args: argparse.Namespace, defaults: dict[str, Any], tag: str = "") -> None:
         self.wall_start = time.perf_counter()
-        for key in ("lr", "batch_size", "max_length"):  # None: the task's default
+        for key in ("batch_size", "max_length"):  # None: the task's default
             if getattr(args, key, None) is None and key in defaults:
                 setattr(args, key, defaults[key])
         self.args, self.defaults = args, defaults
         self.info, self.cfg_cls, self.cfg_fields = _check_train_args(args)
+        if "lr" in defaults:  # no --lr / --head-lr: the task's rate × the method's factor (registry)
+            if getattr(args, "lr", None) is None:
+                args.lr = defaults["lr"] * self.info.lr_scale
+            if getattr(args, "head_lr", None) is None and self.info.head_lr_scale is not None:
+                args.head_lr = defaults["lr"] * self.info.head_lr_scale
         name = f"{self.info.name}-{tag}" if tag else self.info.name
         self.output = Path(args.output) if args.output else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if self.output.exists() and (not self.output.is_dir() or any(self.output.iterdir())) and not args.overwrite:
@@ -149,7 +154,8 @@ class TrainRun:
 
         a = self.args
         inputs = inputs or f"max length {a.max_length}"
-        print(f"training {steps} steps × batch {a.batch_size}{_processes(self.world_size)} (lr {a.lr:g}, {inputs}, "
+        lr = f"lr {a.lr:g}" + (f", head lr {a.head_lr:g}" if getattr(a, "head_lr", None) is not None else "")
+        print(f"training {steps} steps × batch {a.batch_size}{_processes(self.world_size)} ({lr}, {inputs}, "
               f"{torch.get_num_threads()} threads)", flush=True)
         self._ckpt = checkpointing(a, self.output)
         optimizer = None

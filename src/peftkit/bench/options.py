@@ -1,10 +1,12 @@
 """Per-method settings of the method comparison — data, kept in one place.
 
 ``OPTIONS`` maps a registered method, or a variant ``"method/label"``, to the extra ``peftkit train`` arguments it
-runs with (a learning rate, ``--opt KEY=VALUE`` config fields). A method not listed runs with the method's own
-defaults and the bench's learning rate. Methods that train very few values per layer get a larger learning rate
-(their papers' practice); methods whose procedure needs the length of training get it from the placeholders
-``{steps}`` (the run's optimiser steps) and ``{steps_third}`` (a third of them, at least 1), filled in per run.
+runs with (``--opt KEY=VALUE`` config fields, or a learning rate for a variant). A method not listed runs with its
+own defaults — including its learning rate, the task's rate times the method's registered ``lr_scale`` (methods that
+train very few values per layer take larger steps, their papers' practice; methods whose trained values are the
+weights or carry a large built-in scale smaller ones; see each method's ``register`` call). Methods whose procedure
+needs the length of training get it from the placeholders ``{steps}`` (the run's optimiser steps) and
+``{steps_third}`` (a third of them, at least 1), filled in per run.
 """
 
 from __future__ import annotations
@@ -12,42 +14,25 @@ from __future__ import annotations
 # method (or a variant "method/label") -> extra ``peftkit train`` arguments (learning rate and config options)
 OPTIONS: dict[str, list[str]] = {
     "dylora/full": ["--opt", "mode=full"],
-    "randlora/lr2e-4": ["--lr", "2e-4"],
+    # RandLoRA's own rate is 2e-4 (registry lr_scale 0.1); at LoRA's 2e-3 its full-rank update with scale α/r = 20
+    # collapsed to the majority class
+    "randlora/lr2e-3": ["--lr", "2e-3"],
     "lora": [],
     "dora": [],
     "dylora": [],
     "hydra": [],
     "kron": [],
-    "loldu": ["--lr", "1e-2"],
+    "loldu": [],
     "mos": [],
     "paca": [],
     "randlora": [],
-    "svd": ["--lr", "5e-3"],
+    "svd": [],
     "tlora": [],
-    "loca": ["--lr", "1e-2"],
-    "l4q": ["--lr", "2e-4"],
+    "loca": [],
+    "l4q": [],
     "qwha": [],
-    "triadaptlora": ["--lr", "5e-3", "--opt", "total_steps={steps}"],  # T of the rank-growth schedule = the run
+    "triadaptlora": ["--opt", "total_steps={steps}"],  # T of the rank-growth schedule = the run
     "diffora": ["--opt", "search_steps={steps_third}"],  # relaxed search for the first third, then discretise
-    # few values per layer (scales, shifts, norms, virtual tokens): the larger learning rates their papers use
-    "ia3": ["--lr", "1e-2"],
-    "conditional_ssf": ["--lr", "1e-2"],
-    "lntuning": ["--lr", "1e-2"],
-    "prompt_tuning": ["--lr", "3e-2"],
-    # 2.6M values through the reparametrising MLP: lr 1e-2, 1e-3 and 1e-4 (head included) stayed at the majority
-    # class; the fresh head needs a larger rate than the MLP tolerates
-    "prefix_tuning": ["--lr", "3e-4", "--head-lr", "2e-3"],
-    # the trained values are the weights themselves (SketchTune's tables) or sit next to learned quantiser steps
-    # (L4Q): lr 2e-3 collapsed to the majority class
-    "sketchtune": ["--lr", "5e-5"],
-    # many values or a large built-in scale (MTLoRA: r = 64, scale 4; parallel adapter: bottleneck 256 on the MLPs):
-    # lr 2e-3 collapsed to the majority class in 300-step runs
-    "mtlora": ["--lr", "2e-4"],
-    # adapter weights from a shared hypernetwork: 2e-3 and 5e-4 (head included) stayed at the majority class
-    "polyhistor": ["--lr", "5e-4", "--head-lr", "2e-3"],
-    "parallel_adapter": ["--lr", "2e-4"],
-    "ptuning_v2": ["--lr", "1e-2"],
-    "divcontrol": ["--lr", "1e-2"],  # 7,874 values (singular-value gates and the condition router)
 }
 
 #: ``--quick``: one fast method per family (LoRA is the reference), each well under a second per step at 2 threads

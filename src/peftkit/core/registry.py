@@ -32,7 +32,11 @@ class MethodInfo:
     before training (the trainer calls it on a few training batches) and returns, per module, an error
     ``(before, after)`` that the caller reports. ``model_level`` marks a method that adapts the whole model's
     inputs (a :class:`~peftkit.core.model_level.ModelAdapter`, e.g. virtual tokens or key/value prefixes) instead
-    of host layers; it has no ``hosts``.
+    of host layers; it has no ``hosts``. ``lr_scale`` multiplies a task's default learning rate (LoRA's) when
+    ``peftkit train`` gets no ``--lr``: the factor at which the method trained in the method table (methods that train
+    few values per layer take larger steps, methods whose trained values are weights or carry a large built-in scale
+    smaller ones); ``head_lr_scale`` likewise sets the fresh task head's rate when ``--head-lr`` is not given (None:
+    the head trains at the method's rate).
     """
 
     name: str
@@ -48,6 +52,8 @@ class MethodInfo:
     init_is_identity: bool = True
     calibrate: Callable[..., dict[str, tuple[float, float]]] | None = None
     model_level: bool = False
+    lr_scale: float = 1.0
+    head_lr_scale: float | None = None
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -68,6 +74,8 @@ def register(
     init_is_identity: bool = True,
     calibrate: Callable[..., dict[str, tuple[float, float]]] | None = None,
     model_level: bool = False,
+    lr_scale: float = 1.0,
+    head_lr_scale: float | None = None,
 ) -> Any:
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
@@ -76,6 +84,8 @@ def register(
         bad = set(hosts) - set(known)
         if bad:
             raise ValueError(f"unknown host kinds {bad}; known: {known}")
+        if not lr_scale > 0 or (head_lr_scale is not None and not head_lr_scale > 0):
+            raise ValueError(f"method {name!r}: learning-rate factors must be > 0")
         if model_level and (mergeable or hosts):
             raise ValueError(f"model-level method {name!r} must register with mergeable=False and hosts=()")
         if name in _REGISTRY and _REGISTRY[name].adapter is not adapter_cls:
@@ -84,7 +94,7 @@ def register(
         adapter_cls.method = name
         _REGISTRY[name] = MethodInfo(
             name, config, adapter_cls, paper, description, params, mergeable, tuple(hosts), procedure,
-            hf_peft_type, init_is_identity, calibrate, model_level,
+            hf_peft_type, init_is_identity, calibrate, model_level, lr_scale, head_lr_scale,
         )
         return adapter_cls
 

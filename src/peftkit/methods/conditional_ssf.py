@@ -82,6 +82,7 @@ class ConditionalSSFConfig(AdapterConfig):
     params="2·C·d_out",
     hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding", "norm"),
     mergeable=False,
+    lr_scale=5.0,
 )
 class ConditionalSSF(Adapter):
     uses_condition = True

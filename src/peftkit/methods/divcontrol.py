@@ -75,6 +75,7 @@ def split(host: Host, config: DivcontrolConfig) -> tuple[int, int]:
                 "soft gate g(c) (peftkit.condition); trains the tailors' singular values",
     params="k − ⌊k·f⌋ (+ ⌊k·f⌋ with train_learngenes), k = min(d_out, d_in)",
     hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding"),
+    lr_scale=5.0,
 )
 class Divcontrol(Adapter):
     uses_condition = True

@@ -89,6 +89,7 @@ def _size(host: Host, feedforward: bool) -> int:
     params="d_out per output-scaled layer, c_in per feedforward (input-scaled) layer",
     hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding"),
     hf_peft_type="IA3",
+    lr_scale=5.0,
 )
 class IA3(Adapter):
     def __init__(self, host: Host, config: IA3Config) -> None:

@@ -105,6 +105,7 @@ class _L4QLinear(torch.autograd.Function):
     params="r·(d_in + d_out) + 2·d_out·⌈d_in/group_size⌉",
     hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d"),
     init_is_identity=False,
+    lr_scale=0.1,  # trained values sit next to learned quantiser steps: 2e-3 collapsed
 )
 class L4q(ReplacedWeight, Adapter):
     def __init__(self, host: Host, config: L4qConfig) -> None:

@@ -185,6 +185,7 @@ _HF_META = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", 
     hosts=NORM_HOSTS,
     procedure=GenDLoss,
     hf_peft_type="LN_TUNING",
+    lr_scale=5.0,
 )
 class LnTuning(Adapter):
     def __init__(self, host: Host, config: LnTuningConfig) -> None:

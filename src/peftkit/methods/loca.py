@@ -218,6 +218,7 @@ class LocaSchedule(Procedure):
     params="3n while locations are searched (n coefficients + 2n locations); the paper's n once they freeze",
     hosts=HOST_KINDS,
     procedure=LocaSchedule,
+    lr_scale=5.0,
 )
 class Loca(Adapter):
     uses_context = True  # the DCT matrices are shared by every layer of the adapter

@@ -67,6 +67,7 @@ def ldu(w: torch.Tensor, r: int, eps: float, name: str) -> tuple[torch.Tensor, .
     description="LU-decomposes W0 = P·L·D·U once and trains only the r kept diagonal entries (+ optional scale)",
     params="r (+1 with train_scale)",
     hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding", "bnb_4bit", "bnb_8bit"),
+    lr_scale=5.0,
 )
 class Loldu(Adapter):
     def __init__(self, host: Host, config: LolduConfig) -> None:

@@ -89,6 +89,8 @@ def _hyper_shapes(config: PolyhistorConfig, d0: int) -> dict[str, tuple[int, int
     params="2·(d_l/d₀)² (+ e) per layer; once: T·e + 2·(c + 1)·k·(m₀ + d₀)",
     hosts=("linear", "gpt2_conv1d", "embedding"),
     mergeable=False,
+    lr_scale=0.25,  # adapter weights from a shared hypernetwork; the fresh head needs the task's rate
+    head_lr_scale=1.0,
 )
 class Polyhistor(Adapter):
     uses_context = True

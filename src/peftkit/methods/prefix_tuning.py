@@ -51,6 +51,8 @@ class PrefixTuningConfig(KVPrefixConfig):
     init_is_identity=False,
     model_level=True,
     hf_peft_type="PREFIX_TUNING",
+    lr_scale=0.15,  # 2.6M values through the reparametrising MLP; the fresh head needs the task's rate
+    head_lr_scale=1.0,
 )
 class PrefixTuning(KVPrefix):
     @classmethod

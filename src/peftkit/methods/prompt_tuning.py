@@ -106,6 +106,7 @@ def input_embedding(model: nn.Module, method: str) -> nn.Module:
     init_is_identity=False,
     model_level=True,
     hf_peft_type="PROMPT_TUNING",
+    lr_scale=15.0,  # a few virtual-token vectors (the paper's large rate)
 )
 class PromptTuning(ml.ModelAdapter):
     hf_state_key = "prompt"  # Hugging Face PEFT's prompt_embeddings, same (n, d) layout

@@ -43,6 +43,7 @@ class PTuningV2Config(KVPrefixConfig):
     init_is_identity=False,
     model_level=True,
     hf_peft_type="PREFIX_TUNING",
+    lr_scale=5.0,
 )
 class PTuningV2(KVPrefix):
     """Written as Hugging Face PEFT ``PREFIX_TUNING`` (PEFT's P-tuning v2 is prefix tuning without projection); such

@@ -94,6 +94,7 @@ def checksum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     description="full-rank update from shared seeded random bases; trains only per-basis scales λ, γ",
     params="N·(r + m), m = min(d_in, d_out), N = ⌈m/r⌉",
     hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
+    lr_scale=0.1,  # full-rank update with scale α/r = 20: 2e-3 collapsed (PEFT also advises a lower rate)
 )
 class RandLora(Adapter):
     uses_context = True

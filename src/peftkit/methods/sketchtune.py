@@ -227,6 +227,7 @@ def calibrate(
     params="d_out·groups_per_row·2^bits",
     init_is_identity=False,
     calibrate=calibrate,
+    lr_scale=0.025,  # the trained values are the weights themselves (sketch tables): 2e-3 collapsed
 )
 class SketchTune(ReplacedWeight, Adapter):
     def __init__(self, host: Host, config: SketchTuneConfig) -> None:

@@ -54,6 +54,7 @@ def svd_rank(host: Host, rho: float) -> int:
     description="trains only the top-k singular values of each weight (U, V frozen); the residual is kept exact",
     params="k = min(max(⌊⌊min(d_out, d_in)·ρ⌋/4⌋·4, 1), min(d_out, d_in))",
     hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding", "bnb_4bit", "bnb_8bit"),
+    lr_scale=2.5,
 )
 class Svd(Adapter):
     def __init__(self, host: Host, config: SvdConfig) -> None:

@@ -272,6 +272,7 @@ class TriAdaptGrowth(Procedure):
     params="r·(d_in + d_out) + Σ_k 2·Δr_k·r_k  (r = Σ Δr_k; init: init_rank)",
     hosts=HOST_KINDS + QUANTIZED_HOSTS,
     procedure=TriAdaptGrowth,
+    lr_scale=2.5,
 )
 class TriAdaptLora(LowRankUpdate, Adapter):
     def __init__(self, host: Host, config: TriAdaptLoraConfig) -> None:
