@@ -2,9 +2,9 @@
 activation-path kernel ``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` with a hand-written backward.
 
 The fused function keeps the input once (plus the r-wide ``h = x·Aᵀ``) — or nothing new at all when the input's
-producer already holds what rebuilds it (:mod:`.saved_input`) —, accumulates the low-rank term into the
-base GEMM's output in place and, in backward, adds the low-rank input gradient into the base input gradient in
-place — no d_out×d_in tensor and no extra d_out-wide temporaries.
+producer already holds what rebuilds it (:mod:`.saved_input`) — and writes each activation-sized result once: the
+r-wide GEMM writes the output (bias folded in) and the input gradient first, the base GEMM accumulates into them —
+no d_out×d_in tensor and no extra d_out-wide temporaries.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def _lowrank_linear(
 
 class _FusedLowRankLinear(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for a frozen (d_out, d_in) ``W``. The input is kept through
-    :mod:`~peftkit.core.saved_input` (no copy of x when its producer — LayerNorm, GELU, SiLU, a gated product —
-    already holds what rebuilds it)."""
+    :mod:`~peftkit.core.saved_input` (no copy of x when its producer — LayerNorm, GELU, SiLU, a gated product, a
+    Llama RMSNorm — already holds what rebuilds it)."""
 
     @staticmethod
     def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
