@@ -436,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning: train, evaluate, list methods.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,methods,bench}")
     from .cli_causal_lm import LM_DEFAULTS
+    from .cli_token import TOKEN_DEFAULTS
+    from .cli_vision import IMG_DEFAULTS
+
+    tasks = {"classification": DEFAULTS, "causal-lm": LM_DEFAULTS, "token-classification": TOKEN_DEFAULTS,
+             "image-classification": IMG_DEFAULTS}
+
+    def per_task(key: str) -> str:
+        return ", ".join(f"{task} {d[key]:g}" for task, d in tasks.items() if key in d)
 
     t = sub.add_parser("train", help="fine-tune a classifier or a chat model with an adapter and save it",
                        description="Fine-tune a sequence classifier with a PEFT method (default: LoRA on "
@@ -455,17 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help=f"optimiser steps (causal-lm default {LM_DEFAULTS['steps']})")
     g.add_argument("--epochs", type=float, help=f"epochs over the training split (default {DEFAULTS['epochs']:g})")
-    t.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']:g}, causal-lm "
-                                            f"{LM_DEFAULTS['lr']:g}, times the method's factor: "
-                                            "'peftkit methods --json' lr_scale)")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default per task — {per_task('lr')} — times "
+                                            "the method's factor: 'peftkit methods --json' lr_scale)")
     t.add_argument("--head-lr", type=float, metavar="LR",
                    help="learning rate of the fresh task head (modules_to_save) when it should differ from --lr "
                         "(default: --lr, or the task's rate × the method's head_lr_scale)")
     t.add_argument("--warmup", type=float, default=DEFAULTS["warmup"], help="warmup fraction (default %(default)g)")
-    t.add_argument("--batch-size", type=int,
-                   help=f"default {DEFAULTS['batch_size']} (causal-lm {LM_DEFAULTS['batch_size']})")
-    t.add_argument("--max-length", type=int,
-                   help=f"tokens (default {DEFAULTS['max_length']}; causal-lm {LM_DEFAULTS['max_length']})")
+    t.add_argument("--batch-size", type=int, help=f"default per task: {per_task('batch_size')}")
+    t.add_argument("--max-length", type=int, help=f"tokens (default per task: {per_task('max_length')})")
     t.add_argument("--image-size", type=int, metavar="PX",
                    help="image-classification: input side in pixels, images resized bilinearly (default 64)")
     t.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init, shuffling, dropout (default 0)")
