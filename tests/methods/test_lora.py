@@ -12,6 +12,7 @@ from torch import nn
 
 import peftkit
 from conformance.models import MODELS, TinyModel, perturb, same_state, state_copy
+from peftkit.core import lowrank
 from peftkit.core.lowrank import _FusedLowRankLinear
 
 
@@ -142,25 +143,73 @@ def _plain(x, w, bias, a, b, s):
     return F.linear(x, w, bias) + s * (x @ a.t()) @ b.t()
 
 
-def test_fused_kernel_matches_plain_autograd() -> None:
+# (rows N, d_in, d_out): the forward folds W_eff = W + s·B·A when N ≥ d_in (and h is not needed beside a bias),
+# the backward when N ≥ d_out; the activation-side path runs otherwise
+KERNEL_SHAPES = [(15, 12, 10), (15, 24, 10), (15, 12, 20), (6, 24, 20)]
+
+
+@pytest.mark.parametrize("n,d_in,d_out", KERNEL_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("trains", ["x,bias,A,B", "x,A", "B"])
+def test_fused_kernel_matches_plain_autograd(n: int, d_in: int, d_out: int, with_bias: bool, trains: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 12, generator=g)
-    w = torch.randn(10, 12, generator=g)
-    bias = torch.randn(10, generator=g)
-    a = torch.randn(4, 12, generator=g)
-    b = torch.randn(10, 4, generator=g)
-    gy = torch.randn(3, 5, 10, generator=g)
+    x = torch.randn(n // 3, 3, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g)
+    bias = torch.randn(d_out, generator=g) if with_bias else None
+    a = torch.randn(4, d_in, generator=g)
+    b = torch.randn(d_out, 4, generator=g)
+    gy = torch.randn(n // 3, 3, d_out, generator=g)
+    folds: list[tuple[int, ...]] = []
+    real_folded = lowrank._folded
+    monkeypatch.setattr(lowrank, "_folded", lambda *args: folds.append(tuple(args[0].shape)) or real_folded(*args))
     results = []
     for fn in (_FusedLowRankLinear.apply, _plain):
-        leaves = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
-        y = fn(leaves[0], w, leaves[1], leaves[2], leaves[3], 0.75)
+        leaves = {k: t.clone().requires_grad_(k in trains.split(",")) if t is not None else None
+                  for k, t in (("x", x), ("bias", bias), ("A", a), ("B", b))}
+        y = fn(leaves["x"], w, leaves["bias"], leaves["A"], leaves["B"], 0.75)
         y.backward(gy)
-        results.append((y.detach(), [t.grad for t in leaves]))
+        results.append((y.detach(), {k: t.grad for k, t in leaves.items() if t is not None and t.requires_grad}))
     (y1, g1), (y2, g2) = results
     _rel_close(y1, y2)
-    for name, u, v in zip(("x", "bias", "A", "B"), g1, g2):
-        assert u is not None, name
-        _rel_close(u, v)
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        assert g1[name] is not None, name
+        _rel_close(g1[name], g2[name])
+    need_h = "B" in trains
+    fold_fwd = n >= d_in and (not with_bias or not need_h)
+    fold_bwd = n >= d_out and "x" in trains
+    assert len(folds) == fold_fwd + fold_bwd
+
+
+def test_fused_kernel_zero_b_gives_the_base_output_bit_for_bit_on_both_paths() -> None:
+    lin = nn.Linear(12, 10)
+    a = torch.randn(4, 12)
+    for n in (15, 6):  # folded (N ≥ d_in) and activation-side forward, grad on and off
+        x = torch.randn(n, 12)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                b = torch.zeros(10, 4, requires_grad=grad)
+                y = _FusedLowRankLinear.apply(x, lin.weight.detach(), lin.bias.detach(), a, b, 2.0) if grad else \
+                    lowrank._lowrank_linear(x, lin.weight.detach(), lin.bias.detach(), a, b, 2.0, need_h=False)[0]
+                assert torch.equal(y, lin(x).detach())
+
+
+def test_half_precision_never_folds_the_update_into_the_weight() -> None:
+    # W = 1 everywhere, |s·B·A| ≤ 1.5e-3 < half a bfloat16 ulp either side of 1: W + s·B·A rounds back to W, so a folded
+    # product would lose the update entirely; rows x = e₀ − e₁ cancel the base exactly and leave s·(B·A)[:, 0 − 1]
+    g = torch.Generator().manual_seed(3)
+    w = torch.ones(16, 16, dtype=torch.bfloat16)
+    a, b = torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g)
+    k = (0.0015 / float((b @ a).abs().max())) ** 0.5
+    a, b = (a * k).bfloat16(), (b * k).bfloat16()
+    x = torch.zeros(64, 16, dtype=torch.bfloat16)
+    x[:, 0], x[:, 1] = 1, -1
+    assert torch.equal(torch.addmm(w, b, a), w)  # what folding would multiply by
+    exact = (b.float() @ a.float())[:, 0] - (b.float() @ a.float())[:, 1]
+    y, _ = lowrank._lowrank_linear(x, w, None, a, b, 1.0, need_h=False)
+    torch.testing.assert_close(y.float(), exact.expand(64, 16), rtol=0.05, atol=1e-5)
+    assert not lowrank._fold(10**6, 16, w) and lowrank._fold(16, 16, w.float())
 
 
 def test_fused_kernel_gradcheck_float64() -> None:

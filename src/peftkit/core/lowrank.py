@@ -1,10 +1,12 @@
 """What the low-rank family shares: the config fields r/α/rsLoRA, the scaling rule, factor init, and the fused
 activation-path kernel ``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` with a hand-written backward.
 
-The fused function keeps the input once (plus the r-wide ``h = x·Aᵀ``) — or nothing new at all when the input's
-producer already holds what rebuilds it (:mod:`.saved_input`) — and writes each activation-sized result once: the
-r-wide GEMM writes the output (bias folded in) and the input gradient first, the base GEMM accumulates into them —
-no d_out×d_in tensor and no extra d_out-wide temporaries.
+The fused function keeps the input once (plus the r-wide ``h = x·Aᵀ`` when B trains) — or nothing new at all when
+the input's producer already holds what rebuilds it (:mod:`.saved_input`) — and adds no activation-sized pass the
+base layer does not make: with many rows (N ≥ the product's inner width, float32/64) the update is folded into a
+transient ``W_eff = W + s·B·A`` (one layer's d_out×d_in at a time, for the input gradient, and for the output when
+``h`` is not needed beside a bias); otherwise the r-wide GEMM writes the output (bias folded in) or the input gradient
+first and the base GEMM accumulates into it.
 """
 
 from __future__ import annotations
@@ -78,12 +80,36 @@ def lowrank_delta(host: Host, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return out * s if s != 1.0 else out
 
 
+def _fold(n: int, k: int, w: torch.Tensor) -> bool:
+    """Whether an N-row product through ``W + s·B·A`` with inner width ``k`` folds the update into the weight:
+    building the d_out×d_in ``W_eff`` costs about d_out·d_in, the r-wide pass it replaces writes the N × (d_out·d_in
+    / k) result — so fold when N ≥ k. float32/64 only: in half precision ``W + s·B·A`` would round the update
+    away."""
+    return n >= k and w.dtype in (torch.float32, torch.float64)
+
+
+def _folded(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``W_eff = W + s·B·A`` — one r-inner GEMM into a fresh d_out×d_in tensor (transient: one layer at a time)."""
+    return torch.addmm(w, b, a, alpha=s)
+
+
 def _lowrank_linear(
-    x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, s: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): ``h = x·Aᵀ`` and ``y = x·Wᵀ + b + s·h·Bᵀ``. The r-wide GEMM writes the output first — with the
-    bias folded in as ``[h, 1]·[s·B, b]ᵀ`` — and the base GEMM accumulates into it (β = 1), so the output is
-    written once, as by the base layer alone (which copies the bias in, then accumulates)."""
+    x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, s: float,
+    need_h: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, h): ``y = x·Wᵀ + b + s·h·Bᵀ`` and ``h = x·Aᵀ`` (None when not ``need_h`` and the path does not make it).
+
+    * N ≥ d_in, float32/64 (training and prefill batches): ``y = x·W_effᵀ + b`` with ``W_eff = W + s·B·A`` — the
+      base GEMM alone touches the activations; the update costs a d_out×d_in build instead of an N×d_out pass.
+    * otherwise (few rows, as in token-by-token generation; half precision): the r-wide GEMM writes the output
+      first — with the bias folded in as ``[h, 1]·[s·B, b]ᵀ`` — and the base GEMM accumulates into it (β = 1), so
+      the output is written once, as by the base layer alone (which copies the bias in, then accumulates).
+
+    Either way B = 0 gives the base layer's output bit for bit."""
+    if _fold(x2.shape[0], w.shape[1], w) and (bias is None or not need_h):
+        w_eff = _folded(w, a, b, s)
+        y = torch.mm(x2, w_eff.t()) if bias is None else torch.addmm(bias, x2, w_eff.t())
+        return y, (torch.mm(x2, a.t()) if need_h else None)
     h = torch.mm(x2, a.t())
     if bias is None:
         y = torch.mm(h, (b * s).t())
@@ -96,12 +122,16 @@ def _lowrank_linear(
 class _FusedLowRankLinear(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for a frozen (d_out, d_in) ``W``. The input is kept through
     :mod:`~peftkit.core.saved_input` (no copy of x when its producer — LayerNorm, GELU, SiLU, a gated product, a
-    Llama RMSNorm — already holds what rebuilds it)."""
+    Llama RMSNorm — already holds what rebuilds it); ``h = x·Aᵀ`` is kept only when B trains.
+
+    Backward, with ``G = g·B``: ∂x = g·W + s·G·A (for N ≥ d_out in float32/64 as one GEMM ``g·W_eff``, rebuilding
+    ``W_eff``; else the r-wide GEMM writes ∂x and the base GEMM accumulates), ∂A = s·Gᵀ·x, ∂B = s·gᵀ·h (computed
+    as (hᵀ·g)ᵀ, the fast layout for a skinny GEMM), ∂bias = Σ_rows g."""
 
     @staticmethod
     def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
         shape = x.shape
-        y, h = _lowrank_linear(x.reshape(-1, shape[-1]), w, bias, a, b, s)
+        y, h = _lowrank_linear(x.reshape(-1, shape[-1]), w, bias, a, b, s, need_h=ctx.needs_input_grad[4])
         kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
         ctx.save_for_backward(w, a, b, h, *kept)
         ctx.kind, ctx.extra = kind, extra
@@ -114,18 +144,22 @@ class _FusedLowRankLinear(torch.autograd.Function):
         w, a, b, h, *kept = ctx.saved_tensors
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
-        gh = torch.mm(g2, b)  # (N, r), unscaled
+        fold = _fold(g2.shape[0], w.shape[0], w)
+        gh = torch.mm(g2, b) if ctx.needs_input_grad[3] or not fold else None  # (N, r), unscaled
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(gh * s, a)
-            grad_x.addmm_(g2, w)  # the base GEMM accumulates into the r-wide one's output (one write)
+            if fold:
+                grad_x = torch.mm(g2, _folded(w, a, b, s))
+            else:
+                grad_x = torch.mm(gh * s, a)
+                grad_x.addmm_(g2, w)  # the base GEMM accumulates into the r-wide one's output (one write)
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
         if ctx.needs_input_grad[3]:
             grad_a = saved_input.left_matmul(ctx.kind, ctx.extra, tuple(kept), gh).mul_(s)
         if ctx.needs_input_grad[4]:
-            grad_b = torch.mm(h.t(), g2).t().mul_(s)  # (hᵀ·g)ᵀ: the fast layout for a skinny r-wide GEMM
+            grad_b = torch.mm(h.t(), g2).t().mul_(s)
         return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
@@ -139,7 +173,7 @@ def fused_lowrank_forward(
     if w.requires_grad or x.dtype != w.dtype or a.dtype != w.dtype or x.dim() < 2:
         return None
     if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad):
-        y, _ = _lowrank_linear(x.reshape(-1, x.shape[-1]), host.weight_2d(), host.bias, a, b, s)
+        y, _ = _lowrank_linear(x.reshape(-1, x.shape[-1]), host.weight_2d(), host.bias, a, b, s, need_h=False)
         return y.view(*x.shape[:-1], y.shape[-1])
     return _FusedLowRankLinear.apply(x, host.weight_2d(), host.bias, a, b, s)
 
