@@ -6,8 +6,9 @@ length 64, 2 threads, the same number of steps) with the method's own defaults a
 ``peftkit.bench.options.OPTIONS``, and the table reports trainable parameters, their share of the model, step time
 and peak memory of a training step relative to LoRA, and held-out accuracy. Step time and memory come from a
 separate pass (``--timing``): every method in a fresh process (glibc mmap threshold fixed so that freed tensors leave
-the resident set), the same fixed batch of 32 × 64 tokens, median of 8 steps, peak-RSS rise of one step — run it on
-an otherwise idle machine.
+the resident set), the same fixed batch of 32 × 64 tokens, median of 8 steps, peak-RSS rise of one step; LoRA runs
+again between methods and each method's time is taken relative to the LoRA runs just before and after it (the
+machine's speed drifts) — still, run it on an otherwise idle machine.
 
     python benchmarks/methods_table.py [--steps 300] [--methods lora,dora,...] [--out benchmarks/results]
     python benchmarks/methods_table.py --timing
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,42 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of OUT/methods.json: ``{"settings", "rows"}``, or a bare list (the file's earlier format)."""
     data = json.loads(path.read_text())
     return data["rows"] if isinstance(data, dict) else data
+
+
+def _retime(rows: list[dict[str, Any]], s: BenchSettings, model_dir: str) -> None:
+    """Re-measure step time and step peak memory of every row, each in a fresh process. The machine's speed drifts
+    (tens of per cent within minutes), so LoRA runs again between methods: a method's time is taken relative to the
+    mean of the LoRA runs just before and after it and stored as that ratio × the median LoRA time (the table
+    divides by the LoRA row)."""
+    def lora_time() -> float:
+        t = time_one("lora", s, 2, model_dir)
+        if "error" in t:
+            raise SystemExit(f"methods_table: the LoRA reference failed: {t['error']}")
+        return float(t["step_seconds"])
+
+    refs = [lora_time()]
+    ratios: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        if "error" in r or r["method"] == "lora":
+            continue
+        t = time_one(r["method"], s, 2, model_dir)
+        refs.append(lora_time())
+        if "error" in t:
+            print(f"timing {r['method']}: failed: {t['error']}", flush=True)
+            continue
+        ratios[r["method"]] = (t["step_seconds"] / ((refs[-2] + refs[-1]) / 2), t["step_peak_mib"])
+        print(f"timing {r['method']}: {t['step_seconds'] * 1e3:.0f} ms/step ({ratios[r['method']][0]:.2f} × the "
+              f"LoRA runs beside it), step peak +{t['step_peak_mib']:.0f} MiB", flush=True)
+    lora_s = statistics.median(refs)
+    lora_peak = time_one("lora", s, 2, model_dir)["step_peak_mib"]
+    print(f"timing lora: {len(refs)} reference runs, median {lora_s * 1e3:.0f} ms/step (range "
+          f"{min(refs) * 1e3:.0f}–{max(refs) * 1e3:.0f}), step peak +{lora_peak:.0f} MiB", flush=True)
+    for r in rows:
+        if r["method"] == "lora":
+            r["timing_step_seconds"], r["timing_peak_mib"] = lora_s, lora_peak
+        elif r["method"] in ratios:
+            r["timing_step_seconds"] = ratios[r["method"]][0] * lora_s
+            r["timing_peak_mib"] = ratios[r["method"]][1]
 
 
 def main() -> None:
@@ -59,16 +97,7 @@ def main() -> None:
     if args.timing:
         rows = _read_rows(out / "methods.json")
         s.timing_steps = min(args.steps, 8)
-        for r in rows:
-            if "error" in r:
-                continue
-            t = time_one(r["method"], s, 2, model_dir)
-            if "error" in t:
-                print(f"timing {r['method']}: failed: {t['error']}", flush=True)
-                continue
-            r["timing_step_seconds"], r["timing_peak_mib"] = t["step_seconds"], t["step_peak_mib"]
-            print(f"timing {r['method']}: {t['step_seconds'] * 1e3:.0f} ms/step, step peak +"
-                  f"{t['step_peak_mib']:.0f} MiB", flush=True)
+        _retime(rows, s, model_dir)
         report.write(out, rows, settings, stem="methods")
         print(report.table(rows))
         return
