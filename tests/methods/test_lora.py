@@ -161,8 +161,9 @@ def test_fused_kernel_matches_plain_autograd(n: int, d_in: int, d_out: int, with
     b = torch.randn(d_out, 4, generator=g)
     gy = torch.randn(n // 3, 3, d_out, generator=g)
     folds: list[tuple[int, ...]] = []
-    real_folded = lowrank._folded
-    monkeypatch.setattr(lowrank, "_folded", lambda *args: folds.append(tuple(args[0].shape)) or real_folded(*args))
+    real_folded = lowrank.folded_weight
+    monkeypatch.setattr(lowrank, "folded_weight",
+                        lambda *args: folds.append(tuple(args[0].shape)) or real_folded(*args))
     results = []
     for fn in (_FusedLowRankLinear.apply, _plain):
         leaves = {k: t.clone().requires_grad_(k in trains.split(",")) if t is not None else None
@@ -182,17 +183,23 @@ def test_fused_kernel_matches_plain_autograd(n: int, d_in: int, d_out: int, with
     assert len(folds) == fold_fwd + fold_bwd
 
 
-def test_fused_kernel_zero_b_gives_the_base_output_bit_for_bit_on_both_paths() -> None:
-    lin = nn.Linear(12, 10)
+@pytest.mark.parametrize("layout", ["linear", "gpt2_conv1d"])
+def test_fused_kernel_zero_b_gives_the_base_output_bit_for_bit_on_both_paths(layout: str) -> None:
+    torch.manual_seed(0)
+    native = torch.randn(10, 12) if layout == "linear" else torch.randn(12, 10)  # Conv1D stores (d_in, d_out)
+    w = native if layout == "linear" else native.t()
+    bias = torch.randn(10)
     a = torch.randn(4, 12)
-    for n in (15, 6):  # folded (N ≥ d_in) and activation-side forward, grad on and off
+    assert lowrank.folded_weight(w, a, torch.zeros(10, 4), 1.0).stride() == w.stride()
+    for n in (150, 6):  # folded (N ≥ d_in) and activation-side forward, grad on and off
         x = torch.randn(n, 12)
+        base = F.linear(x, native, bias) if layout == "linear" else torch.addmm(bias, x, native)
         for grad in (True, False):
             with torch.set_grad_enabled(grad):
                 b = torch.zeros(10, 4, requires_grad=grad)
-                y = _FusedLowRankLinear.apply(x, lin.weight.detach(), lin.bias.detach(), a, b, 2.0) if grad else \
-                    lowrank._lowrank_linear(x, lin.weight.detach(), lin.bias.detach(), a, b, 2.0, need_h=False)[0]
-                assert torch.equal(y, lin(x).detach())
+                y = _FusedLowRankLinear.apply(x, w, bias, a, b, 2.0) if grad else \
+                    lowrank._lowrank_linear(x, w, bias, a, b, 2.0, need_h=False)[0]
+                assert torch.equal(y, base)
 
 
 def test_half_precision_never_folds_the_update_into_the_weight() -> None:

@@ -88,9 +88,11 @@ def _fold(n: int, k: int, w: torch.Tensor) -> bool:
     return n >= k and w.dtype in (torch.float32, torch.float64)
 
 
-def _folded(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """``W_eff = W + s·B·A`` — one r-inner GEMM into a fresh d_out×d_in tensor (transient: one layer at a time)."""
-    return torch.addmm(w, b, a, alpha=s)
+def folded_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``W + s·B·A`` — one r-inner GEMM into a fresh d_out×d_in tensor laid out like ``W`` (a GPT-2 Conv1D weight's
+    transposed view stays transposed, so a product through it runs the base layer's GEMM and a zero B reproduces
+    the base output bit for bit). Transient: one layer at a time."""
+    return torch.addmm(w, b, a, alpha=s, out=torch.empty_like(w))
 
 
 def _lowrank_linear(
@@ -107,7 +109,7 @@ def _lowrank_linear(
 
     Either way B = 0 gives the base layer's output bit for bit."""
     if _fold(x2.shape[0], w.shape[1], w) and (bias is None or not need_h):
-        w_eff = _folded(w, a, b, s)
+        w_eff = folded_weight(w, a, b, s)
         y = torch.mm(x2, w_eff.t()) if bias is None else torch.addmm(bias, x2, w_eff.t())
         return y, (torch.mm(x2, a.t()) if need_h else None)
     h = torch.mm(x2, a.t())
@@ -149,7 +151,7 @@ class _FusedLowRankLinear(torch.autograd.Function):
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             if fold:
-                grad_x = torch.mm(g2, _folded(w, a, b, s))
+                grad_x = torch.mm(g2, folded_weight(w, a, b, s))
             else:
                 grad_x = torch.mm(gh * s, a)
                 grad_x.addmm_(g2, w)  # the base GEMM accumulates into the r-wide one's output (one write)

@@ -33,17 +33,16 @@ from peftkit.core import saved_input
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
 from peftkit.core.host import Host
-from peftkit.core.lowrank import LowRankConfig, init_down_, lowrank_delta, new_factors
+from peftkit.core.lowrank import LowRankConfig, folded_weight, init_down_, lowrank_delta, new_factors
 from peftkit.core.registry import register
 
 
 def _scaled_direction(
     w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, c: torch.Tensor | None, m: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', c): ``V = W + s·B·A`` written with W's strides (so a GPT-2 Conv1D weight keeps its layout and a zero B
-    reproduces the base GEMM bit for bit), then scaled in place to ``W' = diag(c)·V``; ``c = m/‖V‖_row`` when not
-    given."""
-    v = torch.addmm(w, b, a, alpha=s, out=torch.empty_like(w))
+    """(W', c): ``V = W + s·B·A`` (laid out like W), scaled in place to ``W' = diag(c)·V``; ``c = m/‖V‖_row`` when
+    not given."""
+    v = folded_weight(w, a, b, s)
     if c is None:
         assert m is not None
         c = m / torch.linalg.vector_norm(v, dim=1)
