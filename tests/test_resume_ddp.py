@@ -116,3 +116,24 @@ def test_torchrun_two_processes_equal_one_process_with_double_batch(tiny: tuple[
     assert max(float((half[k] - one[k]).abs().max()) for k in one) > 1e-3
     info = json.loads((tmp_path / "two" / "train_info.json").read_text())
     assert info["processes"] == 2 and info["examples_seen"] == 6 * 16
+
+
+def test_torchrun_diffora_processes_take_the_same_theta_steps(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """DiffoRA trains its selection logits θ with its own optimiser, from each process's batch slice: the θ gradients
+    are averaged over the processes, so 2 processes × batch 8 search and select exactly as 1 process × batch 16."""
+    model, data = tiny
+    steps = ("--method", "diffora", "--steps", "6", "--save-every", "0", "--opt", "search_steps=4",
+             "--opt", "theta_lr=0.3")
+    assert main(_args(model, data, tmp_path / "one", *steps, "--batch-size", "16")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "peftkit",
+           *_args(model, data, tmp_path / "two", *steps, "--batch-size", "8")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
+    # the search moved θ far enough to matter: a 1-process run at batch 8 selects or trains differently
+    assert main(_args(model, data, tmp_path / "half", *steps, "--batch-size", "8")) == 0
+    half = _tensors(tmp_path / "half")
+    assert sorted(half) != sorted(one) or max(float((half[k] - one[k]).abs().max()) for k in one) > 1e-3

@@ -23,7 +23,9 @@ same function), θ = 0 at init, one θ step after every weight step, Adam(lr=``t
 weight decay 1e-3) for θ (the DARTS architecture optimiser), ⌈ρ·n⌉ kept over all candidates of the adapter, and no
 folding of γ into the kept weights at discretisation (Γ = 1, as the spec says). Without ``held_out`` batches (e.g.
 under ``peftkit train``) the θ step uses the step's own training batch (seen through ``extra_loss``) after the weight
-step: alternating, but single-split — a documented fallback, not the paper's bi-level split.
+step: alternating, but single-split — a documented fallback, not the paper's bi-level split. Under data-parallel
+training (``torchrun``) the θ gradients are averaged over the processes (weighted by their batch slices) before the
+θ step, so every process keeps the same θ and selects the same modules.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from peftkit.core.lowrank import LowRankConfig, LowRankUpdate, init_down_, new_f
 from peftkit.core.model import adapted_layers, adapter_names, get_config
 from peftkit.core.procedure import Procedure, find_adapters
 from peftkit.core.registry import HOST_KINDS, QUANTIZED_HOSTS, register
+from peftkit.train.distributed import sync_gradients, world
 
 THETA_BETAS = (0.5, 0.999)
 THETA_WEIGHT_DECAY = 1e-3
@@ -215,6 +218,10 @@ class DifforaSearch(Procedure):
                 p.requires_grad_(True)
         for t, g in zip(flat, grads):
             t.grad = torch.zeros_like(t) if g is None else g.detach()
+        if world()[1] > 1:  # data-parallel (torchrun): every process takes the same θ step, from the global batch
+            from peftkit.train.trainer import batch_size
+
+            sync_gradients(flat, batch_size(batch))
         for n, ts in thetas.items():
             opt = self.optimizers.get(n)
             if opt is None or opt.param_groups[0]["params"][0] is not ts[0]:

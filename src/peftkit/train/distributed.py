@@ -16,8 +16,8 @@ frozen base never crosses the wire; the adapter's initial values are broadcast f
 starts identical. Then every process applies the same clipped AdamW step and the adapters stay identical. Only
 rank 0 prints, draws a progress bar and writes files.
 
-Only the parameters in the trainer's optimiser are synchronised: a procedure that trains tensors with an optimiser
-of its own (DiffoRA's selection logits θ) updates them per process, from that process's slice.
+The trainer synchronises the parameters in its optimiser; a procedure that trains tensors with an optimiser of its
+own averages their gradients with :func:`sync_gradients` too (DiffoRA's selection logits θ).
 
 Dropout draws different masks in different processes (each has its own RNG stream); with dropout > 0 the N-process
 run is a valid data-parallel run but not bit-comparable to the 1-process one.
