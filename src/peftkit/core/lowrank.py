@@ -101,11 +101,13 @@ def _lowrank_linear(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, h): ``y = x·Wᵀ + b + s·h·Bᵀ`` and ``h = x·Aᵀ`` (None when not ``need_h`` and the path does not make it).
 
-    * N ≥ d_in, float32/64 (training and prefill batches): ``y = x·W_effᵀ + b`` with ``W_eff = W + s·B·A`` — the
-      base GEMM alone touches the activations; the update costs a d_out×d_in build instead of an N×d_out pass.
-    * otherwise (few rows, as in token-by-token generation; half precision): the r-wide GEMM writes the output
-      first — with the bias folded in as ``[h, 1]·[s·B, b]ᵀ`` — and the base GEMM accumulates into it (β = 1), so
-      the output is written once, as by the base layer alone (which copies the bias in, then accumulates).
+    * N ≥ d_in, float32/64, and no ``h`` needed beside a bias (inference; bias-free layers): ``y = x·W_effᵀ + b``
+      with ``W_eff = W + s·B·A`` — the base GEMM alone touches the activations; the update costs a d_out×d_in
+      build instead of an N×d_out pass (and no ``h`` at all when it is not needed).
+    * otherwise (few rows, as in token-by-token generation; half precision; training a layer with a bias, where
+      folding measured slower): the r-wide GEMM writes the output first — with the bias folded in as
+      ``[h, 1]·[s·B, b]ᵀ`` — and the base GEMM accumulates into it (β = 1), so the output is written once, as by
+      the base layer alone (which copies the bias in, then accumulates).
 
     Either way B = 0 gives the base layer's output bit for bit."""
     if _fold(x2.shape[0], w.shape[1], w) and (bias is None or not need_h):
