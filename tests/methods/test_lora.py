@@ -143,7 +143,7 @@ def _plain(x, w, bias, a, b, s):
     return F.linear(x, w, bias) + s * (x @ a.t()) @ b.t()
 
 
-# (rows N, d_in, d_out): the forward folds W_eff = W + s·B·A when N ≥ d_in (and h is not needed beside a bias),
+# (rows N, d_in, d_out): the forward folds W_eff = W + s·B·A when N ≥ d_in and h is not needed (B frozen),
 # the backward when N ≥ d_out; the activation-side path runs otherwise
 KERNEL_SHAPES = [(15, 12, 10), (15, 24, 10), (15, 12, 20), (6, 24, 20)]
 
@@ -178,7 +178,7 @@ def test_fused_kernel_matches_plain_autograd(n: int, d_in: int, d_out: int, with
         assert g1[name] is not None, name
         _rel_close(g1[name], g2[name])
     need_h = "B" in trains
-    fold_fwd = n >= d_in and (not with_bias or not need_h)
+    fold_fwd = n >= d_in and not need_h
     fold_bwd = n >= d_out and "x" in trains
     assert len(folds) == fold_fwd + fold_bwd
 
