@@ -55,7 +55,7 @@ class BenchSettings:
     threads: int | None = 2
     model: str | None = None
     data: str | None = None
-    lr: float | None = None  # None: peftkit train's default (2e-3 × the method's lr_scale), unless OPTIONS sets one
+    lr: float | None = None  # None: the task's rate × the method's lr_scale (as peftkit train), unless OPTIONS sets one
     timing: bool = True
     timing_steps: int = 8
 
@@ -158,10 +158,11 @@ def time_one(method: str, s: BenchSettings, labels: int, model_dir: str) -> dict
     """The fixed-batch timing pass of ``method`` in a fresh process: ``{"step_seconds", "step_peak_mib"}`` or
     ``{"error": ...}``."""
     opts = train_options(method, s.steps)
+    from ..cli import DEFAULTS  # the classification task's rate, which `peftkit train` scales the same way
     from ..core.registry import get as get_method
 
     lr = next((float(v) for f, v in zip(opts[::2], opts[1::2]) if f == "--lr"),
-              s.lr or 2e-3 * get_method(base_method(method)).lr_scale)
+              s.lr or DEFAULTS["lr"] * get_method(base_method(method)).lr_scale)
     spec = {"method": method, "model": model_dir, "labels": labels, "batch_size": s.batch_size,
             "max_length": s.max_length, "threads": s.threads, "steps": s.timing_steps, "seed": s.seed, "lr": lr,
             "opts": config_options(method, s.steps)}

@@ -111,9 +111,7 @@ def _lowrank_linear(
 
     Either way B = 0 gives the base layer's output bit for bit."""
     if not need_h and _fold(x2.shape[0], w.shape[1], w):
-        w_eff = folded_weight(w, a, b, s)
-        y = torch.mm(x2, w_eff.t()) if bias is None else torch.addmm(bias, x2, w_eff.t())
-        return y, (torch.mm(x2, a.t()) if need_h else None)
+        return F.linear(x2, folded_weight(w, a, b, s), bias), None
     h = torch.mm(x2, a.t())
     if bias is None:
         y = torch.mm(h, (b * s).t())

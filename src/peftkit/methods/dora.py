@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from peftkit.core import saved_input
 from peftkit.core.adapter import Adapter, make_dropout
@@ -49,6 +50,16 @@ def _scaled_direction(
     return v.mul_(c[:, None]), c
 
 
+def _dora_linear(
+    x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+    m: torch.Tensor, s: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, c): ``y = x·W'ᵀ + b0`` for rows ``x2`` and ``c = m/n`` — the output of the fused path, with or without
+    autograd."""
+    w_eff, c = _scaled_direction(w, a, b, s, None, m)
+    return F.linear(x2, w_eff, bias), c
+
+
 class _FusedDora(torch.autograd.Function):
     """``y = x·W'ᵀ + b0``, ``W' = diag(m/n)·(W + s·B·A)``, n detached; gradients in the module docstring."""
 
@@ -56,9 +67,7 @@ class _FusedDora(torch.autograd.Function):
     def forward(ctx, x, w, bias, a, b, m, s):  # type: ignore[override]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        w_eff, c = _scaled_direction(w, a, b, s, None, m)
-        y = torch.mm(x2, w_eff.t()) if bias is None else torch.addmm(bias, x2, w_eff.t())
-        del w_eff
+        y, c = _dora_linear(x2, w, bias, a, b, m, s)
         h = torch.mm(x2, a.t()) if ctx.needs_input_grad[4] else None
         kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
         ctx.save_for_backward(w, bias, a, b, m, c, h, y if ctx.needs_input_grad[5] else None, *kept)
@@ -135,9 +144,7 @@ class Dora(Adapter):
                 return None  # ∂m divides by m
             return _FusedDora.apply(x, w, bias, a, b, m, self.s)
         with torch.no_grad():
-            w_eff, _ = _scaled_direction(w, a, b, self.s, None, m)
-            x2 = x.reshape(-1, x.shape[-1])
-            y = torch.mm(x2, w_eff.t()) if bias is None else torch.addmm(bias, x2, w_eff.t())
+            y, _ = _dora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, m, self.s)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
