@@ -161,6 +161,34 @@ def test_gradients_reach_every_trainable_tensor(method: str, model_name: str) ->
             assert p.grad is None, f"frozen {n} got a gradient"
 
 
+@pytest.mark.parametrize("method,model_name", [c for c in CASES if not _info(c.values[0]).model_level])
+def test_output_can_change_in_place_before_backward(method: str, model_name: str) -> None:
+    # A Linear / conv / Embedding output is not saved by autograd, so models may change it in place (``y.mul_``,
+    # ``y += r``); an adapted layer must allow the same, with the same gradients (a fused path returning a view made
+    # inside its autograd function, or saving its output without care, fails here). Model-level methods adapt no
+    # layer.
+    _, spec, model, _ = _adapted(method, model_name)
+    x = spec.input()
+    w = torch.randn(_run(spec, model, x).shape, generator=torch.Generator().manual_seed(5))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        (spec.run(model, x) * w).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads()
+    hooks = [layer.register_forward_hook(lambda mod, args, out: out.mul_(1.0))
+             for _, layer in peftkit.adapted_layers(model)]
+    try:
+        got = grads()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert got.keys() == expected.keys() and got
+    for n in got:
+        _close(got[n], expected[n])
+
+
 @pytest.mark.parametrize("method,model_name", CASES)
 def test_merge_unmerge(method: str, model_name: str) -> None:
     info, spec, model, _ = _adapted(method, model_name)

@@ -95,11 +95,26 @@ def folded_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -
     return torch.addmm(w, b, a, alpha=s, out=torch.empty_like(w))
 
 
+def linear_into(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for an N-D ``x``, computed into a fresh N-D tensor. F.linear on N-D input returns a
+    view of its 2-D result, and autograd forbids changing in place a view made inside a custom autograd function —
+    so a fused path returning that view would fail where the plain layer's output may be changed in place (a
+    model's ``y.mul_(…)``). Same kernel as F.linear (bias copied in, then one GEMM)."""
+    out = x.new_empty(*x.shape[:-1], w.shape[0])
+    out2, x2 = out.view(-1, w.shape[0]), x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(x2, w.t(), out=out2)
+    else:
+        torch.addmm(bias, x2, w.t(), out=out2)
+    return out
+
+
 def _lowrank_linear(
-    x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, s: float,
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, s: float,
     need_h: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, h): ``y = x·Wᵀ + b + s·h·Bᵀ`` and ``h = x·Aᵀ`` (None when not ``need_h`` and the path does not make it).
+    """(y, h) for an N-D ``x`` (features last): ``y = x·Wᵀ + b + s·h·Bᵀ`` in x's shape (a fresh tensor, not a view —
+    see :func:`linear_into`) and ``h = x·Aᵀ`` over the rows (None when not ``need_h`` and the path does not make it).
 
     * no ``h`` needed (inference, or B frozen), N ≥ d_in, float32/64: ``y = x·W_effᵀ + b`` with
       ``W_eff = W + s·B·A`` — the base GEMM alone touches the activations; the update costs a d_out×d_in build
@@ -110,14 +125,17 @@ def _lowrank_linear(
       written once, as by the base layer alone (which copies the bias in, then accumulates).
 
     Either way B = 0 gives the base layer's output bit for bit."""
+    x2 = x.reshape(-1, x.shape[-1])
     if not need_h and _fold(x2.shape[0], w.shape[1], w):
-        return F.linear(x2, folded_weight(w, a, b, s), bias), None
+        return linear_into(x, folded_weight(w, a, b, s), bias), None
     h = torch.mm(x2, a.t())
+    y = x.new_empty(*x.shape[:-1], w.shape[0])
+    y2 = y.view(-1, w.shape[0])
     if bias is None:
-        y = torch.mm(h, (b * s).t())
+        torch.mm(h, (b * s).t(), out=y2)
     else:
-        y = torch.mm(torch.cat([h, h.new_ones(h.shape[0], 1)], 1), torch.cat([b * s, bias[:, None]], 1).t())
-    y.addmm_(x2, w.t())
+        torch.mm(torch.cat([h, h.new_ones(h.shape[0], 1)], 1), torch.cat([b * s, bias[:, None]], 1).t(), out=y2)
+    y2.addmm_(x2, w.t())
     return y, h
 
 
@@ -132,14 +150,13 @@ class _FusedLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
-        shape = x.shape
-        y, h = _lowrank_linear(x.reshape(-1, shape[-1]), w, bias, a, b, s, need_h=ctx.needs_input_grad[4])
+        y, h = _lowrank_linear(x, w, bias, a, b, s, need_h=ctx.needs_input_grad[4])
         kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
         ctx.save_for_backward(w, a, b, h, *kept)
         ctx.kind, ctx.extra = kind, extra
         ctx.s = s
-        ctx.shape = shape
-        return y.view(*shape[:-1], y.shape[-1])
+        ctx.shape = x.shape
+        return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
@@ -175,8 +192,7 @@ def fused_lowrank_forward(
     if w.requires_grad or x.dtype != w.dtype or a.dtype != w.dtype or x.dim() < 2:
         return None
     if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad):
-        y, _ = _lowrank_linear(x.reshape(-1, x.shape[-1]), host.weight_2d(), host.bias, a, b, s, need_h=False)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _lowrank_linear(x, host.weight_2d(), host.bias, a, b, s, need_h=False)[0]
     return _FusedLowRankLinear.apply(x, host.weight_2d(), host.bias, a, b, s)
 
 

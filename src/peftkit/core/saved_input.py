@@ -136,6 +136,23 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def unpack(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The packed input itself as a 2-D (rows × features) tensor — rebuilt whole, for the rare caller that needs
+    all of x at once (most need only :func:`left_matmul`)."""
+    if kind == "plain":
+        return _rows(tensors[0])
+    if kind == "layer_norm":
+        u, mean, rstd, *affine = tensors
+        has_w, has_b = extra
+        x = (_rows(u) - mean.reshape(-1, 1)).mul_(rstd.reshape(-1, 1))
+        if has_w:
+            x.mul_(affine[0])
+        if has_b:
+            x.add_(affine[-1])
+        return x
+    return _rows(_rebuild(extra, list(tensors)))
+
+
 def left_matmul(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], g: torch.Tensor) -> torch.Tensor:
     """``Gᵀ·x`` (r × d_in) for the packed input ``x`` and ``G`` (N × r)."""
     if kind == "plain":

@@ -18,7 +18,10 @@ built anyway, the output is one GEMM through ``W' = diag(c)·V`` (c = m/n) and o
 
 (h = x·Aᵀ; ``∂m`` uses y − b0 = c ⊙ x·Vᵀ, so it keeps the layer output — which the next op usually keeps anyway —
 instead of x·W0ᵀ and the low-rank branch separately; magnitudes with a zero entry take the generic path). The input
-is kept through ``core.saved_input`` like LoRA's; W' is rebuilt in backward rather than kept.
+is kept through ``core.saved_input`` like LoRA's; W' is rebuilt in backward rather than kept. Code that changes the
+layer's output in place before backward (legal for a Linear, whose output autograd does not save) makes backward
+recompute ``x·W'ᵀ`` for ``∂m`` instead of failing: the output is kept through an alias with its own version counter
+and a probe sharing the output's counter says whether it still holds the forward's values.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from peftkit.core import saved_input
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
 from peftkit.core.host import Host
-from peftkit.core.lowrank import LowRankConfig, folded_weight, init_down_, lowrank_delta, new_factors
+from peftkit.core.lowrank import (
+    LowRankConfig,
+    folded_weight,
+    init_down_,
+    linear_into,
+    lowrank_delta,
+    new_factors,
+)
 from peftkit.core.registry import register
 
 
@@ -51,13 +61,13 @@ def _scaled_direction(
 
 
 def _dora_linear(
-    x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
     m: torch.Tensor, s: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, c): ``y = x·W'ᵀ + b0`` for rows ``x2`` and ``c = m/n`` — the output of the fused path, with or without
-    autograd."""
+    """(y, c): ``y = x·W'ᵀ + b0`` in x's shape (a fresh tensor, not a view: ``linear_into``) and ``c = m/n`` — the
+    output of the fused path, with or without autograd."""
     w_eff, c = _scaled_direction(w, a, b, s, None, m)
-    return F.linear(x2, w_eff, bias), c
+    return linear_into(x, w_eff, bias), c
 
 
 class _FusedDora(torch.autograd.Function):
@@ -66,17 +76,26 @@ class _FusedDora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, a, b, m, s):  # type: ignore[override]
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        y, c = _dora_linear(x2, w, bias, a, b, m, s)
-        h = torch.mm(x2, a.t()) if ctx.needs_input_grad[4] else None
-        kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
-        ctx.save_for_backward(w, bias, a, b, m, c, h, y if ctx.needs_input_grad[5] else None, *kept)
+        y, c = _dora_linear(x, w, bias, a, b, m, s)
+        h = torch.mm(x.reshape(-1, shape[-1]), a.t()) if ctx.needs_input_grad[4] else None
+        need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[5]
+        kind, extra, kept = saved_input.pack(x) if need_x else ("plain", None, ())
+        y_kept = None
+        if ctx.needs_input_grad[5]:
+            # ∂m reads the output. Kept through an alias with its own version counter, so that code changing the
+            # output in place before backward (allowed for a Linear's output, which autograd does not save) does
+            # not void this node; the probe shares the output's counter and tells backward whether to recompute.
+            y_kept = torch.empty(0, dtype=y.dtype, device=y.device).set_(
+                y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
+            ctx.y_probe, ctx.y_version = y.detach(), y._version
+        ctx.save_for_backward(w, bias, a, b, m, c, h, y_kept, *kept)
         ctx.kind, ctx.extra, ctx.s, ctx.shape = kind, extra, s, shape
-        return y.view(*shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         w, bias, a, b, m, c, h, y, *kept = ctx.saved_tensors
+        probe, ctx.y_probe = getattr(ctx, "y_probe", None), None  # released here, like the saved tensors
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_bias = grad_a = grad_b = grad_m = None
@@ -93,8 +112,13 @@ class _FusedDora(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(h.t(), g2).t().mul_((s * c)[:, None])
         if ctx.needs_input_grad[5]:
-            gy_y = (g2 * y).sum(0)
-            grad_m = (gy_y if bias is None else gy_y.sub_(g_sum * bias)).div_(m)
+            if probe is not None and probe._version == ctx.y_version:
+                gy_y = (g2 * y.view(-1, y.shape[-1])).sum(0)
+                gy_y = gy_y if bias is None else gy_y.sub_(g_sum * bias)
+            else:  # the output changed in place after forward (or a second backward): y − b0 = x·W'ᵀ recomputed
+                w_eff, _ = _scaled_direction(w, a, b, s, c)
+                gy_y = (g2 * F.linear(saved_input.unpack(ctx.kind, ctx.extra, tuple(kept)), w_eff)).sum(0)
+            grad_m = gy_y.div_(m)
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None
 
 
@@ -144,8 +168,7 @@ class Dora(Adapter):
                 return None  # ∂m divides by m
             return _FusedDora.apply(x, w, bias, a, b, m, self.s)
         with torch.no_grad():
-            y, _ = _dora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, m, self.s)
-        return y.view(*x.shape[:-1], y.shape[-1])
+            return _dora_linear(x, w, bias, a, b, m, self.s)[0]
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         h = self.host

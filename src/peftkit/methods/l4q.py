@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.adapter import Adapter
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.lowrank import LowRankConfig, init_down_, new_factors
+from peftkit.core.lowrank import LowRankConfig, init_down_, linear_into, new_factors
 from peftkit.core.model import adapted_layers, adapter_names
 from peftkit.core.registry import register
 from peftkit.core.replace import ReplacedWeight
@@ -73,7 +72,7 @@ class _L4QLinear(torch.autograd.Function):
         w_q = lsq.forward(_combined(w0, a, b, s), step, offset, bits, group_size)
         ctx.save_for_backward(x, w0, a, b, step, offset)
         ctx.cfg = (s, bits, group_size, g, bias is not None)
-        return F.linear(x, w_q, bias)
+        return linear_into(x, w_q, bias)  # not a view: the output may be changed in place, as a Linear's
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]

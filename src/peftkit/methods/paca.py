@@ -24,13 +24,12 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.adapter import Adapter
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.lowrank import LowRankConfig
+from peftkit.core.lowrank import LowRankConfig, linear_into
 from peftkit.core.registry import register
 
 
@@ -92,7 +91,7 @@ class _PacaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, bias, p, idx, s):  # type: ignore[override]
         x_idx = x.index_select(-1, idx)
-        y = F.linear(x, w0, bias)
+        y = linear_into(x, w0, bias)  # not a view: the output may be changed in place, as a Linear's
         y += x_idx.matmul((p * s - w0.index_select(1, idx)).t())
         ctx.save_for_backward(x_idx, w0, p, idx)
         ctx.s = s
