@@ -11,6 +11,7 @@ from torch import nn
 
 import peftkit
 from conformance.models import MODELS, TinyModel, perturb
+from peftkit.core import saved_input
 from peftkit.methods.dora import _FusedDora
 
 DORA_MODELS = [n for n, spec in sorted(MODELS.items()) if set(spec.hosts) <= set(peftkit.get_method("dora").hosts)]
@@ -267,6 +268,10 @@ class _InPlaceOutput(nn.Module):
 
 @pytest.mark.parametrize("producer", ["plain", "layer_norm", "gelu"])
 def test_fused_path_survives_an_in_place_change_of_its_output(producer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    unpacked: list[int] = []
+    real_unpack = saved_input.unpack
+    monkeypatch.setattr(saved_input, "unpack", lambda *a: unpacked.append(1) or real_unpack(*a))
+
     def grads(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = _InPlaceOutput(producer)
@@ -282,10 +287,12 @@ def test_fused_path_survives_an_in_place_change_of_its_output(producer: str, mon
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
         out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         out["input"] = x.grad
-        monkeypatch.undo()
+        if not fused:
+            monkeypatch.undo()
         return y.detach(), out
 
     y1, g1 = grads(True)
+    assert unpacked == [1]  # the changed output was noticed: ∂m recomputed from the input
     y2, g2 = grads(False)
     _rel_close(y1, y2)
     assert g1.keys() == g2.keys() and any("magnitude" in n for n in g1)
@@ -305,5 +312,10 @@ def test_fused_path_second_backward_with_retained_graph_recomputes_the_output_te
     y.pow(2).sum().backward(retain_graph=True)
     first = m.grad.clone()
     m.grad = None
-    y.pow(2).sum().backward()  # the probe was released by the first backward: the term is recomputed
+    calls: list[int] = []
+    real_unpack = saved_input.unpack
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(saved_input, "unpack", lambda *a: calls.append(1) or real_unpack(*a))
+        y.pow(2).sum().backward()  # the probe was released by the first backward: the term is recomputed
+    assert calls == [1]
     torch.testing.assert_close(m.grad, first, rtol=1e-5, atol=1e-6)

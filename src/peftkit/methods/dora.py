@@ -99,10 +99,10 @@ class _FusedDora(torch.autograd.Function):
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_bias = grad_a = grad_b = grad_m = None
+        recompute = ctx.needs_input_grad[5] and (probe is None or probe._version != ctx.y_version)
+        w_eff = _scaled_direction(w, a, b, s, c)[0] if ctx.needs_input_grad[0] or recompute else None
         if ctx.needs_input_grad[0]:
-            w_eff, _ = _scaled_direction(w, a, b, s, c)
             grad_x = torch.mm(g2, w_eff).view(ctx.shape)
-            del w_eff
         g_sum = g2.sum(0) if ctx.needs_input_grad[2] or (ctx.needs_input_grad[5] and bias is not None) else None
         if ctx.needs_input_grad[2]:
             grad_bias = g_sum
@@ -112,12 +112,11 @@ class _FusedDora(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(h.t(), g2).t().mul_((s * c)[:, None])
         if ctx.needs_input_grad[5]:
-            if probe is not None and probe._version == ctx.y_version:
+            if recompute:  # the output changed in place after forward (or a second backward): y − b0 = x·W'ᵀ
+                gy_y = (g2 * F.linear(saved_input.unpack(ctx.kind, ctx.extra, tuple(kept)), w_eff)).sum(0)
+            else:
                 gy_y = (g2 * y.view(-1, y.shape[-1])).sum(0)
                 gy_y = gy_y if bias is None else gy_y.sub_(g_sum * bias)
-            else:  # the output changed in place after forward (or a second backward): y − b0 = x·W'ᵀ recomputed
-                w_eff, _ = _scaled_direction(w, a, b, s, c)
-                gy_y = (g2 * F.linear(saved_input.unpack(ctx.kind, ctx.extra, tuple(kept)), w_eff)).sum(0)
             grad_m = gy_y.div_(m)
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None
 
