@@ -54,8 +54,11 @@ PRODUCERS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
 }
 
 
+@pytest.mark.parametrize("width", [4, 30], ids=["narrow_G", "wide_G"])
 @pytest.mark.parametrize("name", list(PRODUCERS))
-def test_pack_and_left_matmul_match_the_input(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pack_and_left_matmul_match_the_input(name: str, width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """G narrower than x (a low-rank factor's gradient: a LayerNorm enters through its identity) and wider (a dense
+    weight's gradient into a widening layer: a LayerNorm's output is rebuilt in row blocks instead)."""
     kind, fn = PRODUCERS[name]
     monkeypatch.setattr(saved_input, "_BLOCK_ELEMENTS", 12 * 5)  # several recompute blocks of 5 rows (+ a remainder)
     x = fn(_u(3, 7, 12))
@@ -63,11 +66,15 @@ def test_pack_and_left_matmul_match_the_input(name: str, monkeypatch: pytest.Mon
     assert got_kind == kind
     if kind != "plain":
         assert all(t.data_ptr() != x.data_ptr() for t in kept)
-    g = torch.randn(21, 4, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(21, width, generator=torch.Generator().manual_seed(2))
     ref = g.t() @ x.detach().reshape(-1, 12)
+    blocks = []
+    real_rows = saved_input._layer_norm_rows
+    monkeypatch.setattr(saved_input, "_layer_norm_rows", lambda *a: blocks.append(1) or real_rows(*a))
     got = saved_input.left_matmul(got_kind, extra, kept, g)
-    assert got.shape == (4, 12)
+    assert got.shape == (width, 12)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert len(blocks) == (5 if kind == "layer_norm" and width > 12 else 0)  # 21 rows in blocks of 5
 
 
 def test_saved_tensor_hooks_fall_back_to_the_input_itself() -> None:

