@@ -39,11 +39,12 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return data["rows"] if isinstance(data, dict) else data
 
 
-def _retime(rows: list[dict[str, Any]], s: BenchSettings, model_dir: str) -> None:
-    """Re-measure step time and step peak memory of every row, each in a fresh process. The machine's speed drifts
-    (tens of per cent within minutes), so LoRA runs again between methods: a method's time is taken relative to the
-    mean of the LoRA runs just before and after it and stored as that ratio × the median LoRA time (the table
-    divides by the LoRA row)."""
+def _retime(rows: list[dict[str, Any]], s: BenchSettings, model_dir: str, only: set[str] | None = None) -> None:
+    """Re-measure step time and step peak memory of every row (or of the rows of ``only``), each in a fresh process.
+    The machine's speed drifts (tens of per cent within minutes), so LoRA runs again between methods: a method's
+    time is taken relative to the mean of the LoRA runs just before and after it and stored as that ratio × the
+    median LoRA time (the table divides by the LoRA row). With ``only``, the LoRA row keeps its figures and the
+    re-timed rows are stored against them (their peak memory as the ratio to this pass's LoRA peak × the row's)."""
     def lora_time() -> float:
         t = time_one("lora", s, 2, model_dir)
         if "error" in t:
@@ -53,7 +54,7 @@ def _retime(rows: list[dict[str, Any]], s: BenchSettings, model_dir: str) -> Non
     refs = [lora_time()]
     ratios: dict[str, tuple[float, float]] = {}
     for r in rows:
-        if "error" in r or r["method"] == "lora":
+        if "error" in r or r["method"] == "lora" or (only is not None and r["method"] not in only):
             continue
         t = time_one(r["method"], s, 2, model_dir)
         refs.append(lora_time())
@@ -67,12 +68,16 @@ def _retime(rows: list[dict[str, Any]], s: BenchSettings, model_dir: str) -> Non
     lora_peak = time_one("lora", s, 2, model_dir)["step_peak_mib"]
     print(f"timing lora: {len(refs)} reference runs, median {lora_s * 1e3:.0f} ms/step (range "
           f"{min(refs) * 1e3:.0f}–{max(refs) * 1e3:.0f}), step peak +{lora_peak:.0f} MiB", flush=True)
+    lora_row = next(r for r in rows if r["method"] == "lora")
+    peak_scale = 1.0
+    if only is not None:  # keep the table's LoRA figures; store the re-timed rows against them
+        lora_s, peak_scale = lora_row["timing_step_seconds"], lora_row["timing_peak_mib"] / lora_peak
+    else:
+        lora_row["timing_step_seconds"], lora_row["timing_peak_mib"] = lora_s, lora_peak
     for r in rows:
-        if r["method"] == "lora":
-            r["timing_step_seconds"], r["timing_peak_mib"] = lora_s, lora_peak
-        elif r["method"] in ratios:
+        if r["method"] in ratios:
             r["timing_step_seconds"] = ratios[r["method"]][0] * lora_s
-            r["timing_peak_mib"] = ratios[r["method"]][1]
+            r["timing_peak_mib"] = ratios[r["method"]][1] * peak_scale
 
 
 def main() -> None:
@@ -83,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--timing", action="store_true",
                     help="only re-measure step time and step peak memory (fresh process per method, fixed batch) "
-                         "for the rows in OUT/methods.json")
+                         "for the rows in OUT/methods.json (those of --methods only, if given)")
     ap.add_argument("--timing-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     model_dir = str(default_model_dir())
@@ -97,7 +102,7 @@ def main() -> None:
     if args.timing:
         rows = _read_rows(out / "methods.json")
         s.timing_steps = min(args.steps, 8)
-        _retime(rows, s, model_dir)
+        _retime(rows, s, model_dir, set(args.methods.split(",")) if args.methods else None)
         report.write(out, rows, settings, stem="methods")
         print(report.table(rows))
         return
