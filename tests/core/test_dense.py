@@ -186,3 +186,22 @@ def test_dense_adapters_keep_no_copy_of_layer_norm_and_gelu_outputs(name: str) -
     assert set(seen) == {"ln", "gelu"}
     for what, t in seen.items():
         assert t.untyped_storage().data_ptr() not in kept, what
+
+
+def test_dense_update_steps_aside_for_dropout_and_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Active dropout applies to the update branch only, which a product through W0 + ΔW cannot express: the mixin
+    leaves training with dropout (and batches of fewer than d_out rows) to the generic path, and takes eval."""
+    calls: list[int] = []
+    real_apply = dense._WeightLinear.apply
+    monkeypatch.setattr(dense._WeightLinear, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    model = _Block()
+    peftkit.adapt(model, peftkit.config("kron", target_modules=["up", "down"], dropout=0.1))
+    x = torch.randn(64, 16, requires_grad=True)
+    model.train()
+    model(x).sum().backward()
+    assert calls == []
+    model(x[:8]).sum().backward()
+    assert calls == []
+    model.eval()
+    model(x).sum().backward()
+    assert len(calls) == 2
