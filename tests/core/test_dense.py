@@ -134,6 +134,8 @@ DENSE_METHODS: dict[str, dict] = {
     "kron": {},
     "svd": {},
     "randlora": {"r": 4},
+    "hydra": {"r_p": 2, "r_s": 2},
+    "hydra_bias": {"r_p": 2, "r_s": 2, "branch_bias": True},
 }
 
 
@@ -156,8 +158,8 @@ def test_dense_fused_path_equals_the_generic_path(name: str, rows: int, monkeypa
     real_apply = dense._WeightLinear.apply
     monkeypatch.setattr(dense._WeightLinear, "apply", lambda *a: dense_calls.append(1) or real_apply(*a))
     y_fused, g_fused = _train_outputs(model, x)
-    # ≥ d_out rows: every method here runs its layers through W'; LoCA and QWHA always do, TLoRA / the mixin not
-    # with fewer rows
+    # ≥ d_out rows: every method here runs its layers through W'; LoCA and QWHA always do, TLoRA / Hydra / the mixin
+    # not with fewer rows
     assert len(dense_calls) == (2 if rows == 64 or method in ("loca", "qwha") else 0)
     calls = []
     for _, layer in peftkit.core.model.adapted_layers(model):
@@ -171,7 +173,7 @@ def test_dense_fused_path_equals_the_generic_path(name: str, rows: int, monkeypa
         torch.testing.assert_close(g_fused[k], g_ref[k], rtol=10 * tol, atol=tol, msg=k)
 
 
-@pytest.mark.parametrize("name", ["tlora", "tlora_ttm", "loca", "qwha", "kron", "svd", "randlora"])
+@pytest.mark.parametrize("name", ["tlora", "tlora_ttm", "loca", "qwha", "kron", "svd", "randlora", "hydra"])
 def test_dense_adapters_keep_no_copy_of_layer_norm_and_gelu_outputs(name: str) -> None:
     method = name.split("_")[0]
     model = _Block()
