@@ -215,3 +215,56 @@ def test_quality_gate_as_a_training_procedure() -> None:
     for _, layer in peftkit.adapted_layers(model):  # both branches trained (gates strictly inside (0, 1))
         a = layer.adapters["default"]
         assert torch.count_nonzero(a.lora_B_lq) > 0 and torch.count_nonzero(a.lora_B_hq) > 0
+
+
+@pytest.mark.parametrize("gate", [0.0, 0.3, 1.0])
+def test_fixed_gate_fused_path_equals_the_two_branches(gate: float) -> None:
+    """At the fixed gate one rank-2r fused LoRA ([D_lq; D_hq], [(1−g)·U_lq, g·U_hq]) gives the two-branch outputs
+    and gradients; at g = 0 / 1 the unused branch gets no gradient, as in the generic path."""
+    model, x = _block(default_gate=gate, dropout=0.0)  # dropout (on each branch's output) takes the generic path
+    _perturb(model)
+    x = x.double().requires_grad_()
+    model.double().train()
+    results, calls = [], []
+    for fused in (True, False):
+        for layer in [m for m in model.modules() if isinstance(m, peftkit.core.layer.AdaptedLayer)]:
+            ad = layer.adapters["default"]
+            if not fused:
+                ad.fused_forward = lambda x: calls.append(1)  # returns None: the generic path
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        y = model(x)
+        assert calls == [] if fused else calls
+        (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+        grads = {n: (None if p.grad is None else p.grad.clone())
+                 for n, p in model.named_parameters() if p.requires_grad}
+        results.append((y.detach(), x.grad.clone(), grads))
+    (y1, gx1, g1), (y2, gx2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-12)
+    for n in g2:
+        if g2[n] is None:
+            assert g1[n] is None, n
+        else:
+            torch.testing.assert_close(g1[n], g2[n], rtol=1e-10, atol=1e-12, msg=n)
+    unused = "hq" if gate == 0.0 else "lq" if gate == 1.0 else None
+    assert all((g is None) == (unused is not None and f"_{unused}" in n) for n, g in g1.items())
+
+
+def test_fused_path_is_not_taken_under_per_sample_gates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a condition block every sample uses its own gate — the fixed-gate fused path would ignore them."""
+    model, x = _block(default_gate=0.5, dropout=0.0)
+    _perturb(model)
+    fused_calls: list[int] = []
+    cls = next(type(m.adapters["default"]) for m in model.modules() if isinstance(m, peftkit.core.layer.AdaptedLayer))
+    real = cls.fused_forward
+    monkeypatch.setattr(cls, "fused_forward", lambda self, x: fused_calls.append(1) or real(self, x))
+    gates = [0.0, 0.3, 1.0, 0.5, 0.9]
+    with peftkit.condition(model, gates):
+        y = model(x)
+    assert fused_calls == []
+    for i, g in enumerate(gates):  # each sample equals a run at its gate as the fixed gate
+        with peftkit.condition(model, [g]):
+            torch.testing.assert_close(y[i:i + 1], model(x[i:i + 1]), rtol=1e-5, atol=1e-6)
+    model(x)
+    assert fused_calls  # outside a block the fixed gate applies

@@ -136,6 +136,13 @@ class Adapter(nn.Module):
         """Called after saved tensors were loaded into the adapter, before it is installed: raise
         :class:`PeftkitError` if they are inconsistent (e.g. a regenerated basis whose checksum differs)."""
 
+    def reads_condition(self) -> bool:
+        """Whether this layer's output depends on the per-sample condition (default: ``uses_condition``). Inside a
+        ``condition`` block the core does not call ``fused_forward`` of an adapter that reads it (the fused path sees
+        no condition); an adapter whose layer ignores it (e.g. a shared layer of a multi-task method) says False
+        here to keep its fused path."""
+        return self.uses_condition
+
     def check_condition(self, ids: torch.Tensor) -> None:
         """Adapters with ``uses_condition``: raise :class:`PeftkitError` when ``ids`` (one row per sample: int64
         ids, or float values) is not what this adapter reads — wrong dtype or shape, an id it has no parameters for,

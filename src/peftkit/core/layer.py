@@ -85,7 +85,9 @@ class AdaptedLayer(nn.Module):
         live = [n for n in self.active if n in self.adapters and n not in self.merged]
         if not live:
             return self.base_layer(x, *args, **kwargs)
-        if len(live) == 1 and not args and not kwargs:
+        # a fused path sees no per-sample conditions: adapters that read them take the generic path inside a block
+        if len(live) == 1 and not args and not kwargs and not (
+                self.condition is not None and self.adapters[live[0]].reads_condition()):
             y = self.adapters[live[0]].fused_forward(x)
             if y is not None:
                 return y

@@ -169,6 +169,9 @@ class Mtlora(Adapter):
             out = out.index_copy(0, rows, dt)
         return out
 
+    def reads_condition(self) -> bool:
+        return bool(self.tasks)  # shared layers run the same LoRA for every stream
+
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.tasks or (self.config.dropout > 0 and self.training):  # task layers read the stream ids
             return None

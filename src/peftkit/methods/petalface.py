@@ -40,7 +40,7 @@ from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.lowrank import init_down_, lowrank_delta, new_factors
+from peftkit.core.lowrank import fused_lowrank_forward, init_down_, lowrank_delta, new_factors
 from peftkit.core.model import condition as run_under
 from peftkit.core.procedure import Procedure
 from peftkit.core.registry import HOST_KINDS, register
@@ -126,6 +126,21 @@ class Petalface(Adapter):
         lq, hq = self._branches(x)
         g = condition.to(lq.dtype).view(-1, *([1] * (lq.dim() - 1)))
         return lq + g * (hq - lq)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """At the fixed gate g (no per-sample gates: the core calls this only outside a ``condition`` block) the
+        update is one rank-2r LoRA, A = [D_lq; D_hq], B = [(1 − g)·U_lq, g·U_hq] (one branch at g = 0 or 1), run by
+        the fused low-rank kernel — the input is read and kept once instead of once per branch. Not with active
+        dropout (it acts on each branch's output)."""
+        g = self.gate
+        if g is None or (self.training and self.config.dropout > 0):
+            return None
+        if g == 0.0 or g == 1.0:
+            a, b = (self.lora_A_lq, self.lora_B_lq) if g == 0.0 else (self.lora_A_hq, self.lora_B_hq)
+        else:
+            a = torch.cat([self.lora_A_lq, self.lora_A_hq])
+            b = torch.cat([self.lora_B_lq * (1.0 - g), self.lora_B_hq * g], 1)
+        return fused_lowrank_forward(self.host, x, a, b, self.s)
 
     def delta_weight(self) -> torch.Tensor:
         if self.gate is None:
