@@ -218,14 +218,16 @@ def test_quality_gate_as_a_training_procedure() -> None:
 
 
 @pytest.mark.parametrize("gate", [0.0, 0.3, 1.0])
-def test_fixed_gate_fused_path_equals_the_two_branches(gate: float) -> None:
+def test_fixed_gate_fused_path_equals_the_two_branches(gate: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """At the fixed gate one rank-2r fused LoRA ([D_lq; D_hq], [(1−g)·U_lq, g·U_hq]) gives the two-branch outputs
     and gradients; at g = 0 / 1 the unused branch gets no gradient, as in the generic path."""
     model, x = _block(default_gate=gate, dropout=0.0)  # dropout (on each branch's output) takes the generic path
     _perturb(model)
     x = x.double().requires_grad_()
     model.double().train()
-    results, calls = [], []
+    results, calls, kernel = [], [], []
+    real_kernel = pf.fused_lowrank_forward
+    monkeypatch.setattr(pf, "fused_lowrank_forward", lambda *a: kernel.append(1) or real_kernel(*a))
     for fused in (True, False):
         for layer in [m for m in model.modules() if isinstance(m, peftkit.core.layer.AdaptedLayer)]:
             ad = layer.adapters["default"]
@@ -235,6 +237,8 @@ def test_fixed_gate_fused_path_equals_the_two_branches(gate: float) -> None:
         x.grad = None
         y = model(x)
         assert calls == [] if fused else calls
+        assert bool(kernel) == fused  # the fused run went through the low-rank kernel, the generic one did not
+        kernel.clear()
         (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
         grads = {n: (None if p.grad is None else p.grad.clone())
                  for n, p in model.named_parameters() if p.requires_grad}

@@ -50,12 +50,25 @@ def weight_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
     return _WeightLinear.apply(x, w, bias)
 
 
+_LINEAR_KINDS = ("linear", "gpt2_conv1d")
+
+
 def host_forward(host: Host, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The host's forward with the (d_out, d_in) weight ``w``: :func:`weight_linear` for a Linear / GPT-2 Conv1D
     host (x kept without a copy where it can be), else ``host.apply_weight``."""
-    if host.kind in ("linear", "gpt2_conv1d") and x.dim() >= 2:
+    if host.kind in _LINEAR_KINDS and x.dim() >= 2:
         return weight_linear(x, w, bias)
     return host.apply_weight(x, w, bias)
+
+
+def dense_pays(host: Host, x: torch.Tensor, dropout_active: bool) -> bool:
+    """Whether a layer should run through its built ``W0 + ΔW`` rather than the activation path: a Linear / GPT-2
+    Conv1D host with a frozen weight of x's dtype, at least d_out rows (float32/64: :func:`~.lowrank.fold_pays`), and
+    no active dropout on the update branch (a product through one weight cannot express it)."""
+    if dropout_active or host.kind not in _LINEAR_KINDS or x.dim() < 2:
+        return False
+    w = host.weight_2d()
+    return not w.requires_grad and x.dtype == w.dtype and fold_pays(x.numel() // x.shape[-1], host.d_out, w)
 
 
 class DenseUpdate:
@@ -65,13 +78,10 @@ class DenseUpdate:
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         host = self.host  # type: ignore[attr-defined]
-        if self.training and getattr(self.config, "dropout", 0) > 0:  # type: ignore[attr-defined]
-            return None
-        if host.kind not in ("linear", "gpt2_conv1d") or x.dim() < 2:
+        dropout = self.training and getattr(self.config, "dropout", 0) > 0  # type: ignore[attr-defined]
+        if not dense_pays(host, x, dropout):
             return None
         w = host.weight_2d()
-        if w.requires_grad or x.dtype != w.dtype or not fold_pays(x.numel() // x.shape[-1], host.d_out, w):
-            return None
         dw = self.delta_weight()  # type: ignore[attr-defined]
         if dw.dtype != w.dtype:
             return None

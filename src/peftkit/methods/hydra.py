@@ -28,10 +28,10 @@ from torch import nn
 
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.config import AdapterConfig
-from peftkit.core.dense import weight_linear
+from peftkit.core.dense import dense_pays, weight_linear
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.lowrank import check_rank, fold_pays, init_down_, lowrank_delta, new_factors
+from peftkit.core.lowrank import check_rank, init_down_, lowrank_delta, new_factors
 from peftkit.core.registry import register
 
 
@@ -119,17 +119,14 @@ class Hydra(Adapter):
         ``W' = W0 + s·(B_p·A_p + B_s·(A_s·W0))`` and ``b' = b0 + s·(B_s·(A_s·b0) + β)`` cost r·d_out·d_in to build, and
         the sequential branch no longer keeps the host output h for its gradient."""
         host, w = self.host, self.host.weight_2d()
-        if (self.training and self.config.dropout > 0) or host.kind not in ("linear", "gpt2_conv1d") or x.dim() < 2:
-            return None
-        if (w.requires_grad or x.dtype != w.dtype or self.dtype != w.dtype
-                or not fold_pays(x.numel() // x.shape[-1], host.d_out, w)):
+        if not dense_pays(host, x, self.training and self.config.dropout > 0) or self.dtype != w.dtype:
             return None
         bias, beta = host.bias, self._beta()
         w_new, db = w, beta
-        if self.par is not None:
-            w_new = w_new + self.s * (self.par.up @ self.par.down)
+        if self.par is not None:  # r-inner GEMMs accumulating onto W0: no d_out×d_in temporary per branch
+            w_new = torch.addmm(w_new, self.par.up, self.par.down, alpha=self.s)
         if self.seq is not None:
-            w_new = w_new + self.s * (self.seq.up @ (self.seq.down @ w))
+            w_new = torch.addmm(w_new, self.seq.up, self.seq.down @ w, alpha=self.s)
             if bias is not None:
                 mb = self.seq.up @ (self.seq.down @ bias)
                 db = mb if db is None else db + mb

@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 from peftkit.core.adapter import Adapter, make_dropout
-from peftkit.core.dense import weight_linear
+from peftkit.core.dense import dense_pays, weight_linear
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.lowrank import LowRankConfig, fold_pays, lowrank_delta, new_factors
+from peftkit.core.lowrank import LowRankConfig, lowrank_delta, new_factors
 from peftkit.core.model import adapted_layers
 from peftkit.core.registry import register
 
@@ -268,14 +268,15 @@ class Tlora(Adapter):
         multiply-adds, the cost of transforming d_out input rows."""
         w = self.host.weight_2d()
         wt = ring_apply(w, [c.transpose(0, 1) for c in self.transform])
+        if self.residual == "lora":  # W0·T + s·B·A in one r-inner GEMM
+            return torch.addmm(wt, self.lora_B, self.lora_A, alpha=self.s)
         return wt + self.residual_weight()
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         host, w = self.host, self.host.weight_2d()
         if x.dtype != w.dtype or x.dtype != self.transform[0].dtype:
             return None
-        if (host.kind in ("linear", "gpt2_conv1d") and x.dim() >= 2 and not (self.training and self.config.dropout > 0)
-                and fold_pays(x.numel() // x.shape[-1], host.d_out, w)):
+        if dense_pays(host, x, self.training and self.config.dropout > 0):
             return weight_linear(x, self.effective_weight(), host.bias)
         return host.apply_weight(self.transform_input(x), w, host.bias) + self.residual_delta(self.dropout(x))
 
