@@ -95,6 +95,75 @@ def test_weight_linear_without_grad_is_a_plain_product() -> None:
     torch.testing.assert_close(y, F.linear(u.detach(), (w0 + p).detach(), b.detach()))
 
 
+def _build(w0: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A build with weight-sized intermediates: W' = W0 + tanh(P)·diag(q)."""
+    return lambda: w0 + torch.tanh(p) * q
+
+
+@pytest.mark.parametrize("producer", list(PRODUCERS))
+def test_built_linear_equals_f_linear_through_the_built_weight(producer: str) -> None:
+    fn = PRODUCERS[producer]
+    results = []
+    for use_built in (False, True):
+        u, w0, p, b = _inputs()
+        q = torch.linspace(0.5, 1.5, 12).requires_grad_()
+        build = _build(w0, p, q)
+        y = dense.built_linear(fn(u), build, [p, q], b) if use_built else F.linear(fn(u), build(), b)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        (y * g).sum().backward()
+        results.append((y.detach(), u.grad, p.grad, q.grad, b.grad))
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_built_linear_gradcheck_float64() -> None:
+    u, w0, p, b = _inputs(torch.float64)
+    q = torch.linspace(0.5, 1.5, 12, dtype=torch.float64).requires_grad_()
+    ln = nn.LayerNorm(12, dtype=torch.float64)
+
+    def f(u: torch.Tensor, p: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return dense.built_linear(ln(u), _build(w0, p, q), [p, q], b)
+
+    assert torch.autograd.gradcheck(f, (u, p, q, b))
+
+
+def test_built_linear_keeps_neither_the_weight_nor_its_build() -> None:
+    """weight_linear keeps W' (and autograd the build's tanh(P)); built_linear keeps only the parameters."""
+    u, w0, p, b = _inputs()
+    q = torch.linspace(0.5, 1.5, 12).requires_grad_()
+    x = PRODUCERS["layer_norm"](u)
+    for op, keeps_weight in ((lambda: dense.weight_linear(x, _build(w0, p, q)(), b), True),
+                             (lambda: dense.built_linear(x, _build(w0, p, q), [p, q], b), False)):
+        kept = kept_storages(op().sum())
+        others = {ptr: n for ptr, n in kept.items() if ptr not in (p.untyped_storage().data_ptr(),
+                                                                  q.untyped_storage().data_ptr())}
+        assert (w0.numel() * 4 in others.values()) == keeps_weight
+
+
+def test_built_linear_refuses_a_parameter_changed_before_backward() -> None:
+    u, w0, p, b = _inputs()
+    q = torch.linspace(0.5, 1.5, 12).requires_grad_()
+    y = dense.built_linear(u, _build(w0, p, q), [p, q], b)
+    with torch.no_grad():
+        p.add_(1.0)  # the rebuilt weight would differ from the forward's
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_built_linear_without_grad_and_under_autocast() -> None:
+    u, w0, p, b = _inputs()
+    q = torch.linspace(0.5, 1.5, 12).requires_grad_()
+    with torch.no_grad():
+        y = dense.built_linear(u, _build(w0, p, q), [p, q], b)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, F.linear(u, _build(w0, p, q)(), b).detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dense.built_linear(u, _build(w0, p, q), [p, q], b)
+    assert "BuiltLinear" not in type(y.grad_fn).__name__  # the plain autograd path (the build may change dtype)
+    y.float().sum().backward()
+    assert p.grad is not None and q.grad is not None
+
+
 # -- adapters on the dense path ------------------------------------------------------------------------------------
 class _Block(nn.Module):
     """LayerNorm → Linear → GELU → Linear: inputs the dense path keeps without a copy."""
@@ -139,6 +208,14 @@ DENSE_METHODS: dict[str, dict] = {
 }
 
 
+def _count_dense_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the products run through a trainable dense weight (kept or rebuilt in backward)."""
+    calls: list[int] = []
+    for fn in (dense._WeightLinear, dense._BuiltLinear):
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("name", list(DENSE_METHODS))
 @pytest.mark.parametrize("rows", [64, 4], ids=["dense_path", "activation_path"])
 def test_dense_fused_path_equals_the_generic_path(name: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,9 +231,7 @@ def test_dense_fused_path_equals_the_generic_path(name: str, rows: int, monkeypa
     _perturb(model)
     x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(2), dtype=dtype)
     model.train()
-    dense_calls: list[int] = []
-    real_apply = dense._WeightLinear.apply
-    monkeypatch.setattr(dense._WeightLinear, "apply", lambda *a: dense_calls.append(1) or real_apply(*a))
+    dense_calls = _count_dense_calls(monkeypatch)
     y_fused, g_fused = _train_outputs(model, x)
     # ≥ d_out rows: every method here runs its layers through W'; LoCA and QWHA always do, TLoRA / Hydra / the mixin
     # not with fewer rows
@@ -188,14 +263,15 @@ def test_dense_adapters_keep_no_copy_of_layer_norm_and_gelu_outputs(name: str) -
     assert set(seen) == {"ln", "gelu"}
     for what, t in seen.items():
         assert t.untyped_storage().data_ptr() not in kept, what
+    if method != "hydra":  # built W' (and its build's intermediates) rebuilt in backward, not kept: 32 × 16 weights
+        own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        assert 32 * 16 * 4 not in [n for ptr, n in kept.items() if ptr not in own]
 
 
 def test_dense_update_steps_aside_for_dropout_and_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Active dropout applies to the update branch only, which a product through W0 + ΔW cannot express: the mixin
     leaves training with dropout (and batches of fewer than d_out rows) to the generic path, and takes eval."""
-    calls: list[int] = []
-    real_apply = dense._WeightLinear.apply
-    monkeypatch.setattr(dense._WeightLinear, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    calls = _count_dense_calls(monkeypatch)
     model = _Block()
     peftkit.adapt(model, peftkit.config("kron", target_modules=["up", "down"], dropout=0.1))
     x = torch.randn(64, 16, requires_grad=True)

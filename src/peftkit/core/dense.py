@@ -6,6 +6,13 @@ parameters (``W0 + ΔW``, ``W0·T + s·Δ``, …) and autograd differentiates th
 it — so a dense-update method keeps no more activation memory than the frozen model. Its backward is F.linear's:
 ``∂x = g·W'``, ``∂W' = gᵀ·x``, ``∂b = Σ_rows g``.
 
+:func:`built_linear` goes one step further for a ``W'`` that is a function of the adapter's parameters: it builds
+``W'`` without autograd in the forward and again, with autograd, in the backward (where ``∂W' = gᵀ·x`` is pulled
+back through the build onto the parameters), so neither ``W'`` nor the build's intermediates (often several
+weight-sized products per layer) stay alive between the forward and the backward — activation checkpointing
+applied to the weight build alone. The price is one extra build per step, a d_out×d_in-sized computation against
+the N×d activation passes of the layer itself.
+
 :class:`DenseUpdate` is the fused path for adapters whose ``ΔW`` is cheap to build and differentiable: with at least
 ``d_out`` rows building the d_out×d_in ``W0 + ΔW`` costs less than the activation-sized passes of computing
 ``x·ΔWᵀ`` from the factors, and one product through it replaces the base GEMM plus the adapter's own.
@@ -13,7 +20,10 @@ it — so a dense-update method keeps no more activation memory than the frozen 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+from torch import nn
 
 from . import saved_input
 from .host import Host
@@ -50,15 +60,77 @@ def weight_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
     return _WeightLinear.apply(x, w, bias)
 
 
+class _BuiltLinear(torch.autograd.Function):
+    """y = x·W'ᵀ + b with ``W' = build()``, a function of ``params``: built without autograd here and rebuilt with
+    it in backward; only the parameters (and x through :mod:`.saved_input`) are kept."""
+
+    @staticmethod
+    def forward(ctx, build, built, x, bias, *params):  # type: ignore[override]
+        if built is None:
+            with torch.no_grad():
+                built = build()
+        y = linear_into(x, built, bias)
+        need_w = any(ctx.needs_input_grad[4:])
+        kind, extra, kept = saved_input.pack(x) if need_w else ("plain", None, ())
+        ctx.save_for_backward(*params, *kept)  # params: version-checked, so a change before backward is an error
+        ctx.build, ctx.n_params, ctx.kind, ctx.extra, ctx.shape = build, len(params), kind, extra, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        params, kept = saved[:ctx.n_params], tuple(saved[ctx.n_params:])
+        g2 = gy.reshape(-1, gy.shape[-1])
+        wanted = [i for i in range(len(params)) if ctx.needs_input_grad[4 + i]]
+        with torch.enable_grad():
+            w = ctx.build()
+        grad_x = torch.mm(g2, w.detach()).view(ctx.shape) if ctx.needs_input_grad[2] else None
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        if wanted:
+            grad_w = saved_input.left_matmul(ctx.kind, ctx.extra, kept, g2)
+            got = torch.autograd.grad(w, [params[i] for i in wanted], grad_w, allow_unused=True)
+            for i, g in zip(wanted, got):
+                grads[i] = g
+        grad_bias = g2.sum(0) if ctx.needs_input_grad[3] else None
+        return (None, None, grad_x, grad_bias, *grads)
+
+
+def trainable(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters of ``module`` that require grad (what a build from it is differentiated in)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def built_linear(
+    x: torch.Tensor, build: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], bias: torch.Tensor | None,
+    built: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x·W'ᵀ + b`` with ``W' = build()`` (d_out, d_in), differentiable in x, b and the ``params`` the build reads
+    (they must be every tensor requiring grad that ``build`` depends on, and the build must be deterministic).
+    ``W'`` and its build's intermediates are not kept for backward — it rebuilds ``W'`` instead (see the module
+    docstring). Under autocast or ``torch.compile`` tracing (where a rebuild in backward could differ or not trace)
+    and when nothing needs a gradient it is :func:`weight_linear` / a plain product. ``built``: ``build()`` already
+    computed under ``torch.no_grad`` (a caller that needed it, e.g. to check its dtype), used for the forward."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)
+                                           or (bias is not None and bias.requires_grad)):
+        return linear_into(x, build() if built is None else built, bias)
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return weight_linear(x, build(), bias)
+    return _BuiltLinear.apply(build, built, x, bias, *params)
+
+
 _LINEAR_KINDS = ("linear", "gpt2_conv1d")
 
 
-def host_forward(host: Host, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The host's forward with the (d_out, d_in) weight ``w``: :func:`weight_linear` for a Linear / GPT-2 Conv1D
-    host (x kept without a copy where it can be), else ``host.apply_weight``."""
+def host_forward(
+    host: Host, x: torch.Tensor, build: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+    bias: torch.Tensor | None, built: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The host's forward with the (d_out, d_in) weight ``build()``: :func:`built_linear` for a Linear / GPT-2
+    Conv1D host (x kept without a copy where it can be; the weight rebuilt in backward), else
+    ``host.apply_weight``."""
     if host.kind in _LINEAR_KINDS and x.dim() >= 2:
-        return weight_linear(x, w, bias)
-    return host.apply_weight(x, w, bias)
+        return built_linear(x, build, params, bias, built)
+    return host.apply_weight(x, build(), bias)
 
 
 def dense_pays(host: Host, x: torch.Tensor, dropout_active: bool) -> bool:
@@ -74,15 +146,15 @@ def dense_pays(host: Host, x: torch.Tensor, dropout_active: bool) -> bool:
 class DenseUpdate:
     """Mixin for adapters whose ``delta_weight()`` is a cheap, differentiable ``ΔW`` (d_out, d_in): when it pays
     (Linear / GPT-2 Conv1D host, frozen float32/64 weight, at least d_out rows, no active dropout) the layer runs as
-    ``x·(W0 + ΔW)ᵀ + b`` through :func:`weight_linear`; otherwise the generic path (base + ``delta``)."""
+    ``x·(W0 + ΔW)ᵀ + b`` through :func:`built_linear` (``W0 + ΔW`` rebuilt in backward, not kept); otherwise the
+    generic path (base + ``delta``)."""
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         host = self.host  # type: ignore[attr-defined]
         dropout = self.training and getattr(self.config, "dropout", 0) > 0  # type: ignore[attr-defined]
         if not dense_pays(host, x, dropout):
             return None
-        w = host.weight_2d()
-        dw = self.delta_weight()  # type: ignore[attr-defined]
-        if dw.dtype != w.dtype:
+        w, params = host.weight_2d(), trainable(self)  # type: ignore[arg-type]
+        if any(p.dtype != w.dtype for p in params):
             return None
-        return weight_linear(x, w + dw, host.bias)
+        return built_linear(x, lambda: w + self.delta_weight(), params, host.bias)  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .dense import host_forward
+from .dense import host_forward, trainable
 from .errors import PeftkitError
 
 
@@ -33,11 +33,12 @@ class ReplacedWeight:
         return self.host.apply_weight(xd, w - self.host.weight_2d().to(w.dtype))
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        w = self.new_weight()
+        with torch.no_grad():
+            w = self.new_weight()
         bias = self.host.bias
         if x.dtype != w.dtype or (bias is not None and bias.dtype != w.dtype):
             return None
-        return host_forward(self.host, x, w, bias)
+        return host_forward(self.host, x, self.new_weight, trainable(self), bias, w)  # type: ignore[arg-type]
 
     def delta_weight(self) -> torch.Tensor:
         w = self.host.weight_2d().detach()

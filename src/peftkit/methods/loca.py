@@ -43,7 +43,7 @@ from torch import nn
 
 from peftkit.core.adapter import Adapter, PlanContext, SharedStore, make_dropout
 from peftkit.core.config import AdapterConfig
-from peftkit.core.dense import host_forward
+from peftkit.core.dense import host_forward, trainable
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.procedure import Procedure, find_adapters
@@ -281,7 +281,7 @@ class Loca(Adapter):
         w, bias = self.host.weight_2d(), self.host.bias
         if x.dtype != w.dtype or self.loca_a.dtype != w.dtype:
             return None
-        return host_forward(self.host, x, w + self.weight_delta(), bias)
+        return host_forward(self.host, x, lambda: w + self.weight_delta(), trainable(self), bias)
 
     def delta_weight(self) -> torch.Tensor:
         return self.weight_delta().detach()

@@ -17,7 +17,7 @@ R_I = Σ_d Σ_{ρ,ρ'} ‖Aᵈ[:, :, ρ, ρ'] − I/R_T‖_F (add it to the loss
 The adapted output is not base + something cheap, so ``delta`` returns host.apply_weight(x·Tᵀ − x) + s·Δ(x) — exact,
 and it reuses the frozen weight — while ``fused_forward`` (sole active adapter) computes the layer in one product:
 with at least d_out rows (training batches, prompts; float32/64; no active dropout) through W' = W0·T + s·Δ, built
-from W0's d_out rows (``effective_weight``) and run by ``core.dense.weight_linear`` (x kept without a copy when a
+from W0's d_out rows (``effective_weight``) and run by ``core.dense.built_linear`` (W' rebuilt in backward, not kept; x kept without a copy when a
 LayerNorm / GELU made it; ∂W' = gᵀ·x flows back into the cores) — on MiniLM training 0.76 × the step time of the
 activation path; otherwise (few rows, as in token-by-token generation) host(x·Tᵀ) + s·Δ(x) with x·Tᵀ computed by
 contracting x (reshaped to (…, I₁, …, I_D)) with one core at a time. T itself is built only to merge. The "ttv"
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from peftkit.core.adapter import Adapter, make_dropout
-from peftkit.core.dense import dense_pays, weight_linear
+from peftkit.core.dense import built_linear, dense_pays, trainable
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.lowrank import LowRankConfig, lowrank_delta, new_factors
@@ -277,7 +277,7 @@ class Tlora(Adapter):
         if x.dtype != w.dtype or x.dtype != self.transform[0].dtype:
             return None
         if dense_pays(host, x, self.training and self.config.dropout > 0):
-            return weight_linear(x, self.effective_weight(), host.bias)
+            return built_linear(x, self.effective_weight, trainable(self), host.bias)
         return host.apply_weight(self.transform_input(x), w, host.bias) + self.residual_delta(self.dropout(x))
 
     # -- merging ---------------------------------------------------------------------------------------
