@@ -1,4 +1,5 @@
-"""peftkit LoRA vs Hugging Face PEFT LoRA on the all-MiniLM-L6-v2 architecture (BERT, hidden 384, 6 layers).
+"""peftkit vs Hugging Face PEFT on the all-MiniLM-L6-v2 architecture (BERT, hidden 384, 6 layers): LoRA, and every
+other method both libraries implement.
 
 Setup (the foundation issue's): batch 16, sequence 128, LoRA r=8 (α=16) on every Linear of the encoder and pooler,
 AdamW over the adapter parameters, ``torch.set_num_threads(2)``, fp32. The model is the packaged all-MiniLM-L6-v2 when
@@ -7,7 +8,11 @@ is the mean square of the last hidden state (no task head, so both libraries ada
 
     python benchmarks/lora_vs_peft.py [--rounds 21] [--steps 2] [--json out.json] [--method dora]
 
-``--method dora`` runs the same comparison for DoRA (peftkit ``dora`` vs peft ``LoraConfig(use_dora=True)``).
+``--method`` picks the method, configured identically in both libraries (the trainable-parameter counts are
+asserted equal): ``lora``; ``dora`` (peft ``LoraConfig(use_dora=True)``); ``ia3`` (keys, values and the FFN's
+down projection, whose input is scaled — peft's BERT default also scales ``attention.output.dense``'s input, so
+both get the same explicit regexes); ``lntuning`` (every LayerNorm); ``prompt_tuning`` (20 virtual tokens);
+``prefix_tuning`` (10 virtual tokens through the 512-wide MLP); ``randlora`` (r = 32, α = 640, every Linear).
 
 What it prints (every number is a ratio measured in this one run):
 
@@ -42,8 +47,40 @@ from typing import Any
 import torch
 
 BATCH, SEQ, RANK, ALPHA = 16, 128, 8, 16
-METHOD = "lora"  # or "dora" (--method)
+METHOD = "lora"  # --method
 TARGETS = ["query", "key", "value", "dense"]  # every nn.Linear in BertModel (attention, FFN, pooler)
+IA3_FF = r".*layer\.\d+\.output\.dense"  # the FFN's down projection (input scaling)
+IA3_TARGETS = r".*\.(key|value)|" + IA3_FF
+
+
+def _configs(method: str) -> tuple[Any, Any]:
+    """(peftkit config, peft config) for ``method``, the same adapter in both libraries."""
+    import peft
+
+    import peftkit
+
+    both: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+        "lora": (lambda: peftkit.config("lora", target_modules=TARGETS, r=RANK, alpha=ALPHA),
+                 lambda: peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0)),
+        "dora": (lambda: peftkit.config("dora", target_modules=TARGETS, r=RANK, alpha=ALPHA),
+                 lambda: peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
+                                         use_dora=True)),
+        "ia3": (lambda: peftkit.config("ia3", target_modules=IA3_TARGETS, feedforward_modules=IA3_FF),
+                lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF)),
+        "lntuning": (lambda: peftkit.config("lntuning"), lambda: peft.LNTuningConfig(target_modules=["LayerNorm"])),
+        "prompt_tuning": (lambda: peftkit.config("prompt_tuning", num_virtual_tokens=20, init="random"),
+                          lambda: peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=20)),
+        "prefix_tuning": (lambda: peftkit.config("prefix_tuning", num_virtual_tokens=10),
+                          lambda: peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=10,
+                                                          prefix_projection=True, encoder_hidden_size=512)),
+        "randlora": (lambda: peftkit.config("randlora", target_modules=TARGETS),
+                     lambda: peft.RandLoraConfig(target_modules=TARGETS)),
+    }
+    ours, theirs = both[method]
+    return ours(), theirs()
+
+
+METHODS = ("lora", "dora", "ia3", "lntuning", "prompt_tuning", "prefix_tuning", "randlora")
 
 
 def _base_model() -> torch.nn.Module:
@@ -67,9 +104,10 @@ def _base_model() -> torch.nn.Module:
 
 
 def build(kind: str) -> torch.nn.Module:
-    """``base`` | ``frozen`` | ``peftkit`` | ``peftkit-merged`` | ``peft``: the model with LoRA attached (adapter B
-    random, so the low-rank path does real work); ``frozen``: no adapter, the embedding output requires grad (so the
-    backward pass runs through every layer) and the pooler's weight trains (something for AdamW to step)."""
+    """``base`` | ``frozen`` | ``peftkit`` | ``peftkit-merged`` | ``peft``: the model with the method attached (its
+    trainable values perturbed from their identity init, so every path does real work); ``frozen``: no adapter, the
+    embedding output requires grad (so the backward pass runs through every layer) and the pooler's weight trains
+    (something for AdamW to step)."""
     model = _base_model()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -77,15 +115,14 @@ def build(kind: str) -> torch.nn.Module:
     if kind.startswith("peftkit"):
         import peftkit
 
-        peftkit.adapt(model, peftkit.config(METHOD, target_modules=TARGETS, r=RANK, alpha=ALPHA))
+        peftkit.adapt(model, _configs(METHOD)[0])
         if kind == "peftkit-merged":
             _randomise_b(model)
             peftkit.merge(model)
     elif kind == "peft":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
-                                                 use_dora=METHOD == "dora"))
+        model = get_peft_model(model, _configs(METHOD)[1])
     elif kind == "frozen":
         model.embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_())
         model.pooler.dense.weight.requires_grad_(True)
@@ -96,10 +133,17 @@ def build(kind: str) -> torch.nn.Module:
 
 
 def _randomise_b(model: torch.nn.Module) -> None:
+    """LoRA's / DoRA's B ~ N(0, 0.02); the other methods' trained values moved by N(0, 0.01) from their init (the
+    same seed and shapes in both libraries, since the counts match)."""
+    torch.manual_seed(2)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.requires_grad and (".b" in n or "lora_B" in n):
+            if not p.requires_grad:
+                continue
+            if ".b" in n or "lora_B" in n:
                 p.normal_(0, 0.02)
+            elif METHOD not in ("lora", "dora"):
+                p.add_(torch.randn_like(p) * 0.01)
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -212,7 +256,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--method", choices=("lora", "dora"), default="lora")
+    ap.add_argument("--method", choices=METHODS, default="lora")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global METHOD
@@ -224,9 +268,10 @@ def main() -> None:
     import peft
 
     import peftkit
+    from peftkit.core.registry import get
 
     print(f"torch {torch.__version__}, peft {peft.__version__}, peftkit {peftkit.__version__}; "
-          f"batch {BATCH}, seq {SEQ}, {METHOD} r={RANK} on {TARGETS}, 2 threads")
+          f"batch {BATCH}, seq {SEQ}, {METHOD}: {_configs(METHOD)[0]}, 2 threads")
     res: dict[str, Any] = {"method": METHOD}
 
     models = {k: build(k) for k in ("frozen", "peftkit", "peft")}
@@ -243,14 +288,17 @@ def main() -> None:
           f"{res['train_ratio_frozen']:.3f})")
     del models
 
-    inf_models = {k: build(k) for k in ("base", "peftkit", "peftkit-merged", "peft")}
+    kinds = ("base", "peftkit", "peftkit-merged", "peft") if get(METHOD).mergeable else ("base", "peftkit", "peft")
+    inf_models = {k: build(k) for k in kinds}
     times = interleaved({k: inferencer(m) for k, m in inf_models.items()}, args.rounds, args.steps)
     t = medians(times)
     res["inference_s"] = t
-    for k in ("peftkit", "peftkit-merged", "peft"):
+    for k in kinds[1:]:
         res[f"inference_ratio_{k}"] = ratio(times, k, "base")
+    merged = (f"; merged peftkit {res['inference_ratio_peftkit-merged']:.3f}× base" if "peftkit-merged" in kinds
+              else " (not mergeable)")
     print(f"inference: base {t['base'] * 1e3:.0f} ms; unmerged peftkit {res['inference_ratio_peftkit']:.3f}×, "
-          f"peft {res['inference_ratio_peft']:.3f}×; merged peftkit {res['inference_ratio_peftkit-merged']:.3f}× base")
+          f"peft {res['inference_ratio_peft']:.3f}×{merged}")
     del inf_models
 
     mem = {k: memory(k) for k in ("peftkit", "peft")}

@@ -249,3 +249,62 @@ def test_hf_export_refuses_what_the_format_cannot_hold(tmp_path) -> None:
         peftkit.save(mlp, tmp_path / "hf2", format="hf")
     with pytest.raises(peftkit.PeftkitError, match="unknown Hugging Face PEFT IA3 option"):
         ia3.IA3.from_hf_config({"peft_type": "IA3", "target_modules": ["k"], "some_new_option": True})
+
+
+class _FFN(nn.Module):
+    """LayerNorm → Linear → GELU → Linear: the down projection's input is a GELU output its producer can rebuild."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(self.ln(x))))
+
+
+def _grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    y = model(x)
+    (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    return (y.detach(), x.grad.clone(), *(p.grad.clone() for p in peftkit.trainable_parameters(model)))
+
+
+@pytest.mark.parametrize("rows", [64, 4], ids=["folded", "few_rows"])
+@pytest.mark.parametrize("feedforward", [["down"], ["up", "down"]], ids=["gelu_input", "ln_and_gelu_inputs"])
+def test_input_scaling_fused_path_equals_the_generic_path(rows: int, feedforward: list[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ≥ d_out rows an input-scaled Linear runs x·(W·diag(l))ᵀ + b with its own backward (∂l from the kept or
+    rebuilt input); it gives the generic path's outputs and gradients (float64), and steps aside for few rows."""
+    model = _FFN().double()
+    peftkit.adapt(model, peftkit.config("ia3", target_modules=["up", "down"], feedforward_modules=feedforward))
+    _perturb(model, std=0.1)
+    x = torch.randn(rows, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    calls: list[int] = []
+    real = ia3._InputScaledLinear.apply
+    monkeypatch.setattr(ia3._InputScaledLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    fused = _grads(model, x)
+    assert len(calls) == (len(feedforward) if rows >= 32 else 0)
+    with peftkit.mixed_batch(model, ["default"] * rows):  # the generic delta path
+        ref = _grads(model, x)
+    for got, want in zip(fused, ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_input_scaling_keeps_no_copy_of_a_gelu_output() -> None:
+    """Hugging Face PEFT's ``x * l`` keeps the FFN's GELU output for ∂l; the fused path rebuilds it in backward."""
+    from peftkit.bench.timing import kept_storages
+
+    model = _FFN()
+    peftkit.adapt(model, peftkit.config("ia3", target_modules=["down"], feedforward_modules=["down"]))
+    seen: list[torch.Tensor] = []
+    model.down.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = torch.randn(64, 16).requires_grad_()
+    kept = kept_storages(model(x).sum())
+    assert seen and seen[0].untyped_storage().data_ptr() not in kept
+    layer = model.down
+    y_generic = (layer.base_layer(seen[0] * layer.adapters["default"].ia3_l)).sum()
+    assert seen[0].untyped_storage().data_ptr() in kept_storages(y_generic)  # the plain product keeps it

@@ -123,13 +123,14 @@ _LINEAR_KINDS = ("linear", "gpt2_conv1d")
 
 def host_forward(
     host: Host, x: torch.Tensor, build: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
-    bias: torch.Tensor | None, built: torch.Tensor | None = None,
+    bias: torch.Tensor | None, built: torch.Tensor | None = None, rebuild: bool = True,
 ) -> torch.Tensor:
-    """The host's forward with the (d_out, d_in) weight ``build()``: :func:`built_linear` for a Linear / GPT-2
-    Conv1D host (x kept without a copy where it can be; the weight rebuilt in backward), else
-    ``host.apply_weight``."""
+    """The host's forward with the (d_out, d_in) weight ``build()``: for a Linear / GPT-2 Conv1D host,
+    :func:`built_linear` (x kept without a copy where it can be; the weight rebuilt in backward) or, with
+    ``rebuild=False`` (a build that costs more time than its memory is worth), :func:`weight_linear` (W' and its
+    build's graph kept); else ``host.apply_weight``."""
     if host.kind in _LINEAR_KINDS and x.dim() >= 2:
-        return built_linear(x, build, params, bias, built)
+        return built_linear(x, build, params, bias, built) if rebuild else weight_linear(x, build(), bias)
     return host.apply_weight(x, build(), bias)
 
 

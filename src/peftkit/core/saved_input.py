@@ -26,6 +26,7 @@ the ones the producer's node holds until its own backward, which runs after the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -179,8 +180,35 @@ def left_matmul(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], g: tor
             out.addr_(g.sum(0), affine[-1])
         return out
     # x rebuilt in row blocks, each folded into Gᵀ·x at once
-    n = g.shape[0]
-    if kind == "layer_norm":
+    out: torch.Tensor | None = None
+    for rows, xb in _row_blocks(kind, extra, tensors, g.shape[0]):
+        gb = g[rows].t()
+        out = torch.mm(gb, xb) if out is None else out.addmm_(gb, xb)
+    assert out is not None
+    return out
+
+
+def column_dot(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], h: torch.Tensor) -> torch.Tensor:
+    """``Σ_rows h ⊙ x`` (d_in) for the packed input ``x`` and ``h`` (N × d_in) — the gradient of a per-feature
+    scale applied to x (IA3's input scaling: ∂l = Σ_n x_n ⊙ (g_n·W)). In row blocks of about 2 MiB, x rebuilt per
+    block where it is not kept, so no N × d_in temporary is made."""
+    out = h.new_zeros(h.shape[-1])
+    for rows, xb in _row_blocks(kind, extra, tensors, h.shape[0]):
+        out.add_((h[rows] * xb).sum(0))
+    return out
+
+
+def _row_blocks(
+    kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], n: int,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, x[rows])`` over row blocks of about 2 MiB of the packed input (N rows), rebuilt where not kept."""
+    if kind == "plain":
+        x = _rows(tensors[0])
+        width = x.shape[-1]
+
+        def block(rows: slice) -> torch.Tensor:
+            return x[rows]
+    elif kind == "layer_norm":
         width = tensors[0].shape[-1]
 
         def block(rows: slice) -> torch.Tensor:
@@ -194,10 +222,6 @@ def left_matmul(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], g: tor
         def block(rows: slice) -> torch.Tensor:
             return _rebuild(extra, [v[rows] if row_wise[k] else v for k, v in enumerate(views)])
     step = max(1, _BLOCK_ELEMENTS // width)
-    out: torch.Tensor | None = None
     for i in range(0, n, step):
-        xb = block(slice(i, i + step))
-        gb = g[i:i + step].t()
-        out = torch.mm(gb, xb) if out is None else out.addmm_(gb, xb)
-    assert out is not None
-    return out
+        rows = slice(i, i + step)
+        yield rows, block(rows)

@@ -14,8 +14,11 @@ or name suffixes, or a full-match regex). The defaults pick the paper's modules 
 (``key``, ``value``, the FFN's ``layer.N.output.dense`` — not ``attention.output.dense``) and on LLaMA-style models
 (``k_proj``, ``v_proj``, ``down_proj``); any Linear, Conv or Embedding can be scaled (as in Hugging Face PEFT), and
 input scaling of an Embedding (whose input is token ids) is refused. When the adapter is the only one active the
-layer runs as one host call (``fused_forward``). Two IA3 adapters active on one layer add their deltas
-((l₁ + l₂ − 1) ⊙ h), whereas Hugging Face PEFT multiplies them (l₁·l₂ ⊙ h); one active adapter is identical.
+layer runs as one host call (``fused_forward``); an input-scaled Linear / GPT-2 Conv1D layer with at least d_out rows
+(float32/64) runs as ``x·(W·diag(l))ᵀ + b`` — no N×d_in scaled copy of x — and keeps x for ∂l = Σ_rows x ⊙ (g·W)
+through ``core.saved_input`` (no copy of it when its producer, e.g. the FFN's GELU, can rebuild it; Hugging Face
+PEFT's ``x * l`` keeps x). Two IA3 adapters active on one layer add their deltas ((l₁ + l₂ − 1) ⊙ h), whereas
+Hugging Face PEFT multiplies them (l₁·l₂ ⊙ h); one active adapter is identical.
 Reads and writes Hugging Face PEFT's ``IA3`` format (``ia3_l`` of shape (d_out, 1) or (1, d_in); (1, C, 1, 1) on
 Conv2d), for the host kinds PEFT supports (Linear, GPT-2 Conv1D, Conv2d).
 """
@@ -29,11 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.core import saved_input
 from peftkit.core.adapter import Adapter
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor
 from peftkit.core.host import Host
+from peftkit.core.lowrank import fold_pays, linear_into
 from peftkit.core.registry import register
 from peftkit.core.targeting import _matches
 
@@ -72,6 +77,35 @@ class IA3Config(AdapterConfig):
         if ff is None:
             return False
         return re.fullmatch(ff, module_name) is not None if isinstance(ff, str) else _matches(module_name, list(ff))
+
+
+class _InputScaledLinear(torch.autograd.Function):
+    """y = (x ⊙ l)·Wᵀ + b for a frozen (d_out, d_in) ``W``, computed as x·(W·diag(l))ᵀ + b. Backward: with
+    ``S = g·W``, ∂x = S ⊙ l, ∂l = Σ_rows x ⊙ S (x from :mod:`~peftkit.core.saved_input`), ∂b = Σ_rows g."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, scale):  # type: ignore[override]
+        y = linear_into(x, w * scale, bias)
+        kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
+        ctx.save_for_backward(w, scale, *kept)
+        ctx.kind, ctx.extra, ctx.shape = kind, extra, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        w, scale, *kept = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])
+        grad_x = grad_scale = grad_bias = None
+        if ctx.needs_input_grad[3]:
+            s = torch.mm(g2, w)
+            grad_scale = saved_input.column_dot(ctx.kind, ctx.extra, tuple(kept), s)
+            if ctx.needs_input_grad[0]:
+                grad_x = s.mul_(scale).view(ctx.shape)
+        elif ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g2, w * scale).view(ctx.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, grad_scale
 
 
 def _size(host: Host, feedforward: bool) -> int:
@@ -118,7 +152,13 @@ class IA3(Adapter):
         if not self.feedforward:
             y = self.host.module(x)
             return (y * self._l()).to(y.dtype)
-        return self.host.module((x * self._l()).to(x.dtype))
+        host, w = self.host, self.host.weight_2d()
+        if (host.kind in ("linear", "gpt2_conv1d") and x.dim() >= 2 and not w.requires_grad
+                and x.dtype == w.dtype == self.ia3_l.dtype and fold_pays(x.numel() // x.shape[-1], host.d_out, w)):
+            if torch.is_grad_enabled() and (x.requires_grad or self.ia3_l.requires_grad):
+                return _InputScaledLinear.apply(x, w, host.bias, self.ia3_l)
+            return linear_into(x, w * self.ia3_l, host.bias)
+        return host.module((x * self._l()).to(x.dtype))
 
     def _factors(self, weight: torch.Tensor) -> torch.Tensor:
         scale = self.ia3_l.detach().to(weight.dtype)

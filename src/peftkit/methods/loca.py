@@ -281,7 +281,8 @@ class Loca(Adapter):
         w, bias = self.host.weight_2d(), self.host.bias
         if x.dtype != w.dtype or self.loca_a.dtype != w.dtype:
             return None
-        return host_forward(self.host, x, lambda: w + self.weight_delta(), trainable(self), bias)
+        # W' kept, not rebuilt in backward: the dense DCT build costs +8.5 % of a MiniLM step to save 8 % of its memory
+        return host_forward(self.host, x, lambda: w + self.weight_delta(), trainable(self), bias, rebuild=False)
 
     def delta_weight(self) -> torch.Tensor:
         return self.weight_delta().detach()

@@ -17,11 +17,12 @@ R_I = Σ_d Σ_{ρ,ρ'} ‖Aᵈ[:, :, ρ, ρ'] − I/R_T‖_F (add it to the loss
 The adapted output is not base + something cheap, so ``delta`` returns host.apply_weight(x·Tᵀ − x) + s·Δ(x) — exact,
 and it reuses the frozen weight — while ``fused_forward`` (sole active adapter) computes the layer in one product:
 with at least d_out rows (training batches, prompts; float32/64; no active dropout) through W' = W0·T + s·Δ, built
-from W0's d_out rows (``effective_weight``) and run by ``core.dense.built_linear`` (W' rebuilt in backward, not kept; x kept without a copy when a
-LayerNorm / GELU made it; ∂W' = gᵀ·x flows back into the cores) — on MiniLM training 0.76 × the step time of the
-activation path; otherwise (few rows, as in token-by-token generation) host(x·Tᵀ) + s·Δ(x) with x·Tᵀ computed by
-contracting x (reshaped to (…, I₁, …, I_D)) with one core at a time. T itself is built only to merge. The "ttv"
-residual is applied as a rank-R² low-rank product (its two core chains multiplied out).
+from W0's d_out rows (``effective_weight``) and run by ``core.dense.built_linear`` (W' rebuilt in backward, not kept;
+x kept without a copy when a LayerNorm / GELU made it; ∂W' = gᵀ·x flows back into the cores) — on MiniLM training
+0.76 × the step time of the activation path; otherwise (few rows, as in token-by-token generation)
+host(x·Tᵀ) + s·Δ(x) with x·Tᵀ computed by contracting x (reshaped to (…, I₁, …, I_D)) with one core at a time.
+T itself is built only to merge. The "ttv" residual is applied as a rank-R² low-rank product (its two core chains
+multiplied out).
 Resolved: multi-indices are big-endian (i₁ most significant), as in the official code (the paper writes
 little-endian; the choice only permutes which input features each core mixes). Factorisation of d_in (and of d_out
 for "ttv"/"ttm"): ``factors_in`` / ``factors_out`` if given, else the official table (320, 640, 768, 1280, 2048 into
