@@ -158,4 +158,8 @@ class DenseUpdate:
         w, params = host.weight_2d(), trainable(self)  # type: ignore[arg-type]
         if any(p.dtype != w.dtype for p in params):
             return None
-        return built_linear(x, lambda: w + self.delta_weight(), params, host.bias)  # type: ignore[attr-defined]
+        return built_linear(x, lambda: self.dense_weight(w), params, host.bias)
+
+    def dense_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``W0 + ΔW`` for the frozen (d_out, d_in) ``w`` — override to build it with fewer temporaries."""
+        return w + self.delta_weight()  # type: ignore[attr-defined]

@@ -154,6 +154,13 @@ class RandLora(DenseUpdate, Adapter):
         dw = self.s * (self._b_cat() * self.lam.reshape(-1)) @ self._scaled_basis()  # (M, m)
         return dw.t() if self.transposed else dw
 
+    def dense_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W0 + ΔW as one GEMM accumulating into a copy of W0 (no separate ΔW, no scaled copy of the bases)."""
+        b_lam = self._b_cat() * self.lam.reshape(-1)  # (M, N·r)
+        if self.transposed:
+            return torch.addmm(w, self._scaled_basis().t(), b_lam.t(), alpha=self.s)
+        return torch.addmm(w, b_lam, self._scaled_basis(), alpha=self.s)
+
     def check_loaded(self) -> None:
         if "shared_store" not in self._modules:  # only the owner of the shared store checks it
             return
