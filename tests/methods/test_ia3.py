@@ -308,3 +308,28 @@ def test_input_scaling_keeps_no_copy_of_a_gelu_output() -> None:
     layer = model.down
     y_generic = (layer.base_layer(seen[0] * layer.adapters["default"].ia3_l)).sum()
     assert seen[0].untyped_storage().data_ptr() in kept_storages(y_generic)  # the plain product keeps it
+
+
+def test_input_scaling_fused_path_on_a_gated_llama_mlp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``down_proj``'s input is act(gate) ⊙ up, rebuilt from what its product keeps: the fused path's ∂l and ∂x equal
+    the generic path's (float64) on a training batch of a tiny Llama."""
+    model = _tiny_llama().double().train()
+    peftkit.adapt(model, peftkit.config("ia3"))
+    _perturb(model, std=0.1)
+    ids = _ids(4, 12)
+    calls: list[int] = []
+    real = ia3._InputScaledLinear.apply
+    monkeypatch.setattr(ia3._InputScaledLinear, "apply", lambda *a: calls.append(1) or real(*a))
+
+    def run() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids).last_hidden_state
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+        return [out.detach(), *(p.grad.clone() for p in peftkit.trainable_parameters(model))]
+
+    fused = run()
+    assert len(calls) == 2  # down_proj of both layers (48 rows ≥ d_out = 16)
+    with peftkit.mixed_batch(model, ["default"] * 4):
+        ref = run()
+    for got, want in zip(fused, ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
