@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .core.adapter import unfused
 from .core.compose import combine, hotswap
 from .core.config import AdapterConfig
 from .core.errors import PeftkitError
@@ -63,5 +64,5 @@ __all__ = [
     "get_method", "hotswap", "load",
     "merge", "merge_and_unload", "mixed_batch", "save", "set_active", "set_rank", "summary", "trainable_parameters",
     "unload",
-    "unmerge",
+    "unfused", "unmerge",
 ]

@@ -8,7 +8,9 @@ mixed batches, persistence) is the core's job.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +23,37 @@ from .host import Host
 
 if TYPE_CHECKING:
     from .hf import HFTensor
+
+
+_UNFUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("peftkit_unfused", default=False)
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Inside this block every adapted layer runs its generic path — ``base(x) + Σ delta(x)`` in plain autograd ops —
+    instead of an adapter's fused kernel (a hand-written backward). For second-order gradients (``create_graph=True``:
+    gradient penalties, meta-learning, Hessian-vector products), which the fused kernels do not propagate; the
+    outputs are the same up to rounding."""
+    token = _UNFUSED.set(True)
+    try:
+        yield
+    finally:
+        _UNFUSED.reset(token)
+
+
+def fused_allowed() -> bool:
+    """False inside :func:`unfused`."""
+    return not _UNFUSED.get()
+
+
+def check_first_order() -> None:
+    """Called first in the backward of every fused kernel: a backward run with ``create_graph=True`` (grad mode on
+    inside it) would return gradients with no graph behind them — refuse with the way out instead."""
+    if torch.is_grad_enabled():
+        raise PeftkitError(
+            "second-order gradients (create_graph=True) do not flow through peftkit's fused adapter kernels; run the "
+            "forward pass inside `with peftkit.unfused():` (every adapted layer then uses plain autograd ops)"
+        )
 
 
 def make_dropout(p: float) -> nn.Module:

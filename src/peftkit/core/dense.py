@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import saved_input
+from .adapter import check_first_order
 from .host import Host
 from .lowrank import fold_pays, linear_into
 
@@ -43,6 +44,7 @@ class _WeightLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
+        check_first_order()
         w, *kept = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = torch.mm(g2, w).view(ctx.shape) if ctx.needs_input_grad[0] else None
@@ -78,6 +80,7 @@ class _BuiltLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
+        check_first_order()
         saved = ctx.saved_tensors
         params, kept = saved[:ctx.n_params], tuple(saved[ctx.n_params:])
         g2 = gy.reshape(-1, gy.shape[-1])

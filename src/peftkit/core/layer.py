@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter
+from .adapter import Adapter, fused_allowed
 from .errors import PeftkitError
 from .host import Host
 
@@ -86,7 +86,7 @@ class AdaptedLayer(nn.Module):
         if not live:
             return self.base_layer(x, *args, **kwargs)
         # a fused path sees no per-sample conditions: adapters that read them take the generic path inside a block
-        if len(live) == 1 and not args and not kwargs and not (
+        if len(live) == 1 and not args and not kwargs and fused_allowed() and not (
                 self.condition is not None and self.adapters[live[0]].reads_condition()):
             y = self.adapters[live[0]].fused_forward(x)
             if y is not None:

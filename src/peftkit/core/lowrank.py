@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import saved_input
+from .adapter import check_first_order
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import Host
@@ -160,6 +161,7 @@ class _FusedLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
+        check_first_order()
         w, a, b, h, *kept = ctx.saved_tensors
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.core import saved_input
-from peftkit.core.adapter import Adapter, make_dropout
+from peftkit.core.adapter import Adapter, check_first_order, make_dropout
 from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
 from peftkit.core.host import Host
 from peftkit.core.lowrank import (
@@ -94,6 +94,7 @@ class _FusedDora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
+        check_first_order()
         w, bias, a, b, m, c, h, y, *kept = ctx.saved_tensors
         probe, ctx.y_probe = getattr(ctx, "y_probe", None), None  # released here, like the saved tensors
         s = ctx.s

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from peftkit.core import saved_input
-from peftkit.core.adapter import Adapter
+from peftkit.core.adapter import Adapter, check_first_order
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor
@@ -93,6 +93,7 @@ class _InputScaledLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
+        check_first_order()
         w, scale, *kept = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_scale = grad_bias = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkit.core.adapter import Adapter
+from peftkit.core.adapter import Adapter, check_first_order
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.lowrank import LowRankConfig, linear_into
@@ -99,6 +99,7 @@ class _PacaLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
+        check_first_order()
         x_idx, w0, p, idx = ctx.saved_tensors
         grad_x = grad_bias = grad_p = None
         if ctx.needs_input_grad[0]:  # g·W: g·W0 with the idx columns' share replaced
