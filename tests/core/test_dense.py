@@ -283,3 +283,23 @@ def test_dense_update_steps_aside_for_dropout_and_few_rows(monkeypatch: pytest.M
     model.eval()
     model(x).sum().backward()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["kron", "randlora", "tlora", "qwha"])
+def test_frozen_dense_adapter_passes_only_the_input_gradient(name: str) -> None:
+    """Adapter parameters frozen (an adapter under evaluation with an input that needs grad, or a float64 host with
+    RandLoRA's float32 parameters): the layer still runs, and ∂x equals the generic path's."""
+    method = name.split("_")[0]
+    model = _Block().double()
+    peftkit.adapt(model, peftkit.config(method, target_modules=["up", "down"], **DENSE_METHODS[name]))
+    _perturb(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    model(x).sum().backward()
+    fused = x.grad.clone()
+    x.grad = None
+    for _, layer in peftkit.core.model.adapted_layers(model):
+        layer.adapters["default"].fused_forward = lambda x: None
+    model(x).sum().backward()
+    torch.testing.assert_close(fused, x.grad, rtol=1e-6 if method == "randlora" else 1e-10, atol=1e-8)

@@ -85,7 +85,7 @@ class _BuiltLinear(torch.autograd.Function):
         params, kept = saved[:ctx.n_params], tuple(saved[ctx.n_params:])
         g2 = gy.reshape(-1, gy.shape[-1])
         wanted = [i for i in range(len(params)) if ctx.needs_input_grad[4 + i]]
-        with torch.enable_grad():
+        with torch.enable_grad() if wanted else torch.no_grad():
             w = ctx.build()
         grad_x = torch.mm(g2, w.detach()).view(ctx.shape) if ctx.needs_input_grad[2] else None
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -158,10 +158,10 @@ class DenseUpdate:
         dropout = self.training and getattr(self.config, "dropout", 0) > 0  # type: ignore[attr-defined]
         if not dense_pays(host, x, dropout):
             return None
-        w, params = host.weight_2d(), trainable(self)  # type: ignore[arg-type]
-        if any(p.dtype != w.dtype for p in params):
+        w = host.weight_2d()
+        if any(p.dtype != w.dtype for p in self.parameters()):  # type: ignore[attr-defined]
             return None
-        return built_linear(x, lambda: self.dense_weight(w), params, host.bias)
+        return built_linear(x, lambda: self.dense_weight(w), trainable(self), host.bias)  # type: ignore[arg-type]
 
     def dense_weight(self, w: torch.Tensor) -> torch.Tensor:
         """``W0 + ΔW`` for the frozen (d_out, d_in) ``w`` — override to build it with fewer temporaries."""
