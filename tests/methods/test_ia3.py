@@ -333,3 +333,45 @@ def test_input_scaling_fused_path_on_a_gated_llama_mlp(monkeypatch: pytest.Monke
         ref = run()
     for got, want in zip(fused, ref):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", ["plain", "output_changed_in_place", "a_zero_scale", "trained_bias"])
+def test_output_scaling_fused_path_equals_the_generic_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output-scaled Linear with ≥ d_in rows runs x·(diag(l)·W)ᵀ + l ⊙ b and takes ∂l from its output; with the
+    output changed in place before backward, or a zero scale (y / l undefined), it recomputes the unscaled output from
+    the kept input. Outputs and gradients equal the generic path's (float64)."""
+    model = _FFN().double()
+    peftkit.adapt(model, peftkit.config("ia3", target_modules=["up"], feedforward_modules=None,
+                                        bias="all" if case == "trained_bias" else "none"))
+    _perturb(model, std=0.1)
+    if case == "a_zero_scale":
+        with torch.no_grad():
+            model.up.adapters["default"].ia3_l[3] = 0.0
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    calls: list[int] = []
+    real = ia3._OutputScaledLinear.apply
+    monkeypatch.setattr(ia3._OutputScaledLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    if case == "output_changed_in_place":
+        model.up.register_forward_hook(lambda m, a, out: out.mul_(1.5))
+    fused = _grads(model, x)
+    assert len(calls) == 1
+    with peftkit.mixed_batch(model, ["default"] * 64):  # the generic delta path
+        ref = _grads(model, x)
+    for got, want in zip(fused, ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_output_scaling_keeps_no_copy_of_the_unscaled_output() -> None:
+    """``base(x) * l`` keeps base(x) for ∂l; the fused path keeps only its own output (which the GELU after it keeps
+    anyway): no other 64 × 32 tensor is kept."""
+    from peftkit.bench.timing import kept_storages
+
+    model = _FFN()
+    peftkit.adapt(model, peftkit.config("ia3", target_modules=["up"], feedforward_modules=None))
+    x = torch.randn(64, 16).requires_grad_()
+    kept = kept_storages(model(x).sum())
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert sum(1 for ptr, n in kept.items() if ptr not in own and n == 64 * 32 * 4) == 1  # the output, by GELU
+    with peftkit.mixed_batch(model, ["default"] * 64):
+        kept = kept_storages(model(x).sum())
+    assert sum(1 for ptr, n in kept.items() if ptr not in own and n == 64 * 32 * 4) >= 2
