@@ -225,20 +225,3 @@ def _row_blocks(
     for i in range(0, n, step):
         rows = slice(i, i + step)
         yield rows, block(rows)
-
-
-def output_alias(ctx: Any, y: torch.Tensor) -> torch.Tensor:
-    """An alias of a custom function's output ``y``, to save for backward (for a gradient that reads the output,
-    usually kept by the next op already). It has its own version counter, so code that changes the output in place
-    before backward (allowed for a Linear's output, which autograd does not save) does not void the node; a probe
-    sharing the output's counter tells :func:`output_changed` whether the alias still holds the forward's values."""
-    ctx.y_probe, ctx.y_version = y.detach(), y._version
-    return torch.empty(0, dtype=y.dtype, device=y.device).set_(
-        y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
-
-
-def output_changed(ctx: Any) -> bool:
-    """In backward: whether the output kept by :func:`output_alias` was changed in place since the forward (or this
-    is a second backward) — then the gradient must recompute it. Releases the probe, like the saved tensors."""
-    probe, ctx.y_probe = getattr(ctx, "y_probe", None), None
-    return probe is None or probe._version != ctx.y_version

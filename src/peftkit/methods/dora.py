@@ -80,7 +80,14 @@ class _FusedDora(torch.autograd.Function):
         h = torch.mm(x.reshape(-1, shape[-1]), a.t()) if ctx.needs_input_grad[4] else None
         need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[5]
         kind, extra, kept = saved_input.pack(x) if need_x else ("plain", None, ())
-        y_kept = saved_input.output_alias(ctx, y) if ctx.needs_input_grad[5] else None  # ∂m reads the output
+        y_kept = None
+        if ctx.needs_input_grad[5]:
+            # ∂m reads the output. Kept through an alias with its own version counter, so that code changing the
+            # output in place before backward (allowed for a Linear's output, which autograd does not save) does
+            # not void this node; the probe shares the output's counter and tells backward whether to recompute.
+            y_kept = torch.empty(0, dtype=y.dtype, device=y.device).set_(
+                y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
+            ctx.y_probe, ctx.y_version = y.detach(), y._version
         ctx.save_for_backward(w, bias, a, b, m, c, h, y_kept, *kept)
         ctx.kind, ctx.extra, ctx.s, ctx.shape = kind, extra, s, shape
         return y
@@ -89,10 +96,11 @@ class _FusedDora(torch.autograd.Function):
     def backward(ctx, gy):  # type: ignore[override]
         check_first_order()
         w, bias, a, b, m, c, h, y, *kept = ctx.saved_tensors
+        probe, ctx.y_probe = getattr(ctx, "y_probe", None), None  # released here, like the saved tensors
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_bias = grad_a = grad_b = grad_m = None
-        recompute = ctx.needs_input_grad[5] and saved_input.output_changed(ctx)
+        recompute = ctx.needs_input_grad[5] and (probe is None or probe._version != ctx.y_version)
         w_eff = _scaled_direction(w, a, b, s, c)[0] if ctx.needs_input_grad[0] or recompute else None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g2, w_eff).view(ctx.shape)

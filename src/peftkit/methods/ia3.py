@@ -14,13 +14,11 @@ or name suffixes, or a full-match regex). The defaults pick the paper's modules 
 (``key``, ``value``, the FFN's ``layer.N.output.dense`` — not ``attention.output.dense``) and on LLaMA-style models
 (``k_proj``, ``v_proj``, ``down_proj``); any Linear, Conv or Embedding can be scaled (as in Hugging Face PEFT), and
 input scaling of an Embedding (whose input is token ids) is refused. When the adapter is the only one active the
-layer runs as one host call (``fused_forward``). On a Linear / GPT-2 Conv1D host with enough rows (float32/64) l is
-folded into the weight and the layer has its own backward: input scaling runs ``x·(W·diag(l))ᵀ + b`` and keeps x for
-∂l = Σ_rows x ⊙ (g·W) through ``core.saved_input`` (no copy when its producer, e.g. the FFN's GELU, can rebuild it;
-Hugging Face PEFT's ``x * l`` keeps x); output scaling runs ``x·(diag(l)·W)ᵀ + l ⊙ b`` and takes ∂l = Σ_rows g ⊙ y / l
-from the output itself (usually kept by the next op; PEFT's ``base(x) * l`` keeps the unscaled output too). Two IA3
-adapters active on one layer add their deltas ((l₁ + l₂ − 1) ⊙ h), whereas Hugging Face PEFT multiplies them
-(l₁·l₂ ⊙ h); one active adapter is identical.
+layer runs as one host call (``fused_forward``); an input-scaled Linear / GPT-2 Conv1D layer with at least d_out rows
+(float32/64) runs as ``x·(W·diag(l))ᵀ + b`` — no N×d_in scaled copy of x — and keeps x for ∂l = Σ_rows x ⊙ (g·W)
+through ``core.saved_input`` (no copy of it when its producer, e.g. the FFN's GELU, can rebuild it; Hugging Face
+PEFT's ``x * l`` keeps x). Two IA3 adapters active on one layer add their deltas ((l₁ + l₂ − 1) ⊙ h), whereas
+Hugging Face PEFT multiplies them (l₁·l₂ ⊙ h); one active adapter is identical.
 Reads and writes Hugging Face PEFT's ``IA3`` format (``ia3_l`` of shape (d_out, 1) or (1, d_in); (1, C, 1, 1) on
 Conv2d), for the host kinds PEFT supports (Linear, GPT-2 Conv1D, Conv2d).
 """
@@ -111,44 +109,6 @@ class _InputScaledLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_scale
 
 
-class _OutputScaledLinear(torch.autograd.Function):
-    """y = l ⊙ (x·Wᵀ + b) for a frozen (d_out, d_in) ``W``, computed as x·(diag(l)·W)ᵀ + l ⊙ b. Backward:
-    ∂x = g·(diag(l)·W), ∂l = Σ_rows g ⊙ (x·Wᵀ + b) = (Σ_rows g ⊙ y) / l from the output (kept through an alias —
-    the next op usually keeps it anyway — instead of a copy of the unscaled output), recomputed from the input
-    (kept through :mod:`~peftkit.core.saved_input`) when the output was changed in place or some l is 0;
-    ∂b = l ⊙ Σ_rows g."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias, scale):  # type: ignore[override]
-        y = linear_into(x, w * scale[:, None], None if bias is None else bias * scale)
-        y_kept, kind, extra, kept = None, "plain", None, ()
-        if ctx.needs_input_grad[3]:
-            y_kept = saved_input.output_alias(ctx, y)
-            kind, extra, kept = saved_input.pack(x)
-        ctx.save_for_backward(w, bias, scale, y_kept, *kept)
-        ctx.kind, ctx.extra, ctx.shape = kind, extra, x.shape
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
-        check_first_order()
-        w, bias, scale, y, *kept = ctx.saved_tensors
-        g2 = gy.reshape(-1, gy.shape[-1])
-        grad_x = grad_scale = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g2, w * scale[:, None]).view(ctx.shape)
-        g_sum = g2.sum(0) if ctx.needs_input_grad[2] else None
-        if ctx.needs_input_grad[2]:
-            grad_bias = g_sum * scale
-        if ctx.needs_input_grad[3]:
-            if saved_input.output_changed(ctx) or bool((scale == 0).any()):
-                base = linear_into(saved_input.unpack(ctx.kind, ctx.extra, tuple(kept)), w, bias)
-                grad_scale = (g2 * base.view(-1, base.shape[-1])).sum(0)
-            else:
-                grad_scale = (g2 * y.view(-1, y.shape[-1])).sum(0).div_(scale)
-        return grad_x, None, grad_bias, grad_scale
-
-
 def _size(host: Host, feedforward: bool) -> int:
     if not feedforward:
         return host.d_out
@@ -190,22 +150,15 @@ class IA3(Adapter):
         return self.host.project_in((x * self._l(minus_one=True)).to(w.dtype), w)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        host, w, l = self.host, self.host.weight_2d(), self.ia3_l
-        bias = host.bias
-        # Linear / GPT-2 Conv1D with enough rows (float32/64): l folded into the weight (a d_out×d_in build instead
-        # of an N-row pass), with a backward that keeps no copy of the scaled input / unscaled output
-        if (host.kind in ("linear", "gpt2_conv1d") and x.dim() >= 2 and not w.requires_grad
-                and x.dtype == w.dtype == l.dtype
-                and fold_pays(x.numel() // x.shape[-1], host.d_in if not self.feedforward else host.d_out, w)):
-            fn = _InputScaledLinear if self.feedforward else _OutputScaledLinear
-            if torch.is_grad_enabled() and (x.requires_grad or l.requires_grad):
-                return fn.apply(x, w, bias, l)
-            if self.feedforward:
-                return linear_into(x, w * l, bias)
-            return linear_into(x, w * l[:, None], None if bias is None else bias * l)
         if not self.feedforward:
-            y = host.module(x)
+            y = self.host.module(x)
             return (y * self._l()).to(y.dtype)
+        host, w = self.host, self.host.weight_2d()
+        if (host.kind in ("linear", "gpt2_conv1d") and x.dim() >= 2 and not w.requires_grad
+                and x.dtype == w.dtype == self.ia3_l.dtype and fold_pays(x.numel() // x.shape[-1], host.d_out, w)):
+            if torch.is_grad_enabled() and (x.requires_grad or self.ia3_l.requires_grad):
+                return _InputScaledLinear.apply(x, w, host.bias, self.ia3_l)
+            return linear_into(x, w * self.ia3_l, host.bias)
         return host.module((x * self._l()).to(x.dtype))
 
     def _factors(self, weight: torch.Tensor) -> torch.Tensor:
