@@ -11,7 +11,8 @@ with α/r = s. ``branch_bias`` adds the VTAB code's down/up biases to each branc
 Trainable: r_p·(d_in + d_out) + 2·r_s·d_out per layer (+ r_p + d_out + r_s + d_out with branch biases); a rank of 0
 drops that branch. Dropout (training only) applies to each branch's input (x for P, h for S). As the sole active
 adapter on a Linear with at least d_out rows (no active dropout) the layer runs through its merged weight and bias,
-built differentiably each step (``fused_forward``; on MiniLM training 0.92 × the step time, 0.64 × the step memory).
+built differentiably each step (``fused_forward``; on MiniLM training 0.92 × the step time, 0.64 × the step memory);
+the d_out×d_in weight is rebuilt in backward rather than kept (``core.dense.built_linear``).
 On conv hosts the sequential branch is a 1×1 channel map on the output, so the 2-D merge formula holds unchanged.
 Resolved ambiguities: only the NLU code's kaiming init of the down-projections is offered (not ELEVATER's N(0, 0.02²)
 nor VTAB's xavier); merge uses the weight it is given (after any adapters merged before it), i.e. the sequential
@@ -28,7 +29,7 @@ from torch import nn
 
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.config import AdapterConfig
-from peftkit.core.dense import dense_pays, weight_linear
+from peftkit.core.dense import built_linear, dense_pays, trainable
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.lowrank import check_rank, init_down_, lowrank_delta, new_factors
@@ -121,18 +122,23 @@ class Hydra(Adapter):
         host, w = self.host, self.host.weight_2d()
         if not dense_pays(host, x, self.training and self.config.dropout > 0) or self.dtype != w.dtype:
             return None
-        bias, beta = host.bias, self._beta()
-        w_new, db = w, beta
-        if self.par is not None:  # r-inner GEMMs accumulating onto W0: no d_out×d_in temporary per branch
+        bias, db = host.bias, self._beta()
+        if self.seq is not None and bias is not None:  # the bias is d_out values: built with autograd here
+            mb = self.seq.up @ (self.seq.down @ bias)
+            db = mb if db is None else db + mb
+        if db is not None:
+            bias = self.s * db if bias is None else bias + self.s * db
+        return built_linear(x, lambda: self._merged_weight(w), trainable(self), bias)
+
+    def _merged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W0 + s·(B_p·A_p + B_s·(A_s·W0)) as r-inner GEMMs accumulating onto W0 (no d_out×d_in temporary per branch);
+        rebuilt in backward by ``core.dense.built_linear`` rather than kept."""
+        w_new = w
+        if self.par is not None:
             w_new = torch.addmm(w_new, self.par.up, self.par.down, alpha=self.s)
         if self.seq is not None:
             w_new = torch.addmm(w_new, self.seq.up, self.seq.down @ w, alpha=self.s)
-            if bias is not None:
-                mb = self.seq.up @ (self.seq.down @ bias)
-                db = mb if db is None else db + mb
-        if db is not None:
-            bias = self.s * db if bias is None else bias + self.s * db
-        return weight_linear(x, w_new, bias)
+        return w_new
 
     def _dw(self, w: torch.Tensor) -> torch.Tensor:
         """s·(B_p·A_p + B_s·A_s·w) for a (d_out, d_in) weight ``w`` (in the adapter dtype)."""
