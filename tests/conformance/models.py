@@ -101,6 +101,21 @@ class FeedForward(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
+class NormFeedForward(nn.Module):
+    """LayerNorm → Linear ``up`` → GELU → Linear ``down`` on (N, 16) rows (seeded): the inputs of both Linears are
+    outputs their producers can rebuild (the saved-input mechanism keeps no copy of them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(self.ln(x))))
+
+
 class Block(nn.Module):
     """A pre-norm transformer block on batch-first (B, T, d) input."""
 

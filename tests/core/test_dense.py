@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkit
+from conformance.models import NormFeedForward
 from peftkit.bench.timing import kept_storages
 from peftkit.core import dense
 
@@ -165,20 +166,6 @@ def test_built_linear_without_grad_and_under_autocast() -> None:
 
 
 # -- adapters on the dense path ------------------------------------------------------------------------------------
-class _Block(nn.Module):
-    """LayerNorm → Linear → GELU → Linear: inputs the dense path keeps without a copy."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.ln = nn.LayerNorm(16)
-        self.up = nn.Linear(16, 32)
-        self.down = nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(self.ln(x))))
-
-
 def _train_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     y = model(x)
@@ -226,7 +213,7 @@ def test_dense_fused_path_equals_the_generic_path(name: str, rows: int, monkeypa
     # parameters and shared bases are float32 whatever the host (its dense path needs matching dtypes)
     dtype = torch.float32 if method == "randlora" else torch.float64
     tol = 2e-4 if dtype == torch.float32 else 1e-10
-    model = _Block().to(dtype)
+    model = NormFeedForward().to(dtype)
     peftkit.adapt(model, peftkit.config(method, target_modules=["up", "down"], **DENSE_METHODS[name]))
     _perturb(model)
     x = torch.randn(rows, 16, generator=torch.Generator().manual_seed(2), dtype=dtype)
@@ -251,7 +238,7 @@ def test_dense_fused_path_equals_the_generic_path(name: str, rows: int, monkeypa
 @pytest.mark.parametrize("name", ["tlora", "tlora_ttm", "loca", "qwha", "kron", "svd", "randlora", "hydra"])
 def test_dense_adapters_keep_no_copy_of_layer_norm_and_gelu_outputs(name: str) -> None:
     method = name.split("_")[0]
-    model = _Block()
+    model = NormFeedForward()
     peftkit.adapt(model, peftkit.config(method, target_modules=["up", "down"], **DENSE_METHODS[name]))
     seen: dict[str, torch.Tensor] = {}
     model.ln.register_forward_hook(lambda m, a, out: seen.__setitem__("ln", out))
@@ -272,7 +259,7 @@ def test_dense_update_steps_aside_for_dropout_and_few_rows(monkeypatch: pytest.M
     """Active dropout applies to the update branch only, which a product through W0 + ΔW cannot express: the mixin
     leaves training with dropout (and batches of fewer than d_out rows) to the generic path, and takes eval."""
     calls = _count_dense_calls(monkeypatch)
-    model = _Block()
+    model = NormFeedForward()
     peftkit.adapt(model, peftkit.config("kron", target_modules=["up", "down"], dropout=0.1))
     x = torch.randn(64, 16, requires_grad=True)
     model.train()
@@ -290,7 +277,7 @@ def test_frozen_dense_adapter_passes_only_the_input_gradient(name: str) -> None:
     """Adapter parameters frozen (an adapter under evaluation with an input that needs grad, or a float64 host with
     RandLoRA's float32 parameters): the layer still runs, and ∂x equals the generic path's."""
     method = name.split("_")[0]
-    model = _Block().double()
+    model = NormFeedForward().double()
     peftkit.adapt(model, peftkit.config(method, target_modules=["up", "down"], **DENSE_METHODS[name]))
     _perturb(model)
     for p in model.parameters():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkit
+from conformance.models import NormFeedForward
 from peftkit.core.adapter import fused_allowed
 
 FUSED = {  # methods with a hand-written fused backward, and a config that puts them on it
@@ -23,20 +24,8 @@ FUSED = {  # methods with a hand-written fused backward, and a config that puts 
 }
 
 
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.ln = nn.LayerNorm(16)
-        self.up = nn.Linear(16, 32)
-        self.down = nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(self.ln(x))))
-
-
 def _model(method: str) -> nn.Module:
-    model = _Block().double()
+    model = NormFeedForward().double()
     peftkit.adapt(model, peftkit.config(method, target_modules=["up", "down"], **FUSED[method]))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

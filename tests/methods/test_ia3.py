@@ -15,7 +15,7 @@ from torch import nn
 
 import peftkit
 import peftkit.methods.ia3 as ia3
-from conformance.models import MODELS, same_state, state_copy
+from conformance.models import MODELS, NormFeedForward, same_state, state_copy
 
 
 def _perturb(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
@@ -251,20 +251,6 @@ def test_hf_export_refuses_what_the_format_cannot_hold(tmp_path) -> None:
         ia3.IA3.from_hf_config({"peft_type": "IA3", "target_modules": ["k"], "some_new_option": True})
 
 
-class _FFN(nn.Module):
-    """LayerNorm → Linear → GELU → Linear: the down projection's input is a GELU output its producer can rebuild."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.ln = nn.LayerNorm(16)
-        self.up = nn.Linear(16, 32)
-        self.down = nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(self.ln(x))))
-
-
 def _grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     model.zero_grad(set_to_none=True)
     x.grad = None
@@ -279,7 +265,7 @@ def test_input_scaling_fused_path_equals_the_generic_path(rows: int, feedforward
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """With ≥ d_out rows an input-scaled Linear runs x·(W·diag(l))ᵀ + b with its own backward (∂l from the kept or
     rebuilt input); it gives the generic path's outputs and gradients (float64), and steps aside for few rows."""
-    model = _FFN().double()
+    model = NormFeedForward().double()
     peftkit.adapt(model, peftkit.config("ia3", target_modules=["up", "down"], feedforward_modules=feedforward))
     _perturb(model, std=0.1)
     x = torch.randn(rows, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
@@ -298,7 +284,7 @@ def test_input_scaling_keeps_no_copy_of_a_gelu_output() -> None:
     """Hugging Face PEFT's ``x * l`` keeps the FFN's GELU output for ∂l; the fused path rebuilds it in backward."""
     from peftkit.bench.timing import kept_storages
 
-    model = _FFN()
+    model = NormFeedForward()
     peftkit.adapt(model, peftkit.config("ia3", target_modules=["down"], feedforward_modules=["down"]))
     seen: list[torch.Tensor] = []
     model.down.register_forward_pre_hook(lambda m, a: seen.append(a[0]))

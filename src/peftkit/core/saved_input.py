@@ -190,7 +190,7 @@ def left_matmul(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], g: tor
 
 def column_dot(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], h: torch.Tensor) -> torch.Tensor:
     """``Σ_rows h ⊙ x`` (d_in) for the packed input ``x`` and ``h`` (N × d_in) — the gradient of a per-feature
-    scale applied to x (IA3's input scaling: ∂l = Σ_n x_n ⊙ (g_n·W)). In row blocks of about 2 MiB, x rebuilt per
+    scale applied to x (an input-scaling vector l: ∂l = Σ_n x_n ⊙ (g_n·W)). In row blocks of about 2 MiB, x rebuilt per
     block where it is not kept, so no N × d_in temporary is made."""
     out = h.new_zeros(h.shape[-1])
     for rows, xb in _row_blocks(kind, extra, tensors, h.shape[0]):
