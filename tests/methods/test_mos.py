@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit.methods.lora import Lora
 
 
 class Stack(nn.Module):
@@ -62,23 +61,49 @@ def test_each_layer_has_rank_r_and_merge():
     assert torch.allclose(m(x), y, atol=1e-5 * y.abs().max().item())
 
 
-def test_reduces_to_lora_with_private_rows_only():
+def _spec_factors(pool_a, pool_b, idx_a, idx_b, r, l):
+    """A_j and B_j by the spec's vector sharding, written with loops over shards (independent of the adapter's
+    gather/reshape): row k of A is the concatenation of the pool-A shards idx_A[k·l+u], u < l; column k of B the
+    concatenation of the pool-B columns idx_B[k·l+u]."""
+    sa, sb = pool_a.shape[1], pool_b.shape[0]
+    a = torch.zeros(r, sa * l, dtype=torch.float64)
+    b = torch.zeros(sb * l, r, dtype=torch.float64)
+    for k in range(r):
+        for u in range(l):
+            a[k, u * sa:(u + 1) * sa] = pool_a[int(idx_a[k * l + u])].double()
+            b[u * sb:(u + 1) * sb, k] = pool_b[:, int(idx_b[k * l + u])].double()
+    return a, b
+
+
+def test_layers_match_the_spec_assembled_by_hand():
+    """Every layer's output equals x·(W0 + (α/r)·B_j·A_j)ᵀ + b with A_j, B_j assembled from the pools by hand, the
+    routing follows the spec's layout (r − r_p public shards drawn from the first (r_e − r_p)·L·l, then the layer's
+    own private block), and the pools are shared by the layers of one module type."""
     torch.manual_seed(0)
-    m = Stack(n=2)
-    peftkit.adapt(m, _cfg(r=3, r_e=3, r_p=3, l=1, alpha=6))
+    m = Stack(n=3)
+    r, r_e, r_p, l, alpha = 4, 3, 1, 2, 6.0
+    peftkit.adapt(m, _cfg(r=r, r_e=r_e, r_p=r_p, l=l, alpha=alpha))
     _perturb(m)
-    x = torch.randn(4, 16)
-    for blk in m.layers:
-        ad = blk["q"].adapters["default"]
-        a, b = ad.factors()
-        lora = Lora(ad.host, peftkit.config("lora", target_modules=["q"], r=3, alpha=6))
-        with torch.no_grad():
-            lora.lora_A.copy_(a)
-            lora.lora_B.copy_(b)
-        assert torch.allclose(ad.delta(x, None), lora.delta(x, None), atol=1e-6)
-    # disjoint private rows: the two layers use different shards
-    i0, i1 = (blk["q"].adapters["default"].idx_a for blk in m.layers)
-    assert not set(i0.tolist()) & set(i1.tolist())
+    L = len(m.layers)
+    n_pub = (r_e - r_p) * L * l
+    x = torch.randn(5, 16)
+    for name in ("q", "up"):
+        pools = {id(blk[name].adapters["default"].pool_a) for blk in m.layers}
+        assert len(pools) == 1  # one pool per module type
+        for j, blk in enumerate(m.layers):
+            ad = blk[name].adapters["default"]
+            assert ad.pool_a.shape == (r_e * L * l, 16 // l)
+            for idx in (ad.idx_a, ad.idx_b):
+                assert len(idx) == r * l
+                public, private = idx[: (r - r_p) * l].tolist(), idx[(r - r_p) * l:].tolist()
+                assert all(0 <= i < n_pub for i in public) and len(set(public)) == len(public)
+                assert private == list(range(n_pub + j * r_p * l, n_pub + (j + 1) * r_p * l))
+            a, b = _spec_factors(ad.pool_a.detach(), ad.pool_b.detach(), ad.idx_a, ad.idx_b, r, l)
+            w0 = blk[name].base_layer.weight.detach().double()
+            bias = blk[name].base_layer.bias.detach().double()
+            expected = x.double() @ (w0 + alpha / r * b @ a).t() + bias
+            torch.testing.assert_close(blk[name](x).double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
+            torch.testing.assert_close(ad.delta_weight().double(), alpha / r * b @ a, rtol=0, atol=1e-6)
 
 
 def test_private_shards_get_gradient_only_from_owner():

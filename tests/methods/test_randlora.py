@@ -56,6 +56,33 @@ def test_activation_path_equals_delta_weight():
         assert torch.allclose(a.delta(x, None), x @ a.delta_weight().t(), atol=1e-5)
 
 
+def test_update_is_the_spec_sum_over_bases():
+    """ΔW = s·Σ_i B_i·diag(λ_i)·A·diag(γ_i) (transposed when d_out < d_in), summed term by term in float64 from the
+    shared bases — independent of the adapter's stacked Ã / B_cat construction — and the layer's output is
+    x·(W0 + ΔW)ᵀ + b on both the dense (≥ d_out rows) and the activation path."""
+    m = _model()
+    r, alpha = 4, 8.0
+    peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=r, alpha=alpha))
+    _perturb(m)
+    for layer in (m[0], m[2]):
+        ad = layer.adapters["default"]
+        d_out, d_in = ad.host.d_out, ad.host.d_in
+        big, small = max(d_in, d_out), min(d_in, d_out)
+        n = -(-small // r)
+        a = ad.shared.A[:, :small].double()
+        bases = ad.shared.B[:n, :big].double()
+        lam, gamma = ad.lam.detach().double(), ad.gamma.detach().double()
+        dw = sum(bases[i] @ torch.diag(lam[i]) @ a @ torch.diag(gamma[i]) for i in range(n)) * (alpha / r)
+        dw = dw.t() if d_out < d_in else dw
+        assert dw.shape == (d_out, d_in)
+        torch.testing.assert_close(ad.delta_weight().double(), dw, rtol=0, atol=1e-6 * dw.abs().max())
+        w0, b0 = layer.base_layer.weight.detach().double(), layer.base_layer.bias.detach().double()
+        for rows in (3, 2 * d_out):  # fewer rows than d_out: activation path; more: the dense path
+            x = torch.randn(rows, d_in)
+            expected = x.double() @ (w0 + dw).t() + b0
+            torch.testing.assert_close(layer(x).double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
+
+
 def test_bases_shared_seeded_and_not_saved(tmp_path):
     m = _model()
     peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=4, projection_seed=7))
