@@ -48,7 +48,7 @@ class TrainResult:
     examples: int
     seconds: float
     losses: list[float] = field(default_factory=list)
-    peak_mib: float | None = None  # rise of the process's peak resident memory during training (Linux), MiB
+    peak_mib: float | None = None  # rise of the peak resident memory during training (Linux; on CUDA the GPU's), MiB
     device: str = "cpu"  # where it trained, e.g. "cuda:0"
     precision: str = "fp32"
     grad_accum: int = 1  # micro-batches per optimiser step
@@ -321,6 +321,9 @@ def train(
     bar = tqdm(total=steps, initial=first, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
                leave=True)
     rss = reset_peak_memory() if device.type == "cpu" else None
+    if device.type == "cuda":  # the GPU's peak allocation instead of the process's resident memory
+        torch.cuda.reset_peak_memory_stats(device)
+        base_bytes = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     ema: float | None = None
     try:
@@ -397,6 +400,8 @@ def train(
     finally:
         result.seconds = prior_seconds + time.perf_counter() - start
         result.peak_mib = peak_memory_since(rss)
+        if device.type == "cuda":
+            result.peak_mib = max(0, torch.cuda.max_memory_allocated(device) - base_bytes) / 2**20
         bar.close()
         model.train(was_training)
     return result
