@@ -402,3 +402,35 @@ def test_seeded_bases_use_a_cpu_generator_and_leave_the_global_rng_alone(method:
     again = _draws(_adapt(method, host))
     for n, t in _draws(model).items():
         assert torch.equal(again[n], t), n
+
+
+def test_cli_resume_keeps_accumulation_and_precision(tiny: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``peftkit train --resume`` of a run interrupted mid-step continues with its own --grad-accum / --precision and
+    ends with the uninterrupted run's adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    extra = ("--method", "ia3", "--steps", "4", "--grad-accum", "2", "--save-every", "2", "--precision", "bf16")
+    assert main(_args(tiny, tmp_path / "ref", *extra)) == 0
+    calls, real = [0], T.batch_size
+
+    def dies(batch: Any) -> int:  # once per micro-batch: the 7th is step 3's second
+        calls[0] += 1
+        if calls[0] == 7:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    monkeypatch.setattr(T, "batch_size", dies)
+    assert main(_args(tiny, tmp_path / "run", *extra)) == 130
+    monkeypatch.setattr(T, "batch_size", real)
+    assert C.latest_checkpoint(tmp_path / "run" / "checkpoints").meta["trainer"]["micro_batches"] == 4
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "× 2 accumulated" in capsys.readouterr().out
+    info = json.loads((tmp_path / "run" / "train_info.json").read_text())
+    assert (info["grad_accum"], info["precision"], info["steps"]) == (2, "bf16", 4)
+    want, got = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ref", "run"))
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
