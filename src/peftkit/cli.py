@@ -30,6 +30,9 @@ DEFAULTS = {
 }
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
 class _UsageError(Exception):
     pass
 
@@ -98,6 +101,9 @@ def run_record(args: argparse.Namespace, result: Any) -> dict[str, Any]:
     return {
         "threads": torch.get_num_threads(),
         "processes": world()[1],
+        "device": result.device,
+        "precision": result.precision,
+        "grad_accum": result.grad_accum,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "head_lr": getattr(args, "head_lr", None),
@@ -139,6 +145,27 @@ def _set_threads(n: int | None) -> None:
         if n < 1:
             raise PeftkitError(f"--threads must be >= 1, got {n}")
         torch.set_num_threads(n)
+
+
+def run_device(args: argparse.Namespace) -> Any:
+    """``--device`` / ``--precision`` / ``--grad-accum`` of ``peftkit train`` checked (before anything is loaded or
+    written); returns the ``torch.device`` to train on (``cuda:LOCAL_RANK`` under ``torchrun``)."""
+    from .train.distributed import local_rank
+    from .train.trainer import check_precision, pick_device
+
+    accum = getattr(args, "grad_accum", 1)
+    if accum is None or accum < 1:
+        raise PeftkitError(f"--grad-accum must be >= 1 (micro-batches per optimiser step), got {accum}")
+    device = pick_device(getattr(args, "device", "auto"), local_rank())
+    check_precision(getattr(args, "precision", "fp32"), device)
+    return device
+
+
+def eval_device(args: argparse.Namespace) -> Any:
+    """``--device`` of ``peftkit eval`` / ``generate``."""
+    from .train.trainer import pick_device
+
+    return pick_device(getattr(args, "device", "auto"))
 
 
 # -- commands -----------------------------------------------------------------------------------------------
@@ -271,9 +298,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run, then trains the task. Every process runs the same code; only rank 0 prints and keeps its files."""
     from .train.distributed import init_from_env
 
-    rank, _ = init_from_env()
     if args.resume is not None:
         args = _resume_args(args)
+    rank, _ = init_from_env(device=run_device(args))  # nccl on CUDA, gloo otherwise
     if rank == 0:
         return _train_task(args)
     import contextlib
@@ -369,17 +396,25 @@ def _processes(world_size: int) -> str:
     return f" per process × {world_size} processes (torchrun)" if world_size > 1 else ""
 
 
-def reproduction_verdict(recorded: int, measured: int, n: int, *, quantized: bool) -> str:
+def reproduction_verdict(recorded: int, measured: int, n: int, *, quantized: bool, other_device: bool = False
+                         ) -> str:
     """Compare the correct count recorded after training with a re-evaluation. A full-precision base must match
     exactly. A quantised base runs bitsandbytes' CPU kernels, whose float rounding can depend on the CPU and on memory
     alignment, so a borderline example may flip between two processes: up to max(1, 0.5 %) of ``n`` is reported as
-    such rather than hidden or called a failure."""
+    such rather than hidden or called a failure. The same holds when the evaluation runs on another kind of device
+    than the training's evaluation (``other_device``: different kernels, different rounding)."""
     delta = abs(recorded - measured)
     if delta == 0:
         return "reproduced"
-    if quantized and delta <= max(1, round(0.005 * n)):
-        return f"reproduced within float rounding of the quantised base ({delta} example(s) differ)"
+    if (quantized or other_device) and delta <= max(1, round(0.005 * n)):
+        what = "the quantised base" if quantized else "another device"
+        return f"reproduced within float rounding of {what} ({delta} example(s) differ)"
     return "DIFFERENT"
+
+
+def _other_device(info: dict[str, Any], device: Any) -> bool:
+    """Whether an evaluation on ``device`` runs on another kind of device than the run in ``info`` did."""
+    return str(info.get("device", "cpu")).split(":")[0] != device.type
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -403,6 +438,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model_dir = eval_model_dir(info, default_model_dir)
     names = list(info["label_names"])
+    device = eval_device(args)
     _set_threads(args.threads if args.threads is not None else info.get("threads"))
     if args.data is not None:
         data = D.load_table(args.data, names) if args.data != D.ROTTEN_TOMATOES else D.load_data(args.data, names)
@@ -418,7 +454,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                        quantize=info.get("quantize"))
-    what = load_for_eval(model, adapter, args.rank, what)
+    what = load_for_eval(model, adapter, args.rank, what, device)
     batches = D.Batches(D.encode(tokenizer, subset.texts, int(info["max_length"])), subset.labels,
                         int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])), D.pad_token_id(tokenizer),
                         shuffle=False)
@@ -426,7 +462,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"accuracy: {_acc_line(acc)} on {what}")
     if args.data is None and args.rank is None and "correct_after" in info:
         rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=bool(info.get("quantize")))
+        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=bool(info.get("quantize")),
+                                       other_device=_other_device(info, device))
         print(f"recorded after training: {_acc_line(rec)} — {verdict}")
     return 0
 
@@ -496,6 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR",
                    help="continue the interrupted run whose --output was DIR, from its newest checkpoint, with its own "
                         "options (only --threads / --no-progress may be given)")
+    t.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="where to train: auto (default: CUDA when present, else MPS when present, else the CPU), "
+                        "cpu, cuda, mps; under torchrun with CUDA each process uses cuda:LOCAL_RANK")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32 (default); bf16 / fp16: forward passes under autocast with fp32 master weights, fp16 "
+                        "with a loss scaler (CUDA / MPS only)")
+    t.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="micro-batches of --batch-size per optimiser step (default 1): N·batch examples per step; "
+                        "--steps counts optimiser steps")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -507,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate on this CSV/TSV/JSONL instead (labels must be ones the adapter knows)")
     e.add_argument("--rank", type=int, help="evaluate at rank b (methods trained for every rank, e.g. dylora)")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: as in training)")
+    e.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="auto (default: CUDA, else MPS, else the CPU), cpu, cuda, mps")
     e.set_defaults(func=cmd_eval)
 
     from .cli_causal_lm import cmd_generate
@@ -524,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--threads", type=int, help="torch CPU threads (default: as in training)")
+    gen.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                     help="auto (default: CUDA, else MPS, else the CPU), cpu, cuda, mps")
     gen.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("methods", help="list the registered methods")

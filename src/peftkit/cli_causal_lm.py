@@ -16,7 +16,9 @@ from typing import Any
 
 from .cli import (
     TRAIN_INFO,
+    _other_device,
     _set_threads,
+    eval_device,
 )
 from .core.errors import PeftkitError
 from .core.io import read_json
@@ -143,9 +145,10 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     })
 
 
-def _adapted_model(adapter: Path, model: str | None, threads: int | None) -> tuple[Any, Any, dict[str, Any]]:
+def _adapted_model(adapter: Path, model: str | None, threads: int | None, device: Any = None
+                   ) -> tuple[Any, Any, dict[str, Any]]:
     """The base model of ``adapter`` (``--model``, else the one its ``train_info.json`` names) with the adapter
-    loaded; returns (model, tokenizer, train info or {})."""
+    loaded, on ``device`` when given; returns (model, tokenizer, train info or {})."""
     if not adapter.is_dir():
         raise PeftkitError(f"adapter folder not found: {adapter}")
     info = read_json(adapter / TRAIN_INFO) if (adapter / TRAIN_INFO).is_file() else {}
@@ -169,6 +172,8 @@ def _adapted_model(adapter: Path, model: str | None, threads: int | None) -> tup
 
     base, tokenizer = load_causal_lm(model_dir, quantize=info.get("quantize"))
     peftkit.load(base, adapter)
+    if device is not None:
+        base.to(device)
     return base, tokenizer, info
 
 
@@ -182,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     questions = [q for q in args.question if q.strip()]
     if not questions:
         raise PeftkitError("give a question to answer")
-    model, tokenizer, _ = _adapted_model(Path(args.adapter), args.model, args.threads)
+    model, tokenizer, _ = _adapted_model(Path(args.adapter), args.model, args.threads, eval_device(args))
 
     import peftkit
 
@@ -207,7 +212,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval_causal_lm(args: argparse.Namespace) -> int:
     """Held-out (or ``--data``) answer loss of a causal-LM adapter, compared with the loss recorded after training."""
     adapter = Path(args.adapter)
-    model, tokenizer, info = _adapted_model(adapter, None, args.threads)
+    device = eval_device(args)
+    model, tokenizer, info = _adapted_model(adapter, None, args.threads, device)
     import peftkit
 
     from .data.chat import load_chat_data
@@ -236,6 +242,8 @@ def cmd_eval_causal_lm(args: argparse.Namespace) -> int:
             verdict = "reproduced"
         elif info.get("quantize") and delta <= 1e-2 * max(1.0, abs(rec)):  # bitsandbytes' CPU kernels' rounding
             verdict = f"reproduced within float rounding of the quantised base (differs by {delta:.2g})"
+        elif _other_device(info, device) and delta <= 1e-2 * max(1.0, abs(rec)):  # other kernels, other rounding
+            verdict = f"reproduced within float rounding of another device (differs by {delta:.2g})"
         else:
             verdict = "DIFFERENT"
         print(f"recorded after training: loss {rec:.4f} — {verdict}")

@@ -30,6 +30,7 @@ from .cli import (
     _processes,
     checkpointing,
     finish_checkpoints,
+    run_device,
     run_record,
 )
 from .core.errors import PeftkitError
@@ -47,6 +48,7 @@ class TrainRun:
                 setattr(args, key, defaults[key])
         self.args, self.defaults = args, defaults
         self.info, self.cfg_cls, self.cfg_fields = _check_train_args(args)
+        self.device = run_device(args)  # --device / --precision / --grad-accum
         if "lr" in defaults:  # no --lr / --head-lr: the task's rate × the method's factor (registry)
             if getattr(args, "lr", None) is None:
                 args.lr = defaults["lr"] * self.info.lr_scale
@@ -84,7 +86,8 @@ class TrainRun:
             fields["modules_to_save"] = list(heads if heads is not None else classifier_head_names(model)) or None
         self.cfg = self.cfg_cls.from_dict(fields)
         torch.manual_seed(self.args.seed)
-        peftkit.adapt(model, self.cfg)
+        peftkit.adapt(model, self.cfg)  # on the CPU, where the model was loaded: the same init on every device
+        model.to(self.device)
         procedures = method_procedures(self.info, model, self.cfg)
         if getattr(self.args, "density_loss", None) is not None:  # DEFT: any method + λ·(smooth L0 of MLP acts)
             from .train.density import DensityLoss
@@ -115,7 +118,7 @@ class TrainRun:
             if default_steps is None:
                 raise PeftkitError("give --steps or --epochs")
             return default_steps
-        return max(1, round(epochs * n_batches))
+        return max(1, round(epochs * n_batches / getattr(a, "grad_accum", 1)))  # optimiser steps
 
     def describe(self, model: nn.Module, model_line: str, data_lines: Sequence[str]) -> Any:
         """Print what is trained on what; returns :func:`peftkit.summary` of the adapted model."""
@@ -140,8 +143,10 @@ class TrainRun:
         training examples in order, ``n`` = the task's ``calibration_size``."""
         if self.info.calibrate is None:
             return
+        from .train.trainer import _to
+
         n = min(self.defaults.get("calibration_size", 256), available)
-        self.calibration = _calibrate(self.info, model, make(n), n)
+        self.calibration = _calibrate(self.info, model, (_to(b, self.device) for b in make(n)), n)
 
     # -- training -------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, batches: Iterable[Any], steps: int, procedures: Sequence[Any],
@@ -155,14 +160,18 @@ class TrainRun:
         a = self.args
         inputs = inputs or f"max length {a.max_length}"
         lr = f"lr {a.lr:g}" + (f", head lr {a.head_lr:g}" if getattr(a, "head_lr", None) is not None else "")
-        print(f"training {steps} steps × batch {a.batch_size}{_processes(self.world_size)} ({lr}, {inputs}, "
-              f"{torch.get_num_threads()} threads)", flush=True)
+        accum = getattr(a, "grad_accum", 1)
+        print(f"training {steps} steps × batch {a.batch_size}" + (f" × {accum} accumulated" if accum > 1 else "")
+              + f"{_processes(self.world_size)} ({lr}, {inputs}, on {self.device}"
+              + (f" in {a.precision}" if a.precision != "fp32" else "")
+              + f", {torch.get_num_threads()} threads)", flush=True)
         self._ckpt = checkpointing(a, self.output)
         optimizer = None
         if getattr(a, "head_lr", None) is not None:  # the fresh task head at its own learning rate
             optimizer = torch.optim.AdamW(head_param_groups(model, a.lr, a.head_lr), lr=a.lr)
         r = self.result = train(model, batches, steps=steps, lr=a.lr, warmup=a.warmup, procedures=procedures,
-                                optimizer=optimizer, progress=not a.no_progress, **self._ckpt)
+                                optimizer=optimizer, progress=not a.no_progress, precision=a.precision,
+                                grad_accum=accum, **self._ckpt)
         print(f"trained {r.steps} steps ({r.examples:,} {unit}) in {r.seconds:.1f} s — {r.throughput:.1f} {unit}/s, "
               f"final loss {r.final_loss:.4f}" + (f", peak memory +{r.peak_mib:.0f} MiB" if r.peak_mib is not None
                                                    else ""))
@@ -227,12 +236,15 @@ def eval_model_dir(info: dict[str, Any], default: Callable[[], Path]) -> Path:
     return resolve_model_dir(model_dir)
 
 
-def load_for_eval(model: nn.Module, adapter: Path, rank: int | None, what: str) -> str:
+def load_for_eval(model: nn.Module, adapter: Path, rank: int | None, what: str, device: Any = None) -> str:
     """Load the adapter saved in ``adapter`` into ``model`` (``peftkit eval``), at rank ``rank`` when given (methods
-    trained for every rank, e.g. DyLoRA); returns ``what`` (the evaluated data's description) saying so."""
+    trained for every rank, e.g. DyLoRA), then move it to ``device`` when given; returns ``what`` (the evaluated
+    data's description) saying so."""
     import peftkit
 
     peftkit.load(model, adapter)
+    if device is not None:
+        model.to(device)
     if rank is not None:
         peftkit.set_rank(model, rank)
         what += f", at rank {rank}"

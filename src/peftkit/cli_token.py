@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import _model_label, _read_train_info, _set_threads, reproduction_verdict
+from .cli import _model_label, _other_device, _read_train_info, _set_threads, eval_device, reproduction_verdict
 from .core.errors import PeftkitError
 
 TASK = "token-classification"
@@ -123,6 +123,7 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
 
     model_dir = eval_model_dir(info, default_model_dir)
     names = list(info["label_names"])
+    device = eval_device(args)
     _set_threads(args.threads if args.threads is not None else info.get("threads"))
     if args.data is not None:
         data = load_token_data(args.data, names)
@@ -138,7 +139,7 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_token_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                              quantize=info.get("quantize"))
-    what = load_for_eval(model, adapter, args.rank, what)
+    what = load_for_eval(model, adapter, args.rank, what, device)
     aligned = align(tokenizer, [data.words[i] for i in idx], None, int(info["max_length"]))
     scores = evaluate_tags(model, tokenizer, aligned, [data.tag_names(i) for i in idx], names,
                            int(info.get("eval_batch_size", TOKEN_DEFAULTS["eval_batch_size"])))
@@ -150,9 +151,10 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
             verdict = "DIFFERENT (the data file changed since training)"
         elif all(rec.get(k) == now[k] for k in _COUNTS):
             verdict = "reproduced"
-        elif info.get("quantize") and reproduction_verdict(int(rec["correct_tokens"]), now["correct_tokens"],
-                                                           now["tokens"], quantized=True) != "DIFFERENT":
-            verdict = "reproduced within float rounding of the quantised base (a few tags differ)"
+        elif (info.get("quantize") or _other_device(info, device)) and reproduction_verdict(
+                int(rec["correct_tokens"]), now["correct_tokens"], now["tokens"], quantized=True) != "DIFFERENT":
+            what = "the quantised base" if info.get("quantize") else "another device"
+            verdict = f"reproduced within float rounding of {what} (a few tags differ)"
         else:
             verdict = "DIFFERENT"
         print(f"recorded after training: entity F1 {rec['f1']:.4f}, token accuracy {rec['token_accuracy']:.4f} — "

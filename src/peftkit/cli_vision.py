@@ -15,7 +15,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import TRAIN_INFO, _acc_line, _read_train_info, _set_threads, reproduction_verdict
+from .cli import (
+    TRAIN_INFO,
+    _acc_line,
+    _other_device,
+    _read_train_info,
+    _set_threads,
+    eval_device,
+    reproduction_verdict,
+)
 from .core.errors import PeftkitError
 
 TASK = "image-classification"
@@ -122,6 +130,7 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
     info = _read_train_info(adapter)
     if "image_size" not in info:
         raise PeftkitError(f"{adapter / TRAIN_INFO} lacks ['image_size']")
+    device = eval_device(args)
     _set_threads(args.threads if args.threads is not None else info.get("threads"))
     from .data.images import ImageBatches, load_image_data
     from .data.text import split_indices
@@ -144,13 +153,14 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
 
     torch.manual_seed(int(info["seed"]))
     model = build_backbone(model_name, len(names))
-    what = load_for_eval(model, adapter, args.rank, what)
+    what = load_for_eval(model, adapter, args.rank, what, device)
     batches = ImageBatches(subset, int(info.get("eval_batch_size", IMG_DEFAULTS["eval_batch_size"])),
                            int(info["image_size"]), shuffle=False)
     acc = accuracy(model, batches)
     print(f"accuracy: {_acc_line(acc)} on {what}")
     if args.data is None and args.rank is None and "correct_after" in info:
         rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        print(f"recorded after training: {_acc_line(rec)} — "
-              f"{reproduction_verdict(rec[1], acc[1], rec[2], quantized=False)}")
+        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=False,
+                                       other_device=_other_device(info, device))
+        print(f"recorded after training: {_acc_line(rec)} — {verdict}")
     return 0

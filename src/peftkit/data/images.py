@@ -233,8 +233,8 @@ def preprocess(images: torch.Tensor, size: int, mean: Sequence[float] = LITE_MEA
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
 
 

@@ -90,7 +90,7 @@ class DyLoRASampler(Procedure):
     def __init__(self, model: nn.Module | None = None, config: AdapterConfig | None = None, seed: int = 0) -> None:
         self.config = config
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.step = 0  # samples drawn so far
         self.rank: int | None = None  # the last sampled b
 

@@ -242,7 +242,8 @@ class Loca(Adapter):
             self.shared.buffer(f"dct_{d}", lambda d=d: dct_matrix(d, dt, dev), persistent=False)
         self.n, self.alpha = config.n, config.alpha
         self.loca_a = nn.Parameter(torch.zeros(config.n, device=dev, dtype=dt))
-        self.loca_l = nn.Parameter(torch.rand(2, config.n, device=dev).to(dt))
+        # drawn on the CPU (then moved): after the same torch.manual_seed, the same locations on every device
+        self.loca_l = nn.Parameter(torch.rand(2, config.n, dtype=torch.float32, device="cpu").to(dev, dt))
         self.register_buffer("loca_shape", torch.tensor([d_out, d_in], device=dev))
         self.dropout = make_dropout(config.dropout)
 

@@ -34,7 +34,8 @@ from peftkit.core.registry import register
 @dataclass
 class MosConfig(AdapterConfig):
     """MoS. ``r``: active rank per layer; ``r_e``: equivalent (trainable) rank; ``r_p``: private rank;
-    ``l``: shards per vector (must divide d_in and d_out); ``alpha``: scale α/r; ``seed``: routing seed."""
+    ``l``: shards per vector (must divide d_in and d_out); ``alpha``: scale α/r; ``seed``: seed of the routing
+    and of the down-projection pool's init (drawn on the CPU: the same on every device)."""
 
     r: int = 8
     r_e: int = 4
@@ -55,6 +56,18 @@ class MosConfig(AdapterConfig):
 def _group(path: str, host: Host) -> str:
     """Module type = leaf name + shape; pools are shared within a group."""
     return f"{path.rsplit('.', 1)[-1]}_{host.d_in}x{host.d_out}".replace("-", "_")
+
+
+def _seed(seed: int, name: str) -> int:
+    """A process- and device-independent seed for one module's (or pool's) draw."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _pool_a(seed: int, group: str, n: int, width: int, bound: float, device: torch.device) -> torch.Tensor:
+    """The down-projection shard pool U(±bound), drawn in fp32 on the CPU from a generator seeded by ``seed`` and the
+    pool's name (the global RNG is untouched): the same seed gives the same pool on every device."""
+    g = torch.Generator(device="cpu").manual_seed(_seed(seed, f"pool_a_{group}"))
+    return torch.empty(n, width, dtype=torch.float32).uniform_(-bound, bound, generator=g).to(device)
 
 
 @register(
@@ -91,13 +104,11 @@ class Mos(LowRankUpdate, Adapter):
         bound = 1.0 / math.sqrt(host.d_in)
         # the pools live once in the shared store; layers keep only their names (no per-layer registration)
         self.keys = (f"pool_a_{group}", f"pool_b_{group}")
-        self.shared.parameter(
-            self.keys[0], lambda: torch.empty(n_shards, host.d_in // l, device=dev).uniform_(-bound, bound)
-        )
+        self.shared.parameter(self.keys[0], lambda: _pool_a(config.seed, group, n_shards, host.d_in // l, bound, dev))
         self.shared.parameter(self.keys[1], lambda: torch.zeros(host.d_out // l, n_shards, device=dev))
         n_pub = (config.r_e - config.r_p) * L * l
         private = torch.arange(n_pub + j * config.r_p * l, n_pub + (j + 1) * config.r_p * l)
-        g = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(path.encode()))
+        g = torch.Generator(device="cpu").manual_seed(_seed(config.seed, path))
         k = (config.r - config.r_p) * l
         idx_a = torch.cat([torch.randperm(n_pub, generator=g)[:k], private])
         idx_b = torch.cat([torch.randperm(n_pub, generator=g)[:k], private])

@@ -130,7 +130,7 @@ class Paca(Adapter):
                 f"d_in = {host.d_in}; it needs r <= d_in"
             )
         self.r, self.s = config.r, config.scaling
-        g = torch.Generator().manual_seed(column_seed(config.seed, host.name))
+        g = torch.Generator(device="cpu").manual_seed(column_seed(config.seed, host.name))  # same on any device
         w = host.weight_2d().detach()
         idx = torch.randperm(host.d_in, generator=g)[: config.r].to(w.device)
         self.register_buffer("idx", idx)

@@ -106,18 +106,19 @@ class Polyhistor(Adapter):
         w = host.weight
         dev, dt = w.device, (w.dtype if w.is_floating_point() else torch.float32)
         store = self.shared
-        store.parameter("task_embedding", lambda: torch.randn(config.num_tasks, config.embed_dim, device=dev, dtype=dt))
+        # random inits are drawn on the CPU, then moved: after the same torch.manual_seed, the same on every device
+        store.parameter("task_embedding", lambda: torch.randn(config.num_tasks, config.embed_dim).to(dev, dt))
         for key, (n_out, n_in) in _hyper_shapes(config, d0).items():
             if f"{key}_weight" in store._parameters:  # built by the first layer
                 continue
-            hyper = nn.Linear(n_in, n_out, device=dev, dtype=dt)  # nn.Linear's init
+            hyper = nn.Linear(n_in, n_out).to(dev, dt)  # nn.Linear's init
             if key == "hu_b":  # the up template starts at 0: the adapter starts at the base model
                 nn.init.zeros_(hyper.weight)
                 nn.init.zeros_(hyper.bias)
             store.parameter(f"{key}_weight", hyper.weight.detach)
             store.parameter(f"{key}_bias", hyper.bias.detach)
         if config.layer_embedding:
-            self.layer_embedding = nn.Parameter(torch.randn(config.embed_dim, device=dev, dtype=dt))
+            self.layer_embedding = nn.Parameter(torch.randn(config.embed_dim).to(dev, dt))
         self.scale_down = nn.Parameter(torch.ones(self.a, self.a, device=dev, dtype=dt))
         self.scale_up = nn.Parameter(torch.ones(self.a, self.a, device=dev, dtype=dt))
         self.act = F.gelu if config.activation == "gelu" else F.relu

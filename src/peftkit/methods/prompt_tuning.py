@@ -121,7 +121,7 @@ class PromptTuning(ml.ModelAdapter):
     def _init(self, weight: torch.Tensor, config: PromptTuningConfig) -> torch.Tensor:
         vocab, d = weight.shape
         if config.init == "random":
-            return torch.empty(self.n, d, dtype=torch.float32, device=weight.device).uniform_(-0.5, 0.5)
+            return torch.empty(self.n, d, dtype=torch.float32).uniform_(-0.5, 0.5).to(weight.device)  # CPU draw
         if config.init == "vocab":
             pool = min(VOCAB_POOL, vocab)
             ids = torch.randperm(pool)[:self.n] if self.n <= pool else torch.randint(0, pool, (self.n,))

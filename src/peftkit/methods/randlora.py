@@ -57,23 +57,25 @@ def _dims(host: Host) -> tuple[int, int]:
 
 
 def make_bases(cfg: RandLoraConfig, big: int, small: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared bases: A (r, small) and B (N_max, big, r), from one seeded generator, each divided by its std."""
+    """The shared bases: A (r, small) and B (N_max, big, r), from one seeded generator, each divided by its std.
+    Drawn in fp32 on the CPU with a generator of their own (the global RNG is untouched), so that the same
+    ``projection_seed`` gives the same bases whatever the device and dtype of the model; the caller moves them."""
     r = cfg.r
     n = math.ceil(small / r)
-    g = torch.Generator().manual_seed(cfg.projection_seed)
+    g = torch.Generator(device="cpu").manual_seed(cfg.projection_seed)
     if cfg.sparse or cfg.very_sparse:
         s = math.sqrt(small) if cfg.very_sparse else 3.0
 
         def draw(*shape: int) -> torch.Tensor:
-            u = torch.rand(*shape, generator=g)
-            t = torch.zeros(*shape)
+            u = torch.rand(*shape, generator=g, dtype=torch.float32, device="cpu")
+            t = torch.zeros(*shape, dtype=torch.float32, device="cpu")
             t[u < 1 / (2 * s)] = -1.0
             t[u > 1 - 1 / (2 * s)] = 1.0
             return t
     else:
 
         def draw(*shape: int) -> torch.Tensor:
-            t = torch.empty(*shape)
+            t = torch.empty(*shape, dtype=torch.float32, device="cpu")
             bound = 1.0 / math.sqrt(shape[-1])  # kaiming_uniform(a=√5) on a (rows, fan_in) matrix
             return t.uniform_(-bound, bound, generator=g)
 
@@ -110,11 +112,12 @@ class RandLora(DenseUpdate, Adapter):
         big_all = max(_dims(h)[0] for _, h in context.targets)
         small_all = max(_dims(h)[1] for _, h in context.targets)
         store = context.shared
-        if "A" not in store._buffers:
+        if "A" not in store._buffers:  # drawn on the CPU (same bases on every device), then moved to the host's
             a, b = make_bases(config, big_all, small_all)
-            store.buffer("A", lambda: a, persistent=False)
-            store.buffer("B", lambda: b, persistent=False)
-            store.buffer("checksum", lambda: checksum(a, b))
+            dev = host.weight.device
+            store.buffer("A", lambda: a.to(dev), persistent=False)
+            store.buffer("B", lambda: b.to(dev), persistent=False)
+            store.buffer("checksum", lambda: checksum(a, b).to(dev))
         self.big, self.small = _dims(host)
         self.n = math.ceil(self.small / config.r)
         self.r = config.r
@@ -165,7 +168,7 @@ class RandLora(DenseUpdate, Adapter):
         if "shared_store" not in self._modules:  # only the owner of the shared store checks it
             return
         a, b = make_bases(self.config, self.shared.B.shape[1], self.shared.A.shape[1])
-        if not torch.allclose(checksum(a, b), self.shared.checksum, rtol=1e-9, atol=1e-6):
+        if not torch.allclose(checksum(a, b), self.shared.checksum.cpu(), rtol=1e-9, atol=1e-6):
             raise PeftkitError(
                 f"tensor 'adapter.{self.host.name}.shared_store.checksum' does not match the RandLoRA bases "
                 "regenerated from projection_seed (another base model, target sizes or seed); refusing to load"

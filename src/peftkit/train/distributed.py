@@ -22,7 +22,8 @@ own averages their gradients with :func:`sync_gradients` too (DiffoRA's selectio
 Dropout draws different masks in different processes (each has its own RNG stream); with dropout > 0 the N-process
 run is a valid data-parallel run but not bit-comparable to the 1-process one.
 
-The backend is ``gloo`` (CPU; the models ``peftkit train`` loads stay on the CPU).
+The backend follows the device (:func:`backend_for`): ``nccl`` when the processes train on CUDA — each on
+``cuda:LOCAL_RANK``, one GPU per process (``peftkit train --device cuda|auto``) — and ``gloo`` otherwise (CPU, MPS).
 """
 
 from __future__ import annotations
@@ -44,16 +45,36 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_env(backend: str | None = None) -> tuple[int, int]:
+def backend_for(device: torch.device | str) -> str:
+    """The process-group backend for training on ``device``: ``nccl`` for CUDA, ``gloo`` for everything else."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` set by ``torchrun`` (1 in a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def local_rank() -> int | None:
+    """``LOCAL_RANK`` under ``torchrun`` (this process's index on its node), None in a plain process."""
+    if env_world_size() <= 1:
+        return None
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def init_from_env(backend: str | None = None, device: torch.device | str | None = None) -> tuple[int, int]:
     """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment); returns
-    ``(rank, size)``. A no-op in a plain process."""
-    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    ``(rank, size)``. A no-op in a plain process. The backend is ``backend``, else :func:`backend_for` ``device``
+    (gloo when no device is given); on a CUDA device this process's current GPU is set first."""
+    size = env_world_size()
     if size <= 1:
         return 0, 1
     if not dist.is_available():
         raise PeftkitError("this torch build has no torch.distributed; run without torchrun")
     if not dist.is_initialized():
-        dist.init_process_group(backend or "gloo")
+        if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend or (backend_for(device) if device is not None else "gloo"))
     return world()
 
 
