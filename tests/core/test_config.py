@@ -13,9 +13,9 @@ from peftkit.core.registry import config_from_dict
 
 def test_unknown_field_lists_the_valid_fields() -> None:
     with pytest.raises(peftkit.PeftkitError) as e:
-        peftkit.config("lora", target_modules=["q"], rank=4, lora_alpha=8)
+        peftkit.config("lora", target_modules=["q"], rank=4, lora_alpha=8, bogus=1)  # lora_alpha: PEFT's name
     msg = str(e.value)
-    assert "LoraConfig has no field(s) ['lora_alpha', 'rank']" in msg
+    assert "LoraConfig has no field(s) ['bogus', 'rank']" in msg
     assert "valid fields:" in msg
     for name in ("alpha", "dropout", "r", "rslora", "target_modules", "init"):
         assert name in msg.split("valid fields:")[1]
