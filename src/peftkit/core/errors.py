@@ -6,7 +6,7 @@ class PeftkitError(ValueError):
 
 
 def did_you_mean(word: str, choices: object) -> str:
-    """``"; did you mean 'x'?"`` naming the closest of ``choices`` to ``word`` (difflib), or ``""`` when none is
+    """``" (did you mean 'x'?)"`` naming the closest of ``choices`` to ``word`` (difflib), or ``""`` when none is
     close. Shared by every "unknown name" error: config fields, method names, target keywords."""
     import difflib
 
@@ -16,4 +16,4 @@ def did_you_mean(word: str, choices: object) -> str:
         norm = {n.lower().replace("-", "_"): n for n in names}
         hit = norm.get(word.lower().replace("-", "_"))
         close = [hit] if hit else []
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -54,6 +54,27 @@ def inert(default: Any = ANY, instead: str = "") -> PeftName:
     return PeftName(None, None, default, instead)
 
 
+def or_default(field: str, convert: Callable[[Any], Any] | None = None) -> PeftName:
+    """An alias where PEFT's None means "PEFT picks" (e.g. targets from its per-architecture tables): None leaves
+    peftkit's default."""
+    return alias(field, lambda v: DROP if v is None else (convert(v) if convert else v))
+
+
+def submodules(v: Any, _: Mapping[str, Any]) -> Any:
+    """``num_transformer_submodules``: PEFT sets 2 for encoder-decoder models, which peftkit's prompt methods refuse."""
+    if v in (None, 1):
+        return DROP
+    raise PeftkitError(f"field num_transformer_submodules={v!r} is not supported: peftkit's prompt methods adapt "
+                       "decoder-only and encoder-only models (one transformer stack)")
+
+
+#: prompt-learning fields PEFT fills from the model's config; peftkit reads them from the model itself
+FROM_MODEL: dict[str, PeftName] = {
+    "token_dim": inert(), "num_attention_heads": inert(), "num_layers": inert(),
+    "num_transformer_submodules": PeftName("num_transformer_submodules", submodules),
+}
+
+
 def plain(v: Any) -> Any:
     """PEFT's value in JSON terms: enums → their value, dataclasses → dicts, sets → sorted lists."""
     if isinstance(v, enum.Enum):
@@ -156,7 +177,7 @@ def translate(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         also = f" and Hugging Face PEFT's {cls.peft_type} field names" if getattr(cls, "peft_type", None) else ""
         raise PeftkitError(f"{cls.__name__} has no field(s) {sorted(unknown)}{hint}; valid fields: "
                            f"{', '.join(sorted(native))}{also}")
-    if method is not None and method != cls.method:
+    if method is not None and method != getattr(cls, "method", None):
         from .registry import get
 
         return get(method).config, out
