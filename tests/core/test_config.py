@@ -83,7 +83,8 @@ def test_json_round_trip_and_coercion() -> None:
 def test_config_dicts_without_or_with_unknown_method() -> None:
     with pytest.raises(peftkit.PeftkitError, match="no 'method' field"):
         config_from_dict({"r": 4})
-    with pytest.raises(peftkit.PeftkitError, match="unknown method 'lorax'; registered methods: .*lora"):
+    with pytest.raises(peftkit.PeftkitError,
+                       match=r"unknown method 'lorax' \(did you mean 'lora'\?\); registered methods: .*lora"):
         config_from_dict({"method": "lorax"})
 
 

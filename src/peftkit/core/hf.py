@@ -43,7 +43,6 @@ from .peft_names import (
     INIT_TO_PEFT,
     LORA_UNSUPPORTED,
     overrides_to_patterns,
-    patterns_to_overrides,
     plain_number,
 )
 
@@ -117,20 +116,13 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
             f"save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
     # the weights come from the file, so the init only matters if training continues; eva/orthogonal -> kaiming
-    init = "gaussian" if isinstance(init_hf, str) and init_hf.lower() == "gaussian" else "kaiming"
+    init = "gaussian" if isinstance(init_hf, str) and init_hf.lower() == "gaussian" else True
     bias = hf.get("bias", "none")
     if bias not in BIAS_IN:
         raise PeftkitError(f"Hugging Face PEFT option bias={bias!r} is not one of {sorted(BIAS_IN)}")
-    fields = {
-        "r": hf.get("r", 8),
-        "alpha": hf.get("lora_alpha", 8),
-        "rslora": bool(hf.get("use_rslora", False)),
-        "init": init,
-        "dropout": hf.get("lora_dropout", 0.0) or 0.0,
-        "bias": BIAS_IN[bias],
-        "modules_to_save": hf.get("modules_to_save") or None,
-        "overrides": patterns_to_overrides(hf.get("rank_pattern") or {}, hf.get("alpha_pattern") or {}),
-    }
+    # names and values translated by the config constructor, as for peftkit.config("lora", lora_alpha=..., ...)
+    fields = {k: hf[k] for k in _LORA_USED if hf.get(k) is not None}
+    fields.update(init_lora_weights=init, modules_to_save=hf.get("modules_to_save") or None)
     return config_cls.from_dict(fields)
 
 
