@@ -227,6 +227,13 @@ def test_unsupported_peft_options_are_refused_by_name(method: str, fields: dict[
     assert fragment in str(e.value)
 
 
+def test_peft_names_are_not_inherited_by_other_methods() -> None:
+    """ExPLoRA's config subclasses LoRA's but is not PEFT's LoRA: use_dora must not turn it into DoRA (or LoRA)."""
+    with pytest.raises(PeftkitError, match=r"ExploraConfig has no field\(s\) \['use_dora'\]"):
+        peftkit.config("explora", target_modules=["q"], use_dora=False)
+    assert peftkit.from_peft_config(peft.LoraConfig(target_modules=["q"])).method == "lora"
+
+
 def test_peft_defaults_of_unsupported_options_are_accepted() -> None:
     """A full ``to_dict()`` of a default PEFT LoraConfig carries every option at its default: all accepted."""
     d = peft.LoraConfig(target_modules=["q"]).to_dict()

@@ -108,7 +108,8 @@ class AdapterConfig(metaclass=_ConfigType):
     QA task adds the model's head to ``modules_to_save`` (see :data:`TASK_HEADS`).
 
     ``peft_type`` / ``peft_names``: the Hugging Face PEFT config this class mirrors and how its field names read
-    here (:mod:`peftkit.core.peft_names`); empty for methods PEFT does not have.
+    here (:mod:`peftkit.core.peft_names`); empty for methods PEFT does not have. Declared per class, not inherited
+    (a config subclassing LoRA's is another method).
     """
 
     method: ClassVar[str] = ""

@@ -127,13 +127,19 @@ COMMON: dict[str, PeftName] = {
 }
 
 
+def mirrored(cls: Any) -> tuple[str | None, dict[str, PeftName]]:
+    """(PEFT type, PEFT field table) that config class ``cls`` itself declares. Not inherited: a method whose config
+    subclasses LoRA's (e.g. ExPLoRA) is not PEFT's LoRA, and ``use_dora`` must not turn it into DoRA."""
+    return cls.__dict__.get("peft_type"), cls.__dict__.get("peft_names") or {}
+
+
 def translate(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(config class to build, its keywords) for constructor keywords spelled the peftkit or the PEFT way.
 
     Raises :class:`PeftkitError` naming an unknown field (with a "did you mean"), a PEFT field peftkit cannot honour
     (with what to use instead), or two spellings of one field that disagree."""
-    own = getattr(cls, "peft_names", None) or {}
-    table = {**COMMON, **own} if getattr(cls, "peft_type", None) else dict(own)
+    ptype, own = mirrored(cls)
+    table = {**COMMON, **own} if ptype else dict(own)
     native = {f.name for f in dataclasses.fields(cls) if f.init}
     if not table and set(kwargs) <= native:
         return cls, kwargs
@@ -143,9 +149,9 @@ def translate(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     method: str | None = None
     unknown: list[str] = []
     for k, v in kwargs.items():
-        if k == "peft_type" and getattr(cls, "peft_type", None):
-            if v is not None and plain(v) != cls.peft_type:
-                raise PeftkitError(f"peft_type={plain(v)!r} is not {cls.__name__}'s {cls.peft_type!r}; build "
+        if k == "peft_type" and ptype:
+            if v is not None and plain(v) != ptype:
+                raise PeftkitError(f"peft_type={plain(v)!r} is not {cls.__name__}'s {ptype!r}; build "
                                    f"configs of other Hugging Face PEFT methods with peftkit.from_peft_config(...)")
             continue
         entry = table.get(k)
@@ -174,7 +180,7 @@ def translate(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         out[entry.field], source[entry.field] = val, k
     if unknown:
         hint = did_you_mean(unknown[0], sorted(native | set(table)))
-        also = f" and Hugging Face PEFT's {cls.peft_type} field names" if getattr(cls, "peft_type", None) else ""
+        also = f" and Hugging Face PEFT's {ptype} field names" if ptype else ""
         raise PeftkitError(f"{cls.__name__} has no field(s) {sorted(unknown)}{hint}; valid fields: "
                            f"{', '.join(sorted(native))}{also}")
     if method is not None and method != getattr(cls, "method", None):

@@ -141,9 +141,11 @@ def from_peft_config(peft_config: Any) -> AdapterConfig:
     data = dict(peft_config.to_dict() if hasattr(peft_config, "to_dict") else peft_config)
     ptype = data.get("peft_type")
     ptype = getattr(ptype, "value", ptype)
-    found = [i for i in all_methods() if i.config.peft_type is not None and i.config.peft_type == ptype]
+    from .peft_names import mirrored
+
+    found = [i for i in all_methods() if mirrored(i.config)[0] == ptype and ptype is not None]
     if not found:
-        known = sorted({i.config.peft_type for i in all_methods() if i.config.peft_type})
+        known = sorted({t for i in all_methods() if (t := mirrored(i.config)[0])})
         raise PeftkitError(f"Hugging Face PEFT type {ptype!r} has no peftkit counterpart here"
                            f"{did_you_mean(str(ptype), known)}; peftkit reads the configs of: {', '.join(known)}")
     # several methods mirror one PEFT type (LORA: lora, dora): the one named like it, which switches as PEFT does
