@@ -6,6 +6,10 @@
     ...train...
     peftkit.save(model, "my-adapter")      # adapter_config.json + adapter_model.safetensors
     peftkit.load(fresh_model, "my-adapter")
+
+Hugging Face PEFT names work too: ``peftkit.LoraConfig(r=8, lora_alpha=16, target_modules=["q"], lora_dropout=0.05)``,
+``peftkit.config("lora", **peft_config.to_dict())``, ``peftkit.from_peft_config(peft_config)`` (see
+:mod:`peftkit.core.peft_names`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .core.model import (
     unmerge,
 )
 from .core.procedure import Procedure
-from .core.registry import all_methods
+from .core.registry import all_methods, from_peft_config
 from .core.registry import get as get_method
 
 __version__ = "0.1.0"
@@ -60,8 +64,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdapterConfig", "PeftkitError", "Procedure", "active_adapters", "adapt", "adapted_layers", "adapter_names",
-    "adapter_state_dict", "all_methods", "combine", "condition", "config", "delete", "disable", "get_config",
-    "get_method", "hotswap", "load",
+    "adapter_state_dict", "all_methods", "combine", "condition", "config", "delete", "disable",
+    "from_peft_config", "get_config", "get_method", "hotswap", "load",
     "merge", "merge_and_unload", "mixed_batch", "save", "set_active", "set_rank", "summary", "trainable_parameters",
     "unload",
     "unfused", "unmerge",

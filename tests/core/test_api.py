@@ -27,7 +27,8 @@ def _unchanged(model: nn.Module, snap: tuple) -> bool:
 
 
 def test_unknown_method_lists_registered_ones() -> None:
-    with pytest.raises(peftkit.PeftkitError, match=r"unknown method 'loraa'; registered methods: .*dora.*lora"):
+    with pytest.raises(peftkit.PeftkitError,
+                       match=r"unknown method 'loraa' \(did you mean 'lora'\?\); registered methods: .*dora.*lora"):
         peftkit.config("loraa", target_modules=["fc1"])
 
 

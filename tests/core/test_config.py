@@ -13,9 +13,9 @@ from peftkit.core.registry import config_from_dict
 
 def test_unknown_field_lists_the_valid_fields() -> None:
     with pytest.raises(peftkit.PeftkitError) as e:
-        peftkit.config("lora", target_modules=["q"], rank=4, lora_alpha=8)
+        peftkit.config("lora", target_modules=["q"], rank=4, lora_alpha=8, bogus=1)  # lora_alpha: PEFT's name
     msg = str(e.value)
-    assert "LoraConfig has no field(s) ['lora_alpha', 'rank']" in msg
+    assert "LoraConfig has no field(s) ['bogus', 'rank']" in msg
     assert "valid fields:" in msg
     for name in ("alpha", "dropout", "r", "rslora", "target_modules", "init"):
         assert name in msg.split("valid fields:")[1]
@@ -83,7 +83,8 @@ def test_json_round_trip_and_coercion() -> None:
 def test_config_dicts_without_or_with_unknown_method() -> None:
     with pytest.raises(peftkit.PeftkitError, match="no 'method' field"):
         config_from_dict({"r": 4})
-    with pytest.raises(peftkit.PeftkitError, match="unknown method 'lorax'; registered methods: .*lora"):
+    with pytest.raises(peftkit.PeftkitError,
+                       match=r"unknown method 'lorax' \(did you mean 'lora'\?\); registered methods: .*lora"):
         config_from_dict({"method": "lorax"})
 
 

@@ -1,7 +1,17 @@
 """Base adapter config: targeting, dropout, bias, per-module overrides, (de)serialisation with validation.
 
-Every method's config is a dataclass that inherits :class:`AdapterConfig`. ``from_dict`` rejects unknown fields
-(listing the valid ones) and wrong types (naming the field), so configs read from JSON or the CLI fail loudly.
+Every method's config is a dataclass that inherits :class:`AdapterConfig`. Constructing one (directly or with
+``from_dict``) rejects unknown fields (with a "did you mean" and the valid ones) and wrong types (naming the
+field), so configs read from JSON or the CLI fail loudly.
+
+Hugging Face PEFT names: the config classes of the methods PEFT also has keep PEFT's class names
+(``peftkit.LoraConfig``, ``IA3Config``, ``PromptTuningConfig``, ...) and — so that a PEFT snippet runs with only its
+import changed — accept PEFT's field names and values too, in the constructor as in ``peftkit.config(name, ...)``:
+``LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="SEQ_CLS")`` is peftkit's
+``LoraConfig(r=8, alpha=16, dropout=0.05, task_type="SEQ_CLS")``. A class lists its PEFT fields in ``peft_names``
+(see :mod:`peftkit.core.peft_names`); the instance holds peftkit's fields only, so ``to_dict`` / saved files use
+peftkit's names. ``task_type`` is stored; ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS`` add the model's
+``classifier`` / ``score`` / ``qa_outputs`` head to ``modules_to_save`` when the model has one, as PEFT does.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
+from . import peft_names as _peft
 from .errors import PeftkitError
 
 
@@ -67,8 +78,23 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+class _ConfigType(type):
+    """Metaclass of every config: keywords spelled the Hugging Face PEFT way are translated (and unknown ones
+    refused with a "did you mean") before the dataclass constructor sees them; ``use_dora=True`` on LoRA's config
+    builds DoRA's. ``dataclasses.replace``, copies and pickles go through it unchanged."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        target, kwargs = _peft.translate(cls, kwargs)
+        return super(_ConfigType, target).__call__(*args, **kwargs)
+
+
+#: Hugging Face PEFT task types whose head PEFT trains with the adapter (``modules_to_save``), by module name
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
 @dataclass
-class AdapterConfig:
+class AdapterConfig(metaclass=_ConfigType):
     """Fields every method shares.
 
     Targeting (see :mod:`peftkit.core.targeting`): ``target_modules`` is a list of module names or name suffixes,
@@ -78,9 +104,17 @@ class AdapterConfig:
     train fully and are saved with the adapter. ``bias``: ``"none"``, ``"all"`` (every bias trains) or
     ``"adapter_only"`` (biases of adapted layers train). ``overrides`` maps a module-name pattern to field
     overrides for the modules it matches (``{"attn.q": {"r": 16}}``), Hugging Face PEFT ``rank_pattern`` style.
+    ``task_type``: Hugging Face PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...), stored; a classification /
+    QA task adds the model's head to ``modules_to_save`` (see :data:`TASK_HEADS`).
+
+    ``peft_type`` / ``peft_names``: the Hugging Face PEFT config this class mirrors and how its field names read
+    here (:mod:`peftkit.core.peft_names`); empty for methods PEFT does not have. Declared per class, not inherited
+    (a config subclassing LoRA's is another method).
     """
 
     method: ClassVar[str] = ""
+    peft_type: ClassVar[str | None] = None
+    peft_names: ClassVar[dict[str, _peft.PeftName]] = {}
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -91,6 +125,19 @@ class AdapterConfig:
     bias: Literal["none", "all", "adapter_only"] = "none"
     dropout: float = 0.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task_type: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a subclass's own resolve() runs after the task-head step below (so no method has to remember it)
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("resolve")
+        if own is not None and not getattr(own, "_with_task_heads", False):
+            def resolve(self: AdapterConfig, model: Any, _own: Any = own) -> AdapterConfig:
+                return _own(AdapterConfig.resolve(self, model), model)
+
+            resolve._with_task_heads = True  # type: ignore[attr-defined]
+            resolve.__doc__ = own.__doc__
+            cls.resolve = resolve  # type: ignore[method-assign]
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -132,8 +179,14 @@ class AdapterConfig:
     def resolve(self, model: Any) -> AdapterConfig:
         """This config made concrete for ``model`` (an ``nn.Module``). Configs with fields that depend on the model's
         structure (e.g. "the last block") return a copy where they are explicit module names; the core calls this
-        before targeting, on adapt and on load, and keeps the result. Must be idempotent and leave the model alone."""
-        return self
+        before targeting, on adapt and on load, and keeps the result. Must be idempotent and leave the model alone.
+
+        Here: a ``task_type`` of :data:`TASK_HEADS` adds the heads the model has to ``modules_to_save``."""
+        heads = TASK_HEADS.get(self.task_type or "", ())
+        have = list(self.modules_to_save or [])
+        names = [n for n, _ in model.named_modules()] if heads else []
+        add = [h for h in heads if h not in have and any(n == h or n.endswith("." + h) for n in names)]
+        return dataclasses.replace(self, modules_to_save=have + add) if add else self
 
     # -- per-module view ----------------------------------------------------------------------------
     def for_module(self, module_name: str) -> AdapterConfig:
@@ -154,12 +207,6 @@ class AdapterConfig:
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
         data.pop("method", None)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise PeftkitError(
-                f"{cls.__name__} has no field(s) {unknown}; valid fields: {', '.join(sorted(valid))}"
-            )
         try:
             return cls(**data)
         except TypeError as e:  # pragma: no cover - dataclass signature problems

@@ -16,7 +16,8 @@ Nothing touches the model here: :func:`peftkit.core.model.load` plans and checks
 before installing them. Writing (:func:`export_adapter`) is the inverse, atomic through :mod:`peftkit.core.io`.
 
 The shared Hugging Face ``LORA`` config (r, lora_alpha, use_rslora, rank/alpha patterns, the options peftkit
-cannot reproduce) is translated once here, for every low-rank method that reads or writes that format.
+cannot reproduce) is translated here for every low-rank method that reads or writes that format, with the tables of
+:mod:`.peft_names` that the config constructors also use.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import Host, host_kind
 from .model_level import CONTAINER
+from .peft_names import (
+    BASE_CHANGING_INITS,
+    BIAS_IN,
+    BIAS_OUT,
+    INIT_TO_PEFT,
+    LORA_UNSUPPORTED,
+    overrides_to_patterns,
+    plain_number,
+)
 
 if TYPE_CHECKING:
     from .registry import MethodInfo
@@ -74,69 +84,10 @@ _LORA_USED = frozenset({
     "r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "modules_to_save", "init_lora_weights",
     "rank_pattern", "alpha_pattern",
 })
-#: options that change the function the adapter computes and that peftkit does not reproduce
-_LORA_UNSUPPORTED = {
-    "lora_bias": "a trainable bias on lora_B",
-    "layer_replication": "duplicated transformer layers",
-    "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE expert weights)",
-    "trainable_token_indices": "trainable token embeddings",
-    "use_qalora": "QA-LoRA's pooled input",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
-    "use_bdlora": "block-diagonal LoRA",
-    "arrow_config": "Arrow routing",
-    "kasa_config": "KaSA",
-    "megatron_config": "Megatron parallel layers",
-    "ensure_weight_tying": "adapters tied across tied embedding / head layers",
-}
-#: init_lora_weights values that make PEFT rewrite the base weight (or swap in a LoRA variant) when it loads
-_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
-_BIAS_IN = {"none": "none", "all": "all", "lora_only": "adapter_only"}
-_BIAS_OUT = {v: k for k, v in _BIAS_IN.items()}
 
 
 def _is_unset(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, dict | list | tuple | str) and not value)
-
-
-def _patterns_to_overrides(rank: dict[str, int], alpha: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """HF ``rank_pattern`` / ``alpha_pattern`` -> our ``overrides``, same function of the module name.
-
-    HF takes the *first* pattern that matches (per field); ``AdapterConfig.for_module`` applies every match in
-    order, so the last one wins: reversing each dict gives the same choice. A pattern present in both dicts gets
-    an equivalent spelling ``(?:p)`` for its alpha entry so the two orders stay independent."""
-    out: dict[str, dict[str, Any]] = {}
-    for p, v in reversed(list(rank.items())):
-        out[p] = {"r": v}
-    for p, v in reversed(list(alpha.items())):
-        key = p
-        while key in out:
-            key = f"(?:{key})"
-        out[key] = {"alpha": v}
-    return out
-
-
-def _overrides_to_patterns(overrides: dict[str, dict[str, Any]]) -> tuple[dict[str, int], dict[str, float]]:
-    """Our ``overrides`` -> HF ``rank_pattern``, ``alpha_pattern`` (the inverse of :func:`_patterns_to_overrides`)."""
-    rank: dict[str, int] = {}
-    alpha: dict[str, float] = {}
-    for p, ov in reversed(list(overrides.items())):
-        bad = sorted(set(ov) - {"r", "alpha", "init"})
-        if bad:
-            raise PeftkitError(
-                f"cannot export to Hugging Face PEFT format: overrides[{p!r}] sets {bad}; Hugging Face PEFT can only "
-                f"vary r and alpha per module (rank_pattern / alpha_pattern)"
-            )
-        if "r" in ov:
-            rank[p] = ov["r"]
-        if "alpha" in ov:
-            alpha[p] = _plain_number(ov["alpha"])
-    return rank, alpha
-
-
-def _plain_number(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
 
 
 def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) -> AdapterConfig:
@@ -144,13 +95,13 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
 
     Raises :class:`PeftkitError` naming the option when the file uses one that changes the math and that peftkit
     does not reproduce, or an option this peftkit does not know."""
-    for key, what in _LORA_UNSUPPORTED.items():
+    for key, what in LORA_UNSUPPORTED.items():
         if not _is_unset(hf.get(key)):
             raise PeftkitError(
                 f"Hugging Face PEFT option {key}={hf[key]!r} ({what}) is not supported by peftkit; "
                 f"the adapter cannot be loaded without changing its outputs"
             )
-    unknown = sorted(k for k in hf if k not in _LORA_IGNORED | _LORA_USED | set(_LORA_UNSUPPORTED)
+    unknown = sorted(k for k in hf if k not in _LORA_IGNORED | _LORA_USED | set(LORA_UNSUPPORTED)
                      and not _is_unset(hf[k]))
     if unknown:
         raise PeftkitError(
@@ -158,46 +109,39 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
             f"changes the adapter's outputs, so it refuses to load the adapter"
         )
     init_hf = hf.get("init_lora_weights", True)
-    if isinstance(init_hf, str) and init_hf.lower().startswith(_BASE_CHANGING_INITS):
+    if isinstance(init_hf, str) and init_hf.lower().startswith(BASE_CHANGING_INITS):
         raise PeftkitError(
             f"Hugging Face PEFT option init_lora_weights={init_hf!r} rewrites the base weights when PEFT loads the "
             f"adapter; peftkit cannot load it as is — convert it to a plain LoRA adapter first (PEFT's "
             f"save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
     # the weights come from the file, so the init only matters if training continues; eva/orthogonal -> kaiming
-    init = "gaussian" if isinstance(init_hf, str) and init_hf.lower() == "gaussian" else "kaiming"
+    init = "gaussian" if isinstance(init_hf, str) and init_hf.lower() == "gaussian" else True
     bias = hf.get("bias", "none")
-    if bias not in _BIAS_IN:
-        raise PeftkitError(f"Hugging Face PEFT option bias={bias!r} is not one of {sorted(_BIAS_IN)}")
-    fields = {
-        "r": hf.get("r", 8),
-        "alpha": hf.get("lora_alpha", 8),
-        "rslora": bool(hf.get("use_rslora", False)),
-        "init": init,
-        "dropout": hf.get("lora_dropout", 0.0) or 0.0,
-        "bias": _BIAS_IN[bias],
-        "modules_to_save": hf.get("modules_to_save") or None,
-        "overrides": _patterns_to_overrides(hf.get("rank_pattern") or {}, hf.get("alpha_pattern") or {}),
-    }
+    if bias not in BIAS_IN:
+        raise PeftkitError(f"Hugging Face PEFT option bias={bias!r} is not one of {sorted(BIAS_IN)}")
+    # names and values translated by the config constructor, as for peftkit.config("lora", lora_alpha=..., ...)
+    fields = {k: hf[k] for k in _LORA_USED if hf.get(k) is not None}
+    fields.update(init_lora_weights=init, modules_to_save=hf.get("modules_to_save") or None)
     return config_cls.from_dict(fields)
 
 
 def lowrank_config_to_hf(config: Any, hosts: list[Host]) -> dict[str, Any]:
     """The Hugging Face ``LORA`` config fields of a low-rank config (r, alpha, rslora, init, dropout, bias and
     the per-module overrides as rank/alpha patterns). ``hosts``: the adapted layers (for ``fan_in_fan_out``)."""
-    if config.init not in ("kaiming", "gaussian"):
+    if config.init not in INIT_TO_PEFT:
         raise PeftkitError(
             f"cannot export to Hugging Face PEFT format: init={config.init!r} keeps the initial factors next to the "
             f"trained ones, which that format cannot hold; merge the adapter instead"
         )
-    rank, alpha = _overrides_to_patterns(config.overrides)
+    rank, alpha = overrides_to_patterns(config.overrides)
     return {
         "r": config.r,
-        "lora_alpha": _plain_number(config.alpha),
+        "lora_alpha": plain_number(config.alpha),
         "use_rslora": config.rslora,
-        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "init_lora_weights": INIT_TO_PEFT[config.init],
         "lora_dropout": config.dropout,
-        "bias": _BIAS_OUT[config.bias],
+        "bias": BIAS_OUT[config.bias],
         "rank_pattern": rank,
         "alpha_pattern": alpha,
         "fan_in_fan_out": bool(hosts) and all(h.kind == "gpt2_conv1d" for h in hosts),

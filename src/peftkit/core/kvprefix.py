@@ -41,7 +41,8 @@ class KVPrefixConfig(ml.ModelLevelConfig):
     def validate(self) -> None:
         super().validate()
         self.positive(f"{type(self).__name__}.num_virtual_tokens", self.num_virtual_tokens)
-        self.positive(f"{type(self).__name__}.encoder_hidden_size", self.encoder_hidden_size)
+        if self.encoder_hidden_size is not None:  # None: a subclass fills it from the model in resolve()
+            self.positive(f"{type(self).__name__}.encoder_hidden_size", self.encoder_hidden_size)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import PeftkitError
+from .errors import PeftkitError, did_you_mean
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -117,7 +117,8 @@ def _load_all() -> None:
 def get(name: str) -> MethodInfo:
     _load_all()
     if name not in _REGISTRY:
-        raise PeftkitError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}")
+        raise PeftkitError(f"unknown method {name!r}{did_you_mean(name, sorted(_REGISTRY))}; registered methods: "
+                           f"{', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -131,3 +132,23 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     if "method" not in data:
         raise PeftkitError("adapter config has no 'method' field")
     return get(data["method"]).config.from_dict(data)
+
+
+def from_peft_config(peft_config: Any) -> AdapterConfig:
+    """The peftkit config of a Hugging Face PEFT config object (or its ``to_dict()`` / ``adapter_config.json``
+    dict): the method whose config mirrors its ``peft_type`` (``LORA`` with ``use_dora`` gives DoRA), every field
+    translated as the config constructors do — fields peftkit cannot honour are refused by name."""
+    data = dict(peft_config.to_dict() if hasattr(peft_config, "to_dict") else peft_config)
+    ptype = data.get("peft_type")
+    ptype = getattr(ptype, "value", ptype)
+    from .peft_names import mirrored
+
+    found = [i for i in all_methods() if mirrored(i.config)[0] == ptype and ptype is not None]
+    if not found:
+        known = sorted({t for i in all_methods() if (t := mirrored(i.config)[0])})
+        raise PeftkitError(f"Hugging Face PEFT type {ptype!r} has no peftkit counterpart here"
+                           f"{did_you_mean(str(ptype), known)}; peftkit reads the configs of: {', '.join(known)}")
+    # several methods mirror one PEFT type (LORA: lora, dora): the one named like it, which switches as PEFT does
+    squash = str(ptype).lower().replace("_", "")
+    info = next((i for i in found if i.name.replace("_", "") == squash), found[0])
+    return info.config(**data)

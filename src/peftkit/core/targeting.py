@@ -20,7 +20,7 @@ import re
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import PeftkitError
+from .errors import PeftkitError, did_you_mean
 from .host import NORM_KINDS, QUANTIZED_KINDS, host_kind
 from .model_level import CONTAINER
 
@@ -118,6 +118,8 @@ def _no_match_message(model: nn.Module, config: AdapterConfig) -> str:
         close += difflib.get_close_matches(w, cands, n=3, cutoff=0.3)
     close = list(dict.fromkeys(close))
     msg = f"target_modules={spec!r} matched no module"
+    keyword = next((h for h in (did_you_mean(w, ALL_KINDS) for w in wanted) if h), "")
+    msg += keyword  # e.g. all_linear: " (did you mean 'all-linear'?)"
     if config.target_types:
         msg += f" of type {config.target_types}"
     if config.layers_to_transform is not None:

@@ -45,6 +45,7 @@ from peftkit.core.lowrank import (
     lowrank_delta,
     new_factors,
 )
+from peftkit.core.peft_names import lora_names
 from peftkit.core.registry import register
 
 
@@ -124,9 +125,13 @@ class _FusedDora(torch.autograd.Function):
 
 @dataclass
 class DoraConfig(LowRankConfig):
-    """DoRA. ``init``: ``"kaiming"`` or ``"gaussian"`` for A (B starts at zero)."""
+    """DoRA. ``init``: ``"kaiming"`` or ``"gaussian"`` for A (B starts at zero). Accepts Hugging Face PEFT
+    ``LoraConfig``'s field names with ``use_dora=True`` (``peftkit.LoraConfig(use_dora=True, ...)`` builds this)."""
 
     init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    peft_type = "LORA"
+    peft_names = lora_names(inits=("kaiming", "gaussian"), dora=True)
 
 
 @register(

@@ -39,6 +39,7 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor
 from peftkit.core.host import Host
 from peftkit.core.lowrank import fold_pays, linear_into
+from peftkit.core.peft_names import TARGETING, inert, names_list, or_default
 from peftkit.core.registry import register
 from peftkit.core.targeting import _matches
 
@@ -55,10 +56,21 @@ _HF_IGNORED = frozenset({
 
 @dataclass
 class IA3Config(AdapterConfig):
-    """IA3. ``feedforward_modules``: the targets whose *input* is scaled (the rest scale their output); None: none."""
+    """IA3. ``feedforward_modules``: the targets whose *input* is scaled (the rest scale their output); None: none.
+    Accepts Hugging Face PEFT ``IA3Config``'s field names; there, None targets / feedforward modules mean PEFT's
+    per-architecture defaults, here peftkit's (the same modules on BERT/RoBERTa and LLaMA-style models)."""
 
     target_modules: list[str] | str | None = DEFAULT_TARGETS
     feedforward_modules: list[str] | str | None = DEFAULT_FEEDFORWARD
+
+    peft_type = "IA3"
+    peft_names = {
+        **TARGETING,
+        "target_modules": or_default("target_modules", names_list),
+        "feedforward_modules": or_default("feedforward_modules", names_list),
+        "init_ia3_weights": inert(True, "peftkit's IA3 vectors start at 1 (the base model); PEFT's False draws them "
+                                        "at random, for tests"),
+    }
 
     def validate(self) -> None:
         super().validate()

@@ -40,6 +40,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor
 from peftkit.core.host import Host
+from peftkit.core.peft_names import alias, names_list, or_default
 from peftkit.core.procedure import Procedure
 from peftkit.core.registry import NORM_HOSTS, register
 
@@ -54,6 +55,14 @@ class LnTuningConfig(AdapterConfig):
     unif_weight: float = 0.0
     align_weight: float = 0.0
     feature_module: str | None = None
+
+    # Hugging Face PEFT LNTuningConfig's fields (its None targets: PEFT's per-architecture norms; here "all-norm")
+    peft_type = "LN_TUNING"
+    peft_names = {
+        "target_modules": or_default("target_modules", names_list),
+        "exclude_modules": alias("exclude_modules", names_list),
+        "modules_to_save": alias("modules_to_save", names_list),
+    }
 
     def validate(self) -> None:
         super().validate()

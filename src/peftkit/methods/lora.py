@@ -1,20 +1,23 @@
 """LoRA — Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv 2106.09685),
-with rsLoRA scaling (Kalajdzievski 2023) and PiSSA init (Meng et al. 2024).
+with rsLoRA scaling (Kalajdzievski 2023), PiSSA init (Meng et al. 2024) and OLoRA init (Büyükakyüz 2024).
 
     forward:  y = x·W0ᵀ + b0 + s · dropout(x)·Aᵀ·Bᵀ,   A ∈ R^{r×d_in}, B ∈ R^{d_out×r},  s = α/r (rsLoRA: α/√r)
     init:     A ~ kaiming_uniform(a=√5) = U(±1/√d_in) (or N(0, 1/r²) "gaussian"), B = 0  ⇒ ΔW = 0
               PiSSA: U,S,Vᵀ = svd(W0); A = diag(√(S_r/s))·Vᵀ_r, B = U_r·diag(√(S_r/s)); base = W_res = W0 − s·B0·A0
+              OLoRA: Q,R = qr(W0); A = R[:r], B = Q[:, :r]; base = W_res = W0 − s·B0·A0.  "random": B ~ U(±1/√r) too
     merge:    W ← W0 + s·B·A  (ΔW = s·B·A, rank ≤ r);  PiSSA: W ← W_res + s·B·A = W0 + s·(B·A − B0·A0)
 
-Trainable: A, B — r·(d_in + d_out) per layer. PiSSA keeps its initial factors (A0, B0) as saved buffers and
-leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x (one rank-2r pass),
-which is the same function, so ``disable()``, mixed batches and other adapters on the layer still see the true W0,
-and loading into a fresh base reproduces the outputs exactly (Hugging Face PEFT instead rewrites the base weight).
+Trainable: A, B — r·(d_in + d_out) per layer. PiSSA (and OLoRA likewise) keeps its initial factors (A0, B0) as
+saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x
+(one rank-2r pass), which is the same function, so ``disable()``, mixed batches and other adapters on the layer still
+see the true W0, and loading into a fresh base reproduces the outputs exactly (Hugging Face PEFT instead rewrites the
+base weight).
 With ``dropout = 0`` on a Linear / GPT-2 Conv1D host the forward and backward run in one fused autograd function.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -32,23 +35,30 @@ from peftkit.core.lowrank import (
     init_down_,
     new_factors,
 )
+from peftkit.core.peft_names import lora_names
 from peftkit.core.registry import HOST_KINDS, QUANTIZED_HOSTS, register
 
-_INIT = re.compile(r"kaiming|gaussian|pissa|pissa_niter_\d+")
+_INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora")
 
 
 @dataclass
 class LoraConfig(LowRankConfig):
-    """LoRA. ``init``: ``"kaiming"`` (default), ``"gaussian"``, ``"pissa"`` or ``"pissa_niter_K"`` (randomised SVD
-    with K subspace iterations)."""
+    """LoRA. ``init``: ``"kaiming"`` (default), ``"gaussian"``, ``"random"`` (B random too: ΔW ≠ 0 at init, for
+    tests — PEFT's ``init_lora_weights=False``), ``"pissa"``, ``"pissa_niter_K"`` (randomised SVD with K subspace
+    iterations) or ``"olora"``. Accepts Hugging Face PEFT ``LoraConfig``'s field names (``lora_alpha``,
+    ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's
+    config."""
 
     init: str = "kaiming"
 
+    peft_type = "LORA"
+    peft_names = lora_names(inits=_INITS, dora=False)
+
     def validate(self) -> None:
         super().validate()
-        if not _INIT.fullmatch(self.init):
+        if not re.fullmatch("|".join(_INITS), self.init):
             raise PeftkitError(
-                f"LoraConfig.init must be kaiming, gaussian, pissa or pissa_niter_K, got {self.init!r}"
+                f"LoraConfig.init must be kaiming, gaussian, random, pissa, pissa_niter_K or olora, got {self.init!r}"
             )
 
 
@@ -67,12 +77,18 @@ class Lora(LowRankUpdate, Adapter):
         self.r, self.s = config.r, config.scaling
         self.lora_A, self.lora_B = new_factors(host, config.r)
         self.dropout = make_dropout(config.dropout)
-        self.pissa = config.init.startswith("pissa")
+        # PiSSA and OLoRA start from factors of W0 and keep them (buffers pissa_A0 / pissa_B0): see the docstring
+        self.pissa = config.init.startswith("pissa") or config.init == "olora"
         if self.pissa:
             check_rank(host, config.r)
-            self._pissa_init(int(config.init.rsplit("_", 1)[1]) if "niter" in config.init else None)
+            if config.init == "olora":
+                self._olora_init()
+            else:
+                self._pissa_init(int(config.init.rsplit("_", 1)[1]) if "niter" in config.init else None)
         else:
             init_down_(self.lora_A, config.init, config.r)
+            if config.init == "random":  # nn.Linear's default init of B (fan_in r), as PEFT leaves it
+                torch.nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
 
     @torch.no_grad()
     def _pissa_init(self, niter: int | None) -> None:
@@ -84,8 +100,15 @@ class Lora(LowRankUpdate, Adapter):
             u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
             vh = v.t()
         sr = (s[:r] / self.s).sqrt()
-        a = sr[:, None] * vh[:r]
-        b = u[:, :r] * sr[None, :]
+        self._keep_init(sr[:, None] * vh[:r], u[:, :r] * sr[None, :])
+
+    @torch.no_grad()
+    def _olora_init(self) -> None:
+        q, r_ = torch.linalg.qr(self.host.weight_2d().detach().float())
+        self._keep_init(r_[:self.r], q[:, :self.r])
+
+    @torch.no_grad()
+    def _keep_init(self, a: torch.Tensor, b: torch.Tensor) -> None:
         self.lora_A.copy_(a)
         self.lora_B.copy_(b)
         self.register_buffer("pissa_A0", a.to(self.lora_A.dtype).clone())

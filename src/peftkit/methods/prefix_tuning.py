@@ -24,10 +24,11 @@ its table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from peftkit.core.kvprefix import KVPrefix, KVPrefixConfig, fold_projection
+from peftkit.core.kvprefix import KVPrefix, KVPrefixConfig, fold_projection, geometry
+from peftkit.core.peft_names import FROM_MODEL, alias, inert, names_list, or_default
 from peftkit.core.registry import register
 
 __all__ = ["PrefixTuning", "PrefixTuningConfig", "fold_projection"]
@@ -35,8 +36,26 @@ __all__ = ["PrefixTuning", "PrefixTuningConfig", "fold_projection"]
 
 @dataclass
 class PrefixTuningConfig(KVPrefixConfig):
-    """``num_virtual_tokens`` P = 10, ``prefix_projection`` = True (MLP of hidden width ``encoder_hidden_size`` = 512),
-    ``dropout`` on the prefixes = 0."""
+    """``num_virtual_tokens`` P = 10, ``prefix_projection`` = True (MLP of hidden width ``encoder_hidden_size`` = 512;
+    None: the model's hidden size, as in Hugging Face PEFT), ``dropout`` on the prefixes = 0. Accepts Hugging Face
+    PEFT ``PrefixTuningConfig``'s field names (PEFT's default is ``prefix_projection=False``)."""
+
+    encoder_hidden_size: int | None = 512
+
+    peft_type = "PREFIX_TUNING"
+    peft_names = {
+        **FROM_MODEL,
+        "num_virtual_tokens": or_default("num_virtual_tokens"),
+        "modules_to_save": alias("modules_to_save", names_list),
+        "init_weights": inert(None, "PEFT's 'zero' starts the prefixes at zero; peftkit draws them as the paper "
+                                    "does (N(0, 1) table or MLP of N(0, 1) embeddings)"),
+    }
+
+    def resolve(self, model: Any) -> PrefixTuningConfig:
+        """``encoder_hidden_size=None`` made the model's hidden size (idempotent)."""
+        if self.encoder_hidden_size is not None:
+            return self
+        return replace(self, encoder_hidden_size=geometry(model, self.method).hidden)
 
 
 @register(

@@ -34,21 +34,37 @@ from torch import nn
 
 from peftkit.core import model_level as ml
 from peftkit.core.errors import PeftkitError
+from peftkit.core.peft_names import FROM_MODEL, alias, inert, names_list, or_default, plain
 from peftkit.core.registry import register
 
 VOCAB_POOL = 5000
+_PEFT_INIT = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
 
 
 @dataclass
 class PromptTuningConfig(ml.ModelLevelConfig):
     """``num_virtual_tokens`` n; ``init``: ``"random"``, ``"vocab"`` or ``"text"`` (``init_text`` with the local
-    ``tokenizer`` folder — default the model's own — or ``init_token_ids``)."""
+    ``tokenizer`` folder — default the model's own — or ``init_token_ids``). Accepts Hugging Face PEFT
+    ``PromptTuningConfig``'s field names (``prompt_tuning_init`` RANDOM / SAMPLE_VOCAB / TEXT,
+    ``prompt_tuning_init_text``, ``tokenizer_name_or_path``; PEFT's default init is RANDOM, peftkit's "vocab")."""
 
     num_virtual_tokens: int = 20
     init: Literal["random", "vocab", "text"] = "vocab"
     init_text: str | None = None
     init_token_ids: list[int] | None = None
     tokenizer: str | None = None
+
+    peft_type = "PROMPT_TUNING"
+    peft_names = {
+        **FROM_MODEL,
+        "num_virtual_tokens": or_default("num_virtual_tokens"),
+        "modules_to_save": alias("modules_to_save", names_list),
+        "prompt_tuning_init": alias("init", lambda v: _PEFT_INIT.get(str(plain(v)).upper(), plain(v))),
+        "prompt_tuning_init_text": or_default("init_text"),
+        "tokenizer_name_or_path": or_default("tokenizer"),
+        "tokenizer_kwargs": inert(None, "peftkit tokenises init_text without special tokens; pass init_token_ids "
+                                        "to choose the tokens yourself"),
+    }
 
     def validate(self) -> None:
         super().validate()

@@ -31,6 +31,7 @@ from peftkit.core.dense import DenseUpdate
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.lowrank import lowrank_scaling
+from peftkit.core.peft_names import TARGETING, alias, inert
 from peftkit.core.registry import register
 
 
@@ -38,13 +39,26 @@ from peftkit.core.registry import register
 class RandLoraConfig(AdapterConfig):
     """RandLoRA. ``r``: rank of each random basis; ``alpha``: s = α/r (PEFT default 640 with r = 32);
     ``projection_seed``: seed of the shared bases; ``sparse``: ternary bases with P(±1) = 1/6 each;
-    ``very_sparse``: ternary with P(±1) = 1/(2√m)."""
+    ``very_sparse``: ternary with P(±1) = 1/(2√m). Accepts Hugging Face PEFT ``RandLoraConfig``'s field names
+    (``randlora_alpha``, ``randlora_dropout``, ``projection_prng_key``, ...)."""
 
     r: int = 32
     alpha: float = 640.0
     projection_seed: int = 0
     sparse: bool = False
     very_sparse: bool = False
+
+    peft_type = "RANDLORA"
+    peft_names = {
+        **TARGETING,
+        "randlora_alpha": alias("alpha"),
+        "randlora_dropout": alias("dropout"),
+        "projection_prng_key": alias("projection_seed"),
+        # peftkit never saves the bases: it regenerates them from the seed and checks a saved checksum
+        "save_projection": inert(),
+        "init_weights": inert(True, "peftkit's RandLoRA starts at ΔW = 0 (λ = 0); PEFT's False draws λ at random, "
+                                    "for tests"),
+    }
 
     def validate(self) -> None:
         super().validate()
