@@ -84,26 +84,20 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON, atomically (NaN/inf are refused: JSON has no such numbers)."""
+    """Write ``data`` as indented JSON, atomically."""
     _atomic_write_bytes(Path(path), dumps(data))
 
 
 def dumps(data: dict[str, Any]) -> bytes:
-    try:
-        return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-    except ValueError as e:
-        raise PeftkitError(f"cannot write JSON: {e} (a NaN or infinite number)") from None
+    """Indented, sorted JSON bytes (a diverged run's NaN loss stays writable; configs refuse NaN on their own)."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def parse_json(raw: bytes | str, source: str) -> dict[str, Any]:
-    """A JSON object; :class:`PeftkitError` when it is not valid JSON, not an object, or holds NaN/Infinity."""
+    """A JSON object; :class:`PeftkitError` when it is not valid JSON or not an object."""
     try:
-        data = json.loads(raw, parse_constant=_no_constants)
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise PeftkitError(f"{source} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -475,3 +469,42 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- one writer per run folder ------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive ``flock`` that says "a run is writing ``folder``": the lock file ``.<name>.peftkit-lock`` lives
+    next to the folder (not inside it, so swapping the adapter unit in cannot drop it) and holds the owner's pid.
+    The OS releases it when the process exits or crashes; :meth:`release` also removes the file."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "peftkit run") -> None:
+        folder = Path(folder).absolute()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        self.path = folder.parent / f".{folder.name}.peftkit-lock"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise PeftkitError(f"{folder} is in use by another {what} (pid {owner}); wait for it to finish or "
+                                   "choose another folder") from None
+            try:  # the file we locked must still be the one at the path (a finishing owner unlinks it)
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with _suppress():
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
