@@ -273,3 +273,17 @@ def test_tampered_adapter_files_are_refused(tmp_path: Path, case: str, checksums
         peftkit.load(fresh, d)
     assert peftkit.adapter_names(fresh) == []
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_saving_into_the_current_directory_or_through_a_symlink(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder swap must not strand the process in a deleted directory, nor replace a symlink by a folder."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    a = _adapter(1, 8.0)
+    peftkit.save(a, ".")
+    peftkit.save(a, ".")
+    assert Path.cwd() == tmp_path / "here" and sorted(os.listdir(".")) == [CFG, WEIGHTS]
+    (tmp_path / "link").symlink_to(tmp_path / "here")
+    peftkit.save(a, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and _which(tmp_path / "link", _versions()) == "A"

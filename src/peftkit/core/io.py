@@ -253,10 +253,13 @@ def write_unit(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
     """Replace the adapter unit in ``directory`` by ``files`` (name → bytes), atomically as a whole (module
     docstring). Entries of an existing folder that are not unit files are kept."""
     d = Path(directory).absolute()
+    if d.is_symlink():  # swap the folder the link points to, not the link
+        d = d.resolve()
     if d.exists() and not d.is_dir():
         raise PeftkitError(f"cannot save adapter: {d} exists and is not a directory")
     d.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(d)
+    inside = os.getcwd() == str(d)  # saving into the current directory: follow the new folder
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}{_TMP_TAG}", dir=d.parent))
     fd_new = _lock_dir(tmp)
     fd_old: int | None = None
@@ -272,6 +275,8 @@ def write_unit(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
         try:
             os.rename(tmp, d)  # no folder there yet (an empty one is replaced too)
             _fsync_dir(d.parent)
+            if inside:
+                os.chdir(d)
             return
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
@@ -289,6 +294,8 @@ def write_unit(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
                 aside = None
                 raise
         _fsync_dir(d.parent)
+        if inside:
+            os.chdir(d)
         _carry(aside, d, set(files))
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
