@@ -75,7 +75,7 @@ def test_failing_save_leaves_previous_files_intact(spec: TinyModel, tmp_path: Pa
 
     def fdopen(fd, *a, **k):
         calls["fdopen"] += 1
-        if (failing == "write_config" and calls["fdopen"] == 1) or (failing == "write_weights" and calls["fdopen"] == 2):
+        if calls["fdopen"] == {"write_config": 1, "write_weights": 2}.get(failing):
             boom()
         return real_fdopen(fd, *a, **k)
 

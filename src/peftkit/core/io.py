@@ -382,7 +382,7 @@ class AdapterFiles:
         if self.weights is None:
             raise PeftkitError(f"adapter weights missing: {p} does not exist")
         try:
-            return load(self.weights)
+            return dict(sorted(load(self.weights).items()))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise PeftkitError(f"{p} is corrupted or truncated ({e})") from None
 
@@ -445,8 +445,8 @@ def _read_once(d: Path) -> AdapterFiles:
         for name, want in hashes.items():
             if name not in files or sha256(files[name]) != want:
                 raise (_Torn if _swapping(d, ino) else PeftkitError)(
-                    f"{d}: {name} does not belong with {WEIGHTS_NAME} (sha256 mismatch: the file was changed, or it "
-                    "comes from another save)")
+                    f"{d}: {name} does not belong with {WEIGHTS_NAME} (sha256 checksum mismatch: the file was changed, "
+                    "or it comes from another save)")
         files = {n: b for n, b in files.items() if n == WEIGHTS_NAME or n in hashes}  # a stray run info is not ours
     return AdapterFiles(str(d), parse_json(files[CONFIG_NAME], str(d / CONFIG_NAME)), files)
 
