@@ -17,6 +17,7 @@ an ``flock`` on its temp folder, so only dead saves' leftovers are removed).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -237,16 +238,8 @@ def clean_leftovers(target: Path) -> None:
             os.close(fd)
     if target.is_dir():  # temp files of the older file-by-file save
         for p in target.glob(".adapter_*.tmp"):
-            with _suppress():
+            with contextlib.suppress(OSError):
                 p.unlink()
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def write_unit(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
@@ -511,7 +504,7 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
         os.close(self.fd)
         self.fd = None

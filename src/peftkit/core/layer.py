@@ -3,8 +3,9 @@ disable, and mixed-batch routing (one forward where each sample uses its own ada
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -246,28 +247,22 @@ class AdaptedLayer(nn.Module):
                 del _FROZEN[p]
                 p.requires_grad_(entry[1])
 
-    def _as_merged(self, name: str) -> Any:
-        """Context: adapter ``name`` holds the tensors it had when it was merged (for an exact unmerge)."""
-        import contextlib
-
-        adapter = self.adapters[name]
-        copy_ = self._merged_copy.get(name)
-
-        @contextlib.contextmanager
-        def swap() -> Any:
-            if copy_ is None:
-                yield
-                return
-            live = {**dict(adapter.named_parameters()), **dict(adapter.named_buffers())}
-            kept = {k: t.data for k, t in live.items() if k in copy_}
-            try:
-                for k in kept:
-                    live[k].data = copy_[k]
-                yield
-            finally:
-                for k, v in kept.items():
-                    live[k].data = v
-        return swap()
+    @contextlib.contextmanager
+    def _as_merged(self, name: str) -> Iterator[None]:
+        """Adapter ``name`` holds the tensors it had when it was merged (for an exact unmerge), then its own again."""
+        adapter, kept_copy = self.adapters[name], self._merged_copy.get(name)
+        if kept_copy is None:
+            yield
+            return
+        live = {**dict(adapter.named_parameters()), **dict(adapter.named_buffers())}
+        own = {k: t.data for k, t in live.items() if k in kept_copy}
+        try:
+            for k in own:
+                live[k].data = kept_copy[k]
+            yield
+        finally:
+            for k, v in own.items():
+                live[k].data = v
 
     @torch.no_grad()
     def unmerge(self, names: Sequence[str] | None = None) -> None:
