@@ -224,11 +224,27 @@ class AdaptedLayer(nn.Module):
             self._freeze(n)
         self.merged.extend(names)
 
+    @staticmethod
+    def _merge_inputs(adapter: nn.Module) -> dict[str, torch.Tensor]:
+        """Every tensor an adapter's merge reads: its parameters and buffers, and those of the store it shares with
+        the adapter's other layers (held as a plain attribute ``shared`` by all but the first layer); each once."""
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        shared = getattr(adapter, "shared", None)
+        groups = [adapter] + ([shared] if isinstance(shared, nn.Module) else [])
+        for prefix, m in zip(("", "shared."), groups):
+            for k, t in [*m.named_parameters(), *m.named_buffers()]:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out[prefix + k] = t
+        return out
+
     def _freeze(self, name: str) -> None:
-        adapter = self.adapters[name]
-        tensors = {**dict(adapter.named_parameters()), **dict(adapter.named_buffers())}
+        tensors = self._merge_inputs(self.adapters[name])
         self._merged_copy[name] = {k: t.detach().clone() for k, t in tensors.items()}
-        for p in adapter.parameters():
+        for p in tensors.values():
+            if not isinstance(p, nn.Parameter):
+                continue
             entry = _FROZEN.get(p)
             if entry is None:
                 _FROZEN[p] = [1, p.requires_grad]
@@ -238,7 +254,7 @@ class AdaptedLayer(nn.Module):
 
     def _thaw(self, name: str) -> None:
         self._merged_copy.pop(name, None)
-        for p in self.adapters[name].parameters():
+        for p in self._merge_inputs(self.adapters[name]).values():
             entry = _FROZEN.get(p)
             if entry is None:
                 continue
@@ -254,7 +270,7 @@ class AdaptedLayer(nn.Module):
         if kept_copy is None:
             yield
             return
-        live = {**dict(adapter.named_parameters()), **dict(adapter.named_buffers())}
+        live = self._merge_inputs(adapter)
         own = {k: t.data for k, t in live.items() if k in kept_copy}
         try:
             for k in own:
