@@ -250,7 +250,7 @@ _RESUME_KEEPS = ("resume", "threads", "no_progress", "func", "command")  # optio
 def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     """The options of the interrupted run in ``--resume DIR`` (from its newest checkpoint), with the run's own
     ``--threads`` / ``--no-progress``; any other option given with ``--resume`` is an error."""
-    from .train.checkpoint import latest_checkpoint
+    from .train.checkpoint import check_fingerprints, latest_checkpoint
 
     folder = Path(args.resume)
     if not folder.is_dir():
@@ -262,9 +262,11 @@ def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
                            f"drop --{given[0].replace('_', '-')}")
     if not (folder / CHECKPOINTS).is_dir() and (folder / TRAIN_INFO).is_file():
         raise PeftkitError(f"--resume: the run in {folder} finished (it has its {TRAIN_INFO}); nothing to resume")
-    stored = latest_checkpoint(folder / CHECKPOINTS).meta.get("args")
+    meta = latest_checkpoint(folder / CHECKPOINTS).meta
+    stored = meta.get("args")
     if not isinstance(stored, dict):
         raise PeftkitError(f"--resume: the checkpoint in {folder / CHECKPOINTS} was not written by 'peftkit train'")
+    check_fingerprints(meta.get("files", {}), f"--resume {folder}")  # the same data bytes, from any directory
     resumed = argparse.Namespace(**{**defaults, **stored})
     for k in _RESUME_KEEPS:
         setattr(resumed, k, getattr(args, k))
@@ -301,6 +303,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         args = _resume_args(args)
     rank, _ = init_from_env(device=run_device(args))  # nccl on CUDA, gloo otherwise
+    from .cli_run import release_run_locks
+
+    try:
+        return _train_rank(args, rank)
+    finally:
+        release_run_locks()
+
+
+def _train_rank(args: argparse.Namespace, rank: int) -> int:
     if rank == 0:
         return _train_task(args)
     import contextlib

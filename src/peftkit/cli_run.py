@@ -16,6 +16,7 @@ rest the same way for all of them:
 from __future__ import annotations
 
 import argparse
+import atexit
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,7 +25,6 @@ from typing import Any
 from torch import nn
 
 from .cli import (
-    TRAIN_INFO,
     _calibrate,
     _check_train_args,
     _processes,
@@ -34,7 +34,16 @@ from .cli import (
     run_record,
 )
 from .core.errors import PeftkitError
-from .core.io import write_json
+from .core.io import RunLock
+
+_HELD: list[RunLock] = []
+
+
+def release_run_locks() -> None:
+    """Release the output-folder locks of the runs this process started (``peftkit train`` calls it when the run
+    ends, however it ends, so an in-process caller can start the next run on the same folder)."""
+    while _HELD:
+        _HELD.pop().release()
 
 
 class TrainRun:
@@ -56,10 +65,19 @@ class TrainRun:
                 args.head_lr = defaults["lr"] * self.info.head_lr_scale
         name = f"{self.info.name}-{tag}" if tag else self.info.name
         self.output = Path(args.output) if args.output else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _check_writable(self.output)
+        # one writer per run folder: a second run on this --output fails here, before anything is loaded
+        self.lock = RunLock(self.output, "peftkit train")
+        _HELD.append(self.lock)
+        atexit.register(self.lock.release)
         if self.output.exists() and (not self.output.is_dir() or any(self.output.iterdir())) and not args.overwrite:
             raise PeftkitError(f"output {self.output} already exists and is not empty; choose another --output or "
                                "--overwrite")
-        _check_writable(self.output)
+        for key in ("data", "model"):  # stored for --resume: absolute, so a resume from elsewhere reads the same
+            value = getattr(args, key, None)
+            if isinstance(value, str) and value and Path(value).exists():
+                setattr(args, key, str(Path(value).absolute()))
+        args.output = str(self.output.absolute())
         from .train.distributed import world
 
         self.rank, self.world_size = world()
@@ -166,6 +184,15 @@ class TrainRun:
               + (f" in {a.precision}" if a.precision != "fp32" else "")
               + f", {torch.get_num_threads()} threads)", flush=True)
         self._ckpt = checkpointing(a, self.output)
+        if a.resume is None:  # the data's sha256: --resume refuses when the file changed
+            from .train.checkpoint import file_fingerprints
+
+            self._ckpt["checkpoint_meta"]["files"] = file_fingerprints({"data": getattr(a, "data", None)})
+        else:
+            from .train.checkpoint import latest_checkpoint
+
+            self._ckpt["checkpoint_meta"]["files"] = latest_checkpoint(self._ckpt["checkpoint_dir"]).meta.get(
+                "files", {})
         optimizer = None
         if getattr(a, "head_lr", None) is not None:  # the fresh task head at its own learning rate
             optimizer = torch.optim.AdamW(head_param_groups(model, a.lr, a.head_lr), lr=a.lr)
@@ -183,13 +210,12 @@ class TrainRun:
         import peftkit
 
         a = self.args
-        peftkit.save(model, self.output)
         info = {
             "peftkit_version": peftkit.__version__,
             "task": task,
             "method": self.info.name,
             "config": self.cfg.to_dict(),
-            "model": str(model_dir),
+            "model": str(Path(model_dir).absolute()) if Path(model_dir).exists() else str(model_dir),
             "model_is_default": a.model is None,
             "quantize": a.quantize,
             "seed": a.seed,
@@ -204,9 +230,11 @@ class TrainRun:
         }
         wall = time.perf_counter() - self.wall_start
         info["wall_seconds"] = round(wall, 3)
-        write_json(self.output / TRAIN_INFO, info)
+        # adapter + train_info.json as one unit: replacing an older adapter (--overwrite) never leaves its run info
+        peftkit.save(model, self.output, overwrite=bool(a.overwrite), run_info=info)
         if self._ckpt is not None:
             finish_checkpoints(self._ckpt)
+        self.lock.release()
         print(f"saved adapter to {self.output}")
         print(f"wall time: {wall:.1f} s")
         return 0

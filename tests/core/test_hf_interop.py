@@ -222,7 +222,6 @@ def test_peft_adapter_loads_next_to_a_peftkit_adapter(tmp_path: Path) -> None:
 
 
 def test_export_is_atomic_and_leaves_old_files_on_failure(tmp_path: Path, monkeypatch) -> None:
-    import os
 
     base = _bert()
     model = copy.deepcopy(base)
@@ -235,10 +234,13 @@ def test_export_is_atomic_and_leaves_old_files_on_failure(tmp_path: Path, monkey
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", boom)
+    from peftkit.core import io
+
+    monkeypatch.setattr(io, "_exchange", boom)  # the folder swap that puts the new unit in place fails
     with pytest.raises(peftkit.PeftkitError, match="No space left"):
         peftkit.save(model, tmp_path, format="hf")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert [p.name for p in tmp_path.parent.iterdir() if ".peftkit-" in p.name] == [], "temp folder left behind"
 
 
 # -- bad input -------------------------------------------------------------------------------------------------

@@ -58,46 +58,42 @@ def test_save_writes_config_and_weights(spec: TinyModel, tmp_path: Path) -> None
         assert torch.equal(tensors[k], v)
 
 
-@pytest.mark.parametrize("failing", ["serialise", "replace_weights", "replace_config", "write_config"])
+@pytest.mark.parametrize("failing", ["serialise", "write_config", "write_weights", "swap", "rename"])
 def test_failing_save_leaves_previous_files_intact(spec: TinyModel, tmp_path: Path, monkeypatch, failing: str) -> None:
+    """The unit is swapped in as a whole: a failure at any step (serialising, writing either file, the folder swap)
+    leaves the previous adapter exactly as it was, and no temp folder behind."""
     d = tmp_path / "a"
     model = _adapted(spec, seed=1)
     peftkit.save(model, d)
     old = _files(d)
     perturb(model, seed=2)
-    calls = {"replace": 0, "fdopen": 0}
-    real_replace, real_fdopen = os.replace, os.fdopen
+    calls = {"fdopen": 0}
+    real_fdopen = os.fdopen
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    def replace(src, dst):
-        calls["replace"] += 1
-        if (failing == "replace_weights" and calls["replace"] == 1) or (
-                failing == "replace_config" and calls["replace"] == 2):
-            boom()
-        return real_replace(src, dst)
-
     def fdopen(fd, *a, **k):
         calls["fdopen"] += 1
-        if failing == "write_config" and calls["fdopen"] == 2:
+        if calls["fdopen"] == {"write_config": 1, "write_weights": 2}.get(failing):
             boom()
         return real_fdopen(fd, *a, **k)
 
     if failing == "serialise":
         monkeypatch.setattr(io, "save", boom)
-    monkeypatch.setattr(io.os, "replace", replace)
+    if failing == "swap":
+        monkeypatch.setattr(io, "_exchange", boom)
+    if failing == "rename":  # no atomic exchange on this filesystem, and the rename fails
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+        real_rename = os.rename
+        monkeypatch.setattr(io.os, "rename", lambda a, b: boom() if Path(b) == d else real_rename(a, b))
     monkeypatch.setattr(io.os, "fdopen", fdopen)
-    with pytest.raises((peftkit.PeftkitError, OSError)):
+    with pytest.raises(peftkit.PeftkitError, match="No space left"):
         peftkit.save(model, d)
     monkeypatch.undo()
-    if failing == "replace_config":
-        # a rename failing between the two renames: the new weights are in place, the old config stays (the
-        # staged config temp file is removed); write failures before any rename are the cases that change nothing
-        assert _files(d)[CFG] == old[CFG]
-    else:
-        assert _files(d) == old, "a failed save changed the previous adapter files"
+    assert _files(d) == old, "a failed save changed the previous adapter files"
     assert sorted(os.listdir(d)) == [CFG, WEIGHTS], "temporary files were left behind"
+    assert sorted(os.listdir(tmp_path)) == ["a"], "a temp folder was left behind"
 
 
 def test_failing_save_raises_peftkit_error(spec: TinyModel, tmp_path: Path, monkeypatch) -> None:
@@ -106,9 +102,10 @@ def test_failing_save_raises_peftkit_error(spec: TinyModel, tmp_path: Path, monk
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.os, "replace", boom)
+    monkeypatch.setattr(io.os, "rename", boom)
     with pytest.raises(peftkit.PeftkitError, match="No space left on device"):
         peftkit.save(model, tmp_path / "a")
+    assert os.listdir(tmp_path) == []
 
 
 def test_save_onto_a_file_path(spec: TinyModel, tmp_path: Path) -> None:
@@ -136,6 +133,10 @@ def test_bad_config_files(spec: TinyModel, tmp_path: Path) -> None:
     d = tmp_path / "a"
     _load_fails_cleanly(spec, d, "does not exist")
     peftkit.save(_adapted(spec), d)
+    cfg = json.loads((d / CFG).read_text())
+    (d / CFG).write_text(json.dumps({**cfg, "name": "edited"}))  # the weights carry the config's sha256
+    _load_fails_cleanly(spec, d, "adapter_config.json does not belong with adapter_model.safetensors")
+    save_file(load_file(str(d / WEIGHTS)), str(d / WEIGHTS))  # from here on: no checksums (another writer's file)
     (d / CFG).write_text("{not json")
     _load_fails_cleanly(spec, d, "not valid JSON")
     (d / CFG).write_text("[1, 2]")
@@ -157,6 +158,8 @@ def test_missing_and_extra_tensors_are_named(spec: TinyModel, tmp_path: Path) ->
     d = tmp_path / "a"
     peftkit.save(_adapted(spec), d)
     full = load_file(str(d / WEIGHTS))
+    cfg = json.loads((d / CFG).read_text())
+    (d / CFG).write_text(json.dumps({**cfg, "format_version": 1}))  # files without checksums, as older peftkit wrote
 
     missing = {k: v for k, v in full.items() if k != "adapter.fc2.lora_B"}
     save_file(missing, str(d / WEIGHTS))

@@ -17,6 +17,7 @@ peftkit's names. ``task_type`` is stored; ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTI
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -57,6 +58,17 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(tp, type):
         return isinstance(value, tp)
+    return True
+
+
+def _all_finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in ``value`` (floats, and inside lists and dicts: per-module overrides)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
     return True
 
 
@@ -155,6 +167,8 @@ class AdapterConfig(metaclass=_ConfigType):
                 raise PeftkitError(
                     f"{type(self).__name__}.{f.name} must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
                 )
+            if not _all_finite(value):
+                raise PeftkitError(f"{type(self).__name__}.{f.name} must be finite, got {value!r}")
 
     def validate(self) -> None:
         """Method configs extend this with their own constraints (call ``super().validate()``)."""

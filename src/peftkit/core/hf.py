@@ -194,7 +194,9 @@ def _method_for(meta: dict[str, Any], source: str) -> tuple[MethodInfo, AdapterC
     return found[0]
 
 
-def _read_hf_tensors(directory: str | os.PathLike, source: str) -> tuple[dict[str, torch.Tensor], str]:
+def _read_hf_tensors(
+    directory: str | os.PathLike, source: str, files: io.AdapterFiles | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """The file's tensors keyed by module path + tensor name, and the prefix the file puts before them."""
     d = Path(directory)
     if not (d / io.WEIGHTS_NAME).is_file() and (d / "adapter_model.bin").is_file():
@@ -202,7 +204,7 @@ def _read_hf_tensors(directory: str | os.PathLike, source: str) -> tuple[dict[st
             f"{source}: only adapter_model.bin (a pickle) is present; peftkit reads safetensors only — re-save the "
             f"adapter with PEFT's save_pretrained(..., safe_serialization=True)"
         )
-    raw = io.read_tensors(directory)
+    raw = (files or io.read_adapter_files(directory)).tensors()
     prefixed = [k for k in raw if k.startswith(PREFIX)]
     if prefixed and len(prefixed) != len(raw):
         odd = next(k for k in raw if not k.startswith(PREFIX))
@@ -259,7 +261,7 @@ def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def import_adapter(
-    model: nn.Module, directory: str | os.PathLike, meta: dict[str, Any]
+    model: nn.Module, directory: str | os.PathLike, meta: dict[str, Any], files: io.AdapterFiles | None = None,
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
     """Read a Hugging Face PEFT adapter for ``model``: (peftkit config, tensors keyed the peftkit way, name).
 
@@ -268,8 +270,8 @@ def import_adapter(
     source = str(directory)
     info, cfg = _method_for(meta, source)
     if info.model_level:
-        return _import_model_level(model, directory, meta, info, cfg, source)
-    hf, prefix = _read_hf_tensors(directory, source)
+        return _import_model_level(model, directory, meta, info, cfg, source, files)
+    hf, prefix = _read_hf_tensors(directory, source, files)
 
     # 1. adapter tensors: every host layer says where its tensors would be
     hosts = _hosts(model)
@@ -362,8 +364,9 @@ def import_adapter(
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
-def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> None:
-    """Write adapter ``name`` as a Hugging Face PEFT adapter (``PeftModel.from_pretrained`` reads it), atomically."""
+def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None, **opts: Any) -> None:
+    """Write adapter ``name`` as a Hugging Face PEFT adapter (``PeftModel.from_pretrained`` reads it), as one unit
+    (:func:`peftkit.core.io.write_adapter`, which takes ``opts``: ``metadata``, ``extra``, ``overwrite``, …)."""
     from .layer import AdaptedLayer
     from .model import _saved_modules, _single_name, adapted_layers, adapter_state_dict, get_config
 
@@ -373,7 +376,7 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     if info.hf_peft_type is None:
         raise PeftkitError(f"method {info.name!r} has no Hugging Face PEFT counterpart; save it in peftkit format")
     if info.model_level:
-        _export_model_level(model, directory, name, cfg, info)
+        _export_model_level(model, directory, name, cfg, info, **opts)
         return
     layers: list[tuple[str, AdaptedLayer]] = [(p, layer) for p, layer in adapted_layers(model)
                                               if name in layer.adapters]
@@ -423,7 +426,7 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
         "modules_to_save": saved or None,
         **method_cfg,
     }
-    io.write_adapter(directory, meta, tensors, metadata={"format": "pt"})
+    io.write_adapter(directory, meta, tensors, metadata={"format": "pt", **opts.pop("metadata", {})}, **opts)
 
 
 # -- prompt learning (model-level methods): one ``prompt_embeddings`` tensor plus modules_to_save copies ---------
@@ -435,12 +438,12 @@ _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")
 
 def _import_model_level(
     model: nn.Module, directory: str | os.PathLike, meta: dict[str, Any], info: MethodInfo, cfg: AdapterConfig,
-    source: str,
+    source: str, files: io.AdapterFiles | None = None,
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
     if meta.get("num_transformer_submodules") not in (None, 1):
         raise PeftkitError(f"{source}: num_transformer_submodules={meta['num_transformer_submodules']} (prompts for "
                            "an encoder-decoder model) is not supported")
-    hf, _ = _read_hf_tensors(directory, source)
+    hf, _ = _read_hf_tensors(directory, source, files)
     if PROMPT_KEY not in hf:
         raise PeftkitError(f"{source}: tensor {PROMPT_KEY!r} is missing from the file")
     out = {f"model.{info.adapter.hf_state_key}": hf.pop(PROMPT_KEY)}
@@ -459,7 +462,7 @@ def _import_model_level(
 
 
 def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: str, cfg: AdapterConfig,
-                        info: MethodInfo) -> None:
+                        info: MethodInfo, **opts: Any) -> None:
     from .model import _saved_modules, adapter_state_dict
     from .model_level import model_adapters
 
@@ -484,4 +487,4 @@ def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: st
         "modules_to_save": [p for p, sm in _saved_modules(model) if name in sm.copies] or None,
         **method_cfg,
     }
-    io.write_adapter(directory, meta, tensors, metadata={"format": "pt"})
+    io.write_adapter(directory, meta, tensors, metadata={"format": "pt", **opts.pop("metadata", {})}, **opts)

@@ -3,16 +3,21 @@ disable, and mixed-batch routing (one forward where each sample uses its own ada
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .adapter import Adapter, fused_allowed
 from .errors import PeftkitError
 from .host import Host
+
+#: adapter parameters frozen because they are merged: [how many merges hold them, requires_grad before]
+_FROZEN: Any = WeakIdKeyDictionary()
 
 BASE = "__base__"  # route name meaning "no adapter" (None is accepted too)
 
@@ -64,6 +69,7 @@ class AdaptedLayer(nn.Module):
         self.condition: torch.Tensor | None = None  # per-sample condition rows of this forward (``condition``)
         self.merge_error: float | None = None  # quantised hosts: largest rounding error of the merged weight
         self._snapshot: tuple[Any, ...] | None = None  # quantised hosts: the weight before the first merge
+        self._merged_copy: dict[str, dict[str, torch.Tensor]] = {}  # merged adapters' tensors as merged
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `layer.weight` (e.g. tied embeddings) keeps working
@@ -177,13 +183,25 @@ class AdaptedLayer(nn.Module):
         return out, left
 
     # -- merging ---------------------------------------------------------------------------------------
+    # Bookkeeping (exact): while an adapter is merged its parameters are frozen (requires_grad False; the previous
+    # setting comes back on unmerge), so an optimiser cannot train it into a state that no longer matches the base
+    # weight. Merge also keeps a copy of the adapter's own tensors (small next to the base weight): unmerge subtracts
+    # exactly the update that was added even if the adapter was edited in place while merged (the edit then takes
+    # effect once unmerged). A float host gets its weight back to rounding; a quantised host bit-exactly (snapshot).
+    def _merge_names(self, names: Sequence[str] | None) -> list[str]:
+        names = list(self.active if names is None else names)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise PeftkitError(f"merge: adapter {dup[0]!r} named more than once; nothing was merged")
+        return [n for n in names if n in self.adapters and n not in self.merged]
+
     @torch.no_grad()
-    def merge(self, names: Sequence[str] | None = None) -> None:
-        """Fold adapters into the host weight; checks for non-finite values before writing anything."""
-        names = [n for n in (self.active if names is None else names) if n in self.adapters]
-        names = [n for n in names if n not in self.merged]
+    def merged_weights(self, names: Sequence[str] | None = None) -> tuple[list[str], Any, Any]:
+        """(names to merge here, new 2-D weight, new bias) — computed and checked, nothing written. Raises when the
+        result is not finite."""
+        names = self._merge_names(names)
         if not names:
-            return
+            return names, None, None
         host = self.host
         w = host.weight_2d().detach().clone()
         b = None if host.bias is None else host.bias.detach().clone()
@@ -191,10 +209,76 @@ class AdaptedLayer(nn.Module):
             w, b = self.adapters[n].merge(w, b)
         if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
             raise PeftkitError(f"merging {names} into {host.name!r} gives non-finite weights; nothing was changed")
-        if host.quantized and not self.merged:
-            self._snapshot = host.snapshot()
+        return names, w, b
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        """Fold adapters into the host weight; checks for non-finite values before writing anything."""
+        names, w, b = self.merged_weights(names)
+        if not names:
+            return
+        if self.host.quantized and not self.merged:
+            self._snapshot = self.host.snapshot()
         self._write(w, b)
+        for n in names:
+            self._freeze(n)
         self.merged.extend(names)
+
+    @staticmethod
+    def _merge_inputs(adapter: nn.Module) -> dict[str, torch.Tensor]:
+        """Every tensor an adapter's merge reads: its parameters and buffers, and those of the store it shares with
+        the adapter's other layers (held as a plain attribute ``shared`` by all but the first layer); each once."""
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        shared = getattr(adapter, "shared", None)
+        groups = [adapter] + ([shared] if isinstance(shared, nn.Module) else [])
+        for prefix, m in zip(("", "shared."), groups):
+            for k, t in [*m.named_parameters(), *m.named_buffers()]:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out[prefix + k] = t
+        return out
+
+    def _freeze(self, name: str) -> None:
+        tensors = self._merge_inputs(self.adapters[name])
+        self._merged_copy[name] = {k: t.detach().clone() for k, t in tensors.items()}
+        for p in tensors.values():
+            if not isinstance(p, nn.Parameter):
+                continue
+            entry = _FROZEN.get(p)
+            if entry is None:
+                _FROZEN[p] = [1, p.requires_grad]
+                p.requires_grad_(False)
+            else:
+                entry[0] += 1
+
+    def _thaw(self, name: str) -> None:
+        self._merged_copy.pop(name, None)
+        for p in self._merge_inputs(self.adapters[name]).values():
+            entry = _FROZEN.get(p)
+            if entry is None:
+                continue
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del _FROZEN[p]
+                p.requires_grad_(entry[1])
+
+    @contextlib.contextmanager
+    def _as_merged(self, name: str) -> Iterator[None]:
+        """Adapter ``name`` holds the tensors it had when it was merged (for an exact unmerge), then its own again."""
+        adapter, kept_copy = self.adapters[name], self._merged_copy.get(name)
+        if kept_copy is None:
+            yield
+            return
+        live = self._merge_inputs(adapter)
+        own = {k: t.data for k, t in live.items() if k in kept_copy}
+        try:
+            for k in own:
+                live[k].data = kept_copy[k]
+            yield
+        finally:
+            for k, v in own.items():
+                live[k].data = v
 
     @torch.no_grad()
     def unmerge(self, names: Sequence[str] | None = None) -> None:
@@ -204,16 +288,23 @@ class AdaptedLayer(nn.Module):
         host = self.host
         if self._snapshot is not None:  # quantised: back to the exact original codes, then re-merge the rest
             host.restore(self._snapshot)
+            for n in names:
+                self._thaw(n)
             self.merged = [n for n in self.merged if n not in names]
             rest, self.merged = self.merged, []
+            for n in rest:
+                self._thaw(n)
             self._snapshot, self.merge_error = None, None
             self.merge(rest)
             return
         w = host.weight_2d().detach().clone()
         b = None if host.bias is None else host.bias.detach().clone()
         for n in reversed(names):
-            w, b = self.adapters[n].unmerge(w, b)
+            with self._as_merged(n):
+                w, b = self.adapters[n].unmerge(w, b)
         self._write(w, b)
+        for n in names:
+            self._thaw(n)
         self.merged = [n for n in self.merged if n not in names]
 
     def _write(self, w2d: torch.Tensor, b: torch.Tensor | None) -> None:

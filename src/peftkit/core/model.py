@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from .host import QUANTIZED_KINDS, Host, host_kind
 from .layer import AdaptedLayer, Route, SavedModule
 from .targeting import _matches, find_targets
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights carry sha256 checksums of the unit (1: older files, still read)
 
 
 # -- bookkeeping on the model ---------------------------------------------------------------------------
@@ -32,6 +33,15 @@ def _configs(model: nn.Module) -> dict[str, AdapterConfig]:
         cfgs = {}
         model.__dict__["peftkit_configs"] = cfgs
     return cfgs
+
+
+def _adapter_id(model: nn.Module, name: str, new: str | None = None) -> str:
+    """The identity of adapter ``name`` (random at creation, read from the file at load): saving over a folder that
+    holds an adapter with another identity needs ``overwrite=True``; re-saving the same adapter does not."""
+    ids = model.__dict__.setdefault("peftkit_ids", {})
+    if new is not None:
+        ids[name] = new
+    return ids.setdefault(name, uuid.uuid4().hex)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -153,7 +163,7 @@ def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
         return
     for _, layer in adapted_layers(model):
         for n, a in layer.adapters.items():
-            if n in active:
+            if n in active and n not in layer.merged:  # a merged adapter stays frozen until unmerged
                 for p in a.parameters():
                     p.requires_grad_(True)
     for _, sm in _saved_modules(model):
@@ -259,6 +269,7 @@ def delete(model: nn.Module, name: str) -> None:
                 _set_submodule(model, path, sm.original_module)
     ml.remove(model, name)
     del _configs(model)[name]
+    model.__dict__.get("peftkit_ids", {}).pop(name, None)
     model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
     set_active(model, active_adapters(model))
 
@@ -270,22 +281,44 @@ def _check_mergeable(model: nn.Module, names: Sequence[str]) -> None:
             raise PeftkitError(f"adapter {n!r} ({info.name}) is not mergeable; nothing was merged")
 
 
+def _merge_args(model: nn.Module, names: Sequence[str] | None, what: str) -> list[str] | None:
+    if names is None:
+        return None
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        get_config(model, n)
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise PeftkitError(f"{what}: adapter {dup[0]!r} named more than once; nothing was changed")
+    return names
+
+
 def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
-    """Fold the active (or the named) adapters into the base weights; the adapters stay and can be unmerged."""
-    names = active_adapters(model) if names is None else list(names)
+    """Fold the active (or the named) adapters into the base weights; the adapters stay and can be unmerged.
+
+    Every layer's merged weight is computed and checked (finite) before any layer is written: a refused merge
+    leaves every weight bit-identical. While merged, an adapter's parameters are frozen (``requires_grad`` False,
+    restored by :func:`unmerge`), and :func:`unmerge` subtracts exactly the update that was added, even if the
+    adapter's tensors were edited in place meanwhile (see :class:`~peftkit.core.layer.AdaptedLayer`)."""
+    names = active_adapters(model) if names is None else _merge_args(model, names, "merge")
     _check_mergeable(model, names)
+    layers = [layer for _, layer in adapted_layers(model)]
+    for layer in layers:  # check everything first, write nothing
+        layer.merged_weights(names)
     done: list[AdaptedLayer] = []
     try:
-        for _, layer in adapted_layers(model):
+        for layer in layers:
             layer.merge(names)
             done.append(layer)
-    except PeftkitError:
+    except PeftkitError:  # pragma: no cover - the check above makes this unreachable for float hosts
         for layer in done:
             layer.unmerge(names)
         raise
 
 
 def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """Undo :func:`merge` for the named (default: all merged) adapters; an unknown name is an error."""
+    names = _merge_args(model, names, "unmerge")
     for _, layer in adapted_layers(model):
         layer.unmerge(names)
 
@@ -322,6 +355,7 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, *, de
     for n in ml.model_adapters(model):  # inactive model-level adapters (an active one cannot merge) are dropped
         ml.remove(model, n)
     model.__dict__.pop("peftkit_configs", None)
+    model.__dict__.pop("peftkit_ids", None)
     model.__dict__.pop("peftkit_active", None)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -474,18 +508,30 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     return out
 
 
-def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, format: str = "peftkit") -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for one adapter (atomically).
-    ``format="hf"`` writes the Hugging Face PEFT format instead (for methods that have one), which
-    ``peft.PeftModel.from_pretrained`` reads."""
+def save(
+    model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, format: str = "peftkit",
+    overwrite: bool = False, allow_nonfinite: bool = False, run_info: dict[str, Any] | None = None,
+) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``train_info.json`` from ``run_info``) for
+    one adapter, as one unit: a reader — in another process, or after a crash at any instant — sees the old complete
+    folder or the new one, never a mix (:mod:`peftkit.core.io`). ``format="hf"`` writes the Hugging Face PEFT format
+    instead (for methods that have one), which ``peft.PeftModel.from_pretrained`` reads.
+
+    A folder that holds *another* adapter (not this one saved earlier) is replaced only with ``overwrite=True``, and
+    then as a whole (its old ``train_info.json`` goes too). An adapter holding NaN/inf is refused unless
+    ``allow_nonfinite=True``."""
+    if format not in ("peftkit", "hf"):
+        raise PeftkitError(f"unknown adapter format {format!r}; use 'peftkit' or 'hf'")
+    name = _single_name(model, name)
+    opts: dict[str, Any] = {
+        "metadata": {io.ID_KEY: _adapter_id(model, name)}, "overwrite": overwrite, "allow_nonfinite": allow_nonfinite,
+        "extra": {io.RUN_INFO_NAME: io.dumps(run_info)} if run_info is not None else None,
+    }
     if format == "hf":
         from . import hf
 
-        hf.export_adapter(model, directory, name)
+        hf.export_adapter(model, directory, name, **opts)
         return
-    if format != "peftkit":
-        raise PeftkitError(f"unknown adapter format {format!r}; use 'peftkit' or 'hf'")
-    name = _single_name(model, name)
     cfg = get_config(model, name)
     tensors = adapter_state_dict(model, name)
     for path, layer in adapted_layers(model):
@@ -498,7 +544,8 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         "base_model_class": type(model).__name__,
         "config": cfg.to_dict(),
     }
-    io.write_adapter(directory, meta, tensors, metadata={"format": "pt", "peftkit_method": cfg.method})
+    opts["metadata"] = {"format": "pt", "peftkit_method": cfg.method, **opts["metadata"]}
+    io.write_adapter(directory, meta, tensors, **opts)
 
 
 def _expected_tensors(plan: _Plan) -> dict[str, torch.Tensor]:
@@ -518,9 +565,20 @@ def _expected_tensors(plan: _Plan) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_into_plan(plan: _Plan, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Check every tensor's name and shape against the planned adapter; fill the planned adapters.
-    Returns the tensors for saved modules and biases, written at install time."""
+def _kind(t: torch.Tensor) -> str:
+    return ("complex" if t.is_complex() else "floating point" if t.is_floating_point()
+            else "bool" if t.dtype == torch.bool else "integer")
+
+
+def load_into_plan(
+    plan: _Plan, tensors: dict[str, torch.Tensor], source: str, *, allow_nonfinite: bool = False
+) -> dict[str, torch.Tensor]:
+    """Check every tensor's name, shape, dtype and values against the planned adapter; fill the planned adapters.
+    Returns the tensors for saved modules and biases, written at install time.
+
+    Floating tensors may come in another float precision (an fp32 adapter into a bf16 model, as PEFT allows); a tensor
+    of another kind (integer or bool where a float is expected, or the reverse) is refused — never cast. NaN/inf is
+    refused unless ``allow_nonfinite=True`` (to inspect a broken adapter)."""
     expected = _expected_tensors(plan)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -538,6 +596,14 @@ def load_into_plan(plan: _Plan, tensors: dict[str, torch.Tensor], source: str) -
                 f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)} in the file but "
                 f"{tuple(ref.shape)} in this model — the adapter was made for another base model"
             )
+        if _kind(tensors[k]) != _kind(ref) or (_kind(ref) == "integer" and tensors[k].dtype != ref.dtype):
+            raise PeftkitError(
+                f"{source}: tensor {k!r} is stored as {str(tensors[k].dtype).replace('torch.', '')} but this adapter "
+                f"holds {str(ref.dtype).replace('torch.', '')} there — the file is damaged or not this method's "
+                "(nothing is cast)"
+            )
+    if not allow_nonfinite:
+        io.check_finite(tensors, source)
     for path, _, _, adapter in plan.layers:
         prefix = f"adapter.{path}."
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -562,37 +628,55 @@ def _write_rest(model: nn.Module, plan: _Plan, rest: dict[str, torch.Tensor]) ->
             p.copy_(rest[f"bias.{n}"])
 
 
-def read_adapter(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
-    """(config, tensors keyed the peftkit way, saved name) of an adapter directory written by :func:`save` or by
-    Hugging Face PEFT; the model is not modified."""
-    meta = io.read_config(directory)
+def _read(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str, str]:
+    files = io.read_adapter_files(directory)
+    meta = files.config
+    ident = str(files.metadata.get(io.ID_KEY, "")) or uuid.uuid4().hex
     if "peft_type" in meta:
         from . import hf
 
-        return hf.import_adapter(model, directory, meta)
+        return (*hf.import_adapter(model, directory, meta, files), ident)
     if meta.get("format") != "peftkit" or "config" not in meta:
         raise PeftkitError(f"{directory}: not a peftkit or Hugging Face PEFT adapter config")
-    return registry.config_from_dict(meta["config"]), io.read_tensors(directory), meta.get("name", "default")
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise PeftkitError(f"{directory}: adapter format_version {version!r} is not one this peftkit reads "
+                           f"(1..{FORMAT_VERSION}); a newer peftkit wrote it, or the file is damaged")
+    tensors = files.tensors()  # (weights rewritten by another tool carry no checksums: read unverified)
+    if not isinstance(meta["config"], dict):
+        raise PeftkitError(f"{directory}: 'config' must be a JSON object")
+    name = meta.get("name", "default")
+    if not isinstance(name, str) or not name:
+        raise PeftkitError(f"{directory}: 'name' must be a non-empty string, got {name!r}")
+    return registry.config_from_dict(meta["config"]), tensors, name, ident
+
+
+def read_adapter(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    """(config, tensors keyed the peftkit way, saved name) of an adapter directory written by :func:`save` or by
+    Hugging Face PEFT; the model is not modified. The files are read as one unit and verified (checksums, format
+    version, config types and ranges); tensors are checked against the model by :func:`load`."""
+    return _read(model, directory)[:3]
 
 
 def load(
     model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, trainable: bool = False,
-    activate: bool = True,
+    activate: bool = True, allow_nonfinite: bool = False,
 ) -> str:
     """Load an adapter saved by :func:`save` (or by Hugging Face PEFT) into ``model``; returns its name.
 
-    Every tensor's name and shape is checked before the model is touched: on any mismatch the error names the
-    tensor and the model is left as it was."""
-    config, tensors, default_name = read_adapter(model, directory)
+    Every tensor's name, shape, dtype kind and values (finite, unless ``allow_nonfinite=True``) is checked before
+    the model is touched: on any problem the error names the tensor and the model is left as it was."""
+    config, tensors, default_name, ident = _read(model, directory)
     source = str(directory)
     name = name or default_name
     try:
         plan = _plan(model, config, name)
     except PeftkitError as e:
         raise PeftkitError(f"cannot load adapter {source}: {e}") from None
-    rest = load_into_plan(plan, tensors, source)
+    rest = load_into_plan(plan, tensors, source, allow_nonfinite=allow_nonfinite)
     _install(model, plan)
     _write_rest(model, plan, rest)
+    _adapter_id(model, name, ident)
     if activate:
         set_active(model, name, trainable=trainable)
     else:

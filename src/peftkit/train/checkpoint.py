@@ -25,6 +25,7 @@ first ``s`` batches of the data are skipped (the batches must be the same fresh 
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 from collections.abc import Sequence
@@ -202,8 +203,15 @@ class Checkpoint:
         raw = read_json(folder / _STATE_JSON)
         if raw.get("format") != FORMAT:
             raise PeftkitError(f"checkpoint {folder} has format {raw.get('format')!r}; this peftkit reads {FORMAT}")
-        self.state = unpack(raw, tensors)
-        self.step: int = int(self.state["step"])
+        try:
+            self.state = unpack(raw, tensors)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            raise PeftkitError(f"checkpoint {folder}: {_STATE_JSON} is damaged ({type(e).__name__}: {e})") from None
+        _validate_state(self.state, f"checkpoint {folder}")
+        for k, v in self.model_tensors.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise PeftkitError(f"checkpoint {folder}: tensor {k!r} holds NaN/inf; resume from an earlier one")
+        self.step: int = self.state["step"]
         self.meta: dict[str, Any] = self.state["meta"]
 
     def restore_procedures(self, procedures: Sequence[Procedure]) -> None:
@@ -230,6 +238,9 @@ class Checkpoint:
             if tuple(v.shape) != tuple(saved[k].shape):
                 raise PeftkitError(f"checkpoint {self.folder}: tensor {k!r} has shape {tuple(saved[k].shape)}, the "
                                    f"model's is {tuple(v.shape)}")
+            if v.is_floating_point() != saved[k].is_floating_point():
+                raise PeftkitError(f"checkpoint {self.folder}: tensor {k!r} is stored as {saved[k].dtype}, the "
+                                   f"model's is {v.dtype} (nothing is cast)")
         with torch.no_grad():
             for k, v in current.items():
                 v.copy_(saved[k].to(v.dtype))
@@ -251,6 +262,58 @@ class Checkpoint:
         _set_rng_state(self.state["rng"])
 
 
+_REQUIRED = {"step": int, "examples": int, "seconds": (int, float), "losses": list, "optimizer": dict,
+             "optimizer_params": list, "rng": dict, "procedures": list, "meta": dict}
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate_state(state: dict[str, Any], where: str) -> None:
+    """Every field of ``state.json`` present with its type and range, the RNG states loadable: one clear error."""
+    def bad(what: str) -> PeftkitError:
+        return PeftkitError(f"{where}: {_STATE_JSON} is damaged: {what}")
+
+    for key, tp in _REQUIRED.items():
+        if key not in state:
+            raise bad(f"required field {key!r} is missing")
+        if not isinstance(state[key], tp) or isinstance(state[key], bool):
+            raise bad(f"{key!r} must be {getattr(tp, '__name__', 'a number')}, got {state[key]!r:.80}")
+    if state["step"] < 0 or state["examples"] < 0 or not _number(state["seconds"]) or state["seconds"] < 0:
+        raise bad(f"step {state['step']}, examples {state['examples']} and seconds {state['seconds']} must be >= 0")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in state["losses"]):
+        raise bad("'losses' must hold numbers")
+    if len(state["losses"]) > state["step"]:
+        raise bad(f"{len(state['losses'])} losses recorded for {state['step']} steps")
+    groups = state["optimizer"].get("param_groups")
+    if not isinstance(groups, list) or not isinstance(state["optimizer"].get("state"), dict):
+        raise bad("the optimizer state has no 'param_groups' list or 'state' object")
+    for g in groups:
+        if not isinstance(g, dict) or not _number(g.get("lr")) or g["lr"] < 0:
+            raise bad(f"an optimizer param group's lr is {g.get('lr') if isinstance(g, dict) else g!r}, not a "
+                      "number >= 0")
+    sched = state.get("schedule")
+    if sched is not None:
+        lrs = sched.get("base_lrs", []) if isinstance(sched, dict) else None
+        if not isinstance(lrs, list) or not all(_number(x) for x in lrs):
+            raise bad("the schedule's base_lrs must be numbers")
+    if not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in state["optimizer_params"]):
+        raise bad("'optimizer_params' must be lists of parameter names")
+    if not all(isinstance(p, dict) and isinstance(p.get("class"), str) and "state" in p for p in state["procedures"]):
+        raise bad("each procedure entry needs 'class' and 'state'")
+    rng = state["rng"]
+    try:
+        torch.Generator().set_state(rng["torch"])
+        random.Random().setstate(rng["python"])
+        if "numpy" in rng:
+            import numpy as np
+
+            np.random.RandomState().set_state(rng["numpy"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise bad(f"the RNG state is unusable ({type(e).__name__}: {e})") from None
+
+
 def latest_checkpoint(directory: str | Path) -> Checkpoint:
     """The newest complete checkpoint under ``directory``; a clear error when there is none."""
     d = Path(directory)
@@ -262,3 +325,35 @@ def latest_checkpoint(directory: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise PeftkitError(f"{d / LATEST} names {folder.name!r}, which does not exist")
     return Checkpoint(folder)
+
+
+# -- the files a run reads ----------------------------------------------------------------------------------------
+def file_fingerprints(paths: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """``{key: {"path": absolute path, "sha256": ...}}`` for every value of ``paths`` that names a file (a run's
+    ``--data``): stored in the checkpoint so that a resumed run trains on the same bytes, from any directory."""
+    import hashlib
+
+    out = {}
+    for key, value in paths.items():
+        if isinstance(value, str) and value and Path(value).is_file():
+            h = hashlib.sha256()
+            with open(value, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[key] = {"path": str(Path(value).absolute()), "sha256": h.hexdigest()}
+    return out
+
+
+def check_fingerprints(stored: Any, where: str) -> None:
+    """Refuse to resume when a file the run read (:func:`file_fingerprints`) is gone or its content changed."""
+    if not isinstance(stored, dict):
+        raise PeftkitError(f"{where}: the stored input fingerprints are damaged")
+    for key, fp in stored.items():
+        if not isinstance(fp, dict) or not isinstance(fp.get("path"), str) or not isinstance(fp.get("sha256"), str):
+            raise PeftkitError(f"{where}: the stored fingerprint of --{key} is damaged")
+        now = file_fingerprints({key: fp["path"]}).get(key)
+        if now is None:
+            raise PeftkitError(f"{where}: the run's --{key} file {fp['path']} is gone; cannot resume on other data")
+        if now["sha256"] != fp["sha256"]:
+            raise PeftkitError(f"{where}: the run's --{key} file {fp['path']} changed since the run started "
+                               "(sha256 differs); resuming would train on other data")
