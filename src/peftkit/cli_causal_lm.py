@@ -17,6 +17,7 @@ from typing import Any
 from .cli import (
     TRAIN_INFO,
     _set_threads,
+    not_reproduced,
 )
 from .core.errors import PeftkitError
 from .core.io import read_json
@@ -239,4 +240,5 @@ def cmd_eval_causal_lm(args: argparse.Namespace) -> int:
         else:
             verdict = "DIFFERENT"
         print(f"recorded after training: loss {rec:.4f} — {verdict}")
+        not_reproduced(verdict, f"loss {loss:.4f}", f"loss {rec:.4f}")
     return 0

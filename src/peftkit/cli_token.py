@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import _model_label, _read_train_info, _set_threads, reproduction_verdict
+from .cli import _model_label, _read_train_info, _set_threads, not_reproduced, reproduction_verdict
 from .core.errors import PeftkitError
 
 TASK = "token-classification"
@@ -157,4 +157,6 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
             verdict = "DIFFERENT"
         print(f"recorded after training: entity F1 {rec['f1']:.4f}, token accuracy {rec['token_accuracy']:.4f} — "
               f"{verdict}")
+        not_reproduced(verdict, _scores_line(scores), f"entity F1 {rec['f1']:.4f}, token accuracy "
+                       f"{rec['token_accuracy']:.4f}")
     return 0

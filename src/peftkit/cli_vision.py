@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import TRAIN_INFO, _acc_line, _read_train_info, _set_threads, reproduction_verdict
+from .cli import TRAIN_INFO, _acc_line, _read_train_info, _set_threads, not_reproduced, reproduction_verdict
 from .core.errors import PeftkitError
 
 TASK = "image-classification"
@@ -74,7 +74,10 @@ def cmd_train_image(args: argparse.Namespace) -> int:
 
     data = load_image_data(args.data)  # every data error surfaces before the model loads
     if len(set(data.labels)) < 2:
-        raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found {data.label_names}")
+        from .data.text import present_labels
+
+        raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found only "
+                           f"{present_labels(data)}")
     train_idx, eval_idx = split_indices(len(data), run.eval_size(len(data)), args.split_seed)
 
     import torch
@@ -151,6 +154,7 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
     print(f"accuracy: {_acc_line(acc)} on {what}")
     if args.data is None and args.rank is None and "correct_after" in info:
         rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        print(f"recorded after training: {_acc_line(rec)} — "
-              f"{reproduction_verdict(rec[1], acc[1], rec[2], quantized=False)}")
+        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=False)
+        print(f"recorded after training: {_acc_line(rec)} — {verdict}")
+        not_reproduced(verdict, f"accuracy {_acc_line(acc)}", _acc_line(rec))
     return 0
