@@ -512,12 +512,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, eval_idx = D.split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
         subset, what = data.subset(eval_idx), f"the held-out split of {data.source}"
 
-    from .cli_run import load_for_eval
+    from .cli_run import check_max_length, load_for_eval
     from .models import load_classifier
     from .train.trainer import accuracy
 
     model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                        quantize=info.get("quantize"))
+    check_max_length(model, int(info["max_length"]))
     what = load_for_eval(model, adapter, args.rank, what)
     batches = D.Batches(D.encode(tokenizer, subset.texts, int(info["max_length"])), subset.labels,
                         int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])), D.pad_token_id(tokenizer),

@@ -83,6 +83,8 @@ class TrainRun:
         if "modules_to_save" not in fields:
             fields["modules_to_save"] = list(heads if heads is not None else classifier_head_names(model)) or None
         self.cfg = self.cfg_cls.from_dict(fields)
+        check_max_length(model, getattr(self.args, "max_length", None))
+        preflight(model, self.info, self.cfg)
         torch.manual_seed(self.args.seed)
         peftkit.adapt(model, self.cfg)
         procedures = method_procedures(self.info, model, self.cfg)
@@ -201,6 +203,78 @@ class TrainRun:
         print(f"saved adapter to {self.output}")
         print(f"wall time: {wall:.1f} s")
         return 0
+
+
+def check_max_length(model: nn.Module, max_length: int | None) -> None:
+    """``--max-length`` above the model's position table (``config.max_position_embeddings``, GPT-2's
+    ``n_positions``) would fail inside the forward pass (``expanded size (1502) must match (512)``): refuse it."""
+    config = getattr(model, "config", None)
+    limit = next((v for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise PeftkitError(f"--max-length {max_length} exceeds the model's {limit} positions "
+                           f"(config.max_position_embeddings); use --max-length <= {limit}")
+
+
+#: bytes per trained float32 value: the value, its gradient and AdamW's two moments
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable`` of ``/proc/meminfo``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def trainable_estimate(model: nn.Module, info: Any, cfg: Any) -> int | None:
+    """The trainable parameters ``peftkit.adapt(model, cfg)`` would create, from the method's formula
+    (``expected_params`` per targeted layer + ``shared_params``) plus the ``modules_to_save`` copies, computed without
+    building anything; None when the method has no formula. Every targeted layer's rank is checked first
+    (:meth:`~peftkit.core.adapter.Adapter.check_ranks`: the error names the layer)."""
+    from .core.host import Host
+    from .core.targeting import _matches, find_targets
+
+    if info.model_level:
+        try:
+            return int(info.adapter.expected_params(model, cfg))
+        except Exception:  # noqa: BLE001 - no formula for this model: adapt() itself reports real problems
+            return None
+    resolved = cfg.resolve(model)
+    hosts = [(path, Host(module, path)) for path, module in find_targets(model, resolved)]
+    for path, host in hosts:
+        info.adapter.check_ranks(host, resolved.for_module(path))
+    try:
+        n = sum(int(info.adapter.expected_params(h, resolved.for_module(p))) for p, h in hosts)
+        n += int(info.adapter.shared_params(resolved, [h for _, h in hosts]))
+    except Exception:  # noqa: BLE001 - no formula (or not for these layers): adapt() reports real problems
+        return None
+    for target in resolved.modules_to_save or []:
+        n += sum(p.numel() for name, m in model.named_modules() if name and _matches(name, [target])
+                 for p in m.parameters())
+    return n
+
+
+def preflight(model: nn.Module, info: Any, cfg: Any, available: int | None = None) -> None:
+    """Refuse, before anything is allocated, an adapter whose training state (parameters, gradients, AdamW moments:
+    :data:`TRAIN_BYTES_PER_PARAM` bytes each) needs more than the memory available (``available``, default
+    :func:`available_memory`); a rank above a layer's limit is refused first, naming the layer."""
+    n = trainable_estimate(model, info, cfg)
+    available = available_memory() if available is None else available
+    if n is None or available is None:
+        return
+    need = n * TRAIN_BYTES_PER_PARAM
+    if need > available:
+        raise PeftkitError(
+            f"the adapter would train {n:,} parameters: {need / 2**30:.1f} GiB for their values, gradients and AdamW "
+            f"states, more than the {available / 2**30:.1f} GiB of memory available; lower --rank or target fewer "
+            "layers"
+        )
 
 
 def _check_writable(output: Path) -> None:

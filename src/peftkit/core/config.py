@@ -7,6 +7,7 @@ Every method's config is a dataclass that inherits :class:`AdapterConfig`. ``fro
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -111,6 +112,10 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Method configs extend this with their own constraints (call ``super().validate()``)."""
+        for f in dataclasses.fields(self):  # NaN / inf in a float field (JSON reads NaN) would train silently wrong
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PeftkitError(f"{type(self).__name__}.{f.name} must be a finite number, got {value}")
         if not 0.0 <= self.dropout < 1.0:
             raise PeftkitError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}")
         if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
