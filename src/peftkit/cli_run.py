@@ -240,18 +240,16 @@ def trainable_estimate(model: nn.Module, info: Any, cfg: Any) -> int | None:
     from .core.host import Host
     from .core.targeting import _matches, find_targets
 
-    if info.model_level:
-        try:
-            return int(info.adapter.expected_params(model, cfg))
-        except Exception:  # noqa: BLE001 - no formula for this model: adapt() itself reports real problems
-            return None
     resolved = cfg.resolve(model)
-    hosts = [(path, Host(module, path)) for path, module in find_targets(model, resolved)]
+    hosts = [] if info.model_level else [(path, Host(module, path)) for path, module in find_targets(model, resolved)]
     for path, host in hosts:
         info.adapter.check_ranks(host, resolved.for_module(path))
     try:
-        n = sum(int(info.adapter.expected_params(h, resolved.for_module(p))) for p, h in hosts)
-        n += int(info.adapter.shared_params(resolved, [h for _, h in hosts]))
+        if info.model_level:
+            n = int(info.adapter.expected_params(model, resolved))
+        else:
+            n = sum(int(info.adapter.expected_params(h, resolved.for_module(p))) for p, h in hosts)
+            n += int(info.adapter.shared_params(resolved, [h for _, h in hosts]))
     except Exception:  # noqa: BLE001 - no formula (or not for these layers): adapt() reports real problems
         return None
     for target in resolved.modules_to_save or []:
@@ -271,10 +269,13 @@ def preflight(model: nn.Module, info: Any, cfg: Any, available: int | None = Non
     need = n * TRAIN_BYTES_PER_PARAM
     if need > available:
         raise PeftkitError(
-            f"the adapter would train {n:,} parameters: {need / 2**30:.1f} GiB for their values, gradients and AdamW "
-            f"states, more than the {available / 2**30:.1f} GiB of memory available; lower --rank or target fewer "
-            "layers"
+            f"the adapter would train {n:,} parameters: {_size(need)} for their values, gradients and AdamW states, "
+            f"more than the {_size(available)} of memory available; lower --rank or target fewer layers"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def _check_writable(output: Path) -> None:
