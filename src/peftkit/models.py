@@ -48,6 +48,14 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 
 
 def _load_message(what: str, model_dir: Any, e: BaseException) -> str:
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):  # torch's advice (weights_only=False) would run arbitrary code: not ours
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln or "Unsupported operand" in ln]
+        why = f" ({lines[0][:200]})" if lines else ""
+        return (f"cannot load {what} from {model_dir}: its pytorch_model.bin holds objects that torch's safe "
+                f"(weights_only) loading refuses{why}; peftkit never unpickles arbitrary objects — use a "
+                "model.safetensors file from a source you trust")
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if len(first) > 300:
         first = first[:300] + "…"
@@ -159,7 +167,10 @@ def load_token_classifier(
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """transformers' info logging and progress bars off (loading prints nothing), restored afterwards."""
+    """transformers' info logging, progress bars and Python warnings (e.g. torch's about a checkpoint's pickle
+    protocol) off — loading prints nothing, and a failure is one line — restored afterwards."""
+    import warnings
+
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -167,7 +178,9 @@ def _quiet_transformers() -> Iterator[None]:
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:

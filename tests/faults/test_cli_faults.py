@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import warnings
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -235,7 +236,8 @@ CASES: list[Case] = [
     ("model-config-not-json", lambda e: _train(e, model=e.files["bad_config"]), "cannot load a sequence-class"),
     ("model-truncated-safetensors", lambda e: _train(e, model=e.files["truncated"]), "SafetensorError"),
     ("model-no-weights", lambda e: _train(e, model=e.files["no_weights"]), "cannot load a sequence-classification"),
-    ("model-unsafe-pytorch-bin", lambda e: _train(e, model=e.files["unsafe_bin"]), "cannot load a sequence-class"),
+    ("model-unsafe-pytorch-bin", lambda e: _train(e, model=e.files["unsafe_bin"]),
+     "holds objects that torch's safe (weights_only) loading refuses"),
     # -- output / resume / usage -------------------------------------------------------------------------------
     ("output-under-a-file", lambda e: _train(e, "--output", str(e.files["a_file"] / "run")), "is a file, not a"),
     ("resume-missing", lambda e: ["train", "--resume", str(e.root / "no-run")], "is not a folder"),
@@ -281,10 +283,15 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit status, stdout, stderr of ``peftkit ARGV`` in-process; Python warnings (which pytest would hide) are
+    added to stderr, where a real process prints them."""
     capsys.readouterr()
-    rc = main(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(argv)
     cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return rc, cap.out, shown + cap.err
 
 
 @pytest.mark.parametrize("name, make, needle", CASES, ids=[c[0] for c in CASES])
