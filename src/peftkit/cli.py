@@ -420,6 +420,7 @@ def _train_classification(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names,
                                        quantize=args.quantize)
+    run.fit_max_length(model)
     _, procedures = run.adapt(model)
     pad = D.pad_token_id(tokenizer)
     ids = D.encode(tokenizer, data.texts, args.max_length)

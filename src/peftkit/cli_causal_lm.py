@@ -84,6 +84,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     from .train.causal_lm import answer, chat_batches, heldout_loss, perplexity
 
     model, tokenizer = load_causal_lm(model_dir, quantize=args.quantize)
+    run.fit_max_length(model)
     train_ids, train_labels, train_kept = _encode(tokenizer, data, train_idx, args.max_length)
     eval_ids, eval_labels, eval_kept = _encode(tokenizer, data, eval_idx, args.max_length)
     if not train_ids or not eval_ids:

@@ -42,6 +42,7 @@ class TrainRun:
 
     def __init__(self, args: argparse.Namespace, defaults: dict[str, Any], tag: str = "") -> None:
         self.wall_start = time.perf_counter()
+        self.max_length_given = getattr(args, "max_length", None) is not None  # else the task's default
         for key in ("batch_size", "max_length"):  # None: the task's default
             if getattr(args, key, None) is None and key in defaults:
                 setattr(args, key, defaults[key])
@@ -93,6 +94,16 @@ class TrainRun:
 
             procedures.append(DensityLoss(model, self.args.density_loss))
         return self.cfg, procedures
+
+    def fit_max_length(self, model: nn.Module) -> None:
+        """Called once the base model is loaded, before tokenising: a ``--max-length`` above the model's positions is
+        an error; the task's default max length is lowered to them, with a notice."""
+        limit = max_positions(model)
+        a = self.args
+        if limit is not None and a.max_length is not None and a.max_length > limit and not self.max_length_given:
+            print(f"max length: the task's default {a.max_length} exceeds the model's {limit} positions; using {limit}")
+            a.max_length = limit
+        check_max_length(model, a.max_length)
 
     def batches(self, make: Callable[[int], Iterable[Any]]) -> Iterable[Any]:
         """``make(batch_size)`` with the global batch size (``world_size × --batch-size``); under ``torchrun`` this
@@ -205,12 +216,17 @@ class TrainRun:
         return 0
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input ``model`` takes: its config's ``max_position_embeddings`` (GPT-2: ``n_positions``), or None."""
+    config = getattr(model, "config", None)
+    return next((v for k in ("max_position_embeddings", "n_positions")
+                 if isinstance(v := getattr(config, k, None), int) and not isinstance(v, bool) and v > 0), None)
+
+
 def check_max_length(model: nn.Module, max_length: int | None) -> None:
     """``--max-length`` above the model's position table (``config.max_position_embeddings``, GPT-2's
     ``n_positions``) would fail inside the forward pass (``expanded size (1502) must match (512)``): refuse it."""
-    config = getattr(model, "config", None)
-    limit = next((v for k in ("max_position_embeddings", "n_positions")
-                  if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+    limit = max_positions(model)
     if max_length is not None and limit is not None and max_length > limit:
         raise PeftkitError(f"--max-length {max_length} exceeds the model's {limit} positions "
                            f"(config.max_position_embeddings); use --max-length <= {limit}")

@@ -62,6 +62,7 @@ def cmd_train_token(args: argparse.Namespace) -> int:
     names = data.label_names
     model, tokenizer = load_token_classifier(model_dir, len(names), seed=args.seed, label_names=names,
                                              quantize=args.quantize)
+    run.fit_max_length(model)
     train_aligned = align(tokenizer, [data.words[i] for i in train_idx], [data.tags[i] for i in train_idx],
                           args.max_length)
     eval_aligned = align(tokenizer, [data.words[i] for i in eval_idx], None, args.max_length)
