@@ -476,3 +476,28 @@ def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch: pytest.Mon
     monkeypatch.setattr(cli, "cmd_methods", missing)
     rc, _, err = _run(["methods"], capsys)
     assert rc == 1 and err == "peftkit: error: No such file or directory: /x/tokenizer.json\n"
+
+
+def test_default_max_length_is_lowered_to_the_models_positions(capsys: pytest.CaptureFixture[str]) -> None:
+    """A task's default max length above a small model's position table is lowered to it (with a notice); the same
+    value given with --max-length is an error."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from peftkit.cli_run import TrainRun
+
+    model = nn.Module()
+    model.config = SimpleNamespace(max_position_embeddings=16)
+    run = object.__new__(TrainRun)
+    run.args, run.max_length_given = Namespace(max_length=64), False
+    run.fit_max_length(model)
+    assert run.args.max_length == 16
+    assert "default 64 exceeds the model's 16 positions; using 16" in capsys.readouterr().out
+    run.args, run.max_length_given = Namespace(max_length=64), True
+    with pytest.raises(PeftkitError, match="--max-length 64 exceeds the model's 16 positions"):
+        run.fit_max_length(model)
+    run.args = Namespace(max_length=16)
+    run.fit_max_length(model)  # at the limit: fine
+    assert run.args.max_length == 16
