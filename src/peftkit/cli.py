@@ -415,9 +415,11 @@ def _train_classification(args: argparse.Namespace) -> int:
                            f"{D.present_labels(data)}")
     train_idx, eval_idx = D.split_indices(len(data), run.eval_size(len(data)), args.split_seed)
 
+    from .cli_run import check_head_fits
     from .models import load_classifier
     from .train.trainer import accuracy
 
+    check_head_fits(model_dir, len(data.label_names))
     model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names,
                                        quantize=args.quantize)
     run.fit_max_length(model)

@@ -290,6 +290,30 @@ def preflight(model: nn.Module, info: Any, cfg: Any, available: int | None = Non
         )
 
 
+def check_head_fits(model_dir: Path, num_labels: int, available: int | None = None) -> None:
+    """Before the base model is loaded: refuse a ``num_labels``-way classifier head whose training state (the head
+    is trained in full: :data:`TRAIN_BYTES_PER_PARAM` bytes per value, plus the frozen original) needs more than the
+    memory available. The head's size is read from ``config.json`` (``hidden_size``, else ``d_model`` / ``n_embd``)."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # loading the model reports it
+    width = next((v for k in ("hidden_size", "d_model", "n_embd", "dim")
+                  if isinstance(v := config.get(k) if isinstance(config, dict) else None, int) and v > 0), None)
+    available = available_memory() if available is None else available
+    if width is None or available is None:
+        return
+    n = num_labels * (width + 1)
+    need = n * (TRAIN_BYTES_PER_PARAM + 4)
+    if need > available:
+        raise PeftkitError(
+            f"a {num_labels:,}-class head on {width}-wide features has {n:,} parameters: {_size(need)} to train, "
+            f"more than the {_size(available)} of memory available; use fewer classes"
+        )
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 

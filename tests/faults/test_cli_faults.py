@@ -452,6 +452,21 @@ def test_preflight_refuses_what_would_not_fit_in_memory(env: Env, monkeypatch: p
     assert not env.out.exists()
 
 
+def test_a_head_too_large_for_memory_is_refused_before_loading(env: Env, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Past the class cap (--max-classes raised), a 200,001-class head is still checked against the memory
+    available before the model is loaded."""
+    from peftkit import cli_run
+
+    n = 200_001 * (HIDDEN + 1)
+    monkeypatch.setattr(cli_run, "available_memory", lambda: 20 * n - 1)
+    monkeypatch.setattr("peftkit.models.load_classifier", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc, _, err = _run(_train(env, "--max-classes", "300000", data=env.files["label_200000"]), capsys)
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert f"a 200,001-class head on {HIDDEN}-wide features has {n:,} parameters: {20 * n / 2**20:.2f} MiB" in err
+    assert not env.out.exists()
+
+
 def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     import peftkit.cli as cli
