@@ -135,9 +135,7 @@ def _read_train_info(adapter: Path) -> dict[str, Any]:
         raise PeftkitError(f"adapter folder not found: {adapter}")
     if not path.is_file():
         raise PeftkitError(f"{adapter} has no {TRAIN_INFO}; only adapters made by 'peftkit train' can be evaluated")
-    info = read_json(path)
-    if not isinstance(info, dict):
-        raise PeftkitError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    info = read_json(path)  # a JSON object, else PeftkitError
     need = ("model", "data", "label_names", "max_length", "seed", "split_seed", "eval_size")
     missing = [k for k in need if k not in info]
     if missing:

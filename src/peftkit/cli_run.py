@@ -216,11 +216,20 @@ class TrainRun:
         return 0
 
 
+#: model types whose position ids start after the padding index (RoBERTa's embeddings): padding_idx + 1 fewer
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet")
+
+
 def max_positions(model: nn.Module) -> int | None:
-    """The longest input ``model`` takes: its config's ``max_position_embeddings`` (GPT-2: ``n_positions``), or None."""
+    """The longest input ``model`` takes: its config's ``max_position_embeddings`` (GPT-2: ``n_positions``), less
+    ``pad_token_id + 1`` for RoBERTa-style models, or None."""
     config = getattr(model, "config", None)
-    return next((v for k in ("max_position_embeddings", "n_positions")
-                 if isinstance(v := getattr(config, k, None), int) and not isinstance(v, bool) and v > 0), None)
+    limit = next((v for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(v := getattr(config, k, None), int) and not isinstance(v, bool) and v > 0), None)
+    pad = getattr(config, "pad_token_id", None)
+    if limit is not None and getattr(config, "model_type", None) in _OFFSET_POSITIONS and isinstance(pad, int):
+        limit -= pad + 1
+    return limit
 
 
 def check_max_length(model: nn.Module, max_length: int | None) -> None:

@@ -516,3 +516,21 @@ def test_default_max_length_is_lowered_to_the_models_positions(capsys: pytest.Ca
     run.args = Namespace(max_length=16)
     run.fit_max_length(model)  # at the limit: fine
     assert run.args.max_length == 16
+
+
+def test_max_positions_of_roberta_style_models() -> None:
+    """RoBERTa numbers positions from padding_idx + 1: 514 embeddings hold 512 tokens."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from peftkit.cli_run import max_positions
+
+    model = nn.Module()
+    model.config = SimpleNamespace(model_type="roberta", max_position_embeddings=514, pad_token_id=1)
+    assert max_positions(model) == 512
+    model.config = SimpleNamespace(model_type="bert", max_position_embeddings=512, pad_token_id=0)
+    assert max_positions(model) == 512
+    model.config = SimpleNamespace(model_type="gpt2", n_positions=1024)
+    assert max_positions(model) == 1024
+    assert max_positions(nn.Linear(2, 2)) is None
