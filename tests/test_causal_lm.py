@@ -356,12 +356,12 @@ def test_cli_bad_inputs_are_one_line_errors(lm_trained: tuple[Path, str], tiny_l
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (bare / name).write_bytes((out / name).read_bytes())
     cases = [
-        (["generate", "--adapter", str(out), "--max-new-tokens", "0", "q"], "--max-new-tokens must be >= 1"),
+        (["generate", "--adapter", str(out), "--max-new-tokens", "0", "q"], "argument --max-new-tokens: must be >= 1"),
         (["generate", "--adapter", str(tmp_path / "none"), "q"], "adapter folder not found"),
         (["generate", "--adapter", str(bare), "q"], "has no train_info.json; pass --model DIR"),
         (["train", "--examples", "2"], "--examples applies only to --task causal-lm"),
         (["train", "--task", "causal-lm", "--model", str(tiny_lm_dir), "--data", str(chat_file), "--examples", "-1"],
-         "--examples must be >= 0"),
+         "argument --examples: must be >= 0"),
         (["train", "--task", "causal-lm", "--model", str(tiny_lm_dir), "--data", str(chat_file), "--output",
           str(out)], "already exists and is not empty"),
         (["train", "--task", "causal-lm", "--model", str(tiny_lm_dir), "--data", str(chat_file), "--rnak", "3"],

@@ -188,7 +188,7 @@ def test_unknown_method_is_an_error(tiny_model_dir: Path, csv_file: Path, tmp_pa
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["train", "--rank", "x"], "invalid int value"),
+    (["train", "--rank", "x"], "argument --rank: expected an integer, got 'x'"),
     (["train", "--steps", "3", "--epochs", "1"], "not allowed with"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
@@ -406,8 +406,8 @@ def test_head_lr_trains_the_head_at_its_own_rate(tiny_model_dir: Path, csv_file:
     head = [k for k in a if "classifier" in k]
     assert head and all(not torch.allclose(a[k], b[k]) for k in head)
     capsys.readouterr()
-    assert main(_train_args(tiny_model_dir, csv_file, tmp_path / "bad", "--head-lr", "0")) == 1
-    assert "--head-lr must be > 0" in capsys.readouterr().err
+    assert main(_train_args(tiny_model_dir, csv_file, tmp_path / "bad", "--head-lr", "0")) == 2  # argparse: usage
+    assert "argument --head-lr: must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

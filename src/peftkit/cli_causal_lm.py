@@ -19,6 +19,7 @@ from .cli import (
     _other_device,
     _set_threads,
     eval_device,
+    not_reproduced,
 )
 from .core.errors import PeftkitError
 from .core.io import read_json
@@ -85,6 +86,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     from .train.causal_lm import answer, chat_batches, heldout_loss, perplexity
 
     model, tokenizer = load_causal_lm(model_dir, quantize=args.quantize)
+    run.fit_max_length(model)
     train_ids, train_labels, train_kept = _encode(tokenizer, data, train_idx, args.max_length)
     eval_ids, eval_labels, eval_kept = _encode(tokenizer, data, eval_idx, args.max_length)
     if not train_ids or not eval_ids:
@@ -247,4 +249,5 @@ def cmd_eval_causal_lm(args: argparse.Namespace) -> int:
         else:
             verdict = "DIFFERENT"
         print(f"recorded after training: loss {rec:.4f} — {verdict}")
+        not_reproduced(verdict, f"loss {loss:.4f}", f"loss {rec:.4f}")
     return 0

@@ -52,6 +52,7 @@ class TrainRun:
 
     def __init__(self, args: argparse.Namespace, defaults: dict[str, Any], tag: str = "") -> None:
         self.wall_start = time.perf_counter()
+        self.max_length_given = getattr(args, "max_length", None) is not None  # else the task's default
         for key in ("batch_size", "max_length"):  # None: the task's default
             if getattr(args, key, None) is None and key in defaults:
                 setattr(args, key, defaults[key])
@@ -103,6 +104,8 @@ class TrainRun:
         if "modules_to_save" not in fields:
             fields["modules_to_save"] = list(heads if heads is not None else classifier_head_names(model)) or None
         self.cfg = self.cfg_cls.from_dict(fields)
+        check_max_length(model, getattr(self.args, "max_length", None))
+        preflight(model, self.info, self.cfg)
         torch.manual_seed(self.args.seed)
         peftkit.adapt(model, self.cfg)  # on the CPU, where the model was loaded: the same init on every device
         model.to(self.device)
@@ -112,6 +115,16 @@ class TrainRun:
 
             procedures.append(DensityLoss(model, self.args.density_loss))
         return self.cfg, procedures
+
+    def fit_max_length(self, model: nn.Module) -> None:
+        """Called once the base model is loaded, before tokenising: a ``--max-length`` above the model's positions is
+        an error; the task's default max length is lowered to them, with a notice."""
+        limit = max_positions(model)
+        a = self.args
+        if limit is not None and a.max_length is not None and a.max_length > limit and not self.max_length_given:
+            print(f"max length: the task's default {a.max_length} exceeds the model's {limit} positions; using {limit}")
+            a.max_length = limit
+        check_max_length(model, a.max_length)
 
     def batches(self, make: Callable[[int], Iterable[Any]]) -> Iterable[Any]:
         """``make(batch_size)`` with the global batch size (``world_size × --batch-size``); under ``torchrun`` this
@@ -238,6 +251,117 @@ class TrainRun:
         print(f"saved adapter to {self.output}")
         print(f"wall time: {wall:.1f} s")
         return 0
+
+
+#: model types whose position ids start after the padding index (RoBERTa's embeddings): padding_idx + 1 fewer
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input ``model`` takes: its config's ``max_position_embeddings`` (GPT-2: ``n_positions``), less
+    ``pad_token_id + 1`` for RoBERTa-style models, or None."""
+    config = getattr(model, "config", None)
+    limit = next((v for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(v := getattr(config, k, None), int) and not isinstance(v, bool) and v > 0), None)
+    pad = getattr(config, "pad_token_id", None)
+    if limit is not None and getattr(config, "model_type", None) in _OFFSET_POSITIONS and isinstance(pad, int):
+        limit -= pad + 1
+    return limit
+
+
+def check_max_length(model: nn.Module, max_length: int | None) -> None:
+    """``--max-length`` above the model's position table (``config.max_position_embeddings``, GPT-2's
+    ``n_positions``) would fail inside the forward pass (``expanded size (1502) must match (512)``): refuse it."""
+    limit = max_positions(model)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise PeftkitError(f"--max-length {max_length} exceeds the model's {limit} positions "
+                           f"(config.max_position_embeddings); use --max-length <= {limit}")
+
+
+#: bytes per trained float32 value: the value, its gradient and AdamW's two moments
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable`` of ``/proc/meminfo``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def trainable_estimate(model: nn.Module, info: Any, cfg: Any) -> int | None:
+    """The trainable parameters ``peftkit.adapt(model, cfg)`` would create, from the method's formula
+    (``expected_params`` per targeted layer + ``shared_params``) plus the ``modules_to_save`` copies, computed without
+    building anything; None when the method has no formula. Every targeted layer's rank is checked first
+    (:meth:`~peftkit.core.adapter.Adapter.check_ranks`: the error names the layer)."""
+    from .core.host import Host
+    from .core.targeting import _matches, find_targets
+
+    resolved = cfg.resolve(model)
+    hosts = [] if info.model_level else [(path, Host(module, path)) for path, module in find_targets(model, resolved)]
+    for path, host in hosts:
+        info.adapter.check_ranks(host, resolved.for_module(path))
+    try:
+        if info.model_level:
+            n = int(info.adapter.expected_params(model, resolved))
+        else:
+            n = sum(int(info.adapter.expected_params(h, resolved.for_module(p))) for p, h in hosts)
+            n += int(info.adapter.shared_params(resolved, [h for _, h in hosts]))
+    except Exception:  # noqa: BLE001 - no formula (or not for these layers): adapt() reports real problems
+        return None
+    for target in resolved.modules_to_save or []:
+        n += sum(p.numel() for name, m in model.named_modules() if name and _matches(name, [target])
+                 for p in m.parameters())
+    return n
+
+
+def preflight(model: nn.Module, info: Any, cfg: Any, available: int | None = None) -> None:
+    """Refuse, before anything is allocated, an adapter whose training state (parameters, gradients, AdamW moments:
+    :data:`TRAIN_BYTES_PER_PARAM` bytes each) needs more than the memory available (``available``, default
+    :func:`available_memory`); a rank above a layer's limit is refused first, naming the layer."""
+    n = trainable_estimate(model, info, cfg)
+    available = available_memory() if available is None else available
+    if n is None or available is None:
+        return
+    need = n * TRAIN_BYTES_PER_PARAM
+    if need > available:
+        raise PeftkitError(
+            f"the adapter would train {n:,} parameters: {_size(need)} for their values, gradients and AdamW states, "
+            f"more than the {_size(available)} of memory available; lower --rank or target fewer layers"
+        )
+
+
+def check_head_fits(model_dir: Path, num_labels: int, available: int | None = None) -> None:
+    """Before the base model is loaded: refuse a ``num_labels``-way classifier head whose training state (the head
+    is trained in full: :data:`TRAIN_BYTES_PER_PARAM` bytes per value, plus the frozen original) needs more than the
+    memory available. The head's size is read from ``config.json`` (``hidden_size``, else ``d_model`` / ``n_embd``)."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # loading the model reports it
+    width = next((v for k in ("hidden_size", "d_model", "n_embd", "dim")
+                  if isinstance(v := config.get(k) if isinstance(config, dict) else None, int) and v > 0), None)
+    available = available_memory() if available is None else available
+    if width is None or available is None:
+        return
+    n = num_labels * (width + 1)
+    need = n * (TRAIN_BYTES_PER_PARAM + 4)
+    if need > available:
+        raise PeftkitError(
+            f"a {num_labels:,}-class head on {width}-wide features has {n:,} parameters: {_size(need)} to train, "
+            f"more than the {_size(available)} of memory available; use fewer classes"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def _check_writable(output: Path) -> None:

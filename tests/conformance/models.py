@@ -19,6 +19,10 @@ from torch import nn
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     # the tiny models have one layer per module type: MoS then needs r − r_p ≤ (r_e − r_p)·1
     "mos": {"r": 4, "r_e": 4, "r_p": 2, "l": 2},
+    # MTLoRA: the official r = 64 exceeds the tiny layers' min(d_in, d_out) (a rank above it is refused)
+    "mtlora": {"r": 8},
+    # RandLoRA: likewise its default basis rank r = 32 (N = ⌈m/r⌉ bases; r > m = min(d_in, d_out) adds nothing)
+    "randlora": {"r": 16},
     # L4Q: several (Δ, β) groups per row (and a partial last group on conv2d's d_in = 27)
     "l4q": {"group_size": 8},
     # QWHA: the budget p = r·(d_in + d_out) must stay below d_out·d_in on the 16-wide layers (r = 8 fills them)

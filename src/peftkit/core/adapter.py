@@ -114,6 +114,7 @@ class Adapter(nn.Module):
 
     def __init__(self, host: Host, config: AdapterConfig, context: PlanContext | None = None) -> None:
         super().__init__()
+        self.check_ranks(host, config)  # before a subclass allocates r-sized factors
         self.host = host
         self.config = config
         # a plain attribute (not a registered submodule): the store is saved once, not once per layer
@@ -189,6 +190,30 @@ class Adapter(nn.Module):
     def set_rank(self, b: int) -> None:
         """Compute with rank ``b`` from now on (only called with ``b`` inside :meth:`rank_range`)."""
         raise PeftkitError(f"{type(self).__name__} has no adjustable rank")
+
+    # -- bounds ----------------------------------------------------------------------------------------
+    @classmethod
+    def rank_limits(cls, host: Host, config: Any) -> dict[str, int]:
+        """The largest value each rank field of ``config`` may take on ``host``. Default: a config field ``r`` (an
+        integer) is a rank, at most min(d_in, d_out) — a larger one adds parameters and no expressiveness. A method
+        whose ``r`` counts something else overrides this (e.g. PaCA's trained input columns: r <= d_in)."""
+        r = getattr(config, "r", None)
+        if isinstance(r, int) and not isinstance(r, bool):
+            return {"r": min(host.d_in, host.d_out)}
+        return {}
+
+    @classmethod
+    def check_ranks(cls, host: Host, config: Any) -> None:
+        """:class:`PeftkitError` naming the layer when a rank field of ``config`` exceeds :meth:`rank_limits`. The
+        core calls it for every targeted layer before an adapter is built (no r-sized tensor is ever allocated)."""
+        for field_name, limit in cls.rank_limits(host, config).items():
+            value = getattr(config, field_name)
+            if value > limit:
+                raise PeftkitError(
+                    f"module {host.name!r}: rank {value} exceeds this layer's limit of {limit} "
+                    f"({type(config).__name__}.{field_name}; d_in={host.d_in}, d_out={host.d_out}); use a rank <= "
+                    f"{limit} or target other layers"
+                )
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     @classmethod

@@ -172,6 +172,10 @@ class AdapterConfig(metaclass=_ConfigType):
 
     def validate(self) -> None:
         """Method configs extend this with their own constraints (call ``super().validate()``)."""
+        for f in dataclasses.fields(self):  # NaN / inf in a float field (JSON reads NaN) would train silently wrong
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PeftkitError(f"{type(self).__name__}.{f.name} must be a finite number, got {value}")
         if not 0.0 <= self.dropout < 1.0:
             raise PeftkitError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}")
         if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):

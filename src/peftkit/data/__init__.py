@@ -1,6 +1,7 @@
 """Embedded data sets and tokenisation helpers (see :mod:`peftkit.data.text`)."""
 
 from .text import (
+    MAX_CLASSES,
     ROTTEN_TOMATOES,
     Batches,
     TextData,
@@ -11,10 +12,11 @@ from .text import (
     load_rotten_tomatoes,
     load_table,
     pad_token_id,
+    present_labels,
     split_indices,
 )
 
 __all__ = [
-    "ROTTEN_TOMATOES", "Batches", "TextData", "collate", "encode", "infer_label_names", "load_data",
-    "load_rotten_tomatoes", "load_table", "pad_token_id", "split_indices",
+    "MAX_CLASSES", "ROTTEN_TOMATOES", "Batches", "TextData", "collate", "encode", "infer_label_names", "load_data",
+    "load_rotten_tomatoes", "load_table", "pad_token_id", "present_labels", "split_indices",
 ]

@@ -29,6 +29,10 @@ ROTTEN_TOMATOES = "rotten_tomatoes"
 _RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
 _RT_LABELS = ["rotten", "fresh"]  # rotten = 0, fresh = 1
 _INT = re.compile(r"[+-]?\d+")
+#: a decimal number as a file may write an integral label: ``1.0``, ``1e0``, ``+1.``
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+#: the classes a classifier head may have unless the caller says otherwise (``peftkit train --max-classes``)
+MAX_CLASSES = 10_000
 
 
 @dataclass
@@ -72,10 +76,11 @@ def load_rotten_tomatoes() -> TextData:
 
 @contextlib.contextmanager
 def open_text(path: Path, newline: str | None = None) -> Iterator[TextIO]:
-    """``path`` opened as UTF-8 text; a missing file, a folder or bytes that are not UTF-8 (while reading too) become
-    one clear :class:`PeftkitError`."""
+    """``path`` opened as UTF-8 text (a leading byte-order mark is dropped, as spreadsheet programs write one); a
+    missing file, a folder, a file that cannot be read or bytes that are not UTF-8 (while reading too) become one clear
+    :class:`PeftkitError`."""
     try:
-        with open(path, encoding="utf-8", newline=newline) as f:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
             yield f
     except FileNotFoundError:
         raise PeftkitError(f"data file not found: {path}") from None
@@ -83,6 +88,8 @@ def open_text(path: Path, newline: str | None = None) -> Iterator[TextIO]:
         raise PeftkitError(f"data path is a directory, not a file: {path}") from None
     except UnicodeDecodeError as e:
         raise PeftkitError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except PermissionError:
+        raise PeftkitError(f"data file cannot be read (permission denied): {path}") from None
 
 
 def json_objects(lines: Iterable[str], path: Path, expected: str = "a JSON object") -> Iterator[tuple[int, dict]]:
@@ -133,6 +140,8 @@ def _read_rows(path: Path) -> list[tuple[int, Any, Any]]:
 
 
 def _label_key(path: Path, n: int, raw: Any) -> str:
+    """The label's name: stripped text; a number that is integral is written as that integer, so ``1``, ``1.0``,
+    ``01`` and ``1e0`` (and JSON's ``1`` / ``1.0``) are one class ``"1"``; other numbers (``0.5``) stay text."""
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
     if isinstance(raw, bool) or not isinstance(raw, str | int):
@@ -140,32 +149,53 @@ def _label_key(path: Path, n: int, raw: Any) -> str:
     key = str(raw).strip()
     if not key:
         raise PeftkitError(f"{path}:{n}: empty label")
-    return str(int(key)) if _INT.fullmatch(key) else key
+    if _INT.fullmatch(key):
+        return str(int(key))
+    if _NUMBER.fullmatch(key) and float(key).is_integer():
+        return str(int(float(key)))
+    return key
 
 
-def infer_label_names(keys: Sequence[str]) -> list[str]:
-    """Integer labels ``0..K-1`` keep their value; string labels are numbered in sorted order."""
+def infer_label_names(keys: Sequence[str], max_classes: int = MAX_CLASSES) -> list[str]:
+    """Integer labels ``0..K-1`` keep their value (label ``k`` is class ``k``, so K = the largest label + 1); string
+    labels are numbered in sorted order. More than ``max_classes`` classes is an error (a stray label such as 200000
+    would otherwise build a 200,001-way head)."""
     distinct = set(keys)
     if all(_INT.fullmatch(k) for k in distinct):
         values = sorted(int(k) for k in distinct)
         if values[0] < 0:
             raise PeftkitError(f"integer labels must be >= 0, got {values[0]}")
+        if values[-1] + 1 > max_classes:
+            raise PeftkitError(
+                f"integer label {values[-1]} would make a {values[-1] + 1:,}-class head (integer labels are class "
+                f"indices 0..K-1; {len(values):,} distinct labels are used), more than the limit of {max_classes:,} "
+                "classes (--max-classes)"
+            )
         return [str(i) for i in range(values[-1] + 1)]
+    if len(distinct) > max_classes:
+        raise PeftkitError(f"{len(distinct):,} distinct labels, more than the limit of {max_classes:,} classes "
+                           "(--max-classes)")
     return sorted(distinct)
 
 
-def load_table(path: str | Path, label_names: Sequence[str] | None = None) -> TextData:
+def present_labels(data: Any) -> list[str]:
+    """The names of the labels that occur in ``data`` (integer labels may leave classes unused)."""
+    return [data.label_names[i] for i in sorted(set(data.labels))]
+
+
+def load_table(path: str | Path, label_names: Sequence[str] | None = None, *,
+               max_classes: int = MAX_CLASSES) -> TextData:
     """Read a ``.csv`` / ``.tsv`` / ``.jsonl`` file with ``text`` and ``label`` columns.
 
     ``label_names`` (from a trained adapter) fixes the label numbering; a label outside it is an error. Without
-    it the numbering is inferred (:func:`infer_label_names`)."""
+    it the numbering is inferred (:func:`infer_label_names`, at most ``max_classes`` classes)."""
     path = Path(path)
     rows = _read_rows(path)
     keys = [_label_key(path, n, raw) for n, _, raw in rows]
     for n, text, _ in rows:
         if not isinstance(text, str):
             raise PeftkitError(f"{path}:{n}: text must be a string, got {type(text).__name__}")
-    names = list(label_names) if label_names is not None else infer_label_names(keys)
+    names = list(label_names) if label_names is not None else infer_label_names(keys, max_classes)
     index = {name: i for i, name in enumerate(names)}
     labels: list[int] = []
     for (n, _, _), k in zip(rows, keys):
@@ -175,14 +205,15 @@ def load_table(path: str | Path, label_names: Sequence[str] | None = None) -> Te
     return TextData([t for _, t, _ in rows], labels, names, str(path.resolve()))
 
 
-def load_data(source: str | None, label_names: Sequence[str] | None = None) -> TextData:
+def load_data(source: str | None, label_names: Sequence[str] | None = None, *,
+              max_classes: int = MAX_CLASSES) -> TextData:
     """``None`` or ``"rotten_tomatoes"``: the embedded reviews; anything else: a file for :func:`load_table`."""
     if source is None or source == ROTTEN_TOMATOES:
         data = load_rotten_tomatoes()
         if label_names is not None and list(label_names) != data.label_names:
             raise PeftkitError(f"the adapter's labels {list(label_names)} are not Rotten Tomatoes' {data.label_names}")
         return data
-    return load_table(source, label_names)
+    return load_table(source, label_names, max_classes=max_classes)
 
 
 # -- splitting, tokenising, batching --------------------------------------------------------------------------

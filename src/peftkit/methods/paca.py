@@ -122,13 +122,12 @@ class _PacaLinear(torch.autograd.Function):
     hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
 )
 class Paca(Adapter):
+    @classmethod
+    def rank_limits(cls, host: Host, config: PacaConfig) -> dict[str, int]:
+        return {"r": host.d_in}  # r counts trained input columns, not a rank
+
     def __init__(self, host: Host, config: PacaConfig) -> None:
         super().__init__(host, config)
-        if config.r > host.d_in:
-            raise PeftkitError(
-                f"module {host.name!r}: PaCA trains r = {config.r} input columns but the layer has only "
-                f"d_in = {host.d_in}; it needs r <= d_in"
-            )
         self.r, self.s = config.r, config.scaling
         g = torch.Generator(device="cpu").manual_seed(column_seed(config.seed, host.name))  # same on any device
         w = host.weight_2d().detach()
