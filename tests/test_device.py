@@ -119,8 +119,8 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int) -> str:
     (("--device", "cuda"), "--device cuda: this machine has no CUDA device"),
     (("--device", "mps"), "--device mps: this machine has no MPS"),
     (("--device", "cpu", "--precision", "fp16"), "--precision fp16 needs a CUDA or MPS device"),
-    (("--grad-accum", "0"), "--grad-accum must be >= 1"),
-    (("--grad-accum", "-2"), "--grad-accum must be >= 1"),
+    (("--grad-accum", "0"), "argument --grad-accum: must be >= 1"),
+    (("--grad-accum", "-2"), "argument --grad-accum: must be >= 1"),
 ])
 def test_bad_device_options_are_one_line_and_write_nothing(tiny: tuple[Path, Path], tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str],

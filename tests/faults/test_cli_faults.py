@@ -384,7 +384,17 @@ def test_eval_exits_1_when_the_metric_is_not_reproduced(env: Env, capsys: pytest
     def recorded_other(i: dict) -> None:
         i["correct_after"], i["accuracy_after"] = changed, changed / i["eval_size"]
 
-    rc, stdout, err = _run(_eval(_tampered(env, recorded_other)), capsys)
+    # the run info is part of the checksummed unit: a hand edit is refused, so write the changed record as a real save
+    from safetensors import safe_open
+
+    from peftkit.core import io
+
+    dest = _tampered(env, recorded_other)
+    with safe_open(str(dest / "adapter_model.safetensors"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    io.write_adapter(dest, io.read_json(dest / "adapter_config.json"), tensors, meta, overwrite=True,
+                     extra={"train_info.json": (dest / "train_info.json").read_bytes()})
+    rc, stdout, err = _run(_eval(dest), capsys)
     assert rc == 1 and "DIFFERENT" in stdout
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("peftkit: error: not reproduced:"), err

@@ -436,6 +436,8 @@ def _read_once(d: Path) -> AdapterFiles:
         if not isinstance(hashes, dict) or CONFIG_NAME not in hashes:
             raise PeftkitError(f"{d / WEIGHTS_NAME} is damaged: its file checksums are missing or unreadable")
         for name, want in hashes.items():
+            if name not in files and name != CONFIG_NAME:
+                continue  # an optional file (run info) left out when the adapter was copied: nothing to mix up
             if name not in files or sha256(files[name]) != want:
                 raise (_Torn if _swapping(d, ino) else PeftkitError)(
                     f"{d}: {name} does not belong with {WEIGHTS_NAME} (sha256 checksum mismatch: the file was changed, "
