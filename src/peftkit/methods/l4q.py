@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from peftkit.core import precision
 from peftkit.core.adapter import Adapter
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
@@ -138,7 +139,8 @@ class L4q(ReplacedWeight, Adapter):
         if self.host.kind not in ("linear", "gpt2_conv1d"):
             return super().fused_forward(x)
         w0, bias = self.host.weight_2d(), self.host.bias
-        if w0.requires_grad or x.dtype != torch.float32 or w0.dtype != torch.float32:
+        # the fake-quantised W0 + s·B·A is built in float32: in half precision (autocast included) the generic path
+        if w0.requires_grad or precision.fused_dtype(x, w0, folds=True) != torch.float32:
             return None
         return _L4QLinear.apply(x, w0, bias, self.lora_A, self.lora_B, self.l4q_step, self.l4q_offset, self.s,
                                 self.bits, self.group_size, self.g)

@@ -1,0 +1,155 @@
+"""Mixed precision, decided once for every method: in which dtype an adapted layer computes, in which dtype the
+adapter keeps its parameters, and what a merge into a half-precision weight does.
+
+* **Compute dtype** — an adapted layer computes in the dtype its host layer alone would: under
+  ``torch.autocast`` for the input's device, the autocast dtype (float32/half inputs; float64 is left alone, as
+  autocast does); otherwise the host weight's dtype. The generic path gets this from autocast and from the
+  ``.to(base_out.dtype)`` the core applies to every delta; a fused kernel asks :func:`fused_dtype` and, given a
+  dtype, casts its operands to it once (:func:`cast`: differentiable, so float32 parameters get float32 gradients)
+  and runs with autocast off inside (:func:`kernel`) — autocast would otherwise re-cast inside the hand-written
+  forward and break its ``out=`` buffers.
+* **Which fused kernels run in half precision** — :func:`fused_dtype` is the one predicate every fused entry
+  consults, with ``folds=True`` for a kernel that adds the update into a weight-sized tensor (``W + s·B·A``,
+  DoRA's ``diag(m/n)·V``, IA3's ``W·diag(l)``): in bfloat16/float16 that sum would round a small update away, so
+  such a kernel gets None (the generic path, which adds the update to the *output*). Kernels that keep the update
+  on the activation path (LoRA's r-wide GEMM) run in half precision.
+* **Adapter parameter dtype** — float32 when the host weight is bfloat16/float16 (:func:`keep_float32_`, applied by
+  ``peftkit.adapt`` to every adapter; Hugging Face PEFT's default ``autocast_adapter_dtype=True``): the optimiser
+  updates master values at 24-bit precision, where in bfloat16 (8 bits) a step below 2⁻⁹ of a value is rounded
+  away. The computation is still in the compute dtype above. To train half-precision adapters instead, cast the
+  model after ``adapt`` (``model.to(torch.bfloat16)`` casts the adapters too).
+* **Merging into a half-precision weight** — see :class:`HalfMerge`: computed in float32 and rounded once; the
+  unmerge restores the original weight bit for bit; an update the weight's rounding mostly erases is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+HALF = (torch.float16, torch.bfloat16)
+WIDE = (torch.float32, torch.float64)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a matmul on ``x`` in, or None when autocast is off for x's device or does
+    not touch ``x`` (not floating point, or float64)."""
+    dev = x.device.type
+    if not x.is_floating_point() or x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a host layer computes in on input ``x``: the autocast dtype under autocast, else x's own dtype
+    (which, outside autocast, must be the host weight's)."""
+    return autocast_dtype(x) or x.dtype
+
+
+def fused_dtype(x: torch.Tensor, w: torch.Tensor, *, folds: bool = False) -> torch.dtype | None:
+    """The one decision every fused kernel consults: the dtype it runs in, or None to take the generic path.
+
+    None when the host would not run on ``x`` as given (outside autocast, x and the frozen weight ``w`` differ in
+    dtype: the generic path raises the host layer's own error), and in half precision for a kernel that ``folds``
+    the update into a weight-sized sum (the sum would round the update away)."""
+    if not w.is_floating_point():
+        return None
+    dt = autocast_dtype(x)
+    if dt is None:
+        if x.dtype != w.dtype:
+            return None
+        dt = x.dtype
+    if folds and dt not in WIDE:
+        return None
+    return dt
+
+
+def cast(dt: torch.dtype, *tensors: torch.Tensor | None) -> tuple[Any, ...]:
+    """``tensors`` in dtype ``dt`` (floating ones; None and integer tensors pass through). Differentiable: a
+    float32 parameter cast to bfloat16 for a kernel gets its gradient back in float32."""
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != dt else t for t in tensors)
+
+
+@contextlib.contextmanager
+def autocast_off(*tensors: Any) -> Iterator[None]:
+    """Autocast disabled for the device of the first tensor among ``tensors`` (if it was enabled there)."""
+    dev = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
+    if dev is None or not torch.is_autocast_enabled(dev):
+        yield
+        return
+    with torch.autocast(dev, enabled=False):
+        yield
+
+
+def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for the ``forward`` and ``backward`` of a fused autograd function: run with autocast off on the
+    device of its tensors — the entry has already cast them to :func:`fused_dtype` (a backward called inside an
+    autocast block would otherwise re-cast too)."""
+
+    @functools.wraps(fn)
+    def run(ctx: Any, *args: Any) -> Any:
+        with autocast_off(*args):
+            return fn(ctx, *args)
+
+    return run
+
+
+def keep_float32_(adapter: nn.Module) -> None:
+    """Store the half-precision (bfloat16/float16) floating parameters of ``adapter`` in float32, in place (the
+    same Parameter objects, so tensors shared between layers stay shared). Buffers (fixed random bases, indices)
+    keep their dtype."""
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.dtype in HALF:
+                p.data = p.data.float()
+
+
+def rounding_error(w_exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest absolute error of ``w_exact`` rounded to ``dtype``."""
+    return float((w_exact.to(dtype).to(w_exact.dtype) - w_exact).abs().max()) if w_exact.numel() else 0.0
+
+
+class HalfMerge:
+    """What merging into a bfloat16/float16 host weight ``w0`` keeps: the merged weight is computed in float32 and
+    rounded once; :meth:`restore` gives ``w0`` back bit for bit from the merged weight by running the adapters'
+    unmerge in float32 and rounding, then patching the entries where that rounding misses (kept here, usually
+    none or a few: an entry misses only when the merged value lies in a coarser binade than the original).
+
+    ``lost`` is ‖round(W) − W‖ / ‖W − W0‖ for the exact merged ``W``: the share of the update that the weight's
+    rounding erases (≥ 0.5: most of it — reported with a warning by :func:`check_merge_loss`)."""
+
+    def __init__(self, w0: torch.Tensor, merged: torch.Tensor, back: torch.Tensor) -> None:
+        miss = (back != w0).reshape(-1).nonzero().squeeze(1)
+        self.idx, self.values = miss, w0.reshape(-1).index_select(0, miss)
+        self.error = rounding_error(merged, w0.dtype)
+        update = float((merged - w0.to(merged.dtype)).norm())
+        err = float((merged.to(w0.dtype).to(merged.dtype) - merged).norm())
+        self.lost = err / update if update > 0 else 0.0
+
+    def restore(self, back: torch.Tensor) -> torch.Tensor:
+        """The original weight from ``back`` (the adapters' unmerge of the merged weight, rounded to its dtype)."""
+        out = back.reshape(-1).clone()
+        out[self.idx] = self.values
+        return out.view(back.shape)
+
+
+def upcast(w: torch.Tensor) -> torch.Tensor:
+    """A half-precision weight as float32 (merge arithmetic runs there); other dtypes unchanged."""
+    return w.float() if w.dtype in HALF else w
+
+
+def check_merge_loss(where: str, names: list[str], merge: HalfMerge, dtype: torch.dtype) -> None:
+    """Warn when rounding the merged weight to ``dtype`` erases most of the update (see :class:`HalfMerge`)."""
+    if merge.lost >= 0.5:
+        warnings.warn(
+            f"merging {names} into the {str(dtype).removeprefix('torch.')} weight of {where!r}: the weight's "
+            f"rounding erases {min(merge.lost, 1.0):.0%} of the update (relative error {merge.lost:.2f}); keep the "
+            f"adapter unmerged or merge into a float32 copy of the model",
+            stacklevel=4,
+        )
