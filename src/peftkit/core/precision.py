@@ -101,13 +101,13 @@ def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def keep_float32_(adapter: nn.Module) -> None:
-    """Store the half-precision (bfloat16/float16) floating parameters of ``adapter`` in float32, in place (the
-    same Parameter objects, so tensors shared between layers stay shared). Buffers (fixed random bases, indices)
-    keep their dtype."""
+    """Store the half-precision (bfloat16/float16) parameters and floating buffers (fixed bases the parameters are
+    combined with) of ``adapter`` in float32, in place: the same tensor objects, so what layers share stays shared.
+    The values are unchanged (an adapter that is the identity at init stays exactly so)."""
     with torch.no_grad():
-        for p in adapter.parameters():
-            if p.dtype in HALF:
-                p.data = p.data.float()
+        for t in [*adapter.parameters(), *adapter.buffers()]:
+            if t.dtype in HALF:
+                t.data = t.data.float()
 
 
 def rounding_error(w_exact: torch.Tensor, dtype: torch.dtype) -> float:
@@ -153,3 +153,21 @@ def check_merge_loss(where: str, names: list[str], merge: HalfMerge, dtype: torc
             f"adapter unmerged or merge into a float32 copy of the model",
             stacklevel=4,
         )
+
+
+def prepare_adapters(info: Any, model: nn.Module, hosts: list[Any], adapters: list[nn.Module]) -> None:
+    """Called by ``peftkit.adapt`` on a freshly built adapter, before it touches the model: refuse a half-precision
+    base for a method registered with ``half_precision=False`` (one clear error now, not a dtype error mid-training),
+    then keep the adapter's half-precision parameters in float32 (:func:`keep_float32_`)."""
+    from .errors import PeftkitError
+
+    weights = [h.weight for h in hosts] if hosts else [p for p in model.parameters() if p.is_floating_point()]
+    half = next((w.dtype for w in weights if w.dtype in HALF), None)
+    if half is not None and not info.half_precision:
+        note = f" ({info.half_precision_note})" if info.half_precision_note else ""
+        raise PeftkitError(
+            f"method {info.name!r} cannot run on a {str(half).removeprefix('torch.')} model{note}; adapt a float32 "
+            f"model (model.float()) and train it under torch.autocast for mixed precision"
+        )
+    for a in adapters:
+        keep_float32_(a)
