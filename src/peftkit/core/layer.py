@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import precision
 from .adapter import Adapter, fused_allowed
 from .errors import PeftkitError
 from .host import Host
@@ -62,8 +63,8 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.route: Route | None = None
         self.condition: torch.Tensor | None = None  # per-sample condition rows of this forward (``condition``)
-        self.merge_error: float | None = None  # quantised hosts: largest rounding error of the merged weight
-        self._snapshot: tuple[Any, ...] | None = None  # quantised hosts: the weight before the first merge
+        self.merge_error: float | None = None  # quantised / half hosts: largest rounding error of the merged weight
+        self._snapshot: tuple[Any, ...] | None = None  # quantised / half hosts: the weight before the first merge
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `layer.weight` (e.g. tied embeddings) keeps working
@@ -179,20 +180,24 @@ class AdaptedLayer(nn.Module):
     # -- merging ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, names: Sequence[str] | None = None) -> None:
-        """Fold adapters into the host weight; checks for non-finite values before writing anything."""
+        """Fold adapters into the host weight; checks for non-finite values before writing anything. A bfloat16 /
+        float16 weight is merged in float32 and rounded once (see :mod:`.precision`)."""
         names = [n for n in (self.active if names is None else names) if n in self.adapters]
         names = [n for n in names if n not in self.merged]
         if not names:
             return
         host = self.host
-        w = host.weight_2d().detach().clone()
-        b = None if host.bias is None else host.bias.detach().clone()
+        w0 = host.weight_2d().detach()
+        w = precision.upcast(w0).clone()
+        b = None if host.bias is None else precision.upcast(host.bias.detach()).clone()
         for n in names:
             w, b = self.adapters[n].merge(w, b)
         if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
             raise PeftkitError(f"merging {names} into {host.name!r} gives non-finite weights; nothing was changed")
-        if host.quantized and not self.merged:
+        if (host.quantized or host.half) and not self.merged:
             self._snapshot = host.snapshot()
+        if host.half:
+            precision.check_merge_loss(host.name, names, w0, w)
         self._write(w, b)
         self.merged.extend(names)
 
@@ -223,7 +228,7 @@ class AdaptedLayer(nn.Module):
             self.merge_error = err
         if b is not None:
             if host.bias is None:
-                host.module.bias = nn.Parameter(b, requires_grad=False)
+                host.module.bias = nn.Parameter(b.to(host.weight.dtype) if host.half else b, requires_grad=False)
             else:
                 host.bias.data.copy_(b)
 

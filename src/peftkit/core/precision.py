@@ -18,8 +18,11 @@ adapter keeps its parameters, and what a merge into a half-precision weight does
   updates master values at 24-bit precision, where in bfloat16 (8 bits) a step below 2⁻⁹ of a value is rounded
   away. The computation is still in the compute dtype above. To train half-precision adapters instead, cast the
   model after ``adapt`` (``model.to(torch.bfloat16)`` casts the adapters too).
-* **Merging into a half-precision weight** — see :class:`HalfMerge`: computed in float32 and rounded once; the
-  unmerge restores the original weight bit for bit; an update the weight's rounding mostly erases is reported.
+* **Merging into a half-precision weight** — computed in float32 and rounded once (``W + ΔW`` in bfloat16 would
+  round twice); the host keeps its weight from before the first merge (``Host.snapshot``, as a quantised host does:
+  one copy of each merged layer's weight, freed by unmerge or ``merge_and_unload``), so unmerge restores it bit for
+  bit — subtracting ΔW from the rounded sum would not. ``AdaptedLayer.merge_error`` records the largest rounding
+  error of the merged weight, and a merge whose update the rounding mostly erases warns (:func:`check_merge_loss`).
 """
 
 from __future__ import annotations
@@ -115,43 +118,29 @@ def rounding_error(w_exact: torch.Tensor, dtype: torch.dtype) -> float:
     return float((w_exact.to(dtype).to(w_exact.dtype) - w_exact).abs().max()) if w_exact.numel() else 0.0
 
 
-class HalfMerge:
-    """What merging into a bfloat16/float16 host weight ``w0`` keeps: the merged weight is computed in float32 and
-    rounded once; :meth:`restore` gives ``w0`` back bit for bit from the merged weight by running the adapters'
-    unmerge in float32 and rounding, then patching the entries where that rounding misses (kept here, usually
-    none or a few: an entry misses only when the merged value lies in a coarser binade than the original).
-
-    ``lost`` is ‖round(W) − W‖ / ‖W − W0‖ for the exact merged ``W``: the share of the update that the weight's
-    rounding erases (≥ 0.5: most of it — reported with a warning by :func:`check_merge_loss`)."""
-
-    def __init__(self, w0: torch.Tensor, merged: torch.Tensor, back: torch.Tensor) -> None:
-        miss = (back != w0).reshape(-1).nonzero().squeeze(1)
-        self.idx, self.values = miss, w0.reshape(-1).index_select(0, miss)
-        self.error = rounding_error(merged, w0.dtype)
-        update = float((merged - w0.to(merged.dtype)).norm())
-        err = float((merged.to(w0.dtype).to(merged.dtype) - merged).norm())
-        self.lost = err / update if update > 0 else 0.0
-
-    def restore(self, back: torch.Tensor) -> torch.Tensor:
-        """The original weight from ``back`` (the adapters' unmerge of the merged weight, rounded to its dtype)."""
-        out = back.reshape(-1).clone()
-        out[self.idx] = self.values
-        return out.view(back.shape)
-
-
 def upcast(w: torch.Tensor) -> torch.Tensor:
     """A half-precision weight as float32 (merge arithmetic runs there); other dtypes unchanged."""
     return w.float() if w.dtype in HALF else w
 
 
-def check_merge_loss(where: str, names: list[str], merge: HalfMerge, dtype: torch.dtype) -> None:
-    """Warn when rounding the merged weight to ``dtype`` erases most of the update (see :class:`HalfMerge`)."""
-    if merge.lost >= 0.5:
+def merge_loss(w0: torch.Tensor, w: torch.Tensor) -> float:
+    """‖round(W) − W‖ / ‖W − W0‖ for the exactly merged ``W`` of a weight ``w0`` rounded to w0's dtype: the share of
+    the update that the weight's rounding erases (0 when there is no update)."""
+    update = float((w - w0.to(w.dtype)).norm())
+    err = float((w.to(w0.dtype).to(w.dtype) - w).norm())
+    return err / update if update > 0 else 0.0
+
+
+def check_merge_loss(where: str, names: list[str], w0: torch.Tensor, w: torch.Tensor) -> None:
+    """Warn when rounding the merged weight ``w`` (float32) to w0's half-precision dtype erases at least half of
+    the update (:func:`merge_loss` ≥ 0.5): the merged model would then compute visibly less than the adapter."""
+    lost = merge_loss(w0, w)
+    if lost >= 0.5:
         warnings.warn(
-            f"merging {names} into the {str(dtype).removeprefix('torch.')} weight of {where!r}: the weight's "
-            f"rounding erases {min(merge.lost, 1.0):.0%} of the update (relative error {merge.lost:.2f}); keep the "
-            f"adapter unmerged or merge into a float32 copy of the model",
-            stacklevel=4,
+            f"merging {names} into the {str(w0.dtype).removeprefix('torch.')} weight of {where!r}: rounding to the "
+            f"weight's precision erases most of the update (relative error {lost:.2f} of the update); keep the "
+            f"adapter unmerged, or merge into a float32 copy of the model",
+            stacklevel=5,
         )
 
 
