@@ -132,8 +132,9 @@ class L4q(ReplacedWeight, Adapter):
 
     def new_weight(self, host_weight: torch.Tensor | None = None) -> torch.Tensor:
         """W_q, the fake-quantised W_c (float32, differentiable in A, B, Δ, β)."""
-        return lsq.fake_quantize(self.combined_weight(host_weight), self.l4q_step, self.l4q_offset, self.bits,
-                                 self.group_size, self.g)
+        with precision.autocast_off(self.lora_A):  # the grid is chosen in float32, also under autocast
+            return lsq.fake_quantize(self.combined_weight(host_weight), self.l4q_step, self.l4q_offset, self.bits,
+                                     self.group_size, self.g)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.host.kind not in ("linear", "gpt2_conv1d"):
