@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from peftkit.core import precision
 from peftkit.core.adapter import Adapter
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
@@ -208,9 +207,10 @@ class LnTuning(Adapter):
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         # γ + Δγ stays in the adapter's float32 (in bfloat16 a step below 2⁻⁸·γ would vanish); the output takes the
-        # dtype the host norm alone gives: x's, or under autocast what autocast makes of the norm
+        # dtype the host norm alone gives (norms differ: torch's under autocast give float32, a Llama RMSNorm its
+        # weight's dtype) — read off the host run on no rows
         y = self._norm(x)
-        return y if precision.autocast_dtype(x) is not None or not x.is_floating_point() else y.to(x.dtype)
+        return y.to(self.host.module(x[:0]).dtype) if x.dim() > 1 else y
 
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.d_beta is not None:
