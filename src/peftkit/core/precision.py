@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,15 +79,13 @@ def cast(dt: torch.dtype, *tensors: torch.Tensor | None) -> tuple[Any, ...]:
     return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != dt else t for t in tensors)
 
 
-@contextlib.contextmanager
-def autocast_off(*tensors: Any) -> Iterator[None]:
-    """Autocast disabled for the device of the first tensor among ``tensors`` (if it was enabled there)."""
+def autocast_off(*tensors: Any) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for the device of the first tensor among ``tensors`` (a no-op context when
+    autocast is off there). Plain context objects, no generator: ``torch.compile`` traces through them."""
     dev = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
     if dev is None or not torch.is_autocast_enabled(dev):
-        yield
-        return
-    with torch.autocast(dev, enabled=False):
-        yield
+        return contextlib.nullcontext()
+    return torch.autocast(dev, enabled=False)
 
 
 def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
