@@ -12,12 +12,17 @@ adapter keeps its parameters, and what a merge into a half-precision weight does
   consults, with ``folds=True`` for a kernel that adds the update into a weight-sized tensor (``W + s·B·A``,
   DoRA's ``diag(m/n)·V``, IA3's ``W·diag(l)``): in bfloat16/float16 that sum would round a small update away, so
   such a kernel gets None (the generic path, which adds the update to the *output*). Kernels that keep the update
-  on the activation path (LoRA's r-wide GEMM) run in half precision.
+  on the activation path (LoRA's r-wide GEMM) run in half precision: measured on LoRA r = 16 over two 1024-wide
+  Linears, the fused path keeps as much for backward as the generic one under autocast and 26 % less with bfloat16
+  weights and float32 factors (no float32 copy of the input), and its step was faster in every paired run.
 * **Adapter parameter dtype** — float32 when the host weight is bfloat16/float16 (:func:`keep_float32_`, applied by
   ``peftkit.adapt`` to every adapter; Hugging Face PEFT's default ``autocast_adapter_dtype=True``): the optimiser
   updates master values at 24-bit precision, where in bfloat16 (8 bits) a step below 2⁻⁹ of a value is rounded
-  away. The computation is still in the compute dtype above. To train half-precision adapters instead, cast the
+  away. The computation is still in the compute dtype above. ``modules_to_save`` copies keep the model's dtype
+  (whole modules the model runs as it runs their originals). To train half-precision adapters instead, cast the
   model after ``adapt`` (``model.to(torch.bfloat16)`` casts the adapters too).
+* **Methods that cannot run in half precision** register with ``half_precision=False``: :func:`prepare_adapters`
+  refuses a half-precision model at ``adapt`` time, naming the method and the way out. None needs it today.
 * **Merging into a half-precision weight** — computed in float32 and rounded once (``W + ΔW`` in bfloat16 would
   round twice); the host keeps its weight from before the first merge (``Host.snapshot``, as a quantised host does:
   one copy of each merged layer's weight, freed by unmerge or ``merge_and_unload``), so unmerge restores it bit for
