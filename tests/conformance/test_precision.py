@@ -131,9 +131,10 @@ def test_half_precision_weights_train(method: str, dtype: torch.dtype) -> None:
     model.train()
     params = peftkit.trainable_parameters(model)
     # the default: adapter parameters in float32; modules_to_save copies (whole modules the model runs in its own
-    # dtype, like the frozen original) keep the model's dtype
+    # dtype, like the frozen original) and methods registered with float32_params=False keep the model's dtype
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert named and all(p.dtype == (dtype if ".copies." in n else torch.float32) for n, p in named.items())
+    own = torch.float32 if peftkit.get_method(method).float32_params else dtype
+    assert named and all(p.dtype == (dtype if ".copies." in n else own) for n, p in named.items())
     x = _input(spec, dtype)
     with torch.no_grad():
         y0 = spec.run(model, x)

@@ -20,7 +20,9 @@ adapter keeps its parameters, and what a merge into a half-precision weight does
   updates master values at 24-bit precision, where in bfloat16 (8 bits) a step below 2⁻⁹ of a value is rounded
   away. The computation is still in the compute dtype above. ``modules_to_save`` copies keep the model's dtype
   (whole modules the model runs as it runs their originals). To train half-precision adapters instead, cast the
-  model after ``adapt`` (``model.to(torch.bfloat16)`` casts the adapters too).
+  model after ``adapt`` (``model.to(torch.bfloat16)`` casts the adapters too). A method whose parameters are the
+  layer's weights in another form registers ``float32_params=False`` and keeps the base's dtype (SketchTune: its
+  tables replace the weights, and the model's dtype is part of its memory claim).
 * **Methods that cannot run in half precision** register with ``half_precision=False``: :func:`prepare_adapters`
   refuses a half-precision model at ``adapt`` time, naming the method and the way out. None needs it today.
 * **Merging into a half-precision weight** — computed in float32 and rounded once (``W + ΔW`` in bfloat16 would
@@ -150,7 +152,8 @@ def check_merge_loss(where: str, names: list[str], w0: torch.Tensor, w: torch.Te
 def prepare_adapters(info: Any, model: nn.Module, hosts: list[Any], adapters: list[nn.Module]) -> None:
     """Called by ``peftkit.adapt`` on a freshly built adapter, before it touches the model: refuse a half-precision
     base for a method registered with ``half_precision=False`` (one clear error now, not a dtype error mid-training),
-    then keep the adapter's half-precision parameters in float32 (:func:`keep_float32_`)."""
+    then keep the adapter's half-precision parameters in float32 (:func:`keep_float32_`) unless the method registered
+    with ``float32_params=False``."""
     from .errors import PeftkitError
 
     weights = [h.weight for h in hosts] if hosts else [p for p in model.parameters() if p.is_floating_point()]
@@ -161,5 +164,5 @@ def prepare_adapters(info: Any, model: nn.Module, hosts: list[Any], adapters: li
             f"method {info.name!r} cannot run on a {str(half).removeprefix('torch.')} model{note}; adapt a float32 "
             f"model (model.float()) and train it under torch.autocast for mixed precision"
         )
-    for a in adapters:
+    for a in adapters if info.float32_params else []:
         keep_float32_(a)

@@ -39,6 +39,9 @@ class MethodInfo:
     the head trains at the method's rate). ``half_precision``: False for a method that cannot run on a bfloat16 /
     float16 base (``peftkit.adapt`` then refuses such a model with ``half_precision_note``, the way out, instead of
     failing mid-training); every method registered today runs in half precision (see :mod:`.precision`).
+    ``float32_params``: on a half-precision base the adapter's parameters are stored in float32 (the default);
+    False keeps them in the base's dtype — for a method whose parameters are the layer's weights in another form
+    (SketchTune's tables), where the model's dtype is part of what the method claims in memory.
     """
 
     name: str
@@ -58,6 +61,7 @@ class MethodInfo:
     head_lr_scale: float | None = None
     half_precision: bool = True
     half_precision_note: str = ""
+    float32_params: bool = True
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -82,6 +86,7 @@ def register(
     head_lr_scale: float | None = None,
     half_precision: bool = True,
     half_precision_note: str = "",
+    float32_params: bool = True,
 ) -> Any:
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
@@ -101,7 +106,7 @@ def register(
         _REGISTRY[name] = MethodInfo(
             name, config, adapter_cls, paper, description, params, mergeable, tuple(hosts), procedure,
             hf_peft_type, init_is_identity, calibrate, model_level, lr_scale, head_lr_scale, half_precision,
-            half_precision_note,
+            half_precision_note, float32_params,
         )
         return adapter_cls
 
