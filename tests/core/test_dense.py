@@ -158,11 +158,23 @@ def test_built_linear_without_grad_and_under_autocast() -> None:
         y = dense.built_linear(u, _build(w0, p, q), [p, q], b)
     assert y.grad_fn is None
     torch.testing.assert_close(y, F.linear(u, _build(w0, p, q)(), b).detach())
+    # under autocast: W' built in float32 (autocast off inside, the same in the forward and the backward rebuild),
+    # cast once; the product in bfloat16, as F.linear under autocast, and the same gradients within bfloat16's
+    # rounding of the d_in = 12 (forward) and 21-row (weight gradient) reductions
+    g = torch.randn(3, 7, 10, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(u, _build(w0, p, q)(), b)
+    ref_grads = torch.autograd.grad((ref.float() * g).sum(), [u, p, q, b])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = dense.built_linear(u, _build(w0, p, q), [p, q], b)
-    assert "BuiltLinear" not in type(y.grad_fn).__name__  # the plain autograd path (the build may change dtype)
-    y.float().sum().backward()
-    assert p.grad is not None and q.grad is not None
+    assert "BuiltLinear" in type(y.grad_fn).__name__ and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=0, atol=4 * torch.finfo(torch.bfloat16).eps
+                               * float(ref.detach().abs().max()))
+    grads = torch.autograd.grad((y.float() * g).sum(), [u, p, q, b])
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=4 * torch.finfo(torch.bfloat16).eps * 21 ** 0.5
+                                   * float(want.abs().max()))
 
 
 # -- adapters on the dense path ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from . import saved_input
+from . import precision, saved_input
 from .adapter import check_first_order
 from .host import Host
 from .lowrank import fold_pays, linear_into
@@ -35,6 +35,7 @@ class _WeightLinear(torch.autograd.Function):
     """y = x·Wᵀ + b for a (d_out, d_in) ``W`` that may require grad; x kept through :mod:`.saved_input`."""
 
     @staticmethod
+    @precision.kernel
     def forward(ctx, x, w, bias):  # type: ignore[override]
         y = linear_into(x, w, bias)
         kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[1] else ("plain", None, ())
@@ -43,6 +44,7 @@ class _WeightLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @precision.kernel
     def backward(ctx, gy):  # type: ignore[override]
         check_first_order()
         w, *kept = ctx.saved_tensors
@@ -55,18 +57,23 @@ class _WeightLinear(torch.autograd.Function):
 
 def weight_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x·Wᵀ + b`` (x N-D, features last) — a fresh tensor — differentiable in x, W and b; x is kept for ∂W through
-    :mod:`.saved_input`. Plain ``linear_into`` when no gradient is recorded."""
+    :mod:`.saved_input`. Plain ``linear_into`` when no gradient is recorded. Runs in the compute dtype
+    (:func:`~.precision.compute_dtype`: the autocast dtype under autocast, else x's), W and b cast to it."""
+    x, w, bias = precision.cast(precision.compute_dtype(x), x, w, bias)
     if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad
                                            or (bias is not None and bias.requires_grad)):
-        return linear_into(x, w, bias)
+        with precision.autocast_off(x):
+            return linear_into(x, w, bias)
     return _WeightLinear.apply(x, w, bias)
 
 
 class _BuiltLinear(torch.autograd.Function):
     """y = x·W'ᵀ + b with ``W' = build()``, a function of ``params``: built without autograd here and rebuilt with
-    it in backward; only the parameters (and x through :mod:`.saved_input`) are kept."""
+    it in backward; only the parameters (and x through :mod:`.saved_input`) are kept. Autocast is off in both
+    (:func:`~.precision.kernel`), so the two builds compute the same ``W'``."""
 
     @staticmethod
+    @precision.kernel
     def forward(ctx, build, built, x, bias, *params):  # type: ignore[override]
         if built is None:
             with torch.no_grad():
@@ -79,6 +86,7 @@ class _BuiltLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @precision.kernel
     def backward(ctx, gy):  # type: ignore[override]
         check_first_order()
         saved = ctx.saved_tensors
@@ -110,15 +118,18 @@ def built_linear(
     """``x·W'ᵀ + b`` with ``W' = build()`` (d_out, d_in), differentiable in x, b and the ``params`` the build reads
     (they must be every tensor requiring grad that ``build`` depends on, and the build must be deterministic).
     ``W'`` and its build's intermediates are not kept for backward — it rebuilds ``W'`` instead (see the module
-    docstring). Under autocast or ``torch.compile`` tracing (where a rebuild in backward could differ or not trace)
-    and when nothing needs a gradient it is :func:`weight_linear` / a plain product. ``built``: ``build()`` already
-    computed under ``torch.no_grad`` (a caller that needed it, e.g. to check its dtype), used for the forward."""
+    docstring). Under ``torch.compile`` tracing (where a rebuild in backward may not trace) and when nothing needs a
+    gradient it is :func:`weight_linear` / a plain product. ``built``: ``build()`` already computed under
+    ``torch.no_grad`` (a caller that needed it, e.g. to check its dtype), used for the forward. The product runs in
+    the compute dtype (:func:`~.precision.compute_dtype`), ``W'`` built in its parameters' dtype and cast once."""
+    dt = precision.compute_dtype(x)
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)
                                            or (bias is not None and bias.requires_grad)):
-        return linear_into(x, build() if built is None else built, bias)
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return weight_linear(x, build() if built is None else built, bias)
+    if torch.compiler.is_compiling():
         return weight_linear(x, build(), bias)
-    return _BuiltLinear.apply(build, built, x, bias, *params)
+    x, bias = precision.cast(dt, x, bias)
+    return _BuiltLinear.apply(lambda: build().to(dt), None if built is None else built.to(dt), x, bias, *params)
 
 
 _LINEAR_KINDS = ("linear", "gpt2_conv1d")
@@ -140,11 +151,13 @@ def host_forward(
 def dense_pays(host: Host, x: torch.Tensor, dropout_active: bool) -> bool:
     """Whether a layer should run through its built ``W0 + ΔW`` rather than the activation path: a Linear / GPT-2
     Conv1D host with a frozen weight of x's dtype, at least d_out rows (float32/64: :func:`~.lowrank.fold_pays`), and
-    no active dropout on the update branch (a product through one weight cannot express it)."""
+    no active dropout on the update branch (a product through one weight cannot express it). Never in half precision,
+    autocast included (:func:`~.precision.fused_dtype` with ``folds``: ``W0 + ΔW`` would round the update away)."""
     if dropout_active or host.kind not in _LINEAR_KINDS or x.dim() < 2:
         return False
     w = host.weight_2d()
-    return not w.requires_grad and x.dtype == w.dtype and fold_pays(x.numel() // x.shape[-1], host.d_out, w)
+    dt = precision.fused_dtype(x, w, folds=True)
+    return not w.requires_grad and dt is not None and fold_pays(x.numel() // x.shape[-1], host.d_out, dt)
 
 
 class DenseUpdate:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import bnb
+from . import precision
 from .errors import PeftkitError
 
 try:  # transformers' GPT-2 style Conv1D (weight stored as (d_in, d_out))
@@ -123,24 +124,37 @@ class Host:
             return w2d.reshape(self.module.weight.shape)
         return w2d
 
+    @property
+    def half(self) -> bool:
+        """A bfloat16 / float16 (not quantised) weight: merges compute in float32 and round once, and the weight
+        before the first merge is kept for an exact unmerge (:meth:`snapshot`), as for a quantised host."""
+        return not self.quantized and self.module.weight.dtype in precision.HALF
+
     def write_weight_2d(self, w2d: torch.Tensor) -> float | None:
         """Write a (d_out, d_in) weight into the host. A quantised host quantises it again and returns the largest
-        absolute rounding error; a float host copies it (cast to its dtype) and returns None."""
+        absolute rounding error; a half-precision host rounds it to its dtype (once) and returns the largest
+        absolute rounding error too; a float32/64 host copies it (cast to its dtype) and returns None."""
         if self.quantized:
             return bnb.requantize_(self.module, w2d)
-        self.weight.data.copy_(self.to_native(w2d).to(self.weight.dtype))
-        return None
+        native = self.to_native(w2d)
+        self.weight.data.copy_(native.to(self.weight.dtype))
+        return precision.rounding_error(native, self.weight.dtype) if self.half else None
 
     def snapshot(self) -> tuple[Any, ...] | None:
-        """A quantised host's exact weight state (for an exact unmerge); None for float hosts."""
-        if not self.quantized:
+        """A quantised or half-precision host's exact weight state (for an exact unmerge); None for float32/64
+        hosts (their unmerge subtracts)."""
+        if not (self.quantized or self.half):
             return None
         bias = self.bias
-        return bnb.snapshot(self.module), None if bias is None else bias.detach().clone()
+        state = bnb.snapshot(self.module) if self.quantized else self.module.weight.detach().clone()
+        return state, None if bias is None else bias.detach().clone()
 
     def restore(self, snap: tuple[Any, ...]) -> None:
         self.module.weight.requires_grad_(False)
-        bnb.restore(self.module, snap[0])
+        if self.quantized:
+            bnb.restore(self.module, snap[0])
+        else:
+            self.module.weight.data.copy_(snap[0])
         if snap[1] is None:
             self.module.bias = None
         else:

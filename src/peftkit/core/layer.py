@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import precision
 from .adapter import Adapter, fused_allowed
 from .errors import PeftkitError
 from .host import Host
@@ -67,8 +68,8 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.route: Route | None = None
         self.condition: torch.Tensor | None = None  # per-sample condition rows of this forward (``condition``)
-        self.merge_error: float | None = None  # quantised hosts: largest rounding error of the merged weight
-        self._snapshot: tuple[Any, ...] | None = None  # quantised hosts: the weight before the first merge
+        self.merge_error: float | None = None  # quantised / half hosts: largest rounding error of the merged weight
+        self._snapshot: tuple[Any, ...] | None = None  # quantised / half hosts: the weight before the first merge
         self._merged_copy: dict[str, dict[str, torch.Tensor]] = {}  # merged adapters' tensors as merged
 
     @property
@@ -197,14 +198,16 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merged_weights(self, names: Sequence[str] | None = None) -> tuple[list[str], Any, Any]:
-        """(names to merge here, new 2-D weight, new bias) — computed and checked, nothing written. Raises when the
+        """(names to merge here, new 2-D weight, new bias) — computed and checked, nothing written; a bfloat16 /
+        float16 weight is merged in float32 (rounded once when written, see :mod:`.precision`). Raises when the
         result is not finite."""
         names = self._merge_names(names)
         if not names:
             return names, None, None
         host = self.host
-        w = host.weight_2d().detach().clone()
-        b = None if host.bias is None else host.bias.detach().clone()
+        w0 = host.weight_2d().detach()
+        w = precision.upcast(w0).clone()
+        b = None if host.bias is None else precision.upcast(host.bias.detach()).clone()
         for n in names:
             w, b = self.adapters[n].merge(w, b)
         if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
@@ -217,8 +220,11 @@ class AdaptedLayer(nn.Module):
         names, w, b = self.merged_weights(names)
         if not names:
             return
-        if self.host.quantized and not self.merged:
-            self._snapshot = self.host.snapshot()
+        host = self.host
+        if (host.quantized or host.half) and not self.merged:
+            self._snapshot = host.snapshot()
+        if host.half:
+            precision.check_merge_loss(host.name, names, host.weight_2d().detach(), w)
         self._write(w, b)
         for n in names:
             self._freeze(n)
@@ -314,7 +320,7 @@ class AdaptedLayer(nn.Module):
             self.merge_error = err
         if b is not None:
             if host.bias is None:
-                host.module.bias = nn.Parameter(b, requires_grad=False)
+                host.module.bias = nn.Parameter(b.to(host.weight.dtype) if host.half else b, requires_grad=False)
             else:
                 host.bias.data.copy_(b)
 

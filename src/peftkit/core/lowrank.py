@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import saved_input
+from . import precision, saved_input
 from .adapter import check_first_order
 from .config import AdapterConfig
 from .errors import PeftkitError
@@ -81,12 +81,12 @@ def lowrank_delta(host: Host, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return out * s if s != 1.0 else out
 
 
-def fold_pays(n: int, k: int, w: torch.Tensor) -> bool:
+def fold_pays(n: int, k: int, w: torch.Tensor | torch.dtype) -> bool:
     """Whether an N-row product through ``W + s·B·A`` with inner width ``k`` folds the update into the weight:
     building the d_out×d_in ``W_eff`` costs about d_out·d_in, the r-wide pass it replaces writes the N × (d_out·d_in
-    / k) result — so fold when N ≥ k. float32/64 only: in half precision ``W + s·B·A`` would round the update
-    away."""
-    return n >= k and w.dtype in (torch.float32, torch.float64)
+    / k) result — so fold when N ≥ k. float32/64 only (``w``: the weight, or the dtype the product runs in): in
+    half precision ``W + s·B·A`` would round the update away."""
+    return n >= k and (w if isinstance(w, torch.dtype) else w.dtype) in precision.WIDE
 
 
 def folded_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
@@ -147,9 +147,11 @@ class _FusedLowRankLinear(torch.autograd.Function):
 
     Backward, with ``G = g·B``: ∂x = g·W + s·G·A (for N ≥ d_out in float32/64 as one GEMM ``g·W_eff``, rebuilding
     ``W_eff``; else the r-wide GEMM writes ∂x and the base GEMM accumulates), ∂A = s·Gᵀ·x, ∂B = s·gᵀ·h (computed
-    as (hᵀ·g)ᵀ, the fast layout for a skinny GEMM), ∂bias = Σ_rows g."""
+    as (hᵀ·g)ᵀ, the fast layout for a skinny GEMM), ∂bias = Σ_rows g. All operands arrive in one dtype
+    (:func:`~.precision.fused_dtype`); autocast is off inside (:func:`~.precision.kernel`)."""
 
     @staticmethod
+    @precision.kernel
     def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
         y, h = _lowrank_linear(x, w, bias, a, b, s, need_h=ctx.needs_input_grad[4])
         kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
@@ -160,6 +162,7 @@ class _FusedLowRankLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @precision.kernel
     def backward(ctx, gy):  # type: ignore[override]
         check_first_order()
         w, a, b, h, *kept = ctx.saved_tensors
@@ -187,15 +190,23 @@ class _FusedLowRankLinear(torch.autograd.Function):
 def fused_lowrank_forward(
     host: Host, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float
 ) -> torch.Tensor | None:
-    """The fused path when it applies (Linear/GPT-2 Conv1D host, frozen weight, matching dtypes), else None."""
+    """The fused path when it applies (Linear/GPT-2 Conv1D host, frozen weight), else None. It runs in the host's
+    compute dtype (:func:`~.precision.fused_dtype`: the autocast dtype under autocast, else the weight's), the
+    factors cast to it (float32 factors of a half-precision base get float32 gradients); in half precision the
+    r-wide path keeps the update off the weight (no fold)."""
     if host.kind not in ("linear", "gpt2_conv1d"):
         return None
     w = host.weight
-    if w.requires_grad or x.dtype != w.dtype or a.dtype != w.dtype or x.dim() < 2:
+    if w.requires_grad or x.dim() < 2:
         return None
+    dt = precision.fused_dtype(x, w)
+    if dt is None:
+        return None
+    x, w2, bias, a, b = precision.cast(dt, x, host.weight_2d(), host.bias, a, b)
     if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad):
-        return _lowrank_linear(x, host.weight_2d(), host.bias, a, b, s, need_h=False)[0]
-    return _FusedLowRankLinear.apply(x, host.weight_2d(), host.bias, a, b, s)
+        with precision.autocast_off(x):
+            return _lowrank_linear(x, w2, bias, a, b, s, need_h=False)[0]
+    return _FusedLowRankLinear.apply(x, w2, bias, a, b, s)
 
 
 class LowRankUpdate:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import io, registry
+from . import io, precision, registry
 from . import model_level as ml
 from .adapter import Adapter, PlanContext, SharedStore
 from .config import AdapterConfig
@@ -122,6 +122,8 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
     else:
         for path, module, host in targets:
             plan.layers.append((path, module, host, info.adapter(host, config.for_module(path))))
+    precision.prepare_adapters(info, model, [h for *_, h, _ in plan.layers], [a for *_, a in plan.layers]
+                               + ([plan.model_adapter] if plan.model_adapter is not None else []))
     for target in config.modules_to_save or []:
         found = [(n, m) for n, m in model.named_modules() if n and _matches(n, [target])
                  and not isinstance(m, AdaptedLayer) and ".original_module" not in n and ".copies." not in n

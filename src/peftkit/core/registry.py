@@ -36,7 +36,12 @@ class MethodInfo:
     ``peftkit train`` gets no ``--lr``: the factor at which the method trained in the method table (methods that train
     few values per layer take larger steps, methods whose trained values are weights or carry a large built-in scale
     smaller ones); ``head_lr_scale`` likewise sets the fresh task head's rate when ``--head-lr`` is not given (None:
-    the head trains at the method's rate).
+    the head trains at the method's rate). ``half_precision``: False for a method that cannot run on a bfloat16 /
+    float16 base (``peftkit.adapt`` then refuses such a model with ``half_precision_note``, the way out, instead of
+    failing mid-training); every method registered today runs in half precision (see :mod:`.precision`).
+    ``float32_params``: on a half-precision base the adapter's parameters are stored in float32 (the default);
+    False keeps them in the base's dtype — for a method whose parameters are the layer's weights in another form
+    (SketchTune's tables), where the model's dtype is part of what the method claims in memory.
     """
 
     name: str
@@ -54,6 +59,9 @@ class MethodInfo:
     model_level: bool = False
     lr_scale: float = 1.0
     head_lr_scale: float | None = None
+    half_precision: bool = True
+    half_precision_note: str = ""
+    float32_params: bool = True
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -76,6 +84,9 @@ def register(
     model_level: bool = False,
     lr_scale: float = 1.0,
     head_lr_scale: float | None = None,
+    half_precision: bool = True,
+    half_precision_note: str = "",
+    float32_params: bool = True,
 ) -> Any:
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
@@ -94,7 +105,8 @@ def register(
         adapter_cls.method = name
         _REGISTRY[name] = MethodInfo(
             name, config, adapter_cls, paper, description, params, mergeable, tuple(hosts), procedure,
-            hf_peft_type, init_is_identity, calibrate, model_level, lr_scale, head_lr_scale,
+            hf_peft_type, init_is_identity, calibrate, model_level, lr_scale, head_lr_scale, half_precision,
+            half_precision_note, float32_params,
         )
         return adapter_cls
 

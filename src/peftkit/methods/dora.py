@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.core import saved_input
+from peftkit.core import precision, saved_input
 from peftkit.core.adapter import Adapter, check_first_order, make_dropout
 from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
 from peftkit.core.host import Host
@@ -162,10 +162,9 @@ class Dora(Adapter):
         if h.kind not in ("linear", "gpt2_conv1d") or (self.training and self.config.dropout > 0) or x.dim() < 2:
             return None
         w, a, b, m = h.weight_2d(), self.lora_A, self.lora_B, self.magnitude
-        dt = w.dtype
-        if (w.requires_grad or dt not in (torch.float32, torch.float64)
-                or any(t.dtype != dt for t in (x, a, b, m))):
-            return None  # half precision: W + s·B·A would round the update away — the activation path keeps it
+        dt = precision.fused_dtype(x, w, folds=True)  # None in half precision (autocast included): W + s·B·A would
+        if w.requires_grad or dt is None or any(t.dtype != dt for t in (x, a, b, m)):  # round the update away
+            return None
         bias = h.bias
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or m.requires_grad
                                         or (bias is not None and bias.requires_grad)):

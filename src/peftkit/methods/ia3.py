@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core import saved_input
+from peftkit.core import precision, saved_input
 from peftkit.core.adapter import Adapter, check_first_order
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
@@ -166,8 +166,9 @@ class IA3(Adapter):
             y = self.host.module(x)
             return (y * self._l()).to(y.dtype)
         host, w = self.host, self.host.weight_2d()
-        if (host.kind in ("linear", "gpt2_conv1d") and x.dim() >= 2 and not w.requires_grad
-                and x.dtype == w.dtype == self.ia3_l.dtype and fold_pays(x.numel() // x.shape[-1], host.d_out, w)):
+        dt = precision.fused_dtype(x, w, folds=True)  # W·diag(l) in half precision would round the scaling
+        if (host.kind in ("linear", "gpt2_conv1d") and x.dim() >= 2 and not w.requires_grad and dt is not None
+                and self.ia3_l.dtype == dt and fold_pays(x.numel() // x.shape[-1], host.d_out, dt)):
             if torch.is_grad_enabled() and (x.requires_grad or self.ia3_l.requires_grad):
                 return _InputScaledLinear.apply(x, w, host.bias, self.ia3_l)
             return linear_into(x, w * self.ia3_l, host.bias)

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from peftkit.core import precision
 from peftkit.core.adapter import Adapter
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
@@ -131,14 +132,16 @@ class L4q(ReplacedWeight, Adapter):
 
     def new_weight(self, host_weight: torch.Tensor | None = None) -> torch.Tensor:
         """W_q, the fake-quantised W_c (float32, differentiable in A, B, Δ, β)."""
-        return lsq.fake_quantize(self.combined_weight(host_weight), self.l4q_step, self.l4q_offset, self.bits,
-                                 self.group_size, self.g)
+        with precision.autocast_off(self.lora_A):  # the grid is chosen in float32, also under autocast
+            return lsq.fake_quantize(self.combined_weight(host_weight), self.l4q_step, self.l4q_offset, self.bits,
+                                     self.group_size, self.g)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.host.kind not in ("linear", "gpt2_conv1d"):
             return super().fused_forward(x)
         w0, bias = self.host.weight_2d(), self.host.bias
-        if w0.requires_grad or x.dtype != torch.float32 or w0.dtype != torch.float32:
+        # the fake-quantised W0 + s·B·A is built in float32: in half precision (autocast included) the generic path
+        if w0.requires_grad or precision.fused_dtype(x, w0, folds=True) != torch.float32:
             return None
         return _L4QLinear.apply(x, w0, bias, self.lora_A, self.lora_B, self.l4q_step, self.l4q_offset, self.s,
                                 self.bits, self.group_size, self.g)

@@ -215,7 +215,11 @@ class LnTuning(Adapter):
         return self._norm(x) - base_out
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm(x)
+        # γ + Δγ stays in the adapter's float32 (in bfloat16 a step below 2⁻⁸·γ would vanish); the output takes the
+        # dtype the host norm alone gives (norms differ: torch's under autocast give float32, a Llama RMSNorm its
+        # weight's dtype) — read off the host run on no rows
+        y = self._norm(x)
+        return y.to(self.host.module(x[:0]).dtype) if x.dim() > 1 else y
 
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.d_beta is not None:

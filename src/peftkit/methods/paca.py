@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftkit.core import precision
 from peftkit.core.adapter import Adapter, check_first_order
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
@@ -55,9 +56,11 @@ def column_seed(seed: int, module_name: str) -> int:
 
 
 class _PacaColumns(torch.autograd.Function):
-    """delta = x[..., idx]·(s·P − W0[:, idx])ᵀ, saving x[..., idx] (not x) for the backward."""
+    """delta = x[..., idx]·(s·P − W0[:, idx])ᵀ, saving x[..., idx] (not x) for the backward (operands in P's dtype,
+    autocast off)."""
 
     @staticmethod
+    @precision.kernel
     def forward(ctx, x, p, w0, idx, s):  # type: ignore[override]
         x_idx = x.index_select(-1, idx)
         d = p * s - w0.index_select(1, idx)
@@ -67,6 +70,7 @@ class _PacaColumns(torch.autograd.Function):
         return x_idx.matmul(d.t())
 
     @staticmethod
+    @precision.kernel
     def backward(ctx, g):  # type: ignore[override]
         x_idx, p, w0, idx = ctx.saved_tensors
         s = ctx.s
@@ -86,9 +90,11 @@ class _PacaColumns(torch.autograd.Function):
 
 
 class _PacaLinear(torch.autograd.Function):
-    """y = x·W0ᵀ + b + x[..., idx]·(s·P − W0[:, idx])ᵀ for a frozen W0, saving x[..., idx] (not x)."""
+    """y = x·W0ᵀ + b + x[..., idx]·(s·P − W0[:, idx])ᵀ for a frozen W0, saving x[..., idx] (not x); operands in
+    one dtype (:func:`~peftkit.core.precision.fused_dtype`: no fold, so half precision too), autocast off."""
 
     @staticmethod
+    @precision.kernel
     def forward(ctx, x, w0, bias, p, idx, s):  # type: ignore[override]
         x_idx = x.index_select(-1, idx)
         y = linear_into(x, w0, bias)  # not a view: the output may be changed in place, as a Linear's
@@ -98,6 +104,7 @@ class _PacaLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @precision.kernel
     def backward(ctx, g):  # type: ignore[override]
         check_first_order()
         x_idx, w0, p, idx = ctx.saved_tensors
@@ -157,9 +164,11 @@ class Paca(Adapter):
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         w = self.host.weight_2d()
-        if w.requires_grad or x.dtype != w.dtype or self.paca_P.dtype != w.dtype:
+        dt = None if w.requires_grad else precision.fused_dtype(x, w)
+        if dt is None:
             return None
-        return _PacaLinear.apply(x, w, self.host.bias, self.paca_P, self.idx, self.s)
+        x, w, bias, p = precision.cast(dt, x, w, self.host.bias, self.paca_P)
+        return _PacaLinear.apply(x, w, bias, p, self.idx, self.s)
 
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._replaced = weight.index_select(1, self.idx).clone()

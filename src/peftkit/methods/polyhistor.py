@@ -151,7 +151,7 @@ class Polyhistor(Adapter):
         if bool(bad.any()):
             raise PeftkitError(f"polyhistor task ids {sorted(set(ids[bad].tolist()))} are out of range 0..{t - 1}")
 
-    def _apply(self, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def _bottleneck(self, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.act(self.dropout(h) @ down.t()) @ up.t()
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,15 +163,15 @@ class Polyhistor(Adapter):
                     f"forward inside `with peftkit.condition(model, task_ids):`"
                 )
             down, up = self.weights(torch.tensor([self.default], device=h.device))
-            return self._apply(h, down[0], up[0])
+            return self._bottleneck(h, down[0], up[0])
         tasks, inverse = torch.unique(condition, return_inverse=True)
         down, up = self.weights(tasks)
         if tasks.numel() == 1:
-            return self._apply(h, down[0], up[0])
+            return self._bottleneck(h, down[0], up[0])
         out = torch.zeros_like(h)
         for i in range(tasks.numel()):
             rows = (inverse == i).nonzero().flatten()
-            out = out.index_copy(0, rows, self._apply(h.index_select(0, rows), down[i], up[i]))
+            out = out.index_copy(0, rows, self._bottleneck(h.index_select(0, rows), down[i], up[i]))
         return out
 
     @classmethod

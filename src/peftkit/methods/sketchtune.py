@@ -228,6 +228,7 @@ def calibrate(
     init_is_identity=False,
     calibrate=calibrate,
     lr_scale=0.025,  # the trained values are the weights themselves (sketch tables): 2e-3 collapsed
+    float32_params=False,  # the tables replace the weights: they keep the model's dtype (its memory claim)
 )
 class SketchTune(ReplacedWeight, Adapter):
     def __init__(self, host: Host, config: SketchTuneConfig) -> None:

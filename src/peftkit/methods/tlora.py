@@ -145,6 +145,7 @@ def ring_apply(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
     h = x.reshape(-1, *[c.shape[1] for c in cores])  # (N, I₁, …, I_D)
     ring = cores[0].dim() == 4
     for d, c in enumerate(cores):  # h: (N, O₁..O_d, I_{d+1}..I_D[, ρ₀, ρ_d])
+        c = c.to(h.dtype)  # under autocast the first contraction already gives the autocast dtype
         if not ring:
             h = torch.tensordot(h, c, dims=([1 + d], [1])).movedim(-1, 1 + d)
         elif d == 0:
