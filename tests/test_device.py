@@ -163,8 +163,6 @@ def test_bf16_with_accumulation_trains_saves_and_loads(tiny: tuple[Path, Path], 
     _train_and_eval(tiny, tmp_path / "ia3", capsys, "--method", "ia3", "--precision", "bf16", "--grad-accum", "2")
 
 
-@pytest.mark.xfail(strict=False, raises=RuntimeError, reason="needs the precision branch (bf16 autocast through the "
-                   "fused LoRA kernel, core/lowrank.py)")
 def test_bf16_default_lora(tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The default method (LoRA, fused kernel) under bf16 autocast."""
     _train_and_eval(tiny, tmp_path / "lora", capsys, "--precision", "bf16", "--grad-accum", "2")
@@ -372,8 +370,8 @@ def test_seeded_draws_do_not_depend_on_the_dtype_and_follow_the_device(method: s
     torch.manual_seed(0)
     half = _draws(_adapt(method, _mlp(torch.bfloat16)))
     assert sorted(half) == sorted(ref)
-    for n, t in ref.items():
-        assert torch.equal(half[n], t.to(half[n].dtype)), n
+    for n, t in ref.items():  # equal up to the host dtype's rounding (a half host's adapter is kept in float32)
+        assert torch.equal(half[n].to(torch.bfloat16), t.to(torch.bfloat16)), n
     meta = _draws(_adapt(method, _mlp(device="meta")))  # the device-agnostic path: every draw lands on the host's
     assert sorted(meta) == sorted(ref) and all(t.device.type == "meta" for t in meta.values())
 

@@ -269,7 +269,7 @@ def test_task_type_adds_the_head_only_when_the_model_has_it() -> None:
     head = sum(p.numel() for p in _bert().classifier.parameters())
     assert _trainable(model) == 2 * 8 * (32 + 32) + head
     plain = nn.Sequential(nn.Linear(4, 4))
-    peftkit.adapt(plain, peftkit.config("lora", target_modules=["0"], task_type="SEQ_CLS"))
+    peftkit.adapt(plain, peftkit.config("lora", target_modules=["0"], r=2, task_type="SEQ_CLS"))
     assert peftkit.get_config(plain, "default").modules_to_save is None
     again = peftkit.get_config(model, "default").resolve(model)  # idempotent
     assert again.modules_to_save == ["classifier"]
