@@ -8,6 +8,7 @@ from torch import nn
 
 import peftkit
 from peftkit.methods.lora import Lora
+from tolerance import assert_near
 
 
 class Stack(nn.Module):
@@ -75,7 +76,7 @@ def test_reduces_to_lora_with_private_rows_only():
         with torch.no_grad():
             lora.lora_A.copy_(a)
             lora.lora_B.copy_(b)
-        assert torch.allclose(ad.delta(x, None), lora.delta(x, None), atol=1e-6)
+        assert_near(ad.delta(x, None), lora.delta(x, None), 32, layers=3)
     # disjoint private rows: the two layers use different shards
     i0, i1 = (blk["q"].adapters["default"].idx_a for blk in m.layers)
     assert not set(i0.tolist()) & set(i1.tolist())
