@@ -61,3 +61,18 @@ def assert_near(actual: torch.Tensor, expected: torch.Tensor, reduction_size: in
                                msg=(lambda m: f"{m}\n(tolerance: {atol:.3g} = {safety:g} · eps({dtype}) · "
                                               f"√{reduction_size} · {layers} layer(s) · scale {scale:.3g})"
                                               + (f"\n{msg}" if msg else "")))
+
+
+def assert_argmax_near(logits: torch.Tensor, tokens: torch.Tensor, reduction_size: int = 1, *, layers: int = 1,
+                       safety: float = SAFETY) -> None:
+    """Greedy tokens from one computation (``tokens``) against the logits of another (e.g. cached decoding vs one full
+    forward): at every position the token is the argmax of ``logits``, or within :func:`tol` of it (a near-tie that
+    rounding may decide either way)."""
+    assert logits.shape[:-1] == tokens.shape, (logits.shape, tokens.shape)
+    top = logits.max(-1).values
+    picked = logits.gather(-1, tokens[..., None].long()).squeeze(-1)
+    atol = tol(_lowest(logits.dtype), reduction_size, float(logits.detach().abs().max()), layers=layers, safety=safety)
+    gap = top - picked
+    bad = gap > atol
+    assert not bool(bad.any()), (f"{int(bad.sum())} token(s) are not the argmax within {atol:.3g}: "
+                                 f"largest gap {float(gap.max()):.3g} at {tuple(bad.nonzero()[0].tolist())}")

@@ -106,7 +106,9 @@ def test_parallel_is_linear_in_s() -> None:
         with torch.no_grad():
             outs[s] = model.get_submodule("mlp.fc1")(x)
     for s in (2.5, -0.8):
-        assert_near(outs[s] - outs[0.0], s * (outs[1.0] - outs[0.0]), 64, layers=6)
+        # differences of outputs: the rounding is that of the outputs themselves (scale: max |output|)
+        assert_near(outs[s] - outs[0.0], s * (outs[1.0] - outs[0.0]), 64, layers=6,
+                    scale=max(abs(s), 1) * max(float(o.abs().max()) for o in outs.values()))
 
 
 @pytest.mark.parametrize("method,placement", [("series_adapter", "output_adapter"), ("series_adapter", "mh_adapter"),
