@@ -46,18 +46,20 @@ def _lowest(*dtypes: torch.dtype) -> torch.dtype:
 
 def assert_near(actual: torch.Tensor, expected: torch.Tensor, reduction_size: int = 1, *,
                 scale: float | None = None, layers: int = 1, safety: float = SAFETY,
-                dtype: torch.dtype | None = None, msg: str | None = None) -> None:
+                dtype: torch.dtype | None = None, equal_nan: bool = False, msg: str | None = None) -> None:
     """``actual`` equals ``expected`` within :func:`tol` — shapes and dtypes as ``torch.testing.assert_close``.
 
     ``dtype`` defaults to the less precise of the two tensors' dtypes; ``scale`` to ``max |expected|`` (pass the size
-    of the intermediate terms where the compared values are small by cancellation, e.g. a difference of outputs).
+    of the intermediate terms where the compared values are small by cancellation, e.g. a difference of outputs);
+    non-finite entries do not count towards the scale (they must match exactly, as in ``assert_close``).
     """
     dtype = dtype or _lowest(actual.dtype, expected.dtype)
     if scale is None:
-        scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+        finite = expected.detach().abs()[torch.isfinite(expected.detach())]
+        scale = float(finite.max()) if finite.numel() else 0.0
         scale = max(scale, torch.finfo(dtype).tiny)
     atol = tol(dtype, reduction_size, scale, layers=layers, safety=safety)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=atol,
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, equal_nan=equal_nan,
                                msg=(lambda m: f"{m}\n(tolerance: {atol:.3g} = {safety:g} · eps({dtype}) · "
                                               f"√{reduction_size} · {layers} layer(s) · scale {scale:.3g})"
                                               + (f"\n{msg}" if msg else "")))

@@ -127,8 +127,8 @@ def test_merge_of_non_finite_weights_changes_nothing(mlp: nn.Module) -> None:
     assert all(not layer.merged for _, layer in peftkit.adapted_layers(mlp))
     after = state_copy(mlp)
     # fc1 was merged first and then rolled back by subtraction: equal up to float rounding
-    for k in before:
-        assert_near(after[k], before[k], 32, layers=3)
+    for k in before:  # W + s·B·A − s·B·A (rank ≤ 8), the inf entry of B itself unchanged
+        assert_near(after[k], before[k], 8, layers=2, equal_nan=True)
     assert torch.equal(after["fc2.base_layer.weight"], before["fc2.base_layer.weight"])
 
 

@@ -203,7 +203,7 @@ def test_merge_writes_gamma_plus_delta_and_unmerge_restores() -> None:
         assert_near(model(x), y, 64, layers=6)
         peftkit.unmerge(model)
         for p, lay in layers.items():
-            assert_near(lay.host.weight, before[p][0], 64, layers=6)
+            assert_near(lay.host.weight, before[p][0], 1, layers=2)  # (γ + Δγ) − Δγ: two roundings
 
 
 def test_two_adapters_add_up_exactly() -> None:

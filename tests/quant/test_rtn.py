@@ -51,7 +51,7 @@ def test_matches_per_group_loop(bits: int, gs: int) -> None:
     assert torch.equal(q.codes, codes)
     torch.testing.assert_close(q.step, step, rtol=1e-6, atol=0.0)
     assert torch.equal(q.offset, offset)
-    assert_near(q.dequantize(), deq, 32, layers=3)
+    assert_near(q.dequantize(), deq, 1, layers=2)  # code · step + offset, elementwise
     assert int(q.codes.max()) <= 2**bits - 1
 
 
