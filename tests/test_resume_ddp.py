@@ -48,7 +48,6 @@ def _tensors(out: Path) -> dict[str, torch.Tensor]:
 KILLER = """
 import os, signal, sys
 import peftkit.train.trainer as T
-from multiproc import run_child
 from peftkit.cli import main
 
 calls, real = [0], T.batch_size
