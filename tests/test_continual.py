@@ -27,6 +27,7 @@ from peftkit.train.continual import (
     replay_batches,
     results_markdown,
 )
+from tolerance import assert_near
 
 
 def _cfg() -> peftkit.AdapterConfig:
@@ -71,7 +72,7 @@ def test_ema_update_equals_formula_and_head_is_shared() -> None:
     assert len(after) == len(on) > 2
     for k, (p, saved) in after.items():
         want = on[k] if saved else d * off[k] + (1 - d) * on[k]
-        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6)
+        assert_near(p.detach(), want, 2, layers=1)  # d·off + (1 − d)·on: a 2-term sum
     assert any(saved for _, saved in after.values()) and not all(saved for _, saved in after.values())
     # decay 1 keeps the offline PET fixed (the shared head still follows the online one)
     before = {k: p.detach().clone() for k, (p, _) in _named_adapter_params(model, "offline").items()}

@@ -8,7 +8,6 @@ parameter may mix frozen base weights and trainable adapter tensors — see the 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
+from multiproc import run_child
+from tolerance import assert_near
 
 WORKER = """
 import sys, torch, torch.distributed as dist
@@ -91,9 +92,8 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path: Path) -> None:
     script.write_text(textwrap.dedent(WORKER).format(here=str(Path(__file__).parent), out=str(tmp_path / "fsdp")))
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+              env=env, clean=[tmp_path / "fsdp"])
 
     ref = build()
     opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
@@ -105,10 +105,11 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path: Path) -> None:
     saved = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
     want = peftkit.adapter_state_dict(ref)
     assert sorted(saved) == sorted(want)
+    # 2 processes sum the batch gradients in another order: rounding of a 16 × 12 reduction, through STEPS updates
     for k in want:
-        torch.testing.assert_close(saved[k], want[k], atol=1e-5, rtol=0)
+        assert_near(saved[k], want[k], 16 * 12, layers=STEPS, msg=k)
     loaded = build()
     peftkit.load(loaded, tmp_path / "fsdp", name="trained")
     peftkit.set_active(loaded, "trained")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), ref(x), atol=1e-5, rtol=0)
+        assert_near(loaded(x), ref(x), 16 * 12, layers=STEPS + 3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from multiproc import run_child
 from peftkit.cli import main
 from test_cli import _examples, _make_tiny_bert
+from tolerance import assert_near
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -71,8 +72,8 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tiny: tuple[Path, Path]
 
     run = tmp_path / "run"
     script = textwrap.dedent(KILLER).format(stop=21, argv=_args(model, data, run, *budget))
-    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL in step 21
+    killed = lambda p: p.returncode == -9  # noqa: E731 — SIGKILL in step 21
+    run_child([sys.executable, "-c", script], env=_env(), ok=killed, clean=[run])
     assert not (run / WEIGHTS).exists()
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 16
 
@@ -101,14 +102,13 @@ def test_torchrun_two_processes_equal_one_process_with_double_batch(tiny: tuple[
     assert main(_args(model, data, tmp_path / "one", *steps, "--batch-size", "16")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "peftkit",
            *_args(model, data, tmp_path / "two", *steps, "--batch-size", "8")]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc = run_child(cmd, env=_env(), clean=[tmp_path / "two"])
     assert proc.stdout.count("saved adapter to") == 1  # only rank 0 prints and writes
     assert "× 2 processes" in proc.stdout
     one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert sorted(one) == sorted(two)
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
+    for k in one:  # 2 × 8 vs 16 examples: the gradient sums round differently (BERT: reductions ≤ 64 wide)
+        assert_near(two[k], one[k], 64, layers=6, msg=k)
     assert max(float(t.abs().max()) for k, t in two.items() if "lora_B" in k) > 1e-3  # B starts at 0: it trained
     # one process with batch 8 alone trains a different adapter: the equality above needs the gradient sync
     assert main(_args(model, data, tmp_path / "half", *steps, "--batch-size", "8")) == 0
@@ -127,12 +127,11 @@ def test_torchrun_diffora_processes_take_the_same_theta_steps(tiny: tuple[Path, 
     assert main(_args(model, data, tmp_path / "one", *steps, "--batch-size", "16")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "peftkit",
            *_args(model, data, tmp_path / "two", *steps, "--batch-size", "8")]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_child(cmd, env=_env(), clean=[tmp_path / "two"])
     one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert sorted(one) == sorted(two)
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
+    for k in one:  # 2 × 8 vs 16 examples: the gradient sums round differently (BERT: reductions ≤ 64 wide)
+        assert_near(two[k], one[k], 64, layers=6, msg=k)
     # the search moved θ far enough to matter: a 1-process run at batch 8 selects or trains differently
     assert main(_args(model, data, tmp_path / "half", *steps, "--batch-size", "8")) == 0
     half = _tensors(tmp_path / "half")

@@ -12,6 +12,7 @@ from torch import nn
 import peftkit
 from conformance.models import MLP
 from peftkit.train.trainer import accuracy, linear_schedule, train
+from tolerance import assert_near
 
 
 class Recorder(peftkit.Procedure):
@@ -287,7 +288,7 @@ def test_dylora_sampler_in_transformers_trainer(tmp_path: Any) -> None:
 
     for b in (1, 3):
         set_rank(model, b), set_rank(fresh, b)
-        torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)
+        assert_near(fresh(input_ids=x).logits, model(input_ids=x).logits, 64, layers=6)
 
 
 def test_head_param_groups_put_the_saved_head_at_its_own_lr() -> None:

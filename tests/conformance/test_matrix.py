@@ -24,6 +24,7 @@ from conformance.models import MODELS, TinyModel, matrix_config_fields, perturb,
 from peftkit.core.layer import AdaptedLayer, SavedModule
 from peftkit.core.model_level import model_adapters
 from peftkit.core.registry import MethodInfo, all_methods
+from tolerance import assert_near
 
 METHODS = all_methods()  # what is registered when the matrix is collected
 CASES = [
@@ -48,10 +49,10 @@ def _adapted(method: str, model_name: str, *, perturbed: bool = True, name: str 
     return info, spec, model, cfg
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    """|actual - expected| <= rel * max|expected| everywhere."""
-    scale = float(expected.detach().abs().max().clamp_min(1e-12))
-    torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * scale)
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Two computations of one output (merged vs unmerged, fused vs generic, adapted at init vs the base): equal up
+    to rounding, ``tolerance.tol(dtype, 64) · max|expected|`` per chained layer (the tiny models reduce over ≤ 64)."""
+    assert_near(actual, expected, 64, layers=4)
 
 
 def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -98,7 +99,7 @@ def test_init_output(method: str, model_name: str) -> None:
     assert {p for p, _ in peftkit.adapted_layers(adapted)} == (set() if info.model_level else set(spec.adapted))
     y = _original_positions(adapted, _run(spec, adapted, x), y_base)
     if info.init_is_identity:
-        torch.testing.assert_close(y, y_base, rtol=0.0, atol=1e-6)
+        _close(y, y_base)
     else:  # declared: the adapter changes the output at init (e.g. quantised or sketched bases), but stays finite
         assert torch.isfinite(y).all()
         assert _differs(y, y_base)
@@ -227,8 +228,8 @@ def test_disable_gives_base_output(method: str, model_name: str) -> None:
     y = _run(spec, model, x)
     assert _differs(_original_positions(model, y, y_base), y_base)
     with peftkit.disable(model):
-        torch.testing.assert_close(_run(spec, model, x), y_base, rtol=0.0, atol=1e-6)
-    torch.testing.assert_close(_run(spec, model, x), y, rtol=0.0, atol=1e-6)
+        _close(_run(spec, model, x), y_base)
+    _close(_run(spec, model, x), y)
     if info.mergeable:  # disabling a merged model runs the base weights
         peftkit.merge(model)
         with peftkit.disable(model):
@@ -247,15 +248,15 @@ def test_switch_and_mix_two_adapters(method: str, model_name: str) -> None:
     y_b = _run(spec, model, x)
     assert _differs(y_a, y_b)
     peftkit.set_active(model, "a")
-    torch.testing.assert_close(_run(spec, model, x), y_a, rtol=0.0, atol=1e-6)
+    _close(_run(spec, model, x), y_a)
     peftkit.set_active(model, "b")
-    torch.testing.assert_close(_run(spec, model, x), y_b, rtol=0.0, atol=1e-6)
+    _close(_run(spec, model, x), y_b)
 
     names = ["a", None, "b", "a", "b"]
     if info.model_level:  # declared: a model-level adapter changes the whole call, it cannot be routed per sample
         with pytest.raises(peftkit.PeftkitError, match="mixed batch"), peftkit.mixed_batch(model, names):
             pass
-        torch.testing.assert_close(_run(spec, model, x), y_b, rtol=0.0, atol=1e-6)
+        _close(_run(spec, model, x), y_b)
         return
     with peftkit.mixed_batch(model, names):
         y_mix = _run(spec, model, x)

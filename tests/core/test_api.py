@@ -9,6 +9,7 @@ from torch import nn
 import peftkit
 from conformance.models import MODELS, perturb, same_state, state_copy
 from peftkit.core.layer import AdaptedLayer
+from tolerance import assert_near
 
 
 def _lora(spec_name: str = "mlp", **fields) -> peftkit.AdapterConfig:
@@ -127,8 +128,8 @@ def test_merge_of_non_finite_weights_changes_nothing(mlp: nn.Module) -> None:
     assert all(not layer.merged for _, layer in peftkit.adapted_layers(mlp))
     after = state_copy(mlp)
     # fc1 was merged first and then rolled back by subtraction: equal up to float rounding
-    for k in before:
-        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6, equal_nan=True)
+    for k in before:  # W + s·B·A − s·B·A (rank ≤ 8), the inf entry of B itself unchanged
+        assert_near(after[k], before[k], 8, layers=2, equal_nan=True)
     assert torch.equal(after["fc2.base_layer.weight"], before["fc2.base_layer.weight"])
 
 
@@ -195,9 +196,9 @@ def test_delete_and_unload_restore_the_plain_model(block: nn.Module) -> None:
     now = state_copy(block)
     assert now.keys() == before.keys()
     for k in before:
-        torch.testing.assert_close(now[k], before[k], rtol=0, atol=1e-6)
+        assert_near(now[k], before[k], 32, layers=3)
     with torch.no_grad():
-        torch.testing.assert_close(block(x), y0, rtol=0, atol=1e-6)
+        assert_near(block(x), y0, 32, layers=3)
 
 
 def test_summary_counts(mlp: nn.Module) -> None:

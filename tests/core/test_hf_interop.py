@@ -18,11 +18,11 @@ from torch import nn
 
 import peftkit
 from conformance.models import same_state, state_copy
+from tolerance import assert_near
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-5
 HF_PREFIX = "base_model.model."
 
 
@@ -166,7 +166,7 @@ def test_peft_adapter_loads_into_peftkit_with_same_outputs(case: str, tmp_path: 
 
     model = copy.deepcopy(base)
     assert peftkit.load(model, tmp_path) == "default"
-    torch.testing.assert_close(_out(model, kind), ref, atol=ATOL, rtol=0)
+    assert_near(_out(model, kind), ref, 64, layers=6)  # peftkit vs PEFT
     cfg = peftkit.get_config(model, "default")
     assert cfg.method == method
     assert sorted(p for p, _ in peftkit.adapted_layers(model)) == _lora_layers(pm)
@@ -193,12 +193,12 @@ def test_peftkit_adapter_exports_to_peft_with_same_outputs(case: str, tmp_path: 
     keys = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert all(k.startswith(HF_PREFIX) for k in keys)
     pm = _load_with_peft(base, tmp_path)
-    torch.testing.assert_close(_out(pm, kind), ref, atol=ATOL, rtol=0)
+    assert_near(_out(pm, kind), ref, 64, layers=6)  # peftkit vs PEFT
     assert _lora_layers(pm) == sorted(p for p, _ in peftkit.adapted_layers(model))
 
     back = copy.deepcopy(base)  # and peftkit reads its own export
     peftkit.load(back, tmp_path)
-    torch.testing.assert_close(_out(back, kind), ref, atol=ATOL, rtol=0)
+    assert_near(_out(back, kind), ref, 64, layers=6)  # peftkit vs PEFT
 
 
 def test_peft_adapter_loads_next_to_a_peftkit_adapter(tmp_path: Path) -> None:
@@ -213,12 +213,12 @@ def test_peft_adapter_loads_next_to_a_peftkit_adapter(tmp_path: Path) -> None:
     mine = _out(model, "hf")
     assert peftkit.load(model, tmp_path / "hf", name="theirs") == "theirs"
     peftkit.set_active(model, "theirs")
-    torch.testing.assert_close(_out(model, "hf"), ref, atol=ATOL, rtol=0)
+    assert_near(_out(model, "hf"), ref, 64, layers=6)  # peftkit vs PEFT
     peftkit.set_active(model, "mine")
     torch.testing.assert_close(_out(model, "hf"), mine, atol=0, rtol=0)
     peftkit.save(model, tmp_path / "again", name="theirs", format="hf")
     pm = _load_with_peft(base, tmp_path / "again")
-    torch.testing.assert_close(_out(pm, "hf"), ref, atol=ATOL, rtol=0)
+    assert_near(_out(pm, "hf"), ref, 64, layers=6)  # peftkit vs PEFT
 
 
 def test_export_is_atomic_and_leaves_old_files_on_failure(tmp_path: Path, monkeypatch) -> None:
@@ -291,7 +291,7 @@ def test_harmless_options_are_accepted(tmp_path: Path) -> None:
                  layers_to_transform=[0, 1], task_type="SEQ_CLS")
     model = copy.deepcopy(base)
     peftkit.load(model, tmp_path)
-    torch.testing.assert_close(_out(model, "hf"), ref, atol=ATOL, rtol=0)
+    assert_near(_out(model, "hf"), ref, 64, layers=6)  # peftkit vs PEFT
 
 
 def test_dora_on_embedding_is_refused(tmp_path: Path) -> None:
@@ -327,7 +327,7 @@ def test_repeated_base_embedding_is_checked(tmp_path: Path) -> None:
     assert emb, sorted(tensors)
     model = copy.deepcopy(base)
     peftkit.load(model, tmp_path)
-    torch.testing.assert_close(_out(model, "gpt2"), ref, atol=ATOL, rtol=0)
+    assert_near(_out(model, "gpt2"), ref, 64, layers=6)  # peftkit vs PEFT
 
     tensors[emb[0]] = tensors[emb[0]] + 1.0  # a resized / retrained embedding: not an adapter tensor
     save_file(tensors, str(f))

@@ -11,6 +11,7 @@ from torch import nn
 import peftkit
 from peftkit import PeftkitError
 from peftkit.heads.crema import Crema, EspressoFusion
+from tolerance import assert_near
 
 D, DF, NQ, DOUT = 16, 12, 4, 10
 
@@ -53,7 +54,7 @@ def test_zero_b_reproduces_frozen_backbone() -> None:
     x = _inputs()
     for m, f in x.items():
         q = c.queries[m].unsqueeze(0).expand(3, -1, -1)
-        assert torch.allclose(c.modality_tokens(m, f), c.proj[m](ref(q, f)), atol=1e-6)
+        assert_near(c.modality_tokens(m, f), c.proj[m](ref(q, f)), 32, layers=3)
 
 
 def test_switching_modality_changes_only_its_lora() -> None:
@@ -73,7 +74,7 @@ def test_switching_modality_changes_only_its_lora() -> None:
     solo = copy.deepcopy(c.backbone)
     peftkit.set_active(solo, "depth")
     q = c.queries["depth"].unsqueeze(0).expand(3, -1, -1)
-    assert torch.allclose(after["depth"], c.proj["depth"](solo(q, x["depth"])), atol=1e-6)
+    assert_near(after["depth"], c.proj["depth"](solo(q, x["depth"])), 32, layers=3)
 
 
 def test_fusion_shape_and_missing_modalities() -> None:
@@ -84,7 +85,7 @@ def test_fusion_shape_and_missing_modalities() -> None:
     assert out.shape == rgb.shape == (3, NQ, DOUT)
     # drop depth: its block of the concatenation is zero
     z = c.fusion.proj(torch.cat([torch.zeros_like(rgb), c.modality_tokens("audio", x["audio"])], -1))
-    assert torch.allclose(c({"rgb": x["rgb"], "audio": x["audio"]}), rgb + torch.sigmoid(z) * z, atol=1e-6)
+    assert_near(c({"rgb": x["rgb"], "audio": x["audio"]}), rgb + torch.sigmoid(z) * z, 32, layers=3)
     assert torch.equal(c({"rgb": x["rgb"]}), rgb)  # no secondary: the primary tokens unchanged
     assert c({"depth": x["depth"]}).shape == rgb.shape  # the primary itself may be missing
 
@@ -115,7 +116,7 @@ def test_skip_bypasses_lora() -> None:
                 p.normal_()
     f = _inputs()["audio"]
     q = c.queries["audio"].unsqueeze(0).expand(3, -1, -1)
-    assert torch.allclose(c.modality_tokens("audio", f), c.proj["audio"](ref(q, f)), atol=1e-6)
+    assert_near(c.modality_tokens("audio", f), c.proj["audio"](ref(q, f)), 32, layers=3)
 
 
 def test_bad_input() -> None:

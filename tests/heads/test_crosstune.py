@@ -15,6 +15,7 @@ from peftkit.heads.crosstune import (
     predict,
     train_head,
 )
+from tolerance import assert_near
 
 VOCAB = {w: i + 1 for i, w in enumerate("good great fine bad awful poor the a movie plot was is".split())}
 D = 16
@@ -82,10 +83,10 @@ def test_label_permutation_equivariance_and_padding() -> None:
     perm = torch.tensor([3, 0, 4, 1, 2])
     out = head(h, mask, labels)
     assert out.shape == (3, 5)
-    assert torch.allclose(head(h, mask, labels[perm]), out[:, perm], atol=1e-6)
+    assert_near(head(h, mask, labels[perm]), out[:, perm], 32, layers=3)
     h2 = h.clone()
     h2[0, 4:] = 100.0  # padded positions cannot matter
-    assert torch.allclose(head(h2, mask, labels), out, atol=1e-6)
+    assert_near(head(h2, mask, labels), out, 32, layers=3)
     assert torch.allclose(head(h[:1, :4], None, labels), out[:1], atol=1e-5)
 
 

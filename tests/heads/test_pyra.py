@@ -10,6 +10,7 @@ import torch
 import peftkit
 from peftkit import PeftkitError
 from peftkit.heads.pyra import Matching, PyraReactivation, ToMeBlock, bipartite_soft_matching, merge_wavg
+from tolerance import assert_near
 
 D, H, N = 16, 4, 11
 
@@ -31,7 +32,7 @@ def test_zero_wb_equals_plain_tome() -> None:
     x = _x()
     (y0, s0), (y1, s1) = plain(x), pyra(x)
     assert y1.shape == (2, N - 3, D) and torch.equal(s0, s1)
-    assert torch.allclose(y0, y1, atol=1e-6)
+    assert_near(y0, y1, 32, layers=3)
     with torch.no_grad():
         pyra.pyra.w_b.normal_()
     assert not torch.allclose(pyra(x)[0], y0, atol=1e-4)
@@ -61,8 +62,8 @@ def test_weights_stay_in_range() -> None:
     assert torch.allclose(pyra(src, dst), src * (1 + w_c * w_t))
     # reference: X̂ = LN(S + D), w_c = 2σ(W_aᵀX̂), w_t = 2σ(X̂W_bᵀ) − 1
     xh = torch.nn.functional.layer_norm(src + dst, (D,))
-    assert torch.allclose(w_c[:, 0], 2 * torch.sigmoid((xh * pyra.w_a[:, 0, None]).sum(1)), atol=1e-6)
-    assert torch.allclose(w_t, 2 * torch.sigmoid(xh @ pyra.w_b.T) - 1, atol=1e-6)
+    assert_near(w_c[:, 0], 2 * torch.sigmoid((xh * pyra.w_a[:, 0, None]).sum(1)), 32, layers=3)
+    assert_near(w_t, 2 * torch.sigmoid(xh @ pyra.w_b.T) - 1, 32, layers=3)
 
 
 def test_matching_and_weighted_merge_reference() -> None:
@@ -82,7 +83,7 @@ def test_matching_and_weighted_merge_reference() -> None:
         assert torch.allclose(y[0, 2 + j], want, atol=1e-6) and s[0, 2 + j, 0] == tot
     assert torch.equal(y[0, :2], xa[m.unm_idx[0]])
     none = Matching(m.src_idx[:, :0], m.dst_idx[:, :0], torch.arange(4).view(1, 4))
-    assert torch.allclose(merge_wavg(none, x, size)[0], torch.cat([xa, xb])[None], atol=1e-6)
+    assert_near(merge_wavg(none, x, size)[0], torch.cat([xa, xb])[None], 32, layers=3)
 
 
 def test_gradients_and_lora_combination() -> None:
@@ -97,7 +98,7 @@ def test_gradients_and_lora_combination() -> None:
     with peftkit.disable(ref):
         y_base = ref(_x())[0]
     y = block(_x())[0]
-    assert torch.allclose(y, y_base, atol=1e-6)  # LoRA B = 0 and PYRA W_b = 0: the frozen ToMe block
+    assert_near(y, y_base, 32, layers=3)  # LoRA B = 0 and PYRA W_b = 0: the frozen ToMe block
     y.pow(2).sum().backward()
     assert block.pyra.w_b.grad.abs().sum() > 0
     assert block.pyra.w_a.grad.abs().sum() == 0  # w_t = 0 at init, like LoRA's A behind B = 0

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 import peftkit
 from peftkit.core.model_level import model_adapters
+from tolerance import assert_argmax_near
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +155,7 @@ def test_smollm2_generates_with_the_adapter_and_disable_restores_the_base(smollm
     assert gen.shape == base.shape
     with torch.no_grad():  # one full forward (no cache) over the generated text predicts every generated token
         logits = model(gen[:, :-1]).logits
-    assert torch.equal(logits[:, -8:].argmax(-1), gen[:, t:])
+    assert_argmax_near(logits[:, -8:], gen[:, t:], 1536, layers=30)  # cached decoding vs one full forward
     assert not torch.allclose(logits[:, t - 1], base_logits, atol=1e-3)  # the adapter is really active
     with peftkit.disable(model):
         assert torch.equal(model.generate(**enc, **GREEDY), base)  # token for token

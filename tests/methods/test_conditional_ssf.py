@@ -13,6 +13,7 @@ from torch import nn
 import peftkit
 import peftkit.methods.conditional_ssf as cssf
 from conformance.models import MODELS, same_state, state_copy
+from tolerance import assert_near
 
 
 def _perturb(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
@@ -58,10 +59,10 @@ def test_linear_and_conv_match_reference() -> None:
     with torch.no_grad(), peftkit.condition(model, ids):
         y = model[0](x)
         ref = a0.ssf_scale[ids][:, None, :] * model[0].base_layer(x) + a0.ssf_shift[ids][:, None, :]
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        assert_near(y, ref, 32, layers=3)
         z = torch.randn(4, 3, 9)
         ref = a1.ssf_scale[ids][:, :, None] * model[1].base_layer(z) + a1.ssf_shift[ids][:, :, None]
-        torch.testing.assert_close(model[1](z), ref, rtol=1e-5, atol=1e-6)  # per channel, over all positions
+        assert_near(model[1](z), ref, 32, layers=3)  # per channel, over all positions
 
 
 def test_norm_output_matches_reference() -> None:
@@ -72,7 +73,7 @@ def test_norm_output_matches_reference() -> None:
     a, ids, x = model[0].adapters["default"], torch.tensor([1, 0, 1]), torch.randn(3, 4, 6)
     with torch.no_grad(), peftkit.condition(model, ids):
         ref = a.ssf_scale[ids][:, None, :] * model[0].base_layer(x) + a.ssf_shift[ids][:, None, :]
-        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+        assert_near(model(x), ref, 32, layers=3)
 
 
 def test_mixed_ids_equal_per_sample_runs_and_select_different_parameters() -> None:
@@ -83,7 +84,7 @@ def test_mixed_ids_equal_per_sample_runs_and_select_different_parameters() -> No
         y = model(x)
     for i, c in enumerate(ids):
         with torch.no_grad(), peftkit.condition(model, [c]):
-            torch.testing.assert_close(y[i:i + 1], model(x[i:i + 1]), rtol=1e-5, atol=1e-6)
+            assert_near(y[i:i + 1], model(x[i:i + 1]), 32, layers=3)
     with torch.no_grad():
         outs = []
         for c in range(4):
@@ -121,7 +122,7 @@ def test_inside_mixed_batch() -> None:
                 peftkit.set_active(model, n)
                 with peftkit.condition(model, [c]):
                     ref = model(x[i:i + 1])
-        torch.testing.assert_close(y[i:i + 1], ref, rtol=1e-5, atol=1e-6)
+        assert_near(y[i:i + 1], ref, 32, layers=3)
     # "b" has 2 conditions: an id of 3 is fine for a sample routed to "default" but not for one routed to "b".
     # A condition block entered first checks the active adapters ("default" alone here), the mixed batch then
     # checks each routed adapter on its own samples

@@ -15,6 +15,7 @@ from conformance.models import perturb, same_state, state_copy
 from peftkit.core.host import host_kind
 from peftkit.core.layer import AdaptedLayer, SavedModule
 from peftkit.methods.explora import ExploraConfig
+from tolerance import assert_near
 
 torch.set_num_threads(1)
 LAYERS = 3
@@ -173,11 +174,11 @@ def test_hf_export_is_lora_with_modules_to_save(tmp_path) -> None:
     y = _out(model, x)
     peftkit.save(model, tmp_path / "hf", format="hf")
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hf")).eval()
-    torch.testing.assert_close(_out(pm, x), y, rtol=0, atol=1e-6)
+    assert_near(_out(pm, x), y, 64, layers=6)
     back = copy.deepcopy(base)
     peftkit.load(back, tmp_path / "hf")  # read back as plain LoRA with the same saved modules: the same function
     assert peftkit.get_config(back, "default").method == "lora"
-    torch.testing.assert_close(_out(back, x), y, rtol=0, atol=1e-6)
+    assert_near(_out(back, x), y, 64, layers=6)
 
 
 def test_cli_train_and_eval(tmp_path, capsys) -> None:

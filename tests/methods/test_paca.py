@@ -14,6 +14,7 @@ from torch import nn
 import peftkit
 from conformance.models import MODELS, perturb, same_state, state_copy
 from peftkit.methods.paca import _PacaColumns, _PacaLinear
+from tolerance import assert_near
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -66,7 +67,7 @@ def test_gpt2_conv1d_host() -> None:
         y0 = spec.run(spec.build(), x)
         model = spec.build()
         peftkit.adapt(model, peftkit.config("paca", target_modules=spec.targets, r=4))
-        torch.testing.assert_close(spec.run(model, x), y0, rtol=0.0, atol=1e-6)
+        assert_near(spec.run(model, x), y0, 64, layers=6)
         perturb(model, seed=2)
         layer = model.h[0].mlp.c_fc  # Conv1D: weight stored (d_in, d_out)
         ad = layer.adapters["default"]

@@ -15,6 +15,7 @@ from torch import nn
 
 import peftkit
 from conformance.models import same_state, state_copy
+from tolerance import assert_near
 
 
 class Stages(nn.Module):
@@ -131,7 +132,7 @@ def test_mixed_task_ids_equal_per_task_runs() -> None:
             y = model(x)
         for i, t in enumerate(ids):
             with peftkit.condition(model, [t]):
-                torch.testing.assert_close(y[i:i + 1], model(x[i:i + 1]), rtol=1e-5, atol=1e-6)
+                assert_near(y[i:i + 1], model(x[i:i + 1]), 32, layers=3)
         outs = []
         for t in range(3):
             with peftkit.condition(model, [t] * 4):

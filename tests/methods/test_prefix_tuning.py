@@ -14,6 +14,7 @@ import peftkit
 from conformance.models import MODELS, perturb, same_state, state_copy, tiny_bert, tiny_llama
 from peftkit.core.model_level import CONTAINER, model_adapters
 from peftkit.methods.prefix_tuning import fold_projection
+from tolerance import assert_near
 
 
 def _ids(b: int, t: int, seed: int = 3, low: int = 3, high: int = 50) -> torch.Tensor:
@@ -142,12 +143,12 @@ def test_fold_keeps_the_outputs_and_saves_a_plain_table(tmp_path) -> None:
     assert not cfg.prefix_projection
     assert sorted(peftkit.adapter_state_dict(model)) == ["model.embedding.weight"]
     with torch.no_grad():
-        torch.testing.assert_close(model(b).logits, y, rtol=0, atol=1e-6)
+        assert_near(model(b).logits, y, 64, layers=6)
     peftkit.save(model, tmp_path / "folded")
     fresh = tiny_llama()
     peftkit.load(fresh, tmp_path / "folded")
     with torch.no_grad():
-        torch.testing.assert_close(fresh(b).logits, y, rtol=0, atol=1e-6)
+        assert_near(fresh(b).logits, y, 64, layers=6)
     with pytest.raises(peftkit.PeftkitError, match="no projection MLP to fold"):
         fold_projection(fresh)
 
@@ -230,7 +231,7 @@ def test_hugging_face_peft_files_both_ways(tmp_path) -> None:
     peftkit.load(ours, tmp_path / "peft")
     assert not peftkit.get_config(ours, "default").prefix_projection
     with torch.no_grad():
-        assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits, ref)
+        assert_near(ours(input_ids=ids, attention_mask=mask).logits, ref, 64, layers=6)  # peftkit vs PEFT
     # ours with its MLP → the computed table in PEFT's file
     mine = peftkit.adapt(tiny_llama(), peftkit.config("prefix_tuning", num_virtual_tokens=3, encoder_hidden_size=8))
     with torch.no_grad():
@@ -238,4 +239,4 @@ def test_hugging_face_peft_files_both_ways(tmp_path) -> None:
     peftkit.save(mine, tmp_path / "ours", format="hf")
     back = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
     with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, y, rtol=0, atol=1e-6)
+        assert_near(back(input_ids=ids, attention_mask=mask).logits, y, 64, layers=6)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import peftkit
 from conformance.models import MODELS, perturb, same_state, state_copy, tiny_bert, tiny_llama
 from peftkit.core.model_level import CONTAINER, model_adapters
+from tolerance import assert_near
 
 
 def _ids(b: int, t: int, seed: int = 3, low: int = 3) -> torch.Tensor:
@@ -98,7 +99,7 @@ def test_token_labels_are_padded_with_ignore_index_and_class_labels_are_not() ->
         ref = base(full, labels=torch.cat([torch.full((2, 3), -100), b], 1)).loss
     model = _adapt_with_prompt_of(tiny_llama(), a)
     with torch.no_grad():
-        assert torch.allclose(model(b, labels=b).loss, ref, atol=1e-6)
+        assert_near(model(b, labels=b).loss, ref, 64, layers=6)
     clf = peftkit.adapt(tiny_bert(), peftkit.config("prompt_tuning", num_virtual_tokens=3))
     y = torch.tensor([0, 1])
     with torch.no_grad():
@@ -245,8 +246,8 @@ def test_hugging_face_peft_files_both_ways(build, tmp_path) -> None:
     cfg = peftkit.get_config(ours, "default")
     assert cfg.num_virtual_tokens == 3 and cfg.modules_to_save == (["classifier"] if task == "SEQ_CLS" else None)
     with torch.no_grad():
-        assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits, ref)
+        assert_near(ours(input_ids=ids, attention_mask=mask).logits, ref, 64, layers=6)  # peftkit vs PEFT
     peftkit.save(ours, tmp_path / "ours", format="hf")
     back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
     with torch.no_grad():
-        assert torch.equal(back(input_ids=ids, attention_mask=mask).logits, ref)
+        assert_near(back(input_ids=ids, attention_mask=mask).logits, ref, 64, layers=6)

@@ -20,6 +20,7 @@ import peftkit
 import peftkit.methods.qwha as qwha
 from conformance.models import MODELS, perturb, same_state, state_copy
 from peftkit.quant import rtn
+from tolerance import assert_near
 
 
 def _x(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -112,7 +113,7 @@ def test_base_is_rtn_of_w0_and_the_layer_computes_wq_plus_adapter() -> None:
     with torch.no_grad():
         ref = F.linear(torch.tanh(F.linear(x, model.fc1.adapters["default"].new_weight(), model.fc1.bias)),
                        model.fc2.adapters["default"].new_weight(), model.fc2.bias)
-        torch.testing.assert_close(model.fc2(torch.tanh(model.fc1(x))), ref, rtol=0.0, atol=1e-6)
+        assert_near(model.fc2(torch.tanh(model.fc1(x))), ref, 64, layers=6)
 
 
 def _allocate_reference(p: int, e: list[float], cap: int) -> list[int]:
@@ -256,7 +257,7 @@ def test_merge_writes_the_dense_weight_and_unmerge_restores_w0() -> None:
         y = model(x)
         peftkit.merge(model)
         torch.testing.assert_close(model.fc1.base_layer.weight.double(), expected, rtol=0.0, atol=1e-6)
-        torch.testing.assert_close(model(x), y, rtol=0.0, atol=1e-6)
+        assert_near(model(x), y, 64, layers=6)
         peftkit.unmerge(model)
     assert torch.equal(model.fc1.base_layer.weight, w0)
 

@@ -20,6 +20,7 @@ from conformance.models import MODELS, TinyModel, matrix_config_fields, perturb,
 from peftkit.core.calibration import input_columns
 from peftkit.core.host import Host
 from peftkit.core.model import get_layer
+from tolerance import assert_near
 
 
 def _x(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -95,7 +96,7 @@ def test_linear_forward_is_x_what_transposed_plus_bias() -> None:
     perturb(model, seed=1)
     x = _x(5, 7, 64)
     ref = F.linear(x, _lookup(_ad(model)), model.fc.bias)
-    torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
+    assert_near(model(x), ref, 64, layers=6)
 
 
 def test_sketch_is_a_kmeans_fixed_point() -> None:
@@ -110,7 +111,7 @@ def test_sketch_is_a_kmeans_fixed_point() -> None:
     assert torch.allclose(dist.gather(2, c[:, :, None]).squeeze(2), dist.min(2).values)
     mass = torch.zeros_like(t).scatter_add_(1, c, torch.ones_like(x))
     mean = torch.zeros_like(t).scatter_add_(1, c, x) / mass.clamp_min(1)
-    torch.testing.assert_close(t[mass > 0], mean[mass > 0], rtol=0, atol=1e-6)
+    assert_near(t[mass > 0], mean[mass > 0], 64, layers=6)
 
 
 def test_reconstruction_error_falls_as_centroids_grow() -> None:
@@ -170,7 +171,7 @@ def test_gather_gradient_equals_the_scatter_add_formula() -> None:
     d_out, d_in = gw.shape
     idx = torch.arange(d_out)[:, None] * ad.groups * ad.k + (torch.arange(d_in) // 16)[None, :] * ad.k
     ref = torch.zeros(d_out * ad.groups * ad.k).index_add_(0, (idx + ad.sketch_codes.long()).view(-1), gw.view(-1))
-    torch.testing.assert_close(ad.sketch_tables.grad.view(-1), ref, rtol=1e-6, atol=1e-7)
+    assert_near(ad.sketch_tables.grad.view(-1), ref, 64, layers=6)
 
 
 def test_gradient_reaches_only_the_tables() -> None:
@@ -240,7 +241,7 @@ def test_merge_writes_the_desketched_weight_and_unmerge_restores_w0() -> None:
     y = model(x).detach()
     peftkit.merge(model)
     assert torch.equal(_w0(model), _lookup(_ad(model)))
-    torch.testing.assert_close(model(x), y, rtol=0, atol=1e-6)
+    assert_near(model(x), y, 64, layers=6)
     peftkit.unmerge(model)
     assert torch.equal(_w0(model), w0)
     with pytest.raises(peftkit.PeftkitError, match="merged"):
@@ -312,7 +313,8 @@ def test_input_columns_reproduce_each_host_product(tiny: TinyModel) -> None:
         out = host.apply_weight(x, w).double()
         if host.is_conv:  # (B, d_out, *spatial) -> (N, d_out) in the row order of the unfolded columns
             out = out.flatten(2).transpose(1, 2)
-        torch.testing.assert_close(cols @ w.double().t(), out.reshape(-1, host.d_out), rtol=1e-6, atol=1e-6)
+        # exact float64 products vs the float32 host kernel: float32 rounding over a d_in-long reduction
+        assert_near(cols @ w.double().t(), out.reshape(-1, host.d_out), cols.shape[-1], dtype=torch.float32)
 
 
 def _calibrated(batches: list[torch.Tensor], **kw) -> tuple[nn.Module, tuple[float, float]]:

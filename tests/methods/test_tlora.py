@@ -14,6 +14,7 @@ from torch import nn
 import peftkit
 from conformance.models import MODELS, perturb, same_state, state_copy
 from peftkit.methods.tlora import factorize, identity_regularizer
+from tolerance import assert_near
 
 RESIDUALS = ("lora", "ttv", "ttm")
 
@@ -102,7 +103,7 @@ def test_transform_is_identity_at_init(rt: int) -> None:
         if rt in (1, 2, 4):  # 1/R_T exact in binary: T == I bit for bit (spec: "verified, error 0.0")
             assert torch.equal(t, eye)
         else:
-            torch.testing.assert_close(t, eye, rtol=0.0, atol=1e-6)
+            assert_near(t, eye, 64, layers=6)
         for core in ad.transform:
             assert core.shape == ((core.shape[0],) * 2 if rt == 1 else (core.shape[0],) * 2 + (rt, rt))
 
@@ -128,7 +129,7 @@ def test_gpt2_conv1d_host() -> None:
         model = spec.build()
         peftkit.adapt(model, peftkit.config("tlora", target_modules=spec.targets, r=2, transform_rank=2,
                                             residual="ttv"))
-        torch.testing.assert_close(spec.run(model, x), y0, rtol=0.0, atol=1e-6)
+        assert_near(spec.run(model, x), y0, 64, layers=6)
         perturb(model, seed=2)
         layer = model.h[0].attn.c_attn  # Conv1D: weight stored (d_in, d_out)
         ad = layer.adapters["default"]

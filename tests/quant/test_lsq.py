@@ -12,6 +12,7 @@ import torch
 
 from peftkit.core.errors import PeftkitError
 from peftkit.quant import lsq, rtn
+from tolerance import assert_near
 
 
 def _setup(d_out: int = 5, d_in: int = 22, gs: int = 8, bits: int = 3, dtype=torch.float64, seed: int = 0):
@@ -63,7 +64,7 @@ def test_backward_matches_straight_through_autograd(gs: int, d_in: int) -> None:
     ref = [t.clone().requires_grad_(True) for t in (w, step, offset)]
     (_reference(*ref, bits, min(gs, d_in), g) * upstream).sum().backward()
     for mine, theirs in zip(leaves, ref, strict=True):
-        torch.testing.assert_close(mine.grad, theirs.grad, rtol=0.0, atol=1e-6)
+        assert_near(mine.grad, theirs.grad, 32, layers=3)
         assert mine.grad.abs().sum() > 0
 
 
