@@ -527,8 +527,9 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole comparison of ``setup``; returns the result record (see :func:`targets` for what it is held to)."""
+def run(setup: Setup, log: Callable[[str], None] = print, measure_memory: bool = True) -> dict[str, Any]:
+    """The whole comparison of ``setup``; returns the result record (see :func:`targets` for what it is held to).
+    ``measure_memory=False``: no peak-memory measurement (``memory`` None)."""
     from peftkit.core.registry import get
 
     if setup.threads:
@@ -587,6 +588,17 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
         del inf_models, times
         _free()
 
+    res["memory"] = None
+    if measure_memory:
+        _memory(res, setup, log)
+    res["targets"] = targets(res, setup)
+    for tg in res["targets"]:
+        tiny = "(tiny, not a measurement) " if setup.tiny else ""
+        log(f"{tiny}target {tg['what']}: {tg['value']:.3f} ≤ {tg['bound']} — {'met' if tg['met'] else 'NOT met'}")
+    return res
+
+
+def _memory(res: dict[str, Any], setup: Setup, log: Callable[[str], None]) -> None:
     mem_kinds = ("frozen", "peftkit", "peft") if setup.causal else ("peftkit", "peft")
     mem = memory(mem_kinds, setup)
     res["memory"] = mem
@@ -600,10 +612,6 @@ def run(setup: Setup, log: Callable[[str], None] = print) -> dict[str, Any]:
     if res["saved_tensor_ratio"] is not None:
         log(f"tensors saved for backward: peftkit {saved[0]:.0f} MiB, peft {saved[1]:.0f} MiB → ratio "
             f"{res['saved_tensor_ratio']:.3f}")
-    res["targets"] = targets(res, setup)
-    for tg in res["targets"]:
-        log(f"target {tg['what']}: {tg['value']:.3f} ≤ {tg['bound']} — {'met' if tg['met'] else 'NOT met'}")
-    return res
 
 
 def targets(res: dict[str, Any], setup: Setup) -> list[dict[str, Any]]:
@@ -666,19 +674,21 @@ def markdown(res: dict[str, Any]) -> str:
         c = res["compile_s"]
         lines.append(f"| compile (first step less a compiled one) | {c['peftkit']:.1f} s | {c['peft']:.1f} s | "
                      f"{c['frozen']:.1f} s | | | |")
-    m = res["memory"]
-    floor = m.get("frozen", {}).get("step_peak_mib")
-
     def mib(x: float | None) -> str:
         return "" if x is None else f"{x:,.0f} MiB"
 
     def over(a: float | None, b: float | None) -> str:
         return _r(a / b) if a is not None and b else ""
 
-    lines.append(f"| peak memory of a step | {mib(m['peftkit']['step_peak_mib'])} | {mib(m['peft']['step_peak_mib'])} "
-                 f"| {mib(floor)} | **{_r(res['step_peak_ratio'])}** | {over(m['peftkit']['step_peak_mib'], floor)} | "
-                 f"{over(m['peft']['step_peak_mib'], floor)} |")
-    if res.get("saved_tensor_ratio") is not None:
+    m = res["memory"]
+    if m is None:
+        lines.append("| peak memory of a step | not measured in this run | | | | | |")
+    else:
+        floor = m.get("frozen", {}).get("step_peak_mib")
+        lines.append(f"| peak memory of a step | {mib(m['peftkit']['step_peak_mib'])} | "
+                     f"{mib(m['peft']['step_peak_mib'])} | {mib(floor)} | **{_r(res['step_peak_ratio'])}** | "
+                     f"{over(m['peftkit']['step_peak_mib'], floor)} | {over(m['peft']['step_peak_mib'], floor)} |")
+    if m is not None and res.get("saved_tensor_ratio") is not None:
         fs = m.get("frozen", {}).get("saved_tensor_mib")
         lines.append(f"| tensors kept for backward | {mib(m['peftkit']['saved_tensor_mib'])} | "
                      f"{mib(m['peft']['saved_tensor_mib'])} | {mib(fs)} | {_r(res['saved_tensor_ratio'])} | "
