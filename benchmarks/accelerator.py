@@ -53,7 +53,8 @@ RESULTS = Path(__file__).parent / "results" / "accelerator"
 SETTINGS = ("autocast", "bf16 weights")
 CLASSIFIER = {"full": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
                            vocab_size=30522, batch=16, seq=128),
-              "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+              # 3 layers: MoS shares its ranks across the layers (r − r_p ≤ (r_e − r_p)·L with its defaults)
+              "tiny": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
                            vocab_size=1000, batch=2, seq=16)}
 
 
@@ -177,6 +178,19 @@ def method_step(name: str, setting: str, device: str, tiny: bool, steps: int) ->
     return row
 
 
+def method_names(spec: str | None) -> list[str]:
+    """``--methods``: a comma list of registered methods; None: every registered method."""
+    from peftkit.core.registry import all_methods
+
+    registered = [m.name for m in all_methods()]
+    names = registered if spec is None else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registered]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; registered: "
+                         f"{', '.join(registered)}")
+    return names
+
+
 def markdown(res: dict[str, Any]) -> str:
     v = res["versions"]
     lines = [f"# peftkit on {v['device']}", ""]
@@ -240,15 +254,13 @@ def main(argv: list[str] | None = None) -> int:
               "`--device cpu --tiny` for a dry run", file=sys.stderr)
         return 2
     import peftkit
-    from peftkit.core.registry import all_methods
 
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    registered = [m.name for m in all_methods()]
-    names = registered if not args.methods else [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in registered]
-    if unknown:
-        ap.error(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
+    try:
+        names = method_names(args.methods)
+    except ValueError as e:
+        ap.error(str(e))
     steps = args.steps or (1 if args.tiny else 10)
     base = lvp.Setup(device=args.device, tiny=args.tiny, threads=args.threads if args.device == "cpu" else None,
                      rounds=args.rounds or (1 if args.tiny else 21), steps=1 if args.tiny else 2)

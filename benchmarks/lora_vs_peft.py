@@ -764,6 +764,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 21; 1 with --tiny)")
     ap.add_argument("--steps", type=int, help="steps per setup per round (default 2; 1 with --tiny)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--out", default=str(RESULTS), help="folder for <config>.json and <config>.md")
     ap.add_argument("--json", help="also write the JSON record here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -787,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("lora_vs_peft.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    res = run(setup_from_args(args))
+    res = run(setup_from_args(args), measure_memory=not args.no_memory)
     js, md = write(res, args.out)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -20,6 +20,8 @@ sys.path.insert(0, str(BENCH))
 import accelerator  # noqa: E402
 import lora_vs_peft  # noqa: E402
 
+from peftkit import get_method  # noqa: E402
+
 
 def _ratios(res: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in res.items() if "ratio" in k and v is not None}
@@ -31,7 +33,7 @@ def _check_finite_positive(values: dict[str, float]) -> None:
         assert isinstance(v, float) and math.isfinite(v) and v > 0, f"{k} = {v!r}"
 
 
-def _run(tmp_path: Path, *args: str) -> dict[str, Any]:
+def _run(tmp_path: Path, *args: str, memory: bool = True) -> dict[str, Any]:
     assert lora_vs_peft.main(["--tiny", "--threads", "1", "--out", str(tmp_path), *args]) == 0
     (js,) = tmp_path.glob("*.json")
     res = json.loads(js.read_text())
@@ -40,10 +42,13 @@ def _run(tmp_path: Path, *args: str) -> dict[str, Any]:
     assert res["trainable_params"] > 0
     assert set(res["train_step_s"]) == {"frozen", "peftkit", "peft"}
     assert all(t > 0 for t in res["train_step_s"].values())
-    for k in ("train_ratio", "train_ratio_frozen", "train_ratio_vs_floor", "peft_ratio_vs_floor", "step_peak_ratio"):
+    for k in ("train_ratio", "train_ratio_frozen", "train_ratio_vs_floor", "peft_ratio_vs_floor"):
         assert k in res, k
-    assert {"peftkit", "peft"} <= set(res["memory"])
-    assert all(m["step_peak_mib"] > 0 for m in res["memory"].values())
+    if memory:
+        assert {"peftkit", "peft"} <= set(res["memory"]) and "step_peak_ratio" in res
+        assert all(m["step_peak_mib"] > 0 for m in res["memory"].values())
+    else:
+        assert res["memory"] is None and "step_peak_ratio" not in res
     _check_finite_positive(_ratios(res))
     for tg in res["targets"]:
         assert set(tg) == {"what", "key", "value", "bound", "met"} and tg["value"] == res[tg["key"]]
@@ -61,10 +66,12 @@ def test_lora_vs_peft_minilm(tmp_path: Path, precision: str) -> None:
 
 
 def test_lora_vs_peft_compiled(tmp_path: Path) -> None:
-    # aot_eager: dynamo and AOTAutograd trace forward and backward as inductor's would, without the slow C++ codegen
-    res = _run(tmp_path, "--compile", "--backend", "aot_eager")
+    # aot_eager: dynamo and AOTAutograd trace forward and backward as inductor's would, without the slow C++ codegen;
+    # no memory pass (its child compiles again, doubling this test's time; the pass itself is tested above)
+    res = _run(tmp_path, "--compile", "--backend", "aot_eager", "--no-memory", memory=False)
     assert res["config"] == "minilm-lora-fp32-compile-tiny"
     assert set(res["compile_s"]) == {"frozen", "peftkit", "peft"}
+    assert res["compile_warmup"]["warmup_rounds"] >= 3 and res["compile_warmup"]["compiles_while_timed"] >= 0
     assert not any(k.startswith("inference") for k in res)  # compiled: the training step only
     assert [t["key"] for t in res["targets"]] == ["train_ratio"]
 
@@ -89,18 +96,34 @@ def test_lora_vs_peft_shapes_are_the_issues() -> None:
     assert (m.batch, m.seq, m.rank, m.alpha) == (16, 128, 8, 16)
 
 
-def test_accelerator_dry_run_on_cpu(tmp_path: Path) -> None:
+def test_accelerator_runs_every_registered_method_by_default() -> None:
     from peftkit.core.registry import all_methods
 
-    assert accelerator.main(["--device", "cpu", "--tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert accelerator.method_names(None) == [m.name for m in all_methods()]
+    assert accelerator.method_names(" lora, ia3 ") == ["lora", "ia3"]
+    with pytest.raises(ValueError, match="unknown method.*nope"):
+        accelerator.method_names("lora,nope")
+
+
+# one method of each family here (every method's bf16 paths: tests/conformance/test_precision.py; every method on a
+# BERT classifier: `accelerator.py --device cpu --tiny` with no --methods, ~20 s)
+DRY_RUN_METHODS = ["lora", "dora", "ia3", "lntuning", "series_adapter", "prompt_tuning", "mos", "sketchtune"]
+
+
+def test_accelerator_dry_run_on_cpu(tmp_path: Path) -> None:
+    assert accelerator.main(["--device", "cpu", "--tiny", "--threads", "1", "--out", str(tmp_path),
+                             "--methods", ",".join(DRY_RUN_METHODS)]) == 0
     res = json.loads((tmp_path / "accelerator-cpu-tiny.json").read_text())
     rows = res["methods"]
     assert {(r["method"], r["setting"]) for r in rows} == {
-        (m.name, s) for m in all_methods() for s in accelerator.SETTINGS}
+        (m, s) for m in DRY_RUN_METHODS for s in accelerator.SETTINGS}
     assert all(r["ok"] and r["step_s"] > 0 and math.isfinite(r["loss"]) for r in rows), [
         (r["method"], r["setting"], r.get("error")) for r in rows if not r["ok"]]
-    # bf16 weights: the adapters keep float32 parameters (peftkit's default) — the head trained in full is bf16
-    assert all("float32" in r["adapter_dtypes"] for r in rows if r["setting"] == "bf16 weights")
+    # bf16 weights: the adapters keep float32 parameters (peftkit's default; the head trained in full is the model's
+    # bf16), except a method registered with float32_params=False (SketchTune's tables are the weights)
+    for r in rows:
+        if r["setting"] == "bf16 weights":
+            assert ("float32" in r["adapter_dtypes"]) == get_method(r["method"]).float32_params, r
     assert set(res["lora_vs_peft"]) == {f"{m}-lora-{p}-tiny" for m in ("minilm", "smollm2") for p in ("fp32", "bf16")}
     for r in res["lora_vs_peft"].values():
         assert r["memory"] is None  # not measured on the CPU dry run
