@@ -21,9 +21,13 @@ def test_ties_by_hand() -> None:
     # disjoint mean with weights (1, 0.5): [3, -1, 0, (2 + 2)/2]
     out = M.merge_task_tensors("ties", [t1, t2], torch.tensor([1.0, 0.5]), density=0.5)
     assert out.tolist() == [3.0, -1.0, 0.0, 2.0]
-    # "frequency" votes count signs: the first entry [+, 0] → +; a 1-vs-1 split goes to +
+    # "frequency" votes count signs: every entry of (t1, -t1) is a 1-vs-1 split, which goes to +, so each entry
+    # keeps its positive member alone
     out = M.merge_task_tensors("ties", [t1, -t1], torch.tensor([1.0, 1.0]), density=1.0, sign_method="frequency")
-    assert out.tolist() == t1.clamp(min=0).tolist() or out.tolist() == [3.0, 1.0, 0.5, 2.0]
+    assert out.tolist() == [3.0, 1.0, 0.5, 2.0]
+    # "total" weighs magnitudes: [3, -1] + [-1, -2] → the second entry's vote is negative
+    out = M.merge_task_tensors("ties", [t1, t2], torch.tensor([1.0, 1.0]), density=1.0, sign_method="total")
+    assert out.tolist() == pytest.approx([3.0, -1.5, 0.3, 3.0])
 
 
 def test_dare_keeps_the_expectation_and_magnitude_prune_keeps_the_largest() -> None:
