@@ -42,6 +42,7 @@ from .core.model import (
     unload,
     unmerge,
 )
+from .core.peft_api import PeftModel, TaskType, get_peft_model, print_trainable_parameters
 from .core.procedure import Procedure
 from .core.registry import all_methods, from_peft_config
 from .core.registry import get as get_method
@@ -63,7 +64,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AdapterConfig", "PeftkitError", "Procedure", "active_adapters", "adapt", "adapted_layers", "adapter_names",
+    "AdapterConfig", "PeftModel", "PeftkitError", "Procedure", "TaskType", "get_peft_model",
+    "print_trainable_parameters", "active_adapters", "adapt", "adapted_layers", "adapter_names",
     "adapter_state_dict", "all_methods", "combine", "condition", "config", "delete", "disable",
     "from_peft_config", "get_config", "get_method", "hotswap", "load",
     "merge", "merge_and_unload", "mixed_batch", "save", "set_active", "set_rank", "summary", "trainable_parameters",

@@ -41,6 +41,10 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "prompt_tuning": {"num_virtual_tokens": 4},
     "prefix_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 8},
     "ptuning_v2": {"num_virtual_tokens": 4},
+    # AdaLoRA: the tiny layers are 16 wide (init_r 12 fits); a total_step so the allocator could run
+    "adalora": {"init_r": 6, "target_r": 4, "total_step": 20},
+    # trainable tokens: half of the tiny vocabulary (40 ids), so the random inputs hit chosen and unchosen rows
+    "trainable_tokens": {"target_modules": ["emb"], "token_indices": list(range(0, 40, 2))},
     # TriAdaptLoRA as a saved adapter records it after two growths: three blocks on every matrix module
     "triadaptlora": {"block_ranks": {p: [1, 2, 2] for p in (
         "fc1", "fc2", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2", "conv1", "conv2", "emb",

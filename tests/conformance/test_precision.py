@@ -33,7 +33,11 @@ from peftkit.core.registry import MethodInfo, all_methods
 def _model_for(info: MethodInfo) -> str:
     if info.model_level:
         return "gpt2"
-    return "mlp" if "linear" in info.hosts else "norm"
+    if "linear" in info.hosts:
+        return "mlp"
+    if "norm" in info.hosts:
+        return "norm"
+    return next(name for name, spec in MODELS.items() if set(spec.hosts) <= set(info.hosts))  # e.g. embedding
 
 
 METHODS = all_methods()
@@ -41,7 +45,7 @@ CASES = [pytest.param(info.name, id=info.name) for info in METHODS]
 MERGEABLE = [pytest.param(info.name, id=info.name) for info in METHODS if info.mergeable]
 # products a signal passes through, input to output, forward: the MLP's fc1 → fc2 → head; the norm model's
 # fc → (ln, rms, ln_f as scalings) → head; GPT-2's block: c_attn, q·kᵀ, att·v, c_proj, c_fc, c_proj
-DEPTH = {"mlp": 3, "norm": 3, "gpt2": 6}
+DEPTH = {"mlp": 3, "norm": 3, "gpt2": 6, "embedding": 2}
 ROWS = 40  # ≥ every tiny layer's d_in / d_out: the float32 fused kernels take their folded branches too
 
 
