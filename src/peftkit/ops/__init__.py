@@ -1,0 +1,1 @@
+"""Maths that several methods or tasks could use and that is not PEFT-specific (spectral transforms, ...)."""
