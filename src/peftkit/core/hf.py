@@ -57,12 +57,15 @@ class HFTensor(NamedTuple):
     """Where one adapter tensor lives in a Hugging Face file: the key after ``<module path>.`` (adapter name
     removed, as PEFT saves it), its shape there, and its shape in peftkit (the two differ only by a reshape).
     ``base``: the file holds a trained *copy* of the host's own tensor of that name (e.g. LN tuning's γ) where
-    peftkit keeps the difference to it, so ``file = host.<base> + ours``."""
+    peftkit keeps the difference to it, so ``file = host.<base> + ours``. ``value``: a tensor of peftkit's own saves
+    that the Hugging Face file does not hold (e.g. a record of the layer's shape, checked at load): not written on
+    export, and ``value`` (what the layer gives it) on import; ``key`` and the shapes are then unused."""
 
     key: str
     hf_shape: tuple[int, ...]
     shape: tuple[int, ...]
     base: str | None = None
+    value: torch.Tensor | None = None
 
 
 def _host_tensor(host: Host, name: str) -> torch.Tensor:
@@ -301,7 +304,8 @@ def import_adapter(
             continue
         layouts[path] = layout
         for ours, spec in layout.items():
-            wanted[f"{path}.{spec.key}"] = (path, ours, spec)
+            if spec.value is None:
+                wanted[f"{path}.{spec.key}"] = (path, ours, spec)
     out: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
     rest: list[str] = []
@@ -322,8 +326,10 @@ def import_adapter(
         out[f"adapter.{path}.{ours}"] = t
         targets.add(path)
     for path in targets:
-        for spec in layouts[path].values():
-            if f"{path}.{spec.key}" not in hf:
+        for ours, spec in layouts[path].items():
+            if spec.value is not None:
+                out[f"adapter.{path}.{ours}"] = spec.value
+            elif f"{path}.{spec.key}" not in hf:
                 raise PeftkitError(f"{source}: tensor {prefix}{path}.{spec.key} is missing from the file")
         if hosts[path].kind not in info.hosts:
             raise PeftkitError(
@@ -421,6 +427,8 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
                 f"{path!r} has no place in that format"
             )
         for ours, spec in layout.items():
+            if spec.value is not None:
+                continue
             t = state[ours]
             if spec.base is not None:
                 t = _host_tensor(layer.host, spec.base).reshape(t.shape).to(t.dtype) + t
