@@ -108,3 +108,49 @@ def check_both_directions(
     a = load_file(str(tmp_path / "from_peft" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "to_peft" / "adapter_model.safetensors"))
     assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
+
+
+class ConvLinearNet(nn.Module):
+    """Conv1d (k = 3), Conv2d (3×3 and 1×1) and Linear hosts of unequal widths: (B, 4, 6) -> (B, 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 12, 1)
+        self.lin = nn.Linear(12, 20)
+        self.out = nn.Linear(20, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x)).unsqueeze(1)))
+        h = self.c3(h).mean((2, 3))
+        return self.out(torch.tanh(self.lin(h)))
+
+
+CONV_TARGETS = ["c1", "c2", "c3", "lin", "out"]
+
+
+def conv_input(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 4, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def same_init(peft_config: Any, method: str, fields: dict[str, Any], params: tuple[str, ...]) -> None:
+    """Under one torch seed PEFT and peftkit draw the same initial tensors (same shapes, same order of draws)."""
+    base = ConvLinearNet().eval()
+    torch.manual_seed(7)
+    pm = peft_model(base, peft_config)
+    model = copy.deepcopy(base)
+    torch.manual_seed(7)
+    peftkit.adapt(model, peftkit.config(method, **fields))
+    seen = 0
+    for path, layer in peftkit.adapted_layers(model):
+        hf = pm.base_model.model.get_submodule(path)
+        ours = layer.adapters["default"]
+        for name in params:
+            if "default" in getattr(hf, name):
+                assert_near(getattr(ours, name).detach(), getattr(hf, name)["default"].detach(), 1)
+                seen += 1
+            else:
+                assert name not in dict(ours.named_parameters()), (path, name)
+    assert seen >= len(CONV_TARGETS) * 2
