@@ -111,19 +111,21 @@ def check_both_directions(
 
 
 class ConvLinearNet(nn.Module):
-    """Conv1d (k = 3), Conv2d (3×3 and 1×1) and Linear hosts of unequal widths: (B, 4, 6) -> (B, 4)."""
+    """Conv1d (k = 3), Conv2d (3×3 and 1×1) and Linear hosts of unequal widths: (B, 4, 6) -> (B, 4). Wide enough
+    (32 and 64 output channels) that LoKr decomposes its conv factors at r = 2 and 3."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
-        self.c2 = nn.Conv2d(1, 8, 3, padding=1)
-        self.c3 = nn.Conv2d(8, 12, 1)
+        self.c1 = nn.Conv1d(4, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 64, 3, padding=1)
+        self.c3 = nn.Conv2d(64, 12, 1)
         self.lin = nn.Linear(12, 20)
         self.out = nn.Linear(20, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.c2(torch.tanh(self.c1(x)).unsqueeze(1)))
+        h = torch.tanh(self.c1(x))  # (B, 32, 6)
+        h = torch.tanh(self.c2(h.view(h.shape[0], 2, 16, 6)))  # (B, 64, 16, 6)
         h = self.c3(h).mean((2, 3))
         return self.out(torch.tanh(self.lin(h)))
 

@@ -36,13 +36,13 @@ def test_effective_conv_rebuilds_the_kernel_from_tucker_cores() -> None:
     ad = next(iter(peftkit.adapted_layers(model)))[1].adapters["default"]
     t1, a1, b1 = ad.hada_t1.detach(), ad.hada_w1_a.detach(), ad.hada_w1_b.detach()
     t2, a2, b2 = ad.hada_t2.detach(), ad.hada_w2_a.detach(), ad.hada_w2_b.detach()
-    k1 = torch.zeros(8, 1, 3, 3)
-    k2 = torch.zeros(8, 1, 3, 3)
+    k1 = torch.zeros(64, 2, 3, 3)
+    k2 = torch.zeros(64, 2, 3, 3)
     for i in range(2):
         for j in range(2):  # K[o, c] = Σ_ij T[i, j]·Wa[i, o]·Wb[j, c]
             k1 += t1[i, j][None, None] * (a1[i][:, None] * b1[j][None, :])[:, :, None, None]
             k2 += t2[i, j][None, None] * (a2[i][:, None] * b2[j][None, :])[:, :, None, None]
-    assert_near(ad.delta_weight().detach(), 4.0 * (k1 * k2).reshape(8, 9), 8)  # s = α/r = 8/2
+    assert_near(ad.delta_weight().detach(), 4.0 * (k1 * k2).reshape(64, 18), 8)  # s = α/r = 8/2
 
 
 def test_init_is_zero_update_and_matches_peft_draws() -> None:

@@ -129,6 +129,9 @@ class LoKr(LycorisUpdate):
             w2 = p["lokr_w2"]
         elif "lokr_t2" in p:
             w2 = torch.einsum("i j k l, i p, j r -> p r k l", p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+            # a true row-major copy: torch.kron fails on some einsum outputs whose size-1 dims carry odd strides
+            # (PEFT's ``.contiguous()`` keeps them — it raises there, e.g. a Conv1d core at r = 1)
+            w2 = w2.clone(memory_format=torch.contiguous_format)
         else:
             w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
         if w2.dim() == 4:
