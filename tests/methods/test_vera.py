@@ -29,7 +29,8 @@ def test_init_is_the_base_and_delta_weight_is_the_formula() -> None:
     with torch.no_grad():
         assert torch.equal(model(X), base(X))  # b = 0 exactly
     a_max, b_max = projections(8, 32, 32, 0)  # fc1: 16 -> 32, fc2: 32 -> 16: the pair spans d_in 32, d_out 32
-    for path, layer in peftkit.adapted_layers(model):
+    first = next(iter(peftkit.adapted_layers(model)))[1].adapters["default"]
+    for _, layer in peftkit.adapted_layers(model):
         ad = layer.adapters["default"]
         assert torch.equal(ad.vera_lambda_d.detach(), torch.full((8,), 0.3))
         assert torch.equal(ad.vera_lambda_b.detach(), torch.zeros(layer.host.d_out))
@@ -41,7 +42,7 @@ def test_init_is_the_base_and_delta_weight_is_the_formula() -> None:
         assert_near(ad.delta_weight().detach(), explicit, 8)
         xin = torch.randn(5, layer.host.d_in)
         assert_near(ad.delta(xin, None).detach(), xin @ explicit.t(), 32)  # the activation path, not ΔW
-        assert ad.shared.A.data_ptr() == next(iter(peftkit.adapted_layers(model)))[1].adapters["default"].shared.A.data_ptr()
+        assert ad.shared.A.data_ptr() == first.shared.A.data_ptr()  # one pair for every layer
 
 
 def test_projections_are_peft_s_and_never_in_peftkit_saves(tmp_path) -> None:

@@ -46,7 +46,8 @@ def hadamard_weight(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b
 
 
 def tucker_weight(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """The (c_out, c_in, kh, kw) kernel T ×₁ Waᵀ ×₂ Wbᵀ of a Tucker core T (r, r, kh, kw), Wa (r, c_out), Wb (r, c_in)."""
+    """The (c_out, c_in, kh, kw) kernel T ×₁ Waᵀ ×₂ Wbᵀ of a Tucker core T (r, r, kh, kw), Wa (r, c_out),
+    Wb (r, c_in)."""
     return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
 
 

@@ -112,7 +112,8 @@ class LoKr(LycorisUpdate):
     def shapes(cls, host: Host, config: LoKrConfig) -> dict[str, tuple[int, ...]]:
         a, b, c, d, w1_whole, w2_whole = _plan(host, config)
         r = config.r
-        out: dict[str, tuple[int, ...]] = {"lokr_w1": (a, c)} if w1_whole else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
+        out: dict[str, tuple[int, ...]] = (
+            {"lokr_w1": (a, c)} if w1_whole else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)})
         k = tuple(host.module.kernel_size) if host.is_conv else ()
         if w2_whole:
             out["lokr_w2"] = (b, d, *k)
