@@ -156,3 +156,34 @@ def same_init(peft_config: Any, method: str, fields: dict[str, Any], params: tup
             else:
                 assert name not in dict(ours.named_parameters()), (path, name)
     assert seen >= len(CONV_TARGETS) * 2
+
+
+def same_training_draws(peft_config: Any, method: str, fields: dict[str, Any]) -> None:
+    """Training mode, one torch seed per step: PEFT and peftkit (same non-zero tensors) draw the same module-skip and
+    row masks in the same order, so their outputs agree; the masks vary between seeds; evaluation has none."""
+    base = ConvLinearNet().eval()
+    pm = peft_model(base, peft_config)
+    model = copy.deepcopy(base)
+    peftkit.adapt(model, peftkit.config(method, **fields))
+    for path, layer in peftkit.adapted_layers(model):
+        hf = pm.base_model.model.get_submodule(path)
+        with torch.no_grad():
+            for name, p in layer.adapters["default"].named_parameters():
+                getattr(hf, name)["default"].normal_()
+                p.copy_(getattr(hf, name)["default"])
+    pm.train()
+    model.train()
+    x = conv_input(5)
+    outs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ref = pm(x)
+        torch.manual_seed(seed)
+        y = model(x)
+        assert_near(y.detach(), ref.detach(), 64)
+        outs.append(y.detach())
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # the masks really vary
+    model.eval()
+    pm.eval()
+    with torch.no_grad():
+        assert_near(model(x), pm(x), 64)  # no dropout at evaluation

@@ -10,7 +10,14 @@ import torch
 
 import peftkit
 from conformance.models import MODELS
-from peft_interop import CONV_TARGETS, ConvLinearNet, check_both_directions, conv_input, peft_model, same_init
+from peft_interop import (
+    CONV_TARGETS,
+    ConvLinearNet,
+    check_both_directions,
+    conv_input,
+    same_init,
+    same_training_draws,
+)
 from tolerance import assert_near
 
 peft = pytest.importorskip("peft")
@@ -72,31 +79,6 @@ def test_matches_peft_both_directions(effective: bool, tmp_path) -> None:
 
 
 def test_rank_and_module_dropout_follow_peft_in_training() -> None:
-    """Training mode, same seed: PEFT and peftkit draw the same module-skip and row masks in the same order."""
-    base = ConvLinearNet().eval()
     cfg = dict(r=2, rank_dropout=0.4, module_dropout=0.3)
-    pm = peft_model(base, peft.LoHaConfig(target_modules=CONV_TARGETS, **cfg))
-    model = copy.deepcopy(base)
-    peftkit.adapt(model, peftkit.config("loha", target_modules=CONV_TARGETS, **cfg))
-    for path, layer in peftkit.adapted_layers(model):  # the same non-zero factors on both sides
-        hf = pm.base_model.model.get_submodule(path)
-        with torch.no_grad():
-            for name in PARAMS[:4]:
-                getattr(hf, name)["default"].normal_()
-                getattr(layer.adapters["default"], name).copy_(getattr(hf, name)["default"])
-    pm.train()
-    model.train()
-    x = conv_input(5)
-    outs = []
-    for seed in range(4):
-        torch.manual_seed(seed)
-        ref = pm(x)
-        torch.manual_seed(seed)
-        y = model(x)
-        assert_near(y.detach(), ref.detach(), 64)
-        outs.append(y.detach())
-    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # the masks really vary
-    model.eval()
-    pm.eval()
-    with torch.no_grad():
-        assert_near(model(x), pm(x), 64)  # no dropout at evaluation
+    same_training_draws(peft.LoHaConfig(target_modules=CONV_TARGETS, **cfg), "loha",
+                        {"target_modules": CONV_TARGETS, **cfg})

@@ -10,7 +10,14 @@ import torch
 
 import peftkit
 from conformance.models import MODELS
-from peft_interop import CONV_TARGETS, ConvLinearNet, check_both_directions, conv_input, peft_model, same_init
+from peft_interop import (
+    CONV_TARGETS,
+    ConvLinearNet,
+    check_both_directions,
+    conv_input,
+    same_init,
+    same_training_draws,
+)
 from peftkit.methods.lokr import factorization
 from tolerance import assert_near
 
@@ -89,29 +96,9 @@ def test_rank_patterns_match_peft(tmp_path) -> None:
 
 @pytest.mark.parametrize("scale", [False, True])
 def test_rank_and_module_dropout_follow_peft_in_training(scale: bool) -> None:
-    base = ConvLinearNet().eval()
     cfg = dict(r=1, rank_dropout=0.4, module_dropout=0.3, rank_dropout_scale=scale)
-    pm = peft_model(base, peft.LoKrConfig(target_modules=CONV_TARGETS, **cfg))
-    model = copy.deepcopy(base)
-    peftkit.adapt(model, peftkit.config("lokr", target_modules=CONV_TARGETS, **cfg))
-    for path, layer in peftkit.adapted_layers(model):
-        hf = pm.base_model.model.get_submodule(path)
-        with torch.no_grad():
-            for name, p in layer.adapters["default"].named_parameters():
-                getattr(hf, name)["default"].normal_()
-                p.copy_(getattr(hf, name)["default"])
-    pm.train()
-    model.train()
-    x = conv_input(5)
-    outs = []
-    for seed in range(4):
-        torch.manual_seed(seed)
-        ref = pm(x)
-        torch.manual_seed(seed)
-        y = model(x)
-        assert_near(y.detach(), ref.detach(), 64)
-        outs.append(y.detach())
-    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    same_training_draws(peft.LoKrConfig(target_modules=CONV_TARGETS, **cfg), "lokr",
+                        {"target_modules": CONV_TARGETS, **cfg})
 
 
 def test_kron_is_still_diffusekrona() -> None:
