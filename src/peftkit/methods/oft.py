@@ -1,6 +1,6 @@
 """OFT — Qiu et al., NeurIPS 2023, "Controlling Text-to-Image Diffusion by Orthogonal Finetuning" (arXiv 2306.07280),
 as Hugging Face PEFT ≥ 0.18 defines it (``peft/tuners/oft``: the input-rotation form with the Cayley–Neumann series
-of "Orthogonal Finetuning Made Scalable", Qiu et al. 2025, arXiv 2506.19847); reads and writes PEFT's ``OFT`` files.
+of Qiu et al. 2025, "Orthogonal Finetuning Made Scalable"); reads and writes PEFT's ``OFT`` files.
 
     forward:  y = base(x·R),  R = diag(R_1, …, R_n) block-diagonal (d_in×d_in, n blocks of size b, n·b = d_in);
               x·R rotates each b-slice of the input (W0 itself is never touched)
@@ -127,8 +127,8 @@ def cayley(q: torch.Tensor, b: int, neumann_terms: int | None) -> torch.Tensor:
 @register(
     "oft",
     config=OFTConfig,
-    paper="Qiu et al., NeurIPS 2023, OFT (arXiv 2306.07280); Qiu et al. 2025, OFTv2 (arXiv 2506.19847) — "
-          "Hugging Face PEFT's OFT",
+    paper="Qiu et al., NeurIPS 2023, OFT (arXiv 2306.07280); Qiu et al. 2025, Orthogonal Finetuning Made "
+          "Scalable — Hugging Face PEFT's OFT",
     description="multiplicative: the input rotated by a block-diagonal orthogonal R (Cayley / Cayley–Neumann of "
                 "skew-symmetric blocks); merged W0·Rᵀ",
     params="n·b(b−1)/2, n·b = d_in (b(b−1)/2 with block_share)",

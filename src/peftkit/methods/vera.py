@@ -10,9 +10,10 @@
 Trainable: d ∈ R^r and b ∈ R^{d_out} — r + d_out per layer. The shared pair is sized to the largest d_in and d_out
 over the targets (as PEFT's ``_find_dim``) and is never part of a peftkit save: it is regenerated from the seed. PEFT
 writes it into its files when ``save_projection`` (its default) is set: peftkit writes it then too, and on reading
-checks that the file's pair is the one it regenerates (refusing the file otherwise). Differences from the paper,
-following PEFT's code: the paper initialises A, B with kaiming-normal and b = 0, d = d_initial alike; PEFT uses
-kaiming-uniform with gain √2, as here. The rank r may exceed min(d_in, d_out) (the paper goes to r = 1024).
+checks that the file's pair is the one it regenerates (refusing the file otherwise). The draw is PEFT's (its
+``_kaiming_init``: uniform, gain √2, one CPU generator, A before B), so the same seed gives the same pair in both
+libraries; the paper's own code may draw differently. The rank r may exceed min(d_in, d_out) (the paper goes to
+r = 1024).
 As the sole active adapter with at least d_out rows (no active dropout, float32/64) the layer runs as
 x·(W0 + ΔW)ᵀ + b through ``core.dense``; otherwise the two thin products above (no d_out×d_in tensor).
 """
