@@ -29,6 +29,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwha": {"r": 2, "group_size": 8},
     # LoCA: n = 32 coefficients fit every tiny layer's d_out·d_in spectrum (the default 1000 does not)
     "loca": {"n": 32},
+    # FourierFT: likewise n = 32 frequencies (the default 1000 exceeds the tiny layers' d_out·d_in spectra)
+    "fourierft": {"n": 32},
     # conditional SSF: several conditions, the matrix's plain forwards use the default one (not row 0)
     "conditional_ssf": {"num_conditions": 3, "default_condition": 1},
     # ExPLoRA: the tiny models have no numbered blocks to unfreeze (tests/methods/test_explora.py covers that part);

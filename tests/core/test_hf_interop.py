@@ -276,7 +276,9 @@ def _edit_config(d: Path, **changes: Any) -> None:
     ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
     ("init_lora_weights", "olora", "init_lora_weights='olora'"),
     ("some_future_option", 3, "unknown Hugging Face PEFT LoRA option some_future_option"),
-    ("peft_type", "LOKR", "'LOKR' is not supported"),
+    ("peft_type", "HRA", "'HRA' is not supported; peftkit reads: .*LOKR"),
+    # a LoRA file relabelled as a type peftkit reads: its LoRA fields are refused by name
+    ("peft_type", "LOKR", "LoKrConfig has no field.*lora_alpha"),
 ])
 def test_unsupported_options_raise_naming_the_option(tmp_path: Path, option: str, value: Any, pattern: str) -> None:
     _save_with_peft(_bert(), CASES["lora"][1], tmp_path)

@@ -244,6 +244,21 @@ class Adapter(nn.Module):
         shape). None: no Hugging Face format."""
         return None
 
+    #: tensors a Hugging Face PEFT file holds once for the whole adapter, outside every module (keys as in the file,
+    #: e.g. VeRA's ``base_model.vera_A``): written from :meth:`hf_shared_tensors`, checked by :meth:`check_hf_shared`
+    hf_shared_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def hf_shared_tensors(cls, config: Any, adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+        """Export: what to write under :attr:`hf_shared_keys` for the adapter whose per-layer adapters are
+        ``adapters`` (in model order); keys absent from the result are not written."""
+        return {}
+
+    @classmethod
+    def check_hf_shared(cls, config: Any, hosts: list[Host], tensors: dict[str, torch.Tensor]) -> None:
+        """Import: raise :class:`PeftkitError` when the file's shared tensors (those of :attr:`hf_shared_keys` it
+        holds) are not what this adapter computes with on ``hosts`` (the targeted layers, in model order)."""
+
     @classmethod
     def shared_params(cls, config: Any, hosts: list[Host]) -> int:
         """Trainable parameters of the whole adapter on top of the per-layer ``expected_params``: those held once in

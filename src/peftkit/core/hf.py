@@ -57,12 +57,15 @@ class HFTensor(NamedTuple):
     """Where one adapter tensor lives in a Hugging Face file: the key after ``<module path>.`` (adapter name
     removed, as PEFT saves it), its shape there, and its shape in peftkit (the two differ only by a reshape).
     ``base``: the file holds a trained *copy* of the host's own tensor of that name (e.g. LN tuning's γ) where
-    peftkit keeps the difference to it, so ``file = host.<base> + ours``."""
+    peftkit keeps the difference to it, so ``file = host.<base> + ours``. ``value``: a tensor of peftkit's own saves
+    that the Hugging Face file does not hold (e.g. a record of the layer's shape, checked at load): not written on
+    export, and ``value`` (what the layer gives it) on import; ``key`` and the shapes are then unused."""
 
     key: str
     hf_shape: tuple[int, ...]
     shape: tuple[int, ...]
     base: str | None = None
+    value: torch.Tensor | None = None
 
 
 def _host_tensor(host: Host, name: str) -> torch.Tensor:
@@ -88,6 +91,22 @@ _LORA_USED = frozenset({
 
 def _is_unset(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, dict | list | tuple | str) and not value)
+
+
+#: fields of every Hugging Face PEFT config that are metadata (they never change what the adapter computes)
+PEFT_META = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                       "revision", "inference_mode"})
+
+
+def config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) -> AdapterConfig:
+    """The config of a method that mirrors a Hugging Face PEFT config (``peft_type`` / ``peft_names``) from that
+    method's ``adapter_config.json``: metadata dropped, unset fields this peftkit does not know dropped, the rest
+    translated by the config constructor — a set option peftkit cannot honour or does not know is refused by name."""
+    from .peft_names import COMMON, mirrored, unset
+
+    known = set(mirrored(config_cls)[1]) | set(COMMON) | {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in hf.items()
+                         if k not in PEFT_META and (k in known or not unset(v))})
 
 
 def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) -> AdapterConfig:
@@ -195,23 +214,25 @@ def _method_for(meta: dict[str, Any], source: str) -> tuple[MethodInfo, AdapterC
 
 
 def _read_hf_tensors(
-    directory: str | os.PathLike, source: str, files: io.AdapterFiles | None = None
-) -> tuple[dict[str, torch.Tensor], str]:
-    """The file's tensors keyed by module path + tensor name, and the prefix the file puts before them."""
+    directory: str | os.PathLike, source: str, files: io.AdapterFiles | None = None, shared: tuple[str, ...] = (),
+) -> tuple[dict[str, torch.Tensor], str, dict[str, torch.Tensor]]:
+    """The file's tensors keyed by module path + tensor name, the prefix the file puts before them, and the tensors
+    it holds under the adapter-wide keys ``shared`` (:attr:`~peftkit.core.adapter.Adapter.hf_shared_keys`)."""
     d = Path(directory)
     if not (d / io.WEIGHTS_NAME).is_file() and (d / "adapter_model.bin").is_file():
         raise PeftkitError(
             f"{source}: only adapter_model.bin (a pickle) is present; peftkit reads safetensors only — re-save the "
             f"adapter with PEFT's save_pretrained(..., safe_serialization=True)"
         )
-    raw = (files or io.read_adapter_files(directory)).tensors()
+    raw = dict((files or io.read_adapter_files(directory)).tensors())
+    common = {k: raw.pop(k) for k in shared if k in raw}
     prefixed = [k for k in raw if k.startswith(PREFIX)]
     if prefixed and len(prefixed) != len(raw):
         odd = next(k for k in raw if not k.startswith(PREFIX))
         raise PeftkitError(f"{source}: tensor {odd!r} does not start with {PREFIX!r} like the others")
     if not prefixed:  # e.g. saved through transformers' PEFT integration
-        return dict(raw), ""
-    return {k[len(PREFIX):]: v for k, v in raw.items()}, PREFIX
+        return raw, "", common
+    return {k[len(PREFIX):]: v for k, v in raw.items()}, PREFIX, common
 
 
 def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -271,7 +292,7 @@ def import_adapter(
     info, cfg = _method_for(meta, source)
     if info.model_level:
         return _import_model_level(model, directory, meta, info, cfg, source, files)
-    hf, prefix = _read_hf_tensors(directory, source, files)
+    hf, prefix, common = _read_hf_tensors(directory, source, files, info.adapter.hf_shared_keys)
 
     # 1. adapter tensors: every host layer says where its tensors would be
     hosts = _hosts(model)
@@ -283,7 +304,8 @@ def import_adapter(
             continue
         layouts[path] = layout
         for ours, spec in layout.items():
-            wanted[f"{path}.{spec.key}"] = (path, ours, spec)
+            if spec.value is None:
+                wanted[f"{path}.{spec.key}"] = (path, ours, spec)
     out: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
     rest: list[str] = []
@@ -304,8 +326,10 @@ def import_adapter(
         out[f"adapter.{path}.{ours}"] = t
         targets.add(path)
     for path in targets:
-        for spec in layouts[path].values():
-            if f"{path}.{spec.key}" not in hf:
+        for ours, spec in layouts[path].items():
+            if spec.value is not None:
+                out[f"adapter.{path}.{ours}"] = spec.value
+            elif f"{path}.{spec.key}" not in hf:
                 raise PeftkitError(f"{source}: tensor {prefix}{path}.{spec.key} is missing from the file")
         if hosts[path].kind not in info.hosts:
             raise PeftkitError(
@@ -356,6 +380,10 @@ def import_adapter(
         raise PeftkitError(f"{source}: the file holds no {info.name} tensors for any layer of this model")
 
     order = [p for p in hosts if p in targets]
+    try:
+        info.adapter.check_hf_shared(cfg, [hosts[p] for p in order], common)
+    except PeftkitError as e:
+        raise PeftkitError(f"{source}: {e}") from None
     cfg = dataclasses.replace(
         cfg, target_modules=order, exclude_modules=None, target_types=None, layers_to_transform=None,
         layers_pattern=None, modules_to_save=[p for p in saved_paths if p in saved_used] or None,
@@ -399,10 +427,13 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
                 f"{path!r} has no place in that format"
             )
         for ours, spec in layout.items():
+            if spec.value is not None:
+                continue
             t = state[ours]
             if spec.base is not None:
                 t = _host_tensor(layer.host, spec.base).reshape(t.shape).to(t.dtype) + t
             tensors[f"{PREFIX}{path}.{spec.key}"] = t.reshape(spec.hf_shape)
+    tensors.update(info.adapter.hf_shared_tensors(cfg, [layer.adapters[name] for _, layer in layers]))
     adapted = {p for p, _ in layers}
     saved = [p for p, sm in _saved_modules(model) if name in sm.copies]
     for k, v in adapter_state_dict(model, name).items():
@@ -443,7 +474,7 @@ def _import_model_level(
     if meta.get("num_transformer_submodules") not in (None, 1):
         raise PeftkitError(f"{source}: num_transformer_submodules={meta['num_transformer_submodules']} (prompts for "
                            "an encoder-decoder model) is not supported")
-    hf, _ = _read_hf_tensors(directory, source, files)
+    hf, _, _ = _read_hf_tensors(directory, source, files)
     if PROMPT_KEY not in hf:
         raise PeftkitError(f"{source}: tensor {PROMPT_KEY!r} is missing from the file")
     out = {f"model.{info.adapter.hf_state_key}": hf.pop(PROMPT_KEY)}

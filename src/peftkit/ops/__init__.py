@@ -1,1 +1,2 @@
-"""Maths that several methods or tasks use and that is not specific to one PEFT method (DESIGN.md: ops/)."""
+"""Maths that several methods or tasks use and that is not specific to one PEFT method (DESIGN.md: ops/): spectral
+transforms, task-vector merging, ..."""
