@@ -42,8 +42,12 @@ def unfused() -> Iterator[None]:
 
 
 def fused_allowed() -> bool:
-    """False inside :func:`unfused`."""
-    return not _UNFUSED.get()
+    """Whether an adapted layer may take an adapter's fused kernel: False inside :func:`unfused`, and False while
+    ``torch.compile`` traces the model — the compiler then sees the generic path (plain autograd ops it can fuse
+    itself) and never reads the context variable (a ``ContextVar.get`` is a graph break). The first test is a
+    constant under tracing, so a compiled graph holds no trace of this switch; eager mode pays one call and one
+    lookup, as before."""
+    return not torch.compiler.is_compiling() and not _UNFUSED.get()
 
 
 def check_first_order() -> None:
