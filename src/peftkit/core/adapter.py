@@ -195,6 +195,15 @@ class Adapter(nn.Module):
         """Compute with rank ``b`` from now on (only called with ``b`` inside :meth:`rank_range`)."""
         raise PeftkitError(f"{type(self).__name__} has no adjustable rank")
 
+    # -- hot-swapping (see :mod:`.hotswap`) -------------------------------------------------------------------
+    def pad_rank(self, r: int, scaling: float | None = None) -> None:
+        """Grow this adapter's rank to ``r`` by zero padding, and with ``scaling`` re-express its update under that
+        scale factor — the update stays the same, in place (the same parameter objects, new shapes and values).
+        Lets :func:`peftkit.hotswap` copy an adapter of a lower rank or another α into a compiled model's adapter.
+        Methods whose rank is plain zero-paddable factors implement it; others raise."""
+        raise PeftkitError(f"{type(self).__name__} cannot change its rank or scale for hot-swapping; swap in an "
+                           f"adapter of the same config")
+
     # -- bounds ----------------------------------------------------------------------------------------
     @classmethod
     def rank_limits(cls, host: Host, config: Any) -> dict[str, int]:

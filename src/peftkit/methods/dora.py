@@ -44,6 +44,7 @@ from peftkit.core.lowrank import (
     linear_into,
     lowrank_delta,
     new_factors,
+    pad_factors_,
 )
 from peftkit.core.peft_names import lora_names
 from peftkit.core.registry import register
@@ -208,6 +209,9 @@ class Dora(Adapter):
         n = self._merge_norm if self._merge_norm is not None else self.magnitude
         v = weight.to(self.lora_A.dtype) * (n / self.magnitude)[:, None]
         return (v - self.s * (self.lora_B @ self.lora_A)).to(weight.dtype), bias
+
+    def pad_rank(self, r: int, scaling: float | None = None) -> None:
+        pad_factors_(self, self.lora_A, self.lora_B, r, scaling)  # V = W + s·B·A, m: unchanged
 
     def delta_weight(self) -> torch.Tensor:
         w = self.host.weight_2d().detach()
