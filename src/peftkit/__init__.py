@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from .core.adapter import unfused
-from .core.compose import combine, hotswap
+from .core.compose import combine
 from .core.config import AdapterConfig
 from .core.errors import PeftkitError
+from .core.hotswap import hotswap, prepare_hotswap
 from .core.model import (
     active_adapters,
     adapt,
@@ -68,7 +69,8 @@ __all__ = [
     "print_trainable_parameters", "active_adapters", "adapt", "adapted_layers", "adapter_names",
     "adapter_state_dict", "all_methods", "combine", "condition", "config", "delete", "disable",
     "from_peft_config", "get_config", "get_method", "hotswap", "load",
-    "merge", "merge_and_unload", "mixed_batch", "save", "set_active", "set_rank", "summary", "trainable_parameters",
+    "merge", "merge_and_unload", "mixed_batch", "prepare_hotswap", "save", "set_active", "set_rank", "summary",
+    "trainable_parameters",
     "unload",
     "unfused", "unmerge",
 ]

@@ -187,10 +187,11 @@ def test_zero_padded_ranks_change_nothing() -> None:
 
 
 # -- hot-swapping ------------------------------------------------------------------------------------------------
-def _mlp_lora(seed: int, r: int = 4, alpha: float = 8.0) -> torch.nn.Module:
+def _mlp_lora(seed: int, r: int = 4, alpha: float = 8.0, dropout: float = 0.0) -> torch.nn.Module:
     spec = MODELS["mlp"]
     model = spec.build()
-    peftkit.adapt(model, peftkit.config("lora", target_modules=spec.targets, r=r, alpha=alpha), name="a")
+    peftkit.adapt(model, peftkit.config("lora", target_modules=spec.targets, r=r, alpha=alpha, dropout=dropout),
+                  name="a")
     perturb(model, seed=seed)
     return model
 
@@ -227,8 +228,9 @@ def test_hotswap_keeps_a_compiled_model_working(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("other, match", [
-    (lambda: _mlp_lora(seed=5, r=8, alpha=16.0), r"tensor 'adapter\.fc1\.lora_A' has shape \(8, 16\) in the file"),
-    (lambda: _mlp_lora(seed=5, alpha=4.0), r"config field 'alpha' is 4.0 in the file but 8.0"),
+    (lambda: _mlp_lora(seed=5, r=8, alpha=16.0),
+     r"tensor 'adapter\.fc1\.lora_A' has shape \(8, 16\) there .*prepare_hotswap\(model, 8"),
+    (lambda: _mlp_lora(seed=5, dropout=0.1), r"config field 'dropout' is 0.1 there but 0.0"),
 ])
 def test_hotswap_refuses_incompatible_and_changes_nothing(tmp_path, other, match) -> None:
     peftkit.save(other(), tmp_path / "b")
@@ -246,7 +248,7 @@ def test_hotswap_refuses_another_method(tmp_path) -> None:
     peftkit.save(donor, tmp_path / "b")
     model = _mlp_lora(seed=1)
     before = state_copy(model)
-    with pytest.raises(peftkit.PeftkitError, match="'ia3' adapter but 'a' is 'lora'"):
+    with pytest.raises(peftkit.PeftkitError, match="a 'ia3' adapter but 'a' is 'lora'"):
         peftkit.hotswap(model, tmp_path / "b")
     assert same_state(before, state_copy(model))
 

@@ -42,8 +42,12 @@ def unfused() -> Iterator[None]:
 
 
 def fused_allowed() -> bool:
-    """False inside :func:`unfused`."""
-    return not _UNFUSED.get()
+    """Whether an adapted layer may take an adapter's fused kernel: False inside :func:`unfused`, and False while
+    ``torch.compile`` traces the model — the compiler then sees the generic path (plain autograd ops it can fuse
+    itself) and never reads the context variable (a ``ContextVar.get`` is a graph break). The first test is a
+    constant under tracing, so a compiled graph holds no trace of this switch; eager mode pays one call and one
+    lookup, as before."""
+    return not torch.compiler.is_compiling() and not _UNFUSED.get()
 
 
 def check_first_order() -> None:
@@ -190,6 +194,15 @@ class Adapter(nn.Module):
     def set_rank(self, b: int) -> None:
         """Compute with rank ``b`` from now on (only called with ``b`` inside :meth:`rank_range`)."""
         raise PeftkitError(f"{type(self).__name__} has no adjustable rank")
+
+    # -- hot-swapping (see :mod:`.hotswap`) -------------------------------------------------------------------
+    def pad_rank(self, r: int, scaling: float | None = None) -> None:
+        """Grow this adapter's rank to ``r`` by zero padding, and with ``scaling`` re-express its update under that
+        scale factor — the update stays the same, in place (the same parameter objects, new shapes and values).
+        Lets :func:`peftkit.hotswap` copy an adapter of a lower rank or another α into a compiled model's adapter.
+        Methods whose rank is plain zero-paddable factors implement it; others raise."""
+        raise PeftkitError(f"{type(self).__name__} cannot change its rank or scale for hot-swapping; swap in an "
+                           f"adapter of the same config")
 
     # -- bounds ----------------------------------------------------------------------------------------
     @classmethod

@@ -1,6 +1,6 @@
-"""Serving-time operations on loaded adapters: hot-swapping an adapter's weights in place, and combining low-rank
-adapters into a new one. Neither names a method: hot-swapping works on any adapter's tensors, combining on every
-adapter that exposes its update as ``s·B·A`` through :class:`~peftkit.core.lowrank.LowRankUpdate`.
+"""Serving-time operations on loaded adapters: combining low-rank adapters into a new one (hot-swapping an adapter's
+weights in place lives in :mod:`.hotswap`). It names no method: it works on every adapter that exposes its update as
+``s·B·A`` through :class:`~peftkit.core.lowrank.LowRankUpdate`.
 
 Combining adapters ``i`` with weights ``w_i`` (``ΔW_i = s_i·B_i·A_i`` on every layer):
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,54 +35,6 @@ from ..ops.merging import SIGN_METHODS, merge_task_tensors
 from . import model as m
 from .errors import PeftkitError
 from .lowrank import LowRankConfig, LowRankUpdate
-
-_TARGETING = {"target_modules", "exclude_modules", "target_types", "layers_to_transform", "layers_pattern"}
-
-
-# -- hot-swapping ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def hotswap(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> str:
-    """Replace the weights of the loaded adapter ``name`` by those saved in ``directory`` (peftkit or Hugging Face
-    PEFT format), copying every tensor in place: no module is created or replaced, so a ``torch.compile``'d model
-    keeps working. Checked first, with nothing changed on any error: same method, same config (apart from the
-    targeting fields, which must select the same layers), the same tensors with the same shapes, and the method's own
-    ``check_loaded``. Returns the adapter's name."""
-    name = m._single_name(model, name)
-    old = m.get_config(model, name)
-    source = str(directory)
-    config, tensors, _ = m.read_adapter(model, directory)
-    if config.method != old.method:
-        raise PeftkitError(f"hotswap {source}: the file holds a {config.method!r} adapter but {name!r} is "
-                           f"{old.method!r}; nothing was changed")
-    merged = [p for p, layer in m.adapted_layers(model) if name in layer.merged]
-    if merged:
-        raise PeftkitError(f"hotswap: adapter {name!r} is merged into {merged[0]!r}; unmerge first")
-    tmp = "__hotswap__"
-    while tmp in m.adapter_names(model):
-        tmp += "_"
-    try:  # build (but do not install) the adapter from the file: full shape and consistency checks
-        plan = m._plan(model, config, tmp)
-    except PeftkitError as e:
-        raise PeftkitError(f"hotswap {source}: {e}") from None
-    rest = m.load_into_plan(plan, tensors, source)
-    new_t = {**m._expected_tensors(plan), **rest}
-    live = m.adapter_state_dict(model, name)
-    for k in sorted(set(new_t) ^ set(live)):
-        where = "adapter " + repr(name) if k in live else "the file"
-        raise PeftkitError(f"hotswap {source}: tensor {k!r} exists only in {where} (the adapters target different "
-                           f"layers); nothing was changed")
-    for k, v in live.items():
-        if tuple(v.shape) != tuple(new_t[k].shape):
-            raise PeftkitError(f"hotswap {source}: tensor {k!r} has shape {tuple(new_t[k].shape)} in the file but "
-                               f"{tuple(v.shape)} in adapter {name!r}; nothing was changed")
-    new_d, old_d = plan.config.to_dict(), old.to_dict()
-    for k in sorted(set(new_d) | set(old_d)):
-        if k not in _TARGETING and new_d.get(k) != old_d.get(k):
-            raise PeftkitError(f"hotswap {source}: config field {k!r} is {new_d.get(k)!r} in the file but "
-                               f"{old_d.get(k)!r} in adapter {name!r}; load it as a new adapter instead")
-    for k, v in live.items():
-        v.copy_(new_t[k].to(device=v.device, dtype=v.dtype))
-    return name
 
 
 # -- combining ------------------------------------------------------------------------------------------------------

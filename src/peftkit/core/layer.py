@@ -31,7 +31,9 @@ class Route:
         groups: dict[str, list[int]] = {}
         for i, n in enumerate(self.names):
             groups.setdefault(n, []).append(i)
-        self.groups = {n: torch.tensor(ix, dtype=torch.long) for n, ix in groups.items()}
+        # ordered by name, not by first sample: the same adapters in another order give the same iteration order
+        # (a compiled model's guards on this dict stay valid)
+        self.groups = {n: torch.tensor(groups[n], dtype=torch.long) for n in sorted(groups)}
         self._index: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
 
     def __len__(self) -> int:

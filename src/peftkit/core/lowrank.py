@@ -74,6 +74,23 @@ def new_factors(host: Host, r: int, dtype: torch.dtype | None = None) -> tuple[n
     return a, b
 
 
+@torch.no_grad()
+def pad_factors_(owner: nn.Module, a: nn.Parameter, b: nn.Parameter, r: int, scaling: float | None = None) -> None:
+    """``A`` (r₀, d_in) and ``B`` (d_out, r₀) of ``owner`` (scale ``owner.s``) zero-padded to rank ``r`` in place
+    (``.data`` replaced: the same Parameter objects), and with ``scaling`` B multiplied by ``owner.s / scaling`` and
+    ``owner.s`` set to it — ``s·B·A`` unchanged either way. ``owner.r`` follows."""
+    r0 = a.shape[0]
+    if r < r0:
+        raise PeftkitError(f"{type(owner).__name__} on {owner.host.name!r}: cannot pad rank {r0} down to {r}")
+    if r > r0:
+        a.data = torch.cat([a.data, a.data.new_zeros(r - r0, a.shape[1])])
+        b.data = torch.cat([b.data, b.data.new_zeros(b.shape[0], r - r0)], 1)
+    if scaling is not None and scaling != owner.s:
+        b.data.mul_(owner.s / scaling)
+        owner.s = scaling
+    owner.r = r
+
+
 def lowrank_delta(host: Host, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """``s · (x·Aᵀ)·Bᵀ`` through the host's activation path (x cast to the factor dtype, result cast back)."""
     xd = x if (not x.is_floating_point() or x.dtype == a.dtype) else x.to(a.dtype)

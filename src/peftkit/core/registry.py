@@ -42,6 +42,10 @@ class MethodInfo:
     ``float32_params``: on a half-precision base the adapter's parameters are stored in float32 (the default);
     False keeps them in the base's dtype — for a method whose parameters are the layer's weights in another form
     (SketchTune's tables), where the model's dtype is part of what the method claims in memory.
+    ``compile_breaks``: empty for a method whose forward ``torch.compile`` traces without a graph break inside an
+    adapted layer (``fullgraph=True`` works); otherwise why it cannot — the data-dependent control flow of its
+    forward and when that runs (the conformance test ``tests/conformance/test_compile.py`` asserts the declared
+    break instead of none).
     """
 
     name: str
@@ -62,6 +66,7 @@ class MethodInfo:
     half_precision: bool = True
     half_precision_note: str = ""
     float32_params: bool = True
+    compile_breaks: str = ""
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -87,6 +92,7 @@ def register(
     half_precision: bool = True,
     half_precision_note: str = "",
     float32_params: bool = True,
+    compile_breaks: str = "",
 ) -> Any:
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
@@ -106,7 +112,7 @@ def register(
         _REGISTRY[name] = MethodInfo(
             name, config, adapter_cls, paper, description, params, mergeable, tuple(hosts), procedure,
             hf_peft_type, init_is_identity, calibrate, model_level, lr_scale, head_lr_scale, half_precision,
-            half_precision_note, float32_params,
+            half_precision_note, float32_params, compile_breaks,
         )
         return adapter_cls
 

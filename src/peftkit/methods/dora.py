@@ -44,6 +44,7 @@ from peftkit.core.lowrank import (
     linear_into,
     lowrank_delta,
     new_factors,
+    pad_factors_,
 )
 from peftkit.core.peft_names import lora_names
 from peftkit.core.registry import register
@@ -152,6 +153,8 @@ class Dora(Adapter):
         self.magnitude = nn.Parameter(host.weight_2d().detach().norm(dim=1).to(self.lora_A.dtype).clone())
         self.dropout = make_dropout(config.dropout)
         self._merge_norm: torch.Tensor | None = None
+        self._m_checked: tuple[int, int] | None = None  # (storage, version) of m when _m_nonzero was read
+        self._m_nonzero = True
 
     def _norm(self, w2d: torch.Tensor) -> torch.Tensor:
         return (w2d.to(self.lora_A.dtype) + self.s * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
@@ -168,11 +171,23 @@ class Dora(Adapter):
         bias = h.bias
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or m.requires_grad
                                         or (bias is not None and bias.requires_grad)):
-            if m.requires_grad and not bool(m.detach().ne(0).all()):
+            if m.requires_grad and not self._magnitude_nonzero():
                 return None  # ∂m divides by m
             return _FusedDora.apply(x, w, bias, a, b, m, self.s)
         with torch.no_grad():
             return _dora_linear(x, w, bias, a, b, m, self.s)[0]
+
+    def _magnitude_nonzero(self) -> bool:
+        """Whether no magnitude entry is zero (the fused ∂m divides by m). Reading the answer is a device sync, so it
+        is read once per change of m — keyed on its storage and version counter, which every in-place write (an
+        optimiser step, ``copy_``, a load) bumps — not once per forward: inference and repeated forwards between
+        two optimiser steps read nothing."""
+        m = self.magnitude
+        key = (m.data_ptr(), m._version)
+        if self._m_checked != key:
+            self._m_nonzero = bool(m.detach().ne(0).all())
+            self._m_checked = key
+        return self._m_nonzero
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         h = self.host
@@ -194,6 +209,9 @@ class Dora(Adapter):
         n = self._merge_norm if self._merge_norm is not None else self.magnitude
         v = weight.to(self.lora_A.dtype) * (n / self.magnitude)[:, None]
         return (v - self.s * (self.lora_B @ self.lora_A)).to(weight.dtype), bias
+
+    def pad_rank(self, r: int, scaling: float | None = None) -> None:
+        pad_factors_(self, self.lora_A, self.lora_B, r, scaling)  # V = W + s·B·A, m: unchanged
 
     def delta_weight(self) -> torch.Tensor:
         w = self.host.weight_2d().detach()

@@ -102,11 +102,13 @@ def _entries(g: torch.Tensor, c_out: torch.Tensor, c_in: torch.Tensor, rows: tor
 
 class _SparseIdct2d(torch.autograd.Function):
     """ΔW/α = C_outᵀ·S·C_in with S = scatter(a at round(pos)); backward: ∂L/∂a = K[row, col] and the finite-difference
-    location gradient on the continuous positions ``pos`` (2, n). In a's dtype, autocast off."""
+    location gradient on the continuous positions ``pos`` (2, n). In a's dtype, autocast off. A square layer passes
+    its one DCT matrix once (``c_in=None``): ``torch.compile`` cannot trace a custom function given one tensor twice."""
 
     @staticmethod
     @precision.kernel
-    def forward(ctx, a, pos, c_out, c_in):  # type: ignore[override]
+    def forward(ctx, a, pos, c_out, c_in_given):  # type: ignore[override]
+        c_in = c_out if c_in_given is None else c_in_given
         d_out, d_in = c_out.shape[0], c_in.shape[0]
         rows, cols = pos.detach().round().long().unbind(0)
         if a.numel() < d_out + d_in:  # Σ_k a_k·C_out[row_k]ᵀ ⊗ C_in[col_k]
@@ -114,13 +116,14 @@ class _SparseIdct2d(torch.autograd.Function):
         else:
             s = a.new_zeros(d_out, d_in).index_put_((rows, cols), a, accumulate=True)
             dw = c_out.t() @ s @ c_in
-        ctx.save_for_backward(a, rows, cols, c_out, c_in)
+        ctx.save_for_backward(a, rows, cols, c_out, c_in_given)
         return dw
 
     @staticmethod
     @precision.kernel
     def backward(ctx, g):  # type: ignore[override]
         a, rows, cols, c_out, c_in = ctx.saved_tensors
+        c_in = c_out if c_in is None else c_in
         need_a, need_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_a or need_pos):
             return None, None, None, None
@@ -268,8 +271,9 @@ class Loca(Adapter):
     def weight_delta(self) -> torch.Tensor:
         """α·Cᵀ·S·C, differentiable in a and (through the finite difference) in ℓ."""
         c_out, c_in = self.dct()
-        dw = _SparseIdct2d.apply(self.loca_a, self.positions(), c_out.to(self.loca_a.dtype),
-                                 c_in.to(self.loca_a.dtype))
+        dt = self.loca_a.dtype
+        c_in = None if c_in is c_out else c_in.to(dt)  # one matrix for a square layer: passed once
+        dw = _SparseIdct2d.apply(self.loca_a, self.positions(), c_out.to(dt), c_in)
         return dw * self.alpha if self.alpha != 1.0 else dw
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from peftkit.core.lowrank import (
     check_rank,
     init_down_,
     new_factors,
+    pad_factors_,
 )
 from peftkit.core.peft_names import lora_names
 from peftkit.core.registry import HOST_KINDS, QUANTIZED_HOSTS, register
@@ -119,6 +120,11 @@ class Lora(LowRankUpdate, Adapter):
         if not self.pissa:
             return self.lora_A, self.lora_B
         return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
+
+    def pad_rank(self, r: int, scaling: float | None = None) -> None:
+        if self.pissa:  # the kept A0/B0 are part of the update: their rank is the trained one
+            super().pad_rank(r, scaling)
+        pad_factors_(self, self.lora_A, self.lora_B, r, scaling)
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:

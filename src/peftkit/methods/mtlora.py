@@ -33,6 +33,10 @@ streams). With ``tasks`` empty (the default) MTLoRA is TA-LoRA alone — the off
 what ``peftkit train`` (one classification task) trains. Not included: the official 'matrixv2' / 'addition' shared
 modes, trainable scales and per-task ranks; dropout here acts on every low-rank input (officially the task input
 after the first MT layer is not dropped).
+
+torch.compile: inside a ``condition`` block a task-specific layer picks each stream's rows with ``nonzero()`` — row
+counts that depend on the ids, a graph break per such layer (``compile_breaks``); the shared stream alone compiles
+without a break.
 """
 
 from __future__ import annotations
@@ -117,6 +121,11 @@ def _is_task_module(name: str, config: MtloraConfig) -> bool:
     params="r·(d_in + d_out) + T·r_t·(d_in + d_out) on task modules",
     hosts=HOST_KINDS,
     lr_scale=0.1,  # r = 64 and scale 4: 2e-3 collapsed in 300-step runs
+    compile_breaks=(
+        "inside a `peftkit.condition` block, a task-specific layer selects each stream's rows with nonzero(): "
+        "the row counts depend on the stream ids, a graph break per such layer; the shared stream alone (no "
+        "block, or tasks empty) compiles without a break"
+    ),
 )
 class Mtlora(Adapter):
     uses_condition = True
@@ -132,7 +141,8 @@ class Mtlora(Adapter):
         for t in self.tasks:
             self.task_A[t], self.task_B[t] = new_factors(host, config.task_r)
             init_down_(self.task_A[t], "kaiming", config.task_r)
-        self.dropout = make_dropout(config.dropout)
+        # an Embedding's input is token ids: no dropout there (as Hugging Face PEFT's LoRA Embedding)
+        self.dropout = make_dropout(0.0 if host.kind == "embedding" else config.dropout)
 
     def check_condition(self, ids: torch.Tensor) -> None:
         if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:

@@ -8,6 +8,10 @@ by all tasks and layers, stretched to every layer width by per-layer Kronecker s
     init:     z_t, e_l ~ N(0, 1); H_* linear maps (nn.Linear init) except H^U_b = 0 ⇒ K^U = 0 ⇒ y = h;  S_l = 1
     merge:    none — σ sits between D and U (mergeable=False)
 
+torch.compile: inside a ``condition`` block with several tasks the rows are grouped by task (``torch.unique``, one
+bottleneck per task present) — data-dependent shapes, a graph break per adapted layer (``compile_breaks``); outside
+such blocks the forward compiles without a break.
+
 d₀ (template width) is the greatest common divisor of the targets' output widths — the smallest stage width when
 stages double (Swin: 96, 192, 384, 768) — and every layer's kernels are a_l × a_l with a_l = d_l/d₀; m₀ is the
 template bottleneck and m_l = a_l·m₀. Decomposed hypernetworks: each template is the product of two small linear
@@ -91,6 +95,12 @@ def _hyper_shapes(config: PolyhistorConfig, d0: int) -> dict[str, tuple[int, int
     mergeable=False,
     lr_scale=0.25,  # adapter weights from a shared hypernetwork; the fresh head needs the task's rate
     head_lr_scale=1.0,
+    compile_breaks=(
+        "inside a `peftkit.condition` block with several task ids, the forward groups the rows by task "
+        "(torch.unique, then one bottleneck per task present): the number of groups and their sizes depend on "
+        "the ids, a graph break per adapted layer; outside such blocks (one default task) it compiles without "
+        "a break"
+    ),
 )
 class Polyhistor(Adapter):
     uses_context = True
