@@ -111,6 +111,13 @@ class Adapter(nn.Module):
     #: then calls ``delta(x, base_out, condition=values)`` with the rows of exactly the samples in ``x`` (int64 ids
     #: or float values, one row per sample), or ``condition=None`` outside a ``condition`` block
     uses_condition: ClassVar[bool] = False
+    #: the update does not depend on the host: ``delta`` reads neither ``base_out`` nor the host weight, and
+    #: ``merge`` adds a ΔW (and bias change) that does not depend on the weight it is added to (the low-rank and dense
+    #: families). Adapters that scale, normalise, re-project or replace the host's output or weight set False (IA3,
+    #: DoRA, replaced weights, series adapters, ...): the core then merges them together with the layer's other
+    #: adapters from the weight before any merge, and refuses to run them unmerged over a weight that holds others
+    #: (see :meth:`AdaptedLayer.merge <peftkit.core.layer.AdaptedLayer.merge>`)
+    additive: ClassVar[bool] = True
 
     def __init__(self, host: Host, config: AdapterConfig, context: PlanContext | None = None) -> None:
         super().__init__()
@@ -169,6 +176,11 @@ class Adapter(nn.Module):
     def check_loaded(self) -> None:
         """Called after saved tensors were loaded into the adapter, before it is installed: raise
         :class:`PeftkitError` if they are inconsistent (e.g. a regenerated basis whose checksum differs)."""
+
+    def is_additive(self) -> bool:
+        """Whether this adapter's update is :attr:`additive` (a per-instance answer for methods whose configuration
+        decides it)."""
+        return self.additive
 
     def reads_condition(self) -> bool:
         """Whether this layer's output depends on the per-sample condition (default: ``uses_condition``). Inside a

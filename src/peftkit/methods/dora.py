@@ -144,6 +144,7 @@ class DoraConfig(LowRankConfig):
     hf_peft_type="LORA",
 )
 class Dora(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     def __init__(self, host: Host, config: DoraConfig) -> None:
         super().__init__(host, config)
         self.r, self.s = config.r, config.scaling

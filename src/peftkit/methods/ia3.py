@@ -139,6 +139,7 @@ def _size(host: Host, feedforward: bool) -> int:
     lr_scale=5.0,
 )
 class IA3(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     def __init__(self, host: Host, config: IA3Config) -> None:
         super().__init__(host, config)
         self.feedforward = config.is_feedforward(host.name)

@@ -93,6 +93,7 @@ def _hyper_shapes(config: PolyhistorConfig, d0: int) -> dict[str, tuple[int, int
     head_lr_scale=1.0,
 )
 class Polyhistor(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     uses_context = True
     uses_condition = True
 
