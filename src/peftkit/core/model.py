@@ -321,7 +321,10 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
 def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """Undo :func:`merge` for the named (default: all merged) adapters; an unknown name is an error."""
     names = _merge_args(model, names, "unmerge")
-    for _, layer in adapted_layers(model):
+    layers = [layer for _, layer in adapted_layers(model)]
+    for layer in layers:  # an adapter left merged must not sit under an active non-additive one left unmerged
+        layer.check_live([n for n in layer.merged if names is not None and n not in names], "unmerge")
+    for layer in layers:
         layer.unmerge(names)
 
 
