@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import io, precision, registry
+from . import conventions, io, precision, registry
 from . import model_level as ml
 from .adapter import Adapter, PlanContext, SharedStore
 from .config import AdapterConfig
@@ -206,6 +206,7 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, act
     trainable one. The whole adapter is built before the model is touched: any error leaves it unchanged."""
     plan = _plan(model, config, name)
     _install(model, plan)
+    conventions.install(model)  # adapter_names= and an adapter save_pretrained, as a PEFT model has
     for path, m in model.named_modules():  # quantised layers (adapted or not) get ready to train
         if host_kind(m) in QUANTIZED_KINDS:
             Host(m, path).prepare()
@@ -274,6 +275,8 @@ def delete(model: nn.Module, name: str) -> None:
     model.__dict__.get("peftkit_ids", {}).pop(name, None)
     model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
     set_active(model, active_adapters(model))
+    if not _configs(model):
+        conventions.remove(model)
 
 
 def _check_mergeable(model: nn.Module, names: Sequence[str]) -> None:
@@ -359,6 +362,7 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, *, de
         _set_submodule(model, path, keep)
     for n in ml.model_adapters(model):  # inactive model-level adapters (an active one cannot merge) are dropped
         ml.remove(model, n)
+    conventions.remove(model)
     model.__dict__.pop("peftkit_configs", None)
     model.__dict__.pop("peftkit_ids", None)
     model.__dict__.pop("peftkit_active", None)
