@@ -41,6 +41,21 @@ def unfused() -> Iterator[None]:
         _UNFUSED.reset(token)
 
 
+_RANKS_FROM_FILE: contextvars.ContextVar[bool] = contextvars.ContextVar("peftkit_ranks_from_file", default=False)
+
+
+@contextlib.contextmanager
+def ranks_from_file() -> Iterator[None]:
+    """Inside this block :meth:`Adapter.check_ranks` lets every rank pass: an adapter loaded from a file has the
+    ranks its tensors have (Hugging Face PEFT allows a rank above min(d_in, d_out); it adds nothing, but the adapter
+    computes exactly what was saved)."""
+    token = _RANKS_FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _RANKS_FROM_FILE.reset(token)
+
+
 def fused_allowed() -> bool:
     """False inside :func:`unfused`."""
     return not _UNFUSED.get()
@@ -217,7 +232,10 @@ class Adapter(nn.Module):
     @classmethod
     def check_ranks(cls, host: Host, config: Any) -> None:
         """:class:`PeftkitError` naming the layer when a rank field of ``config`` exceeds :meth:`rank_limits`. The
-        core calls it for every targeted layer before an adapter is built (no r-sized tensor is ever allocated)."""
+        core calls it for every targeted layer before an adapter is built (no r-sized tensor is ever allocated);
+        not for an adapter loaded from a file (:func:`ranks_from_file`)."""
+        if _RANKS_FROM_FILE.get():
+            return
         for field_name, limit in cls.rank_limits(host, config).items():
             value = getattr(config, field_name)
             if value > limit:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import conventions, io, precision, registry
 from . import model_level as ml
-from .adapter import Adapter, PlanContext, SharedStore
+from .adapter import Adapter, PlanContext, SharedStore, ranks_from_file
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import QUANTIZED_KINDS, Host, host_kind
@@ -679,7 +679,8 @@ def load(
     source = str(directory)
     name = name or default_name
     try:
-        plan = _plan(model, config, name)
+        with ranks_from_file():  # the file's tensors have the ranks they have
+            plan = _plan(model, config, name)
     except PeftkitError as e:
         raise PeftkitError(f"cannot load adapter {source}: {e}") from None
     rest = load_into_plan(plan, tensors, source, allow_nonfinite=allow_nonfinite)
