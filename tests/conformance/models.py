@@ -63,6 +63,7 @@ METHOD_MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("ia3", "block"): {"feedforward_modules": ["fc2"]},
     ("ia3", "conv1d"): {"feedforward_modules": ["conv2"]},
     ("ia3", "conv2d"): {"feedforward_modules": ["conv1"]},
+    ("ia3", "conv3d"): {"feedforward_modules": ["conv1"]},
     ("ia3", "gpt2"): {"feedforward_modules": ["c_proj"]},
 }
 
@@ -156,6 +157,16 @@ class ConvNet2d(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c, 3, padding=1)
         self.conv2 = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.tanh(self.conv1(x)))
+
+
+class ConvNet3d(nn.Module):
+    def __init__(self, c_in: int = 2, c: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(c_in, c, 3, padding=1)
+        self.conv2 = nn.Conv3d(c, c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(torch.tanh(self.conv1(x)))
@@ -278,6 +289,10 @@ MODELS: dict[str, TinyModel] = {
         TinyModel(
             "conv2d", lambda wide: ConvNet2d(c=24 if wide else 16), lambda g, b: torch.randn(b, 3, 6, 6, generator=g),
             ["conv1", "conv2"], ["conv1", "conv2"], ("conv2d",),
+        ),
+        TinyModel(
+            "conv3d", lambda wide: ConvNet3d(c=12 if wide else 8),
+            lambda g, b: torch.randn(b, 2, 4, 3, 3, generator=g), ["conv1", "conv2"], ["conv1", "conv2"], ("conv3d",),
         ),
         TinyModel(
             "embedding", lambda wide: EmbeddingModel(d=24 if wide else 16), _ids, ["emb"], ["emb"], ("embedding",),

@@ -29,7 +29,7 @@ def _adapt(spec: TinyModel, **fields) -> nn.Module:
 
 
 def test_dora_covers_every_host_but_embedding() -> None:
-    assert DORA_MODELS == ["block", "conv1d", "conv2d", "gpt2", "mlp"]
+    assert DORA_MODELS == ["block", "conv1d", "conv2d", "conv3d", "gpt2", "mlp"]
 
 
 @pytest.mark.parametrize("model_name", DORA_MODELS)

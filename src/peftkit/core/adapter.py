@@ -41,6 +41,21 @@ def unfused() -> Iterator[None]:
         _UNFUSED.reset(token)
 
 
+_RANKS_FROM_FILE: contextvars.ContextVar[bool] = contextvars.ContextVar("peftkit_ranks_from_file", default=False)
+
+
+@contextlib.contextmanager
+def ranks_from_file() -> Iterator[None]:
+    """Inside this block :meth:`Adapter.check_ranks` lets every rank pass: an adapter loaded from a file has the
+    ranks its tensors have (Hugging Face PEFT allows a rank above min(d_in, d_out); it adds nothing, but the adapter
+    computes exactly what was saved)."""
+    token = _RANKS_FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _RANKS_FROM_FILE.reset(token)
+
+
 def fused_allowed() -> bool:
     """Whether an adapted layer may take an adapter's fused kernel: False inside :func:`unfused`, and False while
     ``torch.compile`` traces the model — the compiler then sees the generic path (plain autograd ops it can fuse
@@ -115,6 +130,13 @@ class Adapter(nn.Module):
     #: then calls ``delta(x, base_out, condition=values)`` with the rows of exactly the samples in ``x`` (int64 ids
     #: or float values, one row per sample), or ``condition=None`` outside a ``condition`` block
     uses_condition: ClassVar[bool] = False
+    #: the update does not depend on the host: ``delta`` reads neither ``base_out`` nor the host weight, and
+    #: ``merge`` adds a ΔW (and bias change) that does not depend on the weight it is added to (the low-rank and dense
+    #: families). Adapters that scale, normalise, re-project or replace the host's output or weight set False (IA3,
+    #: DoRA, replaced weights, series adapters, ...): the core then merges them together with the layer's other
+    #: adapters from the weight before any merge, and refuses to run them unmerged over a weight that holds others
+    #: (see :meth:`AdaptedLayer.merge <peftkit.core.layer.AdaptedLayer.merge>`)
+    additive: ClassVar[bool] = True
 
     def __init__(self, host: Host, config: AdapterConfig, context: PlanContext | None = None) -> None:
         super().__init__()
@@ -174,6 +196,11 @@ class Adapter(nn.Module):
         """Called after saved tensors were loaded into the adapter, before it is installed: raise
         :class:`PeftkitError` if they are inconsistent (e.g. a regenerated basis whose checksum differs)."""
 
+    def is_additive(self) -> bool:
+        """Whether this adapter's update is :attr:`additive` (a per-instance answer for methods whose configuration
+        decides it)."""
+        return self.additive
+
     def reads_condition(self) -> bool:
         """Whether this layer's output depends on the per-sample condition (default: ``uses_condition``). Inside a
         ``condition`` block the core does not call ``fused_forward`` of an adapter that reads it (the fused path sees
@@ -218,7 +245,10 @@ class Adapter(nn.Module):
     @classmethod
     def check_ranks(cls, host: Host, config: Any) -> None:
         """:class:`PeftkitError` naming the layer when a rank field of ``config`` exceeds :meth:`rank_limits`. The
-        core calls it for every targeted layer before an adapter is built (no r-sized tensor is ever allocated)."""
+        core calls it for every targeted layer before an adapter is built (no r-sized tensor is ever allocated);
+        not for an adapter loaded from a file (:func:`ranks_from_file`)."""
+        if _RANKS_FROM_FILE.get():
+            return
         for field_name, limit in cls.rank_limits(host, config).items():
             value = getattr(config, field_name)
             if value > limit:

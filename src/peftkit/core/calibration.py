@@ -36,6 +36,8 @@ def input_columns(host: Host, x: torch.Tensor) -> torch.Tensor:
     m = host.module
     if host.kind == "embedding":
         return F.one_hot(x.reshape(-1).long(), host.d_in).double()
+    if host.kind == "conv3d":
+        raise PeftkitError(f"module {host.name!r}: calibration does not support Conv3d layers (target other layers)")
     if host.is_conv:
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
             raise PeftkitError(f"module {host.name!r}: calibration supports zero-padded convolutions with numeric "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,13 +35,15 @@ from torch import nn
 from . import io, registry
 from .config import AdapterConfig
 from .errors import PeftkitError
-from .host import Host, host_kind
+from .host import HOST_NAMES, Host, host_kind
 from .model_level import CONTAINER
 from .peft_names import (
     BASE_CHANGING_INITS,
     BIAS_IN,
     BIAS_OUT,
     INIT_TO_PEFT,
+    LORA_BLOCK_DIAGONAL,
+    LORA_TRAINING_ONLY,
     LORA_UNSUPPORTED,
     overrides_to_patterns,
     plain_number,
@@ -120,8 +123,23 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
                 f"Hugging Face PEFT option {key}={hf[key]!r} ({what}) is not supported by peftkit; "
                 f"the adapter cannot be loaded without changing its outputs"
             )
+    for key, (what, _) in LORA_TRAINING_ONLY.items():
+        if not _is_unset(hf.get(key)):
+            warnings.warn(f"Hugging Face PEFT option {key}: loaded as plain LoRA, which computes the same outputs; "
+                          f"training differs: {what}", stacklevel=2)
+    bd = hf.get(LORA_BLOCK_DIAGONAL)
+    if not _is_unset(bd):
+        blocks = bd.get("nblocks", 1) if isinstance(bd, dict) else getattr(bd, "nblocks", None)
+        if blocks != 1:
+            raise PeftkitError(
+                f"Hugging Face PEFT option {LORA_BLOCK_DIAGONAL}={bd!r} (block-diagonal LoRA with {blocks} blocks) is "
+                f"not supported by peftkit; the adapter cannot be loaded without changing its outputs (one block, "
+                f"plain LoRA, loads)"
+            )
+        warnings.warn(f"Hugging Face PEFT option {LORA_BLOCK_DIAGONAL} with nblocks=1: block-diagonal LoRA with one "
+                      f"block is plain LoRA; loaded as such", stacklevel=2)
     unknown = sorted(k for k in hf if k not in _LORA_IGNORED | _LORA_USED | set(LORA_UNSUPPORTED)
-                     and not _is_unset(hf[k]))
+                     | set(LORA_TRAINING_ONLY) | {LORA_BLOCK_DIAGONAL} and not _is_unset(hf[k]))
     if unknown:
         raise PeftkitError(
             f"unknown Hugging Face PEFT LoRA option {unknown[0]}={hf[unknown[0]]!r}; peftkit cannot tell whether it "
@@ -264,6 +282,33 @@ def _hosts(model: nn.Module) -> dict[str, Host]:
     return out
 
 
+def _why_no_place(model: nn.Module, key: str, info: Any) -> str:
+    """Why a file tensor fits no layer: the layer it belongs to is one peftkit cannot adapt (or this method does not
+    adapt), or the model has no such layer at all (the adapter was made for another architecture)."""
+    clean = key.replace(".base_layer.", ".")
+    owner, module = max(((p, m) for p, m in _user_modules(model) if clean.startswith(p + ".")),
+                        key=lambda pm: len(pm[0]), default=(None, None))
+    parent = None if owner is None else owner.rsplit(".", 1)[0] if "." in owner else None
+    if owner is not None and parent is not None and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+        owner, module = parent, model.get_submodule(parent)
+    if owner is None or module is None:
+        return " — was the adapter made for another architecture?"
+    what = f"; it belongs to {owner!r}, a {type(module).__name__} layer"
+    if isinstance(module, nn.MultiheadAttention):
+        return what + (", whose projections are parameters, not layers: peftkit cannot adapt nn.MultiheadAttention "
+                       "(target the layers around it, or a model whose attention uses nn.Linear projections)")
+    kind = host_kind(module)
+    if kind is None:
+        return what + f", which peftkit cannot adapt (host layers: {', '.join(HOST_NAMES)})"
+    try:
+        Host(module, owner)
+    except PeftkitError as e:
+        return what + f": {str(e).split(': ', 1)[-1]}"
+    if kind not in info.hosts:
+        return what + f"; peftkit's {info.name} supports {', '.join(info.hosts)} layers only"
+    return what + f", which peftkit's {info.name} adapts with other tensors (the file uses an option it does not read)"
+
+
 def _module_state_keys(module: nn.Module) -> set[str]:
     from .layer import SavedModule
 
@@ -359,6 +404,9 @@ def import_adapter(
         if cfg.bias != "none" and (k == "bias" or k.endswith(".bias")):
             out[f"bias.{k.replace('.base_layer.', '.')}"] = hf[k]
             continue
+        if any(f".{frag}" in f".{k}" for opt, (_, frags) in LORA_TRAINING_ONLY.items()
+               if not _is_unset(meta.get(opt)) for frag in frags):
+            continue  # the training-only state of an option that leaves the outputs alone (warned about above)
         base = _base_state(model) if base is None else base
         clean = k.replace(".base_layer.", ".")
         if clean in base:  # e.g. save_embedding_layers: harmless when it is the model's own weight
@@ -374,7 +422,7 @@ def import_adapter(
         raise PeftkitError(
             f"{source}: tensor {prefix + unknown[0]!r} has no place in this model"
             + (f" ({len(unknown)} such tensors)" if len(unknown) > 1 else "")
-            + " — was the adapter made for another architecture?"
+            + _why_no_place(model, unknown[0], info)
         )
     if not targets:
         raise PeftkitError(f"{source}: the file holds no {info.name} tensors for any layer of this model")

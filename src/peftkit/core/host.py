@@ -30,6 +30,10 @@ except Exception:  # pragma: no cover - transformers is a dependency, but the co
 
 QUANTIZED_KINDS = ("bnb_4bit", "bnb_8bit")
 NORM_KINDS = ("norm",)
+CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+#: the layer types that can host an adapter, in words (for error messages)
+HOST_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "transformers' Conv1D",
+              "bitsandbytes Linear4bit / Linear8bitLt", "LayerNorm / RMSNorm with a learned scale")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -50,6 +54,8 @@ def host_kind(module: nn.Module) -> str | None:
         return "linear"
     if _HFConv1D is not None and isinstance(module, _HFConv1D):
         return "gpt2_conv1d"
+    if isinstance(module, nn.Conv3d):
+        return "conv3d"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
     if isinstance(module, nn.Conv1d):
@@ -68,11 +74,10 @@ class Host:
         kind = host_kind(module)
         if kind is None:
             raise PeftkitError(
-                f"module {name!r} is a {type(module).__name__}; supported host layers are Linear, Conv1d, "
-                f"Conv2d, Embedding, transformers' Conv1D, bitsandbytes Linear4bit / Linear8bitLt and LayerNorm / "
-                f"RMSNorm with a learned scale"
+                f"module {name!r} is a {type(module).__name__}; supported host layers are "
+                f"{', '.join(HOST_NAMES[:-1])} and {HOST_NAMES[-1]}"
             )
-        if kind in ("conv1d", "conv2d") and module.groups != 1:
+        if kind in CONV_KINDS and module.groups != 1:
             raise PeftkitError(f"module {name!r}: grouped convolutions (groups={module.groups}) are not supported")
         self.module = module
         self.name = name
@@ -90,7 +95,7 @@ class Host:
         else:
             self.d_out = w.shape[0]
             self.d_in = w[0].numel()
-        self.is_conv = kind in ("conv1d", "conv2d")
+        self.is_conv = kind in CONV_KINDS
 
     # -- weights --------------------------------------------------------------------------------------
     @property
@@ -171,10 +176,8 @@ class Host:
 
     def out_view(self, v: torch.Tensor) -> torch.Tensor:
         """A per-output-channel vector shaped to broadcast against the host output."""
-        if self.kind == "conv2d":
-            return v.view(-1, 1, 1)
-        if self.kind == "conv1d":
-            return v.view(-1, 1)
+        if self.is_conv:
+            return v.view(-1, *(1,) * (self.module.weight.dim() - 2))
         return v
 
     def sample_view(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -197,10 +200,8 @@ class Host:
 
     def project_out(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """A (d_out, k) matrix applied channel-wise to ``h`` from :meth:`project_in` (1×1 conv for conv hosts)."""
-        if self.kind == "conv2d":
-            return torch.einsum("bkhw,ok->bohw", h, b)
-        if self.kind == "conv1d":
-            return torch.einsum("bkl,ok->bol", h, b)
+        if self.is_conv:  # channels at dim 1, any number of spatial dims after them
+            return torch.einsum("bk...,ok->bo...", h, b)
         return h.matmul(b.t())
 
     def apply_weight(self, x: torch.Tensor, w2d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

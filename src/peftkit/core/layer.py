@@ -94,6 +94,8 @@ class AdaptedLayer(nn.Module):
         live = [n for n in self.active if n in self.adapters and n not in self.merged]
         if not live:
             return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            self.check_live(self.merged)
         # a fused path sees no per-sample conditions: adapters that read them take the generic path inside a block
         if len(live) == 1 and not args and not kwargs and fused_allowed() and not (
                 self.condition is not None and self.adapters[live[0]].reads_condition()):
@@ -191,6 +193,15 @@ class AdaptedLayer(nn.Module):
     # weight. Merge also keeps a copy of the adapter's own tensors (small next to the base weight): unmerge subtracts
     # exactly the update that was added even if the adapter was edited in place while merged (the edit then takes
     # effect once unmerged). A float host gets its weight back to rounding; a quantised host bit-exactly (snapshot).
+    #
+    # Several adapters (merge equals forward). The forward adds every active adapter's delta, each computed against
+    # the unmerged host W0, so the merged weight is W0 + Σ_i (merge_i(W0) − W0). Additive adapters (ΔW independent of
+    # W0, see Adapter.additive) commute, so with at most one non-additive adapter the layer folds that one first and
+    # adds the others on top (invertible in reverse order, no copy of W0 kept); with two or more it sums their
+    # updates taken from W0 and keeps W0 (a snapshot) for an exact unmerge. A non-additive adapter merged into a
+    # layer that already holds merged adapters is folded again with them from W0. A non-additive adapter never runs
+    # unmerged over a weight that holds other adapters (its output would differ from the unmerged model):
+    # ``merge`` refuses to leave one so and the forward refuses to run one so.
     def _merge_names(self, names: Sequence[str] | None) -> list[str]:
         names = list(self.active if names is None else names)
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -198,33 +209,140 @@ class AdaptedLayer(nn.Module):
             raise PeftkitError(f"merge: adapter {dup[0]!r} named more than once; nothing was merged")
         return [n for n in names if n in self.adapters and n not in self.merged]
 
+    def _additive(self, name: str) -> bool:
+        return self.adapters[name].is_additive()
+
+    def _fold_order(self, names: Sequence[str]) -> list[str]:
+        """Non-additive adapters first, then the additive ones (whose updates are constants added on top)."""
+        return [n for n in names if not self._additive(n)] + [n for n in names if self._additive(n)]
+
+    def check_live(self, merged: Sequence[str], what: str = "") -> None:
+        """Refuse when, with ``merged`` folded into the host, an active adapter left unmerged reads the host's
+        output or weight (not :attr:`~peftkit.core.adapter.Adapter.additive`): it would compute on a weight holding
+        the merged adapters, which the unmerged model does not do."""
+        if not merged:
+            return
+        live = [n for n in self.active if n in self.adapters and n not in merged and not self._additive(n)]
+        if live:
+            n = live[0]
+            head = f"{what}: " if what else ""
+            raise PeftkitError(
+                f"{head}adapter {n!r} ({self.adapters[n].method}) on {self.host.name!r} reads the layer's output or "
+                f"weight, which would then hold the merged adapter(s) {list(merged)}; unmerged over them it computes "
+                f"something else than the unmerged model. Merge or unmerge {n!r} together with them, or deactivate "
+                f"it first"
+            )
+
+    def _state(self) -> tuple[Any, ...]:
+        """An exact copy of the host's weight state (quantised codes, or the weight and bias as stored)."""
+        snap = self.host.snapshot()
+        if snap is None:
+            b = self.host.bias
+            snap = self.host.weight.detach().clone(), None if b is None else b.detach().clone()
+        return snap
+
+    @contextlib.contextmanager
+    def _at_base(self) -> Iterator[None]:
+        """For the duration of the block the host holds its weight from before any merge (bit-exactly its own weight
+        again afterwards), so that adapters reading the host see what the unmerged model computes with."""
+        host = self.host
+        if not self.merged:
+            yield
+            return
+        if self._snapshot is not None:
+            current = self._state()
+            host.restore(self._snapshot)
+            try:
+                yield
+            finally:
+                host.restore(current)
+            return
+        # a float host with no snapshot holds at most one non-additive adapter: undone exactly to rounding in reverse
+        w = precision.upcast(host.weight_2d().detach()).clone()
+        b = None if host.bias is None else precision.upcast(host.bias.detach()).clone()
+        w, b = self._undo(self.merged, w, b)
+        m = host.module
+        kept_w = m.weight.data
+        kept_b = None if m.bias is None else m.bias.data
+        m.weight.data = host.to_native(w).to(kept_w.dtype)
+        if kept_b is not None and b is not None:
+            m.bias.data = b.to(kept_b.dtype)
+        try:
+            yield
+        finally:
+            m.weight.data = kept_w
+            if kept_b is not None:
+                m.bias.data = kept_b
+
+    def _fold(self, names: Sequence[str], w: torch.Tensor, b: torch.Tensor | None) -> tuple[Any, Any]:
+        """(w, b) with ``names`` folded in as the forward adds them (see the comment above)."""
+        order = self._fold_order(names)
+        multiplicative = [n for n in order if not self._additive(n)]
+        if len(multiplicative) > 1:
+            w0, b0 = w, b
+            w, b = w0.clone(), None if b0 is None else b0.clone()
+            for n in multiplicative:
+                with self._as_merged(n):
+                    wn, bn = self.adapters[n].merge(w0.clone(), None if b0 is None else b0.clone())
+                w = w + (wn.to(w.dtype) - w0)
+                if bn is not None:
+                    db = bn if b0 is None else bn - b0.to(bn.dtype)
+                    b = db if b is None else b + db.to(b.dtype)
+            order = order[len(multiplicative):]
+        for n in order:
+            with self._as_merged(n):
+                w, b = self.adapters[n].merge(w, b)
+        return w, b
+
+    def _undo(self, names: Sequence[str], w: torch.Tensor, b: torch.Tensor | None) -> tuple[Any, Any]:
+        """(w, b) with ``names`` (at most one of them non-additive) taken out again, in reverse fold order."""
+        for n in reversed(self._fold_order(names)):
+            with self._as_merged(n):
+                w, b = self.adapters[n].unmerge(w, b)
+        return w, b
+
+    @torch.no_grad()
+    def _plan_merge(self, names: Sequence[str] | None) -> tuple[list[str], Any, Any, Any]:
+        """(names to merge here, new 2-D weight, new bias, snapshot of the unmerged weight to keep or None)."""
+        new = self._merge_names(names)
+        if not new:
+            return new, None, None, None
+        host = self.host
+        union = self.merged + new
+        refold = bool(self.merged) and not all(self._additive(n) for n in new)
+        need_snapshot = self._snapshot is None and (
+            host.quantized or host.half or sum(not self._additive(n) for n in union) > 1)
+        snap = None
+        with self._at_base() if refold else contextlib.nullcontext():
+            if need_snapshot:
+                snap = self._state()
+            w = precision.upcast(host.weight_2d().detach()).clone()
+            b = None if host.bias is None else precision.upcast(host.bias.detach()).clone()
+            w, b = self._fold(union if refold else new, w, b)
+        if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+            raise PeftkitError(f"merging {new} into {host.name!r} gives non-finite weights; nothing was changed")
+        return new, w, b, snap
+
     @torch.no_grad()
     def merged_weights(self, names: Sequence[str] | None = None) -> tuple[list[str], Any, Any]:
         """(names to merge here, new 2-D weight, new bias) — computed and checked, nothing written; a bfloat16 /
         float16 weight is merged in float32 (rounded once when written, see :mod:`.precision`). Raises when the
-        result is not finite."""
-        names = self._merge_names(names)
-        if not names:
-            return names, None, None
-        host = self.host
-        w0 = host.weight_2d().detach()
-        w = precision.upcast(w0).clone()
-        b = None if host.bias is None else precision.upcast(host.bias.detach()).clone()
-        for n in names:
-            w, b = self.adapters[n].merge(w, b)
-        if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
-            raise PeftkitError(f"merging {names} into {host.name!r} gives non-finite weights; nothing was changed")
+        result is not finite, or when an active adapter left unmerged would read a weight holding merged ones
+        (:meth:`check_live`)."""
+        new = self._merge_names(names)
+        self.check_live(self.merged + new, "merge")
+        names, w, b, _ = self._plan_merge(new)
         return names, w, b
 
     @torch.no_grad()
     def merge(self, names: Sequence[str] | None = None) -> None:
         """Fold adapters into the host weight; checks for non-finite values before writing anything."""
-        names, w, b = self.merged_weights(names)
+        names, w, b, snap = self._plan_merge(names)
         if not names:
             return
         host = self.host
-        if (host.quantized or host.half) and not self.merged:
-            self._snapshot = host.snapshot()
+        if snap is not None:
+            self._snapshot = snap
         if host.half:
             precision.check_merge_loss(host.name, names, host.weight_2d().detach(), w)
         self._write(w, b)
@@ -294,7 +412,7 @@ class AdaptedLayer(nn.Module):
         if not names:
             return
         host = self.host
-        if self._snapshot is not None:  # quantised: back to the exact original codes, then re-merge the rest
+        if self._snapshot is not None:  # back to the exact weight before any merge, then re-merge the rest
             host.restore(self._snapshot)
             for n in names:
                 self._thaw(n)
@@ -305,11 +423,14 @@ class AdaptedLayer(nn.Module):
             self._snapshot, self.merge_error = None, None
             self.merge(rest)
             return
+        rest = [n for n in self.merged if n not in names]
+        if rest and not all(self._additive(n) for n in names):  # it sits under the additive ones: refold the rest
+            self.unmerge()
+            self.merge(rest)
+            return
         w = host.weight_2d().detach().clone()
         b = None if host.bias is None else host.bias.detach().clone()
-        for n in reversed(names):
-            with self._as_merged(n):
-                w, b = self.adapters[n].unmerge(w, b)
+        w, b = self._undo(names, w, b)
         self._write(w, b)
         for n in names:
             self._thaw(n)

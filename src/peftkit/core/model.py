@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import io, precision, registry
+from . import conventions, io, precision, registry
 from . import model_level as ml
-from .adapter import Adapter, PlanContext, SharedStore
+from .adapter import Adapter, PlanContext, SharedStore, ranks_from_file
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import QUANTIZED_KINDS, Host, host_kind
@@ -206,6 +206,7 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, act
     trainable one. The whole adapter is built before the model is touched: any error leaves it unchanged."""
     plan = _plan(model, config, name)
     _install(model, plan)
+    conventions.install(model)  # adapter_names= and an adapter save_pretrained, as a PEFT model has
     for path, m in model.named_modules():  # quantised layers (adapted or not) get ready to train
         if host_kind(m) in QUANTIZED_KINDS:
             Host(m, path).prepare()
@@ -274,6 +275,8 @@ def delete(model: nn.Module, name: str) -> None:
     model.__dict__.get("peftkit_ids", {}).pop(name, None)
     model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
     set_active(model, active_adapters(model))
+    if not _configs(model):
+        conventions.remove(model)
 
 
 def _check_mergeable(model: nn.Module, names: Sequence[str]) -> None:
@@ -321,7 +324,10 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
 def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """Undo :func:`merge` for the named (default: all merged) adapters; an unknown name is an error."""
     names = _merge_args(model, names, "unmerge")
-    for _, layer in adapted_layers(model):
+    layers = [layer for _, layer in adapted_layers(model)]
+    for layer in layers:  # an adapter left merged must not sit under an active non-additive one left unmerged
+        layer.check_live([n for n in layer.merged if names is not None and n not in names], "unmerge")
+    for layer in layers:
         layer.unmerge(names)
 
 
@@ -356,6 +362,7 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, *, de
         _set_submodule(model, path, keep)
     for n in ml.model_adapters(model):  # inactive model-level adapters (an active one cannot merge) are dropped
         ml.remove(model, n)
+    conventions.remove(model)
     model.__dict__.pop("peftkit_configs", None)
     model.__dict__.pop("peftkit_ids", None)
     model.__dict__.pop("peftkit_active", None)
@@ -672,7 +679,8 @@ def load(
     source = str(directory)
     name = name or default_name
     try:
-        plan = _plan(model, config, name)
+        with ranks_from_file():  # the file's tensors have the ranks they have
+            plan = _plan(model, config, name)
     except PeftkitError as e:
         raise PeftkitError(f"cannot load adapter {source}: {e}") from None
     rest = load_into_plan(plan, tensors, source, allow_nonfinite=allow_nonfinite)

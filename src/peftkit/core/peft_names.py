@@ -206,14 +206,23 @@ LORA_UNSUPPORTED = {
     "trainable_token_indices": "trainable token embeddings",
     "use_qalora": "QA-LoRA's pooled input",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
-    "use_bdlora": "block-diagonal LoRA",
     "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
     "megatron_config": "Megatron parallel layers",
     "ensure_weight_tying": "adapters tied across tied embedding / head layers",
 }
+#: PEFT LoRA options that change only how the adapter trains, not what the trained adapter computes: a file that
+#: uses one loads as plain LoRA with a warning saying what differs if training continues (option -> (what differs,
+#: the file's training-only tensors, by name fragment))
+LORA_TRAINING_ONLY = {
+    "velora_config": ("VeLoRA compresses the activations kept for the backward pass (an approximate gradient); "
+                      "peftkit keeps them exactly", ("lora_velora_embed",)),
+    "monteclora_config": ("MonteCLoRA samples the low-rank factors around their mean while training (its sampler "
+                          "is dropped); peftkit computes with the mean, as MonteCLoRA does in eval",
+                          ("lora_monteclora_sampler.",)),
+}
+#: block-diagonal LoRA with one block is plain LoRA; with more it is refused
+LORA_BLOCK_DIAGONAL = "use_bdlora"
 _LORA_INSTEAD = {
     "lora_bias": "use bias='lora_only' (the adapted layers' own biases train) instead",
     "target_parameters": "target the module that holds the parameter with target_modules instead",
@@ -339,6 +348,10 @@ def lora_names(*, inits: tuple[str, ...], dora: bool) -> dict[str, PeftName]:
     }
     for key, what in LORA_UNSUPPORTED.items():
         table[key] = inert(None, f"{what} — " + _LORA_INSTEAD.get(key, "peftkit has no counterpart"))
+    for key, (what, _) in LORA_TRAINING_ONLY.items():
+        table[key] = inert(None, f"{what} — peftkit trains plain LoRA (a saved adapter with it loads as such)")
+    table[LORA_BLOCK_DIAGONAL] = inert(None, "block-diagonal LoRA — peftkit has no counterpart (a saved adapter with "
+                                             "one block loads as plain LoRA)")
     return table
 
 

@@ -19,6 +19,8 @@ HOST_KINDS = ("linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d")
 QUANTIZED_HOSTS = ("bnb_4bit", "bnb_8bit")
 #: LayerNorm / RMSNorm layers (their scale γ and shift β); only methods written for norms list them in hosts
 NORM_HOSTS = ("norm",)
+#: 3-D convolutions (volumes, video); methods written against the host view opt in by listing them
+CONV3D_HOSTS = ("conv3d",)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def register(
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
     def deco(adapter_cls: type[Adapter]) -> type[Adapter]:
-        known = HOST_KINDS + QUANTIZED_HOSTS + NORM_HOSTS
+        known = HOST_KINDS + QUANTIZED_HOSTS + NORM_HOSTS + CONV3D_HOSTS
         bad = set(hosts) - set(known)
         if bad:
             raise ValueError(f"unknown host kinds {bad}; known: {known}")

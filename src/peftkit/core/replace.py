@@ -5,8 +5,9 @@ A subclass defines ``new_weight() -> (d_out, d_in)``; this mixin gives the activ
 ``delta = x·(W' − W)ᵀ`` (so ``base + delta`` is the layer with ``W'``), the fused path ``x·W'ᵀ + b`` (one product
 instead of two), and a merge that writes ``W'`` itself (bit-exact, not ``W + (W' − W)``) and keeps the replaced weight
 to restore it exactly on unmerge (``new_weight`` takes the host weight as an argument, so the unmerge recomputes
-exactly what the merge wrote). ``W`` is whatever the host holds when the adapter runs (an adapter merged into the
-host earlier is part of it and is replaced too); adapters merged in the same call after this one are added on top.
+exactly what the merge wrote). ``W`` is the host's weight before any merge: such an adapter is not
+:attr:`~peftkit.core.adapter.Adapter.additive`, so the core merges it together with the layer's other adapters from
+that weight (their updates added on top) and does not run it unmerged over a weight that holds others.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class ReplacedWeight:
     """Mixin for :class:`~peftkit.core.adapter.Adapter` subclasses that define ``new_weight(host_weight)``."""
 
     _replaced: torch.Tensor | None = None  # the host weight a merge overwrote
+    additive = False  # the layer computes with W' = f(W): the update depends on the host weight
 
     def new_weight(self, host_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The (d_out, d_in) weight the adapted layer computes with when the host holds ``host_weight`` (default:

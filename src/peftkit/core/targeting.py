@@ -97,6 +97,15 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
                 isinstance(spec, str) and spec in ALL_KINDS):
             # containers can only be matched by mistake (e.g. a suffix "layers")
             raise PeftkitError(f"target {name!r} is a container ({type(module).__name__}), not a layer")
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if isinstance(parent, nn.MultiheadAttention):  # its forward reads out_proj.weight, never calls out_proj
+            if isinstance(spec, str) and spec in ALL_KINDS:
+                continue
+            raise PeftkitError(
+                f"target {name!r} is a projection of an nn.MultiheadAttention, which reads its weight directly and "
+                f"never runs the layer: an adapter there would compute nothing; peftkit cannot adapt "
+                f"nn.MultiheadAttention (target the layers around it)"
+            )
         out.append((name, module))
     if not out:
         raise PeftkitError(_no_match_message(model, config))

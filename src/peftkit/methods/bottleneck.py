@@ -90,6 +90,7 @@ class ParallelAdapterConfig(BottleneckConfig):
 
 class _Bottleneck(Adapter):
     """D (m, c_down), U (c_up, m) and the optional learned scale; subclasses say what f reads and where it goes."""
+    additive = False  # reads the host output / weight (see Adapter.additive)
 
     def _build(self, c_down: int, c_up: int) -> None:
         cfg = self.config

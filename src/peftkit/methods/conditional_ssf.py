@@ -85,6 +85,7 @@ class ConditionalSSFConfig(AdapterConfig):
     lr_scale=5.0,
 )
 class ConditionalSSF(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     uses_condition = True
 
     def __init__(self, host: Host, config: ConditionalSSFConfig) -> None:

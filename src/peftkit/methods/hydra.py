@@ -80,6 +80,7 @@ class _Branch(nn.Module):
     hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "bnb_4bit", "bnb_8bit"),
 )
 class Hydra(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     def __init__(self, host: Host, config: HydraConfig) -> None:
         super().__init__(host, config)
         check_rank(host, config.r_p)

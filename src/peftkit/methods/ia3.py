@@ -134,11 +134,12 @@ def _size(host: Host, feedforward: bool) -> int:
           "Learning (arXiv 2205.05638)",
     description="learned rescaling vectors: outputs of keys/values, input of the FFN down projection; init 1",
     params="d_out per output-scaled layer, c_in per feedforward (input-scaled) layer",
-    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "embedding"),
+    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "conv3d", "embedding"),
     hf_peft_type="IA3",
     lr_scale=5.0,
 )
 class IA3(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     def __init__(self, host: Host, config: IA3Config) -> None:
         super().__init__(host, config)
         self.feedforward = config.is_feedforward(host.name)
@@ -236,9 +237,9 @@ class IA3(Adapter):
 
     @classmethod
     def hf_layout(cls, host: Host, config: IA3Config) -> dict[str, HFTensor] | None:
-        if host.kind not in ("linear", "gpt2_conv1d", "conv2d"):
+        if host.kind not in ("linear", "gpt2_conv1d", "conv2d", "conv3d"):
             return None
         ff = config.is_feedforward(host.name)
         n = _size(host, ff)
-        hf_shape = (1, n, 1, 1) if host.kind == "conv2d" else ((1, n) if ff else (n, 1))
+        hf_shape = (1, n, *(1,) * (host.weight.dim() - 2)) if host.is_conv else ((1, n) if ff else (n, 1))
         return {"ia3_l": HFTensor("ia3_l", hf_shape, (n,))}

@@ -197,6 +197,7 @@ _HF_META = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", 
     lr_scale=5.0,
 )
 class LnTuning(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     def __init__(self, host: Host, config: LnTuningConfig) -> None:
         super().__init__(host, config)
         self.d_gamma = nn.Parameter(torch.zeros_like(host.weight.detach()))

@@ -37,7 +37,7 @@ from peftkit.core.lowrank import (
     pad_factors_,
 )
 from peftkit.core.peft_names import lora_names
-from peftkit.core.registry import HOST_KINDS, QUANTIZED_HOSTS, register
+from peftkit.core.registry import CONV3D_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
 
 _INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora")
 
@@ -69,7 +69,7 @@ class LoraConfig(LowRankConfig):
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); rsLoRA (arXiv 2312.03732); PiSSA (arXiv 2404.02948)",
     description="additive low-rank update s·BA; α/r or rsLoRA α/√r scaling; kaiming, gaussian or PiSSA init",
     params="r·(d_in + d_out)",
-    hosts=HOST_KINDS + QUANTIZED_HOSTS,
+    hosts=HOST_KINDS + CONV3D_HOSTS + QUANTIZED_HOSTS,
     hf_peft_type="LORA",
 )
 class Lora(LowRankUpdate, Adapter):

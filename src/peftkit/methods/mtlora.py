@@ -187,6 +187,9 @@ class Mtlora(Adapter):
             return None
         return fused_lowrank_forward(self.host, x, self.lora_A, self.lora_B, self.s)
 
+    def is_additive(self) -> bool:  # task rows read the shared rows' frozen output
+        return not self.tasks
+
     def delta_weight(self) -> torch.Tensor:
         return self.s * (self.lora_B @ self.lora_A)
 

@@ -129,6 +129,7 @@ class _PacaLinear(torch.autograd.Function):
     hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
 )
 class Paca(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     @classmethod
     def rank_limits(cls, host: Host, config: PacaConfig) -> dict[str, int]:
         return {"r": host.d_in}  # r counts trained input columns, not a rank

@@ -103,6 +103,7 @@ def _hyper_shapes(config: PolyhistorConfig, d0: int) -> dict[str, tuple[int, int
     ),
 )
 class Polyhistor(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     uses_context = True
     uses_condition = True
 

@@ -189,6 +189,7 @@ def _identity_core(n: int, rank: int, like: torch.Tensor) -> nn.Parameter:
     hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
 )
 class Tlora(Adapter):
+    additive = False  # reads the host output / weight (see Adapter.additive)
     def __init__(self, host: Host, config: TloraConfig) -> None:
         super().__init__(host, config)
         self.factors_in, self.factors_out = factor_shapes(host, config)

@@ -1,0 +1,144 @@
+"""Hugging Face PEFT adapters of the kinds its own custom-model tests build (``tests/test_custom_models.py``:
+``scripts/peft_test_cases.py`` runs that whole list): Conv3d hosts, ranks above a layer's min(d_in, d_out), options that
+change only training (VeLoRA, MonteCLoRA, one-block BD-LoRA), and refusals that name the layer type or option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+
+peft = pytest.importorskip("peft")
+
+
+class Volume(nn.Module):
+    """Conv3d → ReLU → Linear on (B, 2, 3, 4, 4) volumes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(2, 6, 3, padding=1)
+        self.proj = nn.Linear(6 * 3 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.conv(x)).flatten(1))
+
+
+class Narrow(nn.Module):
+    """Linear 12 → 3 → LayerNorm → Linear 3 → 12, plus a grouped Conv1d and a MultiheadAttention on the side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.down = nn.Linear(12, 3)
+        self.norm = nn.LayerNorm(3)
+        self.up = nn.Linear(3, 12)
+        self.grouped = nn.Conv1d(4, 4, 1, groups=2)
+        self.mha = nn.MultiheadAttention(12, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.norm(self.down(x)))
+        return h + self.mha(h, h, h)[0] + self.grouped(h.view(-1, 4, 3)).view_as(h)
+
+
+def _peft_saved(model: nn.Module, config: Any, directory: Path) -> torch.Tensor:
+    """Adapt ``model`` with PEFT, randomise the trained tensors, save; returns its output on the fixed input."""
+    pm = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    pm.eval()
+    pm.save_pretrained(directory)
+    with torch.no_grad():
+        return pm(_input(model))
+
+
+def _input(model: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(4, 2, 3, 4, 4, generator=g) if isinstance(model, Volume) else torch.randn(4, 5, 12, generator=g)
+
+
+def _both_ways(fresh, config: Any, tmp_path: Path) -> None:
+    y = _peft_saved(fresh(), config, tmp_path / "peft")
+    ours = fresh().eval()
+    peftkit.load(ours, tmp_path / "peft")
+    x = _input(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
+        peftkit.merge(ours)
+        torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
+        peftkit.unmerge(ours)
+    peftkit.save(ours, tmp_path / "back", format="hf")
+    back = peft.PeftModel.from_pretrained(fresh(), tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "ia3_feedforward"])
+def test_conv3d_adapters_move_both_ways(kind: str, tmp_path: Path) -> None:
+    if kind.startswith("ia3"):
+        ff = ["conv"] if kind == "ia3_feedforward" else []
+        config = peft.IA3Config(target_modules=["conv", "proj"], feedforward_modules=ff, init_ia3_weights=False)
+    else:
+        config = peft.LoraConfig(target_modules=["conv", "proj"], r=4, use_dora=kind == "dora",
+                                 init_lora_weights=False)
+    _both_ways(Volume, config, tmp_path)
+
+
+def test_rank_above_the_layer_limit_loads_from_a_file(tmp_path: Path) -> None:
+    """PEFT allows r > min(d_in, d_out) (here r = 8 on a 12 → 3 layer); the tensors are exact, so they load."""
+    _both_ways(Narrow, peft.LoraConfig(target_modules=["down", "up"], r=8, init_lora_weights=False), tmp_path)
+    with pytest.raises(peftkit.PeftkitError, match="rank 8 exceeds"):  # creating one is still refused
+        peftkit.adapt(Narrow(), peftkit.config("lora", target_modules=["down"], r=8))
+
+
+@pytest.mark.parametrize("option", ["velora_config", "monteclora_config", "use_bdlora"])
+def test_training_only_options_load_as_plain_lora_with_a_warning(option: str, tmp_path: Path) -> None:
+    value = {"velora_config": lambda: peft.VeloraConfig(num_groups=2),
+             "monteclora_config": lambda: peft.MontecloraConfig(num_samples=2),
+             "use_bdlora": lambda: peft.tuners.lora.config.BdLoraConfig(target_modules_bd_a=["down"],
+                                                                         match_strict=False)}[option]()
+    config = peft.LoraConfig(target_modules=["down", "up"], r=2, init_lora_weights=False, **{option: value})
+    with pytest.warns(UserWarning, match=option):
+        _both_ways(Narrow, config, tmp_path)
+
+
+def test_two_block_bdlora_is_refused_naming_the_option(tmp_path: Path) -> None:
+    bd = peft.tuners.lora.config.BdLoraConfig(target_modules_bd_b=["up"], nblocks=2, match_strict=False)
+    config = peft.LoraConfig(target_modules=["down", "up"], r=2, use_bdlora=bd)
+    _peft_saved(Narrow(), config, tmp_path)
+    with pytest.raises(peftkit.PeftkitError, match="use_bdlora.*2 blocks"):
+        peftkit.load(Narrow(), tmp_path)
+
+
+@pytest.mark.parametrize("targets,config,pattern", [
+    (["grouped"], "lora", r"'grouped', a Conv1d layer: grouped convolutions \(groups=2\)"),
+    (["mha"], "lora", r"'mha', a MultiheadAttention layer.*cannot adapt nn.MultiheadAttention"),
+    (["out_proj"], "lora", r"'mha.out_proj' is a projection of an nn.MultiheadAttention"),
+    (["down"], "ln_tuning", r"'down', a Linear layer; peftkit's lntuning supports norm layers only"),
+])
+def test_refusals_name_the_layer_type(targets: list[str], config: str, pattern: str, tmp_path: Path) -> None:
+    if config == "ln_tuning":
+        cfg = peft.LNTuningConfig(target_modules=targets)
+    else:
+        cfg = peft.LoraConfig(target_modules=targets, r=2, init_lora_weights=False)
+    _peft_saved(Narrow(), cfg, tmp_path)
+    model = Narrow()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peftkit.PeftkitError, match=pattern) as err:
+        peftkit.load(model, tmp_path)
+    assert "another architecture" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_another_architecture_is_still_named_so(tmp_path: Path) -> None:
+    _peft_saved(Narrow(), peft.LoraConfig(target_modules=["down"], r=2), tmp_path)
+    with pytest.raises(peftkit.PeftkitError, match="another architecture"):
+        peftkit.load(Volume(), tmp_path)
