@@ -136,6 +136,7 @@ def cayley(q: torch.Tensor, b: int, neumann_terms: int | None) -> torch.Tensor:
     hf_peft_type="OFT",
 )
 class OFT(Adapter):
+    additive = False  # rotates the host weight (W·R): its update depends on W (see Adapter.additive)
     def __init__(self, host: Host, config: OFTConfig) -> None:
         super().__init__(host, config)
         self.n, self.b = blocks(host, config)

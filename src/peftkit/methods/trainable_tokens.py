@@ -78,6 +78,7 @@ class TrainableTokensConfig(AdapterConfig):
     lr_scale=1.0,
 )
 class TrainableTokens(Adapter):
+    additive = False  # replaces rows of the host weight (see Adapter.additive)
     def __init__(self, host: Host, config: TrainableTokensConfig) -> None:
         super().__init__(host, config)
         idx = list(config.token_indices)
