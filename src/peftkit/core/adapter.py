@@ -56,9 +56,26 @@ def check_first_order() -> None:
         )
 
 
+class InputDropout(nn.Dropout):
+    """``nn.Dropout`` that passes integer tensors through unchanged: an Embedding host's input is token ids, which
+    dropout cannot apply to. So on an Embedding a method's input dropout is skipped (as Hugging Face PEFT's LoRA
+    skips ``lora_dropout`` there), while dropout on a float tensor (an activation, an Embedding adapter's output)
+    acts as usual — the same rule for every method."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if x.is_floating_point() else x
+
+
 def make_dropout(p: float) -> nn.Module:
-    """Dropout on the adapter input; no module at all when p == 0 (keeps the hot path free of no-op calls)."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+    """Every method's dropout (see :class:`InputDropout`: token ids pass through); no module at all when p == 0
+    (keeps the hot path free of no-op calls)."""
+    return InputDropout(p) if p > 0 else nn.Identity()
+
+
+def drops(adapter: nn.Module, host: Host) -> bool:
+    """Whether ``adapter``'s input dropout is active now: training, p > 0, and a host whose input is not token ids
+    (fused paths that cannot apply dropout check this before running)."""
+    return adapter.training and isinstance(getattr(adapter, "dropout", None), nn.Dropout) and host.kind != "embedding"
 
 
 class SharedStore(nn.Module):
@@ -119,6 +136,15 @@ class Adapter(nn.Module):
         self.config = config
         # a plain attribute (not a registered submodule): the store is saved once, not once per layer
         object.__setattr__(self, "shared", context.shared if context is not None else None)
+
+    @classmethod
+    def require_context(cls, context: PlanContext | None) -> PlanContext:
+        """``context``, or :class:`PeftkitError` when the adapter is built by hand (``uses_context`` adapters whose
+        layers cannot exist without the others call this first)."""
+        if context is None:
+            raise PeftkitError(f"{cls.__name__} adapters are built by peftkit.adapt (the layers of one adapter share "
+                               "tensors, which it sets up)")
+        return context
 
     # -- forward ---------------------------------------------------------------------------------------
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

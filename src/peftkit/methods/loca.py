@@ -234,8 +234,6 @@ class Loca(Adapter):
             raise PeftkitError(f"module {host.name!r}: LoCA's n = {config.n} coefficients exceed the d_out·d_in = "
                                f"{d_out}·{d_in} = {d_out * d_in} entries of the layer's DCT spectrum; use n <= "
                                f"{d_out * d_in}")
-        if host.kind == "embedding" and config.dropout > 0:
-            raise PeftkitError(f"module {host.name!r}: dropout cannot apply to an Embedding's token ids")
         w = host.weight
         dev, dt = w.device, (w.dtype if w.is_floating_point() else torch.float32)
         if self.shared is None:  # built outside peftkit.adapt: own the matrices
