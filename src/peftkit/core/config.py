@@ -61,14 +61,14 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
-def _all_finite(value: Any) -> bool:
+def all_finite(value: Any) -> bool:
     """No NaN or infinity anywhere in ``value`` (floats, and inside lists and dicts: per-module overrides)."""
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, list | tuple):
-        return all(_all_finite(v) for v in value)
+        return all(all_finite(v) for v in value)
     if isinstance(value, dict):
-        return all(_all_finite(v) for v in value.values())
+        return all(all_finite(v) for v in value.values())
     return True
 
 
@@ -167,7 +167,7 @@ class AdapterConfig(metaclass=_ConfigType):
                 raise PeftkitError(
                     f"{type(self).__name__}.{f.name} must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
                 )
-            if not _all_finite(value):
+            if not all_finite(value):
                 raise PeftkitError(f"{type(self).__name__}.{f.name} must be finite, got {value!r}")
 
     def validate(self) -> None:
