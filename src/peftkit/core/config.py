@@ -117,7 +117,9 @@ class AdapterConfig(metaclass=_ConfigType):
     ``"adapter_only"`` (biases of adapted layers train). ``overrides`` maps a module-name pattern to field
     overrides for the modules it matches (``{"attn.q": {"r": 16}}``), Hugging Face PEFT ``rank_pattern`` style.
     ``task_type``: Hugging Face PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...), stored; a classification /
-    QA task adds the model's head to ``modules_to_save`` (see :data:`TASK_HEADS`).
+    QA task adds the model's head to ``modules_to_save`` (see :data:`TASK_HEADS`). ``inference_mode``: as in Hugging
+    Face PEFT, the adapter is attached frozen — nothing of it trains (its parameters, saved copies and biases keep
+    ``requires_grad`` False); ``peftkit.load(..., trainable=True)`` clears it.
 
     ``peft_type`` / ``peft_names``: the Hugging Face PEFT config this class mirrors and how its field names read
     here (:mod:`peftkit.core.peft_names`); empty for methods PEFT does not have. Declared per class, not inherited
@@ -138,6 +140,7 @@ class AdapterConfig(metaclass=_ConfigType):
     dropout: float = 0.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_type: str | None = None
+    inference_mode: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # a subclass's own resolve() runs after the task-head step below (so no method has to remember it)
