@@ -206,7 +206,7 @@ CASES: list[Case] = [
     ("targets-bad-regex", lambda e: _train(e, "--targets", "(["), "neither a comma list of module names nor a valid"),
     ("targets-no-match", lambda e: _train(e, "--targets", "nosuchlayer"), "matched no module"),
     ("rank-on-rankless-method", lambda e: _train(e, "--method", "ia3", "--rank", "4"), "has no field 'r'"),
-    ("opt-unknown-key", lambda e: _train(e, "--opt", "rnk=4"), "LoraConfig has no field(s) ['rnk']; did you mean"),
+    ("opt-unknown-key", lambda e: _train(e, "--opt", "rnk=4"), "LoraConfig has no field(s) ['rnk']; valid fields: alpha"),
     ("opt-peft-name-misspelled", lambda e: _train(e, "--opt", "lora_alph=16"), "did you mean 'lora_alpha'"),
     ("opt-peft-names-disagree", lambda e: _train(e, "--alpha", "8", "--opt", "lora_alpha=16"),
      "both set alpha, to different values"),
