@@ -103,7 +103,7 @@ class TrainRun:
         fields = dict(self.cfg_fields)
         if "modules_to_save" not in fields:
             fields["modules_to_save"] = list(heads if heads is not None else classifier_head_names(model)) or None
-        self.cfg = self.cfg_cls.from_dict(fields)
+        self.cfg = fit_default_ranks(model, self.info, self.cfg_cls.from_dict(fields), self.cfg_fields)
         check_max_length(model, getattr(self.args, "max_length", None))
         preflight(model, self.info, self.cfg)
         torch.manual_seed(self.args.seed)
@@ -251,6 +251,30 @@ class TrainRun:
         print(f"saved adapter to {self.output}")
         print(f"wall time: {wall:.1f} s")
         return 0
+
+
+def fit_default_ranks(model: nn.Module, info: Any, cfg: Any, given: dict[str, Any]) -> Any:
+    """``cfg`` with the method's default ranks lowered, layer by layer, to what each targeted layer of ``model``
+    allows (:func:`peftkit.core.adapter.fit_ranks`); a rank given with ``--rank`` / ``--opt`` (``given``: the config
+    fields from the command line) is left as given, and refused later if a layer cannot take it. Prints what was
+    lowered."""
+    if info.model_level:
+        return cfg
+    from .core.adapter import fit_ranks
+    from .core.host import Host
+    from .core.peft_names import translate
+    from .core.targeting import find_targets
+
+    fixed = set(translate(type(cfg), dict(given))[1]) - {"target_modules"}
+    targets = [(path, Host(module, path)) for path, module in find_targets(model, cfg.resolve(model))]
+    cfg, lowered = fit_ranks(info.adapter, cfg, targets, fixed)
+    for name, layers in lowered.items():
+        default = layers[0][1]
+        limits = sorted({limit for _, _, limit in layers})
+        print(f"{name}: {info.name}'s default {name}={default} exceeds what {len(layers)} of the {len(targets)} "
+              f"adapted layers allow; they use their limit ({', '.join(map(str, limits))}) — set it with "
+              f"{'--rank' if name == 'r' else f'--opt {name}=...'}")
+    return cfg
 
 
 #: model types whose position ids start after the padding index (RoBERTa's embeddings): padding_idx + 1 fewer

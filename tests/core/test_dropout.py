@@ -87,3 +87,15 @@ def test_input_dropout_is_skipped_on_an_embedding(method: str) -> None:
     assert torch.equal(y_train, y_eval)  # same code, same inputs: no random mask was drawn
     if base is not None:
         assert not torch.equal(model.emb(x), base)  # the adapter does contribute
+
+
+@pytest.mark.parametrize("method", ["mos", "randlora", "polyhistor"])
+def test_shared_tensor_adapters_need_peftkit_adapt(method: str) -> None:
+    """Adapters whose layers share tensors are built by ``peftkit.adapt`` (one core check, ``require_context``)."""
+    from peftkit.core.host import Host
+
+    info = peftkit.get_method(method)
+    model = MODELS["mlp"].build()
+    cfg = info.config.from_dict(matrix_config_fields(method, MODELS["mlp"]))
+    with pytest.raises(peftkit.PeftkitError, match="adapters are built by peftkit.adapt"):
+        info.adapter(Host(model.fc1, "fc1"), cfg)

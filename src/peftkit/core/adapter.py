@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+import dataclasses
+import re
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -281,3 +283,36 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"host={self.host.kind}, d_in={self.host.d_in}, d_out={self.host.d_out}"
+
+
+def fit_ranks(
+    adapter: type[Adapter], config: AdapterConfig, targets: Sequence[tuple[str, Host]], fixed: Collection[str],
+) -> tuple[AdapterConfig, dict[str, list[tuple[str, int, int]]]]:
+    """``config`` with every rank field that the user did not set fitted to each targeted layer.
+
+    The rule: a value the user gave (a field in ``fixed``, or set for that layer by one of the config's own
+    ``overrides``) is theirs — above a layer's :meth:`Adapter.rank_limits` it stays an error
+    (:meth:`Adapter.check_ranks`). A method's *default* is a ceiling: on a layer whose limit is below it (MTLoRA's
+    r = 64 on EfficientNet's 32→16 convolutions) that layer gets its limit, recorded as an exact-name entry of
+    ``overrides`` — saved with the adapter, so loading rebuilds the same shapes. ``targets``: (module name, host) of
+    every targeted layer. Returns (config, {field: [(module, default, limit), ...]} of what was lowered)."""
+    added: dict[str, dict[str, int]] = {}
+    lowered: dict[str, list[tuple[str, int, int]]] = {}
+    for path, host in targets:
+        own = config.for_module(path)
+        user = {f for p, ov in config.overrides.items() if re.match(rf"(.*\.)?({p})$", path) for f in ov}
+        for name, limit in adapter.rank_limits(host, own).items():
+            value = getattr(own, name)
+            if name in fixed or name in user or value <= limit:
+                continue
+            added.setdefault(exact_name(path), {})[name] = limit
+            lowered.setdefault(name, []).append((path, value, limit))
+    if not added:
+        return config, {}
+    return dataclasses.replace(config, overrides={**config.overrides, **added}), lowered
+
+
+def exact_name(path: str) -> str:
+    """An ``overrides`` pattern that matches the module ``path`` and no other (not a longer name ending in it: the
+    look-behind allows nothing before it)."""
+    return "(?<!.)" + re.escape(path)
