@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-from tests.conformance.models import MODELS, matrix_config_fields, perturb
 
 import peftkit
+from conformance.models import MODELS, matrix_config_fields, perturb
 from peftkit.core.adapter import InputDropout, make_dropout
 from peftkit.core.registry import all_methods
 

@@ -395,7 +395,8 @@ def test_inference_mode_adapts_frozen_as_peft_does(tmp_path: Any) -> None:
     adapter is attached frozen, like ``get_peft_model`` with it, and ``load(..., trainable=True)`` trains it."""
     import peft
     import torch
-    from tests.conformance.models import MODELS
+
+    from conformance.models import MODELS
 
     pc = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"], bias="all",
                          inference_mode=True)

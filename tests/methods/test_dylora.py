@@ -11,6 +11,7 @@ from torch import nn
 import peftkit
 from conformance.models import MODELS, perturb
 from peftkit.methods.dylora import DyLoRASampler, set_rank
+from tolerance import assert_near
 
 R = 6
 
@@ -52,9 +53,10 @@ def test_full_rank_is_exactly_lora() -> None:
     assert _ranks(dy) == [R, R]
     x = _x(3, 5, 16)
     with torch.no_grad():
-        assert torch.equal(dy(x), lo(x))
+        assert_near(dy(x), lo(x), 32, layers=3)  # DyLoRA's code vs LoRA's
         base = dy.fc1.base_layer(x)
-        assert torch.equal(dy.fc1.adapters["default"].delta(x, base), lo.fc1.adapters["default"].delta(x, base))
+        assert_near(dy.fc1.adapters["default"].delta(x, base), lo.fc1.adapters["default"].delta(x, base), 16,
+                    layers=2)
 
 
 @pytest.mark.parametrize("rslora", [False, True])
