@@ -412,6 +412,21 @@ def eval_model_dir(info: dict[str, Any], default: Callable[[], Path]) -> Path:
     return resolve_model_dir(model_dir)
 
 
+def open_eval(args: argparse.Namespace, need: Sequence[str] = ()) -> tuple[Path, dict[str, Any], Any]:
+    """What every task's ``peftkit eval`` does first: (adapter folder, its ``train_info.json`` — ``need``: the
+    task's own keys, else an error —, the ``--device``), with ``--threads`` (else the run's) set."""
+    from .cli import _read_train_info, _set_threads, eval_device
+
+    adapter = Path(args.adapter)
+    info = _read_train_info(adapter)
+    missing = [k for k in need if k not in info]
+    if missing:
+        raise PeftkitError(f"{adapter / 'train_info.json'} lacks {missing}")
+    device = eval_device(args)
+    _set_threads(args.threads if args.threads is not None else info.get("threads"))
+    return adapter, info, device
+
+
 def load_for_eval(model: nn.Module, adapter: Path, rank: int | None, what: str, device: Any = None) -> str:
     """Load the adapter saved in ``adapter`` into ``model`` (``peftkit eval``), at rank ``rank`` when given (methods
     trained for every rank, e.g. DyLoRA), then move it to ``device`` when given; returns ``what`` (the evaluated
