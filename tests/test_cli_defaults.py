@@ -1,7 +1,7 @@
 """Every method's CLI defaults work on every task that allows the method: ``peftkit train --task T --method M`` with
 nothing else builds the config the command builds and adapts the task's default model shape (the packaged models'
-widths — MiniLM-L6 384/1536, SmolLM2-135M 576/1536, EfficientNet-Lite0's 16…1280 channels — at a few layers, random
-weights), through :class:`peftkit.cli_run.TrainRun` as the command does, then runs one training forward/backward.
+widths — MiniLM-L6 384/1536, SmolLM2-135M 576/1536, EfficientNet-Lite0's 16…1280 channels — at one to three layers,
+random weights), through :class:`peftkit.cli_run.TrainRun` as the command does, then runs one training forward/backward.
 
 A method's default rank is a ceiling (:func:`peftkit.core.adapter.fit_ranks`): MTLoRA's r = 64 and LoCA's n = 1000
 exceed EfficientNet's first 32→16 convolution, which gets its limit instead; a rank the user gives above a layer's
@@ -28,20 +28,23 @@ from peftkit.cli_vision import IMG_DEFAULTS, _targets_for
 from peftkit.core.errors import PeftkitError
 from peftkit.core.registry import all_methods
 
-LAYERS = 3  # enough for the methods whose defaults count layers (MoS shares 4-rank pools over >= 3 layers)
+#: transformer layers of the stand-in models: one, except for the methods whose defaults need more (MoS shares its
+#: 4-rank pools over >= 3 layers; ExPLoRA unfreezes the last block and adapts the others)
+LAYERS = {"mos": 3, "explora": 2}
 
 
-def _minilm(head: type) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        c = tf.BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12, num_hidden_layers=LAYERS,
-                          vocab_size=256, max_position_embeddings=512, num_labels=3)
+def _minilm(head: type) -> Callable[[str], nn.Module]:
+    def build(method: str) -> nn.Module:
+        c = tf.BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12, vocab_size=256,
+                          num_hidden_layers=LAYERS.get(method, 1), max_position_embeddings=512, num_labels=3)
         return head(c).eval()
     return build
 
 
-def _smollm() -> nn.Module:
+def _smollm(method: str) -> nn.Module:
     c = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                       num_hidden_layers=LAYERS, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True)
+                       num_hidden_layers=LAYERS.get(method, 1), vocab_size=256, max_position_embeddings=256,
+                       tie_word_embeddings=True)
     return tf.LlamaForCausalLM(c).eval()
 
 
@@ -49,13 +52,13 @@ def _ids(model: nn.Module) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(1, 256, (2, 8), generator=torch.Generator().manual_seed(0))}
 
 
-TASKS: dict[str, tuple[dict, Callable[[], nn.Module], Callable[[nn.Module], dict], list[str] | None]] = {
+TASKS: dict[str, tuple[dict, Callable[[str], nn.Module], Callable[[nn.Module], dict], list[str] | None]] = {
     "classification": (DEFAULTS, _minilm(tf.BertForSequenceClassification), _ids, None),
     "token-classification": (TOKEN_DEFAULTS, _minilm(tf.BertForTokenClassification), _ids, None),
     "causal-lm": (LM_DEFAULTS, _smollm, _ids, []),
-    "image-classification": (IMG_DEFAULTS, lambda: V.EfficientNetLite(10).eval(),
-                             lambda m: {"x": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))},
-                             [V.HEAD]),
+    "image-classification": (IMG_DEFAULTS, lambda method: V.EfficientNetLite(10).eval(),
+                             lambda m: {"images": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+                                        }, [V.HEAD]),
 }
 
 
@@ -83,7 +86,7 @@ def _run(task: str, method: str, out: Path, *extra: str) -> tuple[TrainRun, nn.M
         if task == "image-classification":
             run.cfg_fields.setdefault("layers_pattern", V.LAYERS_PATTERN)
         torch.manual_seed(0)
-        model = build()
+        model = build(method)
         run.adapt(model, heads=heads)
     finally:
         release_run_locks()

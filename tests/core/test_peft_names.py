@@ -414,6 +414,7 @@ def test_inference_mode_adapts_frozen_as_peft_does(tmp_path: Any) -> None:
         peftkit.load(fresh, tmp_path / "a", trainable=trainable)
         lora = [p for n, p in fresh.named_parameters() if ".adapters." in n]
         assert lora and all(p.requires_grad is expect for p in lora)
+        assert peftkit.get_config(fresh, "default").inference_mode is False  # `trainable` decides after a load
     plain = MODELS["mlp"].build()  # without it: trainable as before
     peftkit.adapt(plain, peftkit.from_peft_config(peft.LoraConfig(r=4, target_modules=["fc1"])))
     assert peftkit.summary(plain).trainable > 0 and isinstance(next(plain.parameters()), torch.Tensor)

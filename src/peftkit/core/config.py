@@ -119,7 +119,8 @@ class AdapterConfig(metaclass=_ConfigType):
     ``task_type``: Hugging Face PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...), stored; a classification /
     QA task adds the model's head to ``modules_to_save`` (see :data:`TASK_HEADS`). ``inference_mode``: as in Hugging
     Face PEFT, the adapter is attached frozen — nothing of it trains (its parameters, saved copies and biases keep
-    ``requires_grad`` False); ``peftkit.load(..., trainable=True)`` clears it.
+    ``requires_grad`` False). :func:`peftkit.load` does not keep it: its ``trainable`` decides, as PEFT's
+    ``is_trainable`` does (PEFT writes ``inference_mode: true`` into every saved config).
 
     ``peft_type`` / ``peft_names``: the Hugging Face PEFT config this class mirrors and how its field names read
     here (:mod:`peftkit.core.peft_names`); empty for methods PEFT does not have. Declared per class, not inherited

@@ -671,7 +671,7 @@ def load(
     Every tensor's name, shape, dtype kind and values (finite, unless ``allow_nonfinite=True``) is checked before
     the model is touched: on any problem the error names the tensor and the model is left as it was."""
     config, tensors, default_name, ident = _read(model, directory)
-    if trainable and config.inference_mode:  # PEFT: from_pretrained(is_trainable=True) sets inference_mode=False
+    if config.inference_mode:  # what trains after a load is decided by `trainable` (PEFT: is_trainable), as always
         config = replace(config, inference_mode=False)
     source = str(directory)
     name = name or default_name
