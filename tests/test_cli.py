@@ -446,3 +446,17 @@ def test_train_without_lr_uses_the_methods_rate(method: str, extra: tuple[str, .
     assert (f", head lr {head_lr:g}," in printed) if head_lr else ("head lr" not in printed)
     if not extra:
         assert get_method(method).lr_scale == pytest.approx(lr / 2e-3)
+
+
+def test_opt_takes_hugging_face_peft_field_names() -> None:
+    """``--opt`` passes its names to the method's config, which reads PEFT's spellings (``lora_alpha``,
+    ``lora_dropout``, ``use_rslora``, ``rank_pattern``) as its constructor does."""
+    from peftkit.cli import _check_train_args, build_parser
+
+    args = build_parser().parse_args(["train", "--opt", "lora_alpha=16", "--opt", "lora_dropout=0.1", "--opt",
+                                      "use_rslora=true", "--opt", 'rank_pattern={"query": 4}'])
+    info, cls, fields = _check_train_args(args)
+    cfg = cls.from_dict(fields)
+    assert (cfg.alpha, cfg.dropout, cfg.rslora) == (16.0, 0.1, True)
+    assert cfg.for_module("encoder.layer.0.attention.self.query").r == 4
+    assert cfg.to_dict()["alpha"] == 16.0 and "lora_alpha" not in cfg.to_dict()  # stored under peftkit's names

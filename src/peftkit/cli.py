@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .core.config import all_finite
 from .core.errors import PeftkitError
 from .core.io import read_json
 
@@ -51,7 +52,7 @@ def _number(text: str, kind: type) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    if not math.isfinite(value):
+    if not all_finite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
@@ -102,34 +103,23 @@ def _parse_targets(spec: str) -> list[str] | str:
     return spec
 
 
-def _parse_opts(opts: Sequence[str], valid: Sequence[str], config_name: str) -> dict[str, Any]:
-    """``key=value`` pairs; the value is read as JSON when it parses, else taken as a string."""
+def _parse_opts(opts: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; the value is read as JSON when it parses, else taken as a string. The keys are not
+    checked here: the method's config takes its own field names and Hugging Face PEFT's (``lora_alpha=16``) and
+    refuses others with a "did you mean"."""
     out: dict[str, Any] = {}
     for item in opts:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise PeftkitError(f"--opt expects key=value, got {item!r}")
-        if key not in valid:
-            raise PeftkitError(f"--opt {key}: {config_name} has no field {key!r}; valid fields: {', '.join(valid)}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
-        if not _finite(out[key]):  # JSON reads NaN / Infinity; no config field means them
+        if not all_finite(out[key]):  # JSON reads NaN / Infinity; no config field means them
             raise PeftkitError(f"--opt {key}: must be finite, got {raw!r}")
     return out
-
-
-def _finite(value: Any) -> bool:
-    """False for a NaN / infinite float anywhere inside ``value`` (lists and dicts are searched)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list | tuple):
-        return all(_finite(v) for v in value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    return True
 
 
 def _read_train_info(adapter: Path) -> dict[str, Any]:
@@ -306,8 +296,11 @@ def _check_train_args(args: argparse.Namespace) -> tuple[Any, type, dict[str, An
                 cfg_fields[key] = value
         elif value is not None:
             raise PeftkitError(f"{flag}: method {info.name!r} has no field {key!r}; valid fields: {', '.join(fields)}")
-    cfg_fields.update(_parse_opts(args.opt or [], fields, cfg_cls.__name__))
-    cfg_cls.from_dict(cfg_fields)  # field values checked now; modules_to_save is filled once the model is loaded
+    cfg_fields.update(_parse_opts(args.opt or []))
+    cfg = cfg_cls.from_dict(cfg_fields)  # names and values checked now; modules_to_save filled once the model loads
+    if type(cfg) is not cfg_cls:  # a PEFT switch (use_dora=true) names another method
+        raise PeftkitError(f"--opt: these options describe method {cfg.method!r}, not {info.name!r}; use --method "
+                           f"{cfg.method}")
     for flag, v in (("--lr", args.lr), ("--batch-size", args.batch_size), ("--max-length", args.max_length),
                     ("--head-lr", args.head_lr)):
         if v is not None and v <= 0:  # None: an option the task does not use (max length for images)
@@ -321,7 +314,7 @@ def _check_train_args(args: argparse.Namespace) -> tuple[Any, type, dict[str, An
     # argparse's types refuse these at parsing; checked again for options that come from elsewhere (--resume)
     for flag, v in (("--lr", args.lr), ("--head-lr", args.head_lr), ("--epochs", args.epochs),
                     ("--alpha", args.alpha), ("--density-loss", args.density_loss), ("--warmup", args.warmup)):
-        if v is not None and not math.isfinite(v):
+        if v is not None and not all_finite(v):
             raise PeftkitError(f"{flag} must be a finite number, got {v}")
     if args.warmup is not None and args.warmup < 0:
         raise PeftkitError(f"--warmup must be >= 0 (a fraction of the steps when < 1, else steps), got {args.warmup}")

@@ -103,7 +103,7 @@ class TrainRun:
         fields = dict(self.cfg_fields)
         if "modules_to_save" not in fields:
             fields["modules_to_save"] = list(heads if heads is not None else classifier_head_names(model)) or None
-        self.cfg = self.cfg_cls.from_dict(fields)
+        self.cfg = fit_default_ranks(model, self.info, self.cfg_cls.from_dict(fields), self.cfg_fields)
         check_max_length(model, getattr(self.args, "max_length", None))
         preflight(model, self.info, self.cfg)
         torch.manual_seed(self.args.seed)
@@ -253,6 +253,30 @@ class TrainRun:
         return 0
 
 
+def fit_default_ranks(model: nn.Module, info: Any, cfg: Any, given: dict[str, Any]) -> Any:
+    """``cfg`` with the method's default ranks lowered, layer by layer, to what each targeted layer of ``model``
+    allows (:func:`peftkit.core.adapter.fit_ranks`); a rank given with ``--rank`` / ``--opt`` (``given``: the config
+    fields from the command line) is left as given, and refused later if a layer cannot take it. Prints what was
+    lowered."""
+    if info.model_level:
+        return cfg
+    from .core.adapter import fit_ranks
+    from .core.host import Host
+    from .core.peft_names import translate
+    from .core.targeting import find_targets
+
+    fixed = set(translate(type(cfg), dict(given))[1]) - {"target_modules"}
+    targets = [(path, Host(module, path)) for path, module in find_targets(model, cfg.resolve(model))]
+    cfg, lowered = fit_ranks(info.adapter, cfg, targets, fixed)
+    for name, layers in lowered.items():
+        default = layers[0][1]
+        limits = sorted({limit for _, _, limit in layers})
+        print(f"{name}: {info.name}'s default {name}={default} exceeds what {len(layers)} of the {len(targets)} "
+              f"adapted layers allow; they use their limit ({', '.join(map(str, limits))}) — set it with "
+              f"{'--rank' if name == 'r' else f'--opt {name}=...'}")
+    return cfg
+
+
 #: model types whose position ids start after the padding index (RoBERTa's embeddings): padding_idx + 1 fewer
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet")
 
@@ -386,6 +410,21 @@ def eval_model_dir(info: dict[str, Any], default: Callable[[], Path]) -> Path:
     if not (model_dir / "config.json").is_file() and info.get("model_is_default"):
         model_dir = default()
     return resolve_model_dir(model_dir)
+
+
+def open_eval(args: argparse.Namespace, need: Sequence[str] = ()) -> tuple[Path, dict[str, Any], Any]:
+    """What every task's ``peftkit eval`` does first: (adapter folder, its ``train_info.json`` — ``need``: the
+    task's own keys, else an error —, the ``--device``), with ``--threads`` (else the run's) set."""
+    from .cli import _read_train_info, _set_threads, eval_device
+
+    adapter = Path(args.adapter)
+    info = _read_train_info(adapter)
+    missing = [k for k in need if k not in info]
+    if missing:
+        raise PeftkitError(f"{adapter / 'train_info.json'} lacks {missing}")
+    device = eval_device(args)
+    _set_threads(args.threads if args.threads is not None else info.get("threads"))
+    return adapter, info, device
 
 
 def load_for_eval(model: nn.Module, adapter: Path, rank: int | None, what: str, device: Any = None) -> str:

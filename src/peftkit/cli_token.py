@@ -12,18 +12,9 @@ accuracy before and after training, and saves the adapter plus ``train_info.json
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from .cli import (
-    _model_label,
-    _other_device,
-    _read_train_info,
-    _set_threads,
-    eval_device,
-    not_reproduced,
-    reproduction_verdict,
-)
+from .cli import _model_label, _other_device, not_reproduced, reproduction_verdict
 from .core.errors import PeftkitError
 
 TASK = "token-classification"
@@ -123,17 +114,14 @@ _COUNTS = ("correct_entities", "predicted_entities", "gold_entities", "correct_t
 def cmd_eval_token(args: argparse.Namespace) -> int:
     """Held-out (or ``--data``) entity F1 and token accuracy of a token-classification adapter, compared with the
     scores recorded after training."""
-    adapter = Path(args.adapter)
-    info = _read_train_info(adapter)
-    from .cli_run import eval_model_dir
+    from .cli_run import eval_model_dir, load_for_eval, open_eval
     from .data.conll import align, load_token_data
     from .data.text import split_indices
     from .models import default_model_dir
 
+    adapter, info, device = open_eval(args)
     model_dir = eval_model_dir(info, default_model_dir)
     names = list(info["label_names"])
-    device = eval_device(args)
-    _set_threads(args.threads if args.threads is not None else info.get("threads"))
     if args.data is not None:
         data = load_token_data(args.data, names)
         idx, what = list(range(len(data))), f"all of {data.source}"
@@ -142,7 +130,6 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
         _, idx = split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
         what = f"the held-out split of {data.source}"
 
-    from .cli_run import load_for_eval
     from .models import load_token_classifier
     from .train.token_classification import evaluate_tags
 

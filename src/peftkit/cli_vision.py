@@ -12,19 +12,9 @@ model and the held-out split and reproduces the accuracy. ``--data FILE.npz`` tr
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from .cli import (
-    TRAIN_INFO,
-    _acc_line,
-    _other_device,
-    _read_train_info,
-    _set_threads,
-    eval_device,
-    not_reproduced,
-    reproduction_verdict,
-)
+from .cli import _acc_line, _other_device, not_reproduced, reproduction_verdict
 from .core.errors import PeftkitError
 
 TASK = "image-classification"
@@ -130,16 +120,12 @@ def cmd_train_image(args: argparse.Namespace) -> int:
 def cmd_eval_image(args: argparse.Namespace) -> int:
     """Held-out (or ``--data FILE.npz``) accuracy of an image-classification adapter, compared with the accuracy
     recorded after training."""
-    adapter = Path(args.adapter)
-    info = _read_train_info(adapter)
-    if "image_size" not in info:
-        raise PeftkitError(f"{adapter / TRAIN_INFO} lacks ['image_size']")
-    device = eval_device(args)
-    _set_threads(args.threads if args.threads is not None else info.get("threads"))
+    from .cli_run import load_for_eval, open_eval
     from .data.images import ImageBatches, load_image_data
     from .data.text import split_indices
     from .vision import build_backbone, check_backbone
 
+    adapter, info, device = open_eval(args, need=("image_size",))
     model_name = check_backbone(info["model"])
     names = list(info["label_names"])
     if args.data is not None:
@@ -152,7 +138,6 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .cli_run import load_for_eval
     from .train.trainer import accuracy
 
     torch.manual_seed(int(info["seed"]))

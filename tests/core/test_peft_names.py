@@ -163,6 +163,7 @@ ALIASES = [
     ("lora", {"fan_in_fan_out": True}, "target_modules", ["q"]),  # accepted, read from the layer
     ("lora", {"inference_mode": False, "peft_type": "LORA", "revision": "x", "base_model_name_or_path": "m"},
      "r", 8),
+    ("lora", {"inference_mode": True}, "inference_mode", True),
     ("dora", {"use_dora": True, "lora_alpha": 3}, "alpha", 3.0),
     ("dora", {"init_lora_weights": "gaussian"}, "init", "gaussian"),
     ("ia3", {"feedforward_modules": ["q"]}, "feedforward_modules", ["q"]),
@@ -206,7 +207,6 @@ REFUSED = [
     ("lora", {"init_lora_weights": "loftq"}, "peftkit.quant"),
     ("lora", {"init_lora_weights": "orthogonal"}, "olora"),
     ("lora", {"loftq_config": {"loftq_bits": 4}}, "loftq_config"),
-    ("lora", {"inference_mode": True}, "peftkit.load"),
     ("lora", {"peft_type": "IA3"}, "from_peft_config"),
     ("lora", {"lora_alpha": 4, "alpha": 8}, "both set alpha"),
     ("lora", {"layers_pattern": ["h", "layers"]}, "one layers_pattern"),
@@ -388,3 +388,33 @@ def test_readme_snippet_runs_and_matches_peft() -> None:
     pm = peft.get_peft_model(_bert(), scope_peft["config"])  # (PEFT adds its task head to the config object)
     assert _trainable(ours) == _trainable(pm)
     assert copy.deepcopy(scope["config"]) == scope["config"]
+
+
+def test_inference_mode_adapts_frozen_as_peft_does(tmp_path: Any) -> None:
+    """``inference_mode=True`` (what PEFT writes into every saved config) is accepted by ``from_peft_config``; the
+    adapter is attached frozen, like ``get_peft_model`` with it, and ``load(..., trainable=True)`` trains it."""
+    import peft
+    import torch
+
+    from conformance.models import MODELS
+
+    pc = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"], bias="all",
+                         inference_mode=True)
+    cfg = peftkit.from_peft_config(pc)
+    assert cfg.inference_mode is True and cfg.r == 4
+    model = MODELS["mlp"].build()
+    peftkit.adapt(model, cfg)
+    assert peftkit.summary(model).trainable == 0
+    assert not any(p.requires_grad for p in model.parameters())
+    ref = peft.get_peft_model(MODELS["mlp"].build(), pc)
+    assert not any(p.requires_grad for n, p in ref.named_parameters() if "lora_" in n)
+    peftkit.save(model, tmp_path / "a")
+    for trainable, expect in ((False, False), (True, True)):
+        fresh = MODELS["mlp"].build()
+        peftkit.load(fresh, tmp_path / "a", trainable=trainable)
+        lora = [p for n, p in fresh.named_parameters() if ".adapters." in n]
+        assert lora and all(p.requires_grad is expect for p in lora)
+        assert peftkit.get_config(fresh, "default").inference_mode is False  # `trainable` decides after a load
+    plain = MODELS["mlp"].build()  # without it: trainable as before
+    peftkit.adapt(plain, peftkit.from_peft_config(peft.LoraConfig(r=4, target_modules=["fc1"])))
+    assert peftkit.summary(plain).trainable > 0 and isinstance(next(plain.parameters()), torch.Tensor)

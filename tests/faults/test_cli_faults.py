@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import peftkit
 from peftkit import PeftkitError
 from peftkit import data as D
 from peftkit.cli import main
@@ -143,55 +144,61 @@ def _set(key: str, value: object) -> Callable[[dict], None]:
 
 
 Case = tuple[str, Callable[[Env], list[str]], str]
+
+#: (flag, value, what argparse says after "argument FLAG: ") — numbers refused at argument parsing
+PARSE_ERRORS: list[tuple[str, str, str]] = [
+    ("--lr", "nan", "must be a finite number"), ("--lr", "inf", "must be a finite number"),
+    ("--lr", "-1e-3", "must be > 0"), ("--lr", "0", "must be > 0"), ("--lr", "fast", "expected a number"),
+    ("--warmup", "nan", "must be a finite number"), ("--warmup", "-2", "must be >= 0"),
+    ("--warmup", "inf", "must be a finite number"),
+    ("--alpha", "nan", "must be a finite number"), ("--alpha", "-inf", "must be a finite number"),
+    ("--head-lr", "nan", "must be a finite number"), ("--head-lr", "0", "must be > 0"),
+    ("--epochs", "nan", "must be a finite number"), ("--epochs", "0", "must be > 0"),
+    ("--steps", "0", "must be >= 1"), ("--steps", "2.5", "expected an integer"),
+    ("--batch-size", "0", "must be >= 1"), ("--batch-size", "nan", "expected an integer"),
+    ("--eval-size", "0", "must be >= 1"), ("--eval-size", "-5", "must be >= 1"),
+    ("--save-every", "-1", "must be >= 0"),
+    ("--density-loss", "nan", "must be a finite number"), ("--density-loss", "0", "must be > 0"),
+    ("--threads", "0", "must be >= 1"),
+    ("--max-length", "1", "must be >= 2"), ("--max-length", "nan", "expected an integer"),
+    ("--rank", "0", "must be >= 1"), ("--rank", "-8", "must be >= 1"),
+    ("--seed", "-1", "must be in [0,"), ("--seed", str(2**70), "must be in [0,"),
+    ("--max-classes", "0", "must be >= 1"), ("--examples", "-1", "must be >= 0"), ("--image-size", "0", "must be >= 1"),
+]
+#: (method, --rank) above the tiny BERT's width: refused naming the method's config field
+RANK_ABOVE_WIDTH: list[tuple[str, int]] = [("lora", HIDDEN + 1), ("lora", 100000), ("dora", HIDDEN + 1),
+                                           ("dylora", HIDDEN + 1), ("randlora", 1000)]
+#: (train_info.json field, bad value, what eval says)
+TRAIN_INFO_ERRORS: list[tuple[str, object, str]] = [
+    ("label_names", 5, "label_names must be a list"), ("label_names", ["x"], "label_names must be"),
+    ("max_length", "long", "max_length must be an"), ("max_length", 5000, "5000 exceeds the model's 64 positions"),
+    ("seed", None, "seed must be an integer"), ("eval_size", 0, "eval_size must be an integer >= 1"),
+]
+#: (generate option, value, what argparse says after "argument OPTION: ")
+GENERATE_ERRORS: list[tuple[str, str, str]] = [
+    ("--top-p", "0", "must be in (0, 1]"), ("--top-p", "1.5", "must be in (0, 1]"),
+    ("--temperature", "nan", "must be a finite number"), ("--max-new-tokens", "0", "must be >= 1"),
+]
+
+
+def _name(flag: str, value: object) -> str:
+    return f"{flag.lstrip('-')}={value}"
+
+
 CASES: list[Case] = [
-    # -- numbers refused at argument parsing ------------------------------------------------------------------
-    ("lr-nan", lambda e: _train(e, "--lr", "nan"), "argument --lr: must be a finite number"),
-    ("lr-inf", lambda e: _train(e, "--lr", "inf"), "argument --lr: must be a finite number"),
-    ("lr-negative", lambda e: _train(e, "--lr=-1e-3"), "argument --lr: must be > 0"),
-    ("lr-zero", lambda e: _train(e, "--lr", "0"), "argument --lr: must be > 0"),
-    ("lr-text", lambda e: _train(e, "--lr", "fast"), "argument --lr: expected a number"),
-    ("warmup-nan", lambda e: _train(e, "--warmup", "nan"), "argument --warmup: must be a finite number"),
-    ("warmup-negative", lambda e: _train(e, "--warmup", "-2"), "argument --warmup: must be >= 0"),
-    ("warmup-inf", lambda e: _train(e, "--warmup", "inf"), "argument --warmup: must be a finite number"),
-    ("alpha-nan", lambda e: _train(e, "--alpha", "nan"), "argument --alpha: must be a finite number"),
-    ("alpha-inf", lambda e: _train(e, "--alpha=-inf"), "argument --alpha: must be a finite number"),
-    ("head-lr-nan", lambda e: _train(e, "--head-lr", "nan"), "argument --head-lr: must be a finite number"),
-    ("head-lr-zero", lambda e: _train(e, "--head-lr", "0"), "argument --head-lr: must be > 0"),
-    ("epochs-nan", lambda e: _train(e, "--epochs", "nan"), "argument --epochs: must be a finite number"),
-    ("epochs-zero", lambda e: _train(e, "--epochs", "0"), "argument --epochs: must be > 0"),
-    ("steps-zero", lambda e: _train(e, "--steps", "0"), "argument --steps: must be >= 1"),
-    ("steps-fraction", lambda e: _train(e, "--steps", "2.5"), "argument --steps: expected an integer"),
+    *[(_name(flag, v), lambda e, f=flag, v=v: _train(e, f"{f}={v}"), f"argument {flag}: {msg}")
+      for flag, v, msg in PARSE_ERRORS],
     ("steps-and-epochs", lambda e: _train(e, "--steps", "2", "--epochs", "1"), "not allowed with"),
-    ("batch-size-zero", lambda e: _train(e, "--batch-size", "0"), "argument --batch-size: must be >= 1"),
-    ("batch-size-nan", lambda e: _train(e, "--batch-size", "nan"), "argument --batch-size: expected an integer"),
-    ("eval-size-zero", lambda e: _train(e, "--eval-size", "0"), "argument --eval-size: must be >= 1"),
-    ("eval-size-negative", lambda e: _train(e, "--eval-size", "-5"), "argument --eval-size: must be >= 1"),
-    ("save-every-negative", lambda e: _train(e, "--save-every", "-1"), "argument --save-every: must be >= 0"),
-    ("density-loss-nan", lambda e: _train(e, "--density-loss", "nan"),
-     "argument --density-loss: must be a finite number"),
-    ("density-loss-zero", lambda e: _train(e, "--density-loss", "0"), "argument --density-loss: must be > 0"),
-    ("threads-zero", lambda e: _train(e, "--threads", "0"), "argument --threads: must be >= 1"),
-    ("max-length-one", lambda e: _train(e, "--max-length", "1"), "argument --max-length: must be >= 2"),
-    ("max-length-nan", lambda e: _train(e, "--max-length", "nan"), "argument --max-length: expected an integer"),
-    ("rank-zero", lambda e: _train(e, "--rank", "0"), "argument --rank: must be >= 1"),
-    ("rank-negative", lambda e: _train(e, "--rank", "-8"), "argument --rank: must be >= 1"),
-    ("seed-negative", lambda e: _train(e, "--seed", "-1"), "argument --seed: must be in [0,"),
-    ("seed-overflow", lambda e: _train(e, "--seed", str(2**70)), "argument --seed: must be in [0,"),
-    ("max-classes-zero", lambda e: _train(e, "--max-classes", "0"), "argument --max-classes: must be >= 1"),
-    ("examples-negative", lambda e: _train(e, "--examples", "-1"), "argument --examples: must be >= 0"),
-    ("image-size-zero", lambda e: _train(e, "--image-size", "0"), "argument --image-size: must be >= 1"),
+    *[(f"rank-above-width-{m}-{r}", lambda e, m=m, r=r: _train(e, "--method", m, "--rank", str(r)),
+       f"rank {r} exceeds this layer's limit of {HIDDEN} ({peftkit.get_method(m).config.__name__}.r")
+      for m, r in RANK_ABOVE_WIDTH],
+    *[(f"eval-{_name(k, v)}", lambda e, k=k, v=v: _eval(_tampered(e, _set(k, v))), msg)
+      for k, v, msg in TRAIN_INFO_ERRORS],
+    *[(f"generate-{_name(o, v)}", lambda e, o=o, v=v: ["generate", "q", "--adapter", str(e.adapter), f"{o}={v}"],
+       f"argument {o}: {msg}") for o, v, msg in GENERATE_ERRORS],
     # -- bounds that need the model ----------------------------------------------------------------------------
     ("max-length-above-positions", lambda e: _train(e, "--max-length", "5000", data=e.files["long_texts"]),
      f"--max-length 5000 exceeds the model's {POSITIONS} positions"),
-    ("rank-above-width", lambda e: _train(e, "--rank", str(HIDDEN + 1)),
-     f"rank {HIDDEN + 1} exceeds this layer's limit of {HIDDEN}"),
-    ("rank-100000", lambda e: _train(e, "--rank", "100000"), f"rank 100000 exceeds this layer's limit of {HIDDEN}"),
-    ("rank-above-width-dora", lambda e: _train(e, "--method", "dora", "--rank", str(HIDDEN + 1)),
-     "DoraConfig.r"),
-    ("rank-above-width-dylora", lambda e: _train(e, "--method", "dylora", "--rank", str(HIDDEN + 1)),
-     "DyloraConfig.r"),
-    ("rank-above-width-randlora", lambda e: _train(e, "--method", "randlora", "--rank", "1000"),
-     "RandLoraConfig.r"),
     ("rank-opt-above-width", lambda e: _train(e, "--method", "loldu", "--opt", f"r={HIDDEN * 2}"),
      f"rank {HIDDEN * 2} exceeds"),
     # -- method, targets, --opt --------------------------------------------------------------------------------
@@ -199,7 +206,12 @@ CASES: list[Case] = [
     ("targets-bad-regex", lambda e: _train(e, "--targets", "(["), "neither a comma list of module names nor a valid"),
     ("targets-no-match", lambda e: _train(e, "--targets", "nosuchlayer"), "matched no module"),
     ("rank-on-rankless-method", lambda e: _train(e, "--method", "ia3", "--rank", "4"), "has no field 'r'"),
-    ("opt-unknown-key", lambda e: _train(e, "--opt", "rnk=4"), "has no field 'rnk'"),
+    ("opt-unknown-key", lambda e: _train(e, "--opt", "rnk=4"),
+     "LoraConfig has no field(s) ['rnk']; valid fields: alpha"),
+    ("opt-peft-name-misspelled", lambda e: _train(e, "--opt", "lora_alph=16"), "did you mean 'lora_alpha'"),
+    ("opt-peft-names-disagree", lambda e: _train(e, "--alpha", "8", "--opt", "lora_alpha=16"),
+     "both set alpha, to different values"),
+    ("opt-use-dora-on-lora", lambda e: _train(e, "--opt", "use_dora=true"), "use --method dora"),
     ("opt-bad-type", lambda e: _train(e, "--opt", "r=\"eight\""), "LoraConfig.r must be"),
     ("opt-no-equals", lambda e: _train(e, "--opt", "r"), "--opt expects key=value"),
     ("opt-nan", lambda e: _train(e, "--opt", "alpha=NaN"), "--opt alpha: must be finite"),
@@ -250,13 +262,6 @@ CASES: list[Case] = [
     ("eval-no-train-info", lambda e: _eval(e.files["folder"]), "has no train_info.json"),
     ("eval-train-info-not-json", lambda e: _eval(_tampered(e, lambda i: "{oops")), "is not valid JSON"),
     ("eval-train-info-a-list", lambda e: _eval(_tampered(e, lambda i: [1, 2])), "must hold a JSON object"),
-    ("eval-label-names-5", lambda e: _eval(_tampered(e, _set("label_names", 5))), "label_names must be a list"),
-    ("eval-label-names-one", lambda e: _eval(_tampered(e, _set("label_names", ["x"]))), "label_names must be"),
-    ("eval-max-length-text", lambda e: _eval(_tampered(e, _set("max_length", "long"))), "max_length must be an"),
-    ("eval-max-length-above-positions", lambda e: _eval(_tampered(e, _set("max_length", 5000))),
-     "5000 exceeds the model's 64 positions"),
-    ("eval-seed-null", lambda e: _eval(_tampered(e, _set("seed", None))), "seed must be an integer"),
-    ("eval-eval-size-zero", lambda e: _eval(_tampered(e, _set("eval_size", 0))), "eval_size must be an integer >= 1"),
     ("eval-missing-field", lambda e: _eval(_tampered(e, lambda i: i.__delitem__("split_seed"))),
      "lacks ['split_seed']"),
     ("eval-rank-zero", lambda e: _eval(e.adapter, "--rank", "0"), "argument --rank: must be >= 1"),
@@ -265,14 +270,6 @@ CASES: list[Case] = [
     ("eval-data-unknown-label", lambda e: _eval(e.adapter, "--data", str(e.files["one_class"])),
      "unknown label '1'"),
     # -- generate ----------------------------------------------------------------------------------------------
-    ("generate-top-p-zero", lambda e: ["generate", "q", "--adapter", str(e.adapter), "--top-p", "0"],
-     "argument --top-p: must be in (0, 1]"),
-    ("generate-top-p-above-one", lambda e: ["generate", "q", "--adapter", str(e.adapter), "--top-p", "1.5"],
-     "argument --top-p: must be in (0, 1]"),
-    ("generate-temperature-nan", lambda e: ["generate", "q", "--adapter", str(e.adapter), "--temperature", "nan"],
-     "argument --temperature: must be a finite number"),
-    ("generate-max-new-tokens-zero", lambda e: ["generate", "q", "--adapter", str(e.adapter), "--max-new-tokens",
-                                                "0"], "argument --max-new-tokens: must be >= 1"),
     ("generate-classification-adapter", lambda e: ["generate", "q", "--adapter", str(e.adapter)],
      "holds a classification adapter"),
 ]

@@ -20,6 +20,7 @@ import peftkit
 from conformance.models import MODELS, perturb, same_state, state_copy
 from peftkit.methods.diffora import Diffora, DifforaSearch, discretize, relaxation_weights
 from peftkit.train.trainer import train
+from tolerance import assert_near
 
 BLOCK_PATHS = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2"]
 R = 4
@@ -126,7 +127,7 @@ def test_relaxed_forward_is_gamma_times_lora_and_gamma_one_is_lora() -> None:
     lora = MODELS["mlp"].build()
     peftkit.adapt(lora, peftkit.config("lora", target_modules=["fc1", "fc2"], r=R, modules_to_save=["head"]))
     lora.load_state_dict({k: v for k, v in model.state_dict().items() if "theta" not in k})
-    assert torch.equal(model(x), lora(x))
+    assert_near(model(x), lora(x), 32, layers=3)  # DiffoRA's forward vs LoRA's
 
 
 # -- the held-out step ----------------------------------------------------------------------------------------------

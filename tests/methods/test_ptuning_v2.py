@@ -10,6 +10,7 @@ from transformers import DynamicCache
 import peftkit
 from conformance.models import tiny_bert, tiny_llama
 from peftkit.core.model_level import CONTAINER, model_adapters
+from tolerance import assert_near
 
 
 def _ids(b: int, t: int, seed: int = 3) -> torch.Tensor:
@@ -41,7 +42,7 @@ def test_dropout_per_sample_in_training_none_in_eval() -> None:
     with torch.no_grad():
         model_adapters(ref)["default"].embedding.weight.copy_(model_adapters(model)["default"].embedding.weight)
         model.eval()
-        torch.testing.assert_close(model(same).logits, ref(same).logits, rtol=0, atol=0)
+        assert_near(model(same).logits, ref(same).logits, 32, layers=4)  # P-Tuning v2's code vs prefix tuning's
 
 
 def test_deep_prompts_reach_every_layer_and_the_head_trains() -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+import dataclasses
+import re
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -75,9 +77,26 @@ def check_first_order() -> None:
         )
 
 
+class InputDropout(nn.Dropout):
+    """``nn.Dropout`` that passes integer tensors through unchanged: an Embedding host's input is token ids, which
+    dropout cannot apply to. So on an Embedding a method's input dropout is skipped (as Hugging Face PEFT's LoRA
+    skips ``lora_dropout`` there), while dropout on a float tensor (an activation, an Embedding adapter's output)
+    acts as usual — the same rule for every method."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if x.is_floating_point() else x
+
+
 def make_dropout(p: float) -> nn.Module:
-    """Dropout on the adapter input; no module at all when p == 0 (keeps the hot path free of no-op calls)."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+    """Every method's dropout (see :class:`InputDropout`: token ids pass through); no module at all when p == 0
+    (keeps the hot path free of no-op calls)."""
+    return InputDropout(p) if p > 0 else nn.Identity()
+
+
+def drops(adapter: nn.Module, host: Host) -> bool:
+    """Whether ``adapter``'s input dropout is active now: training, p > 0, and a host whose input is not token ids
+    (fused paths that cannot apply dropout check this before running)."""
+    return adapter.training and isinstance(getattr(adapter, "dropout", None), nn.Dropout) and host.kind != "embedding"
 
 
 class SharedStore(nn.Module):
@@ -145,6 +164,15 @@ class Adapter(nn.Module):
         self.config = config
         # a plain attribute (not a registered submodule): the store is saved once, not once per layer
         object.__setattr__(self, "shared", context.shared if context is not None else None)
+
+    @classmethod
+    def require_context(cls, context: PlanContext | None) -> PlanContext:
+        """``context``, or :class:`PeftkitError` when the adapter is built by hand (``uses_context`` adapters whose
+        layers cannot exist without the others call this first)."""
+        if context is None:
+            raise PeftkitError(f"{cls.__name__} adapters are built by peftkit.adapt (the layers of one adapter share "
+                               "tensors, which it sets up)")
+        return context
 
     # -- forward ---------------------------------------------------------------------------------------
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -313,3 +341,36 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"host={self.host.kind}, d_in={self.host.d_in}, d_out={self.host.d_out}"
+
+
+def fit_ranks(
+    adapter: type[Adapter], config: AdapterConfig, targets: Sequence[tuple[str, Host]], fixed: Collection[str],
+) -> tuple[AdapterConfig, dict[str, list[tuple[str, int, int]]]]:
+    """``config`` with every rank field that the user did not set fitted to each targeted layer.
+
+    The rule: a value the user gave (a field in ``fixed``, or set for that layer by one of the config's own
+    ``overrides``) is theirs — above a layer's :meth:`Adapter.rank_limits` it stays an error
+    (:meth:`Adapter.check_ranks`). A method's *default* is a ceiling: on a layer whose limit is below it (MTLoRA's
+    r = 64 on EfficientNet's 32→16 convolutions) that layer gets its limit, recorded as an exact-name entry of
+    ``overrides`` — saved with the adapter, so loading rebuilds the same shapes. ``targets``: (module name, host) of
+    every targeted layer. Returns (config, {field: [(module, default, limit), ...]} of what was lowered)."""
+    added: dict[str, dict[str, int]] = {}
+    lowered: dict[str, list[tuple[str, int, int]]] = {}
+    for path, host in targets:
+        own = config.for_module(path)
+        user = {f for p, ov in config.overrides.items() if re.match(rf"(.*\.)?({p})$", path) for f in ov}
+        for name, limit in adapter.rank_limits(host, own).items():
+            value = getattr(own, name)
+            if name in fixed or name in user or value <= limit:
+                continue
+            added.setdefault(exact_name(path), {})[name] = limit
+            lowered.setdefault(name, []).append((path, value, limit))
+    if not added:
+        return config, {}
+    return dataclasses.replace(config, overrides={**config.overrides, **added}), lowered
+
+
+def exact_name(path: str) -> str:
+    """An ``overrides`` pattern that matches the module ``path`` and no other (not a longer name ending in it: the
+    look-behind allows nothing before it)."""
+    return "(?<!.)" + re.escape(path)

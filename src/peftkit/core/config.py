@@ -61,14 +61,14 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
-def _all_finite(value: Any) -> bool:
+def all_finite(value: Any) -> bool:
     """No NaN or infinity anywhere in ``value`` (floats, and inside lists and dicts: per-module overrides)."""
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, list | tuple):
-        return all(_all_finite(v) for v in value)
+        return all(all_finite(v) for v in value)
     if isinstance(value, dict):
-        return all(_all_finite(v) for v in value.values())
+        return all(all_finite(v) for v in value.values())
     return True
 
 
@@ -117,7 +117,10 @@ class AdapterConfig(metaclass=_ConfigType):
     ``"adapter_only"`` (biases of adapted layers train). ``overrides`` maps a module-name pattern to field
     overrides for the modules it matches (``{"attn.q": {"r": 16}}``), Hugging Face PEFT ``rank_pattern`` style.
     ``task_type``: Hugging Face PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...), stored; a classification /
-    QA task adds the model's head to ``modules_to_save`` (see :data:`TASK_HEADS`).
+    QA task adds the model's head to ``modules_to_save`` (see :data:`TASK_HEADS`). ``inference_mode``: as in Hugging
+    Face PEFT, the adapter is attached frozen — nothing of it trains (its parameters, saved copies and biases keep
+    ``requires_grad`` False). :func:`peftkit.load` does not keep it: its ``trainable`` decides, as PEFT's
+    ``is_trainable`` does (PEFT writes ``inference_mode: true`` into every saved config).
 
     ``peft_type`` / ``peft_names``: the Hugging Face PEFT config this class mirrors and how its field names read
     here (:mod:`peftkit.core.peft_names`); empty for methods PEFT does not have. Declared per class, not inherited
@@ -138,6 +141,7 @@ class AdapterConfig(metaclass=_ConfigType):
     dropout: float = 0.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_type: str | None = None
+    inference_mode: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # a subclass's own resolve() runs after the task-head step below (so no method has to remember it)
@@ -167,7 +171,7 @@ class AdapterConfig(metaclass=_ConfigType):
                 raise PeftkitError(
                     f"{type(self).__name__}.{f.name} must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
                 )
-            if not _all_finite(value):
+            if not all_finite(value):
                 raise PeftkitError(f"{type(self).__name__}.{f.name} must be finite, got {value!r}")
 
     def validate(self) -> None:

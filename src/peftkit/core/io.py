@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -39,12 +38,26 @@ from safetensors.torch import load, save
 
 from .errors import PeftkitError
 
+# OS file locks: flock on POSIX, msvcrt's byte-range locks on Windows; where a system has neither, a lock is a file
+# created with O_EXCL that holds its owner's pid (a stale one, whose owner is gone, is taken over). Importing this
+# module never fails for want of one of them.
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None  # type: ignore[assignment]
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 RUN_INFO_NAME = "train_info.json"
 #: the files that make up an adapter unit: replaced together, never carried over from an older save
 UNIT_FILES = (CONFIG_NAME, WEIGHTS_NAME, RUN_INFO_NAME, "adapter_model.bin", "README.md")
 _TMP_TAG, _OLD_TAG = ".peftkit-tmp-", ".peftkit-old-"
+_DIRLOCK_TAG = ".peftkit-dirlock"  # the lock file of a folder where folders cannot be locked (Windows)
 _HASH_TENSORS = "peftkit_sha256_tensors"
 _HASH_FILES = "peftkit_sha256_files"
 ID_KEY = "peftkit_adapter_id"
@@ -54,8 +67,8 @@ READ_RETRIES = 40  # × 25 ms: how long a reader waits out a concurrent save's s
 # -- small file helpers -------------------------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
+    except OSError:  # Windows cannot open a folder
         return
     try:
         os.fsync(fd)
@@ -175,7 +188,7 @@ def _exchange(a: Path, b: Path) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return False
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
@@ -185,15 +198,112 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-def _lock_dir(path: Path, block: bool = True) -> int | None:
-    """An exclusive ``flock`` on the folder ``path``; its fd (close it to unlock), None if another process holds it."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists. Off POSIX there is no harmless probe (and pid <= 0 is a pid not yet written):
+    the owner is taken to live — a stale lock file is then removed by hand."""
+    if os.name != "posix" or pid <= 0:
+        return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-    except BlockingIOError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists
+        return True
+    return True
+
+
+def _os_lock(fd: int, block: bool) -> bool:
+    """An exclusive OS lock on the open file ``fd`` (flock; on Windows msvcrt's lock of one byte far past the data,
+    so the owner's pid stays readable): True when taken, False when another holder has it (``block``: wait)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+    os.lseek(fd, 1 << 30, os.SEEK_SET)
+    while True:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            if not block:
+                return False
+            time.sleep(0.05)
+
+
+@dataclass
+class _Held:
+    """A lock taken by :func:`_lock_file` / :func:`_lock_dir`; :meth:`release` gives it back."""
+
+    fd: int
+    path: Path | None = None  # a lock file to remove on release (lock-file backends)
+
+    def release(self) -> None:
+        if self.path is not None and fcntl is not None:
+            with contextlib.suppress(OSError):  # POSIX: unlink while locked (a waiter re-checks the inode)
+                os.unlink(self.path)
+        os.close(self.fd)
+        if self.path is not None and fcntl is None:  # Windows cannot unlink an open file
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+def _lock_file(path: Path, block: bool = False) -> _Held | None:
+    """An exclusive lock on the lock file ``path`` (created if missing, its owner's pid written into it), or None
+    when another live process holds it. Released by :meth:`_Held.release` (which removes the file) or by the OS
+    when the process ends (for the O_EXCL backend: taken over once the recorded pid is gone)."""
+    while True:
+        if fcntl is None and msvcrt is None:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not _pid_alive(_lock_owner(path)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                    continue
+                if not block:
+                    return None
+                time.sleep(0.05)
+                continue
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _os_lock(fd, block):
+                os.close(fd)
+                return None
+            try:  # the file we locked must still be the one at the path (a finishing owner unlinks it)
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return _Held(fd, path)
+
+
+def _lock_owner(path: Path) -> int:
+    """The pid written in the lock file ``path``; 0 when unreadable (then treated as alive: never taken over)."""
+    try:
+        with open(path, "rb") as f:
+            return int(f.read(64).decode(errors="replace").strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _lock_dir(path: Path, block: bool = True) -> _Held | None:
+    """An exclusive lock that says "a save is using the folder ``path``"; None if another process holds it. With
+    flock: on the folder itself; elsewhere (folders cannot be opened or locked): on the sibling file
+    ``.<name>.peftkit-dirlock``."""
+    if fcntl is None:
+        return _lock_file(path.parent / f".{path.name}{_DIRLOCK_TAG}", block)
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
+    if not _os_lock(fd, block):
         os.close(fd)
         return None
-    return fd
+    return _Held(fd)
 
 
 def _carry(src: Path, dst: Path, skip: set[str]) -> None:
@@ -222,10 +332,10 @@ def clean_leftovers(target: Path) -> None:
         if not p.is_dir() or p.is_symlink():
             continue
         try:
-            fd = _lock_dir(p, block=False)
+            held = _lock_dir(p, block=False)
         except OSError:
             continue
-        if fd is None:  # a save in progress
+        if held is None:  # a save in progress
             continue
         try:
             if not target.exists() and _OLD_TAG in p.name and (p / CONFIG_NAME).is_file():
@@ -235,7 +345,11 @@ def clean_leftovers(target: Path) -> None:
                 _carry(p, target, set())
             shutil.rmtree(p, ignore_errors=True)
         finally:
-            os.close(fd)
+            held.release()
+    for p in siblings:  # lock files of dead saves' folders (where folders are locked through a file)
+        lock = parent / f".{p.name}{_DIRLOCK_TAG}"
+        if not p.exists() and lock.is_file() and (held := _lock_file(lock)) is not None:
+            held.release()
     if target.is_dir():  # temp files of the older file-by-file save
         for p in target.glob(".adapter_*.tmp"):
             with contextlib.suppress(OSError):
@@ -254,8 +368,8 @@ def write_unit(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
     clean_leftovers(d)
     inside = os.getcwd() == str(d)  # saving into the current directory: follow the new folder
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}{_TMP_TAG}", dir=d.parent))
-    fd_new = _lock_dir(tmp)
-    fd_old: int | None = None
+    lock_new = _lock_dir(tmp)
+    lock_old: _Held | None = None
     aside: Path | None = None
     try:
         for name, data in files.items():
@@ -274,7 +388,7 @@ def write_unit(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-        fd_old = _lock_dir(d)
+        lock_old = _lock_dir(d)
         if _exchange(tmp, d):
             aside = tmp  # tmp now holds the old folder
         else:  # no atomic swap here: set the old folder aside, move the new one in (readers retry over the gap)
@@ -296,9 +410,10 @@ def write_unit(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        os.close(fd_new)
-        if fd_old is not None:
-            os.close(fd_old)
+        if lock_new is not None:
+            lock_new.release()
+        if lock_old is not None:
+            lock_old.release()
 
 
 def _umask() -> int:
@@ -394,17 +509,29 @@ def _swapping(d: Path, ino: int | None) -> bool:
         return False
 
 
-def _read_once(d: Path) -> AdapterFiles:
+def _read_files(d: Path) -> tuple[dict[str, bytes], int | None]:
+    """The unit's files in the folder ``d`` and the folder's inode. Opened once and read relative to that handle
+    (a swap in between cannot mix two folders); where folders cannot be opened (Windows) by path, the checksums
+    still catching a mixed pair."""
     missing = f"no adapter found: {d / CONFIG_NAME} does not exist"
+    files: dict[str, bytes] = {}
+    if os.open not in os.supports_dir_fd or not _O_DIRECTORY:
+        if not d.exists():
+            raise (_Torn if _swapping(d, None) else PeftkitError)(missing)
+        if not d.is_dir():
+            raise PeftkitError(f"no adapter found: {d} is not a folder")
+        for name in (CONFIG_NAME, WEIGHTS_NAME, RUN_INFO_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                files[name] = (d / name).read_bytes()
+        return files, None
     try:
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        dfd = os.open(d, os.O_RDONLY | _O_DIRECTORY)
     except FileNotFoundError:
         raise (_Torn if _swapping(d, None) else PeftkitError)(missing) from None
     except NotADirectoryError:
         raise PeftkitError(f"no adapter found: {d} is not a folder") from None
     ino = os.fstat(dfd).st_ino
     try:
-        files: dict[str, bytes] = {}
         for name in (CONFIG_NAME, WEIGHTS_NAME, RUN_INFO_NAME):
             try:
                 fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
@@ -414,6 +541,12 @@ def _read_once(d: Path) -> AdapterFiles:
                 files[name] = f.read()
     finally:
         os.close(dfd)
+    return files, ino
+
+
+def _read_once(d: Path) -> AdapterFiles:
+    missing = f"no adapter found: {d / CONFIG_NAME} does not exist"
+    files, ino = _read_files(d)
     if CONFIG_NAME not in files:
         raise (_Torn if _swapping(d, ino) else PeftkitError)(missing)
     blob = files.get(WEIGHTS_NAME)
@@ -475,38 +608,27 @@ def finite_number(value: Any) -> bool:
 
 # -- one writer per run folder ------------------------------------------------------------------------------------
 class RunLock:
-    """An exclusive ``flock`` that says "a run is writing ``folder``": the lock file ``.<name>.peftkit-lock`` lives
+    """An exclusive OS lock that says "a run is writing ``folder``": the lock file ``.<name>.peftkit-lock`` lives
     next to the folder (not inside it, so swapping the adapter unit in cannot drop it) and holds the owner's pid.
-    The OS releases it when the process exits or crashes; :meth:`release` also removes the file."""
+    ``flock`` on POSIX, ``msvcrt.locking`` on Windows (the OS releases either when the process exits or crashes);
+    on a system with neither, a file created with ``O_EXCL`` (a stale one, whose owner is gone, is taken over).
+    :meth:`release` also removes the file."""
 
     def __init__(self, folder: str | os.PathLike, what: str = "peftkit run") -> None:
         folder = Path(folder).absolute()
         folder.parent.mkdir(parents=True, exist_ok=True)
         self.path = folder.parent / f".{folder.name}.peftkit-lock"
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise PeftkitError(f"{folder} is in use by another {what} (pid {owner}); wait for it to finish or "
-                                   "choose another folder") from None
-            try:  # the file we locked must still be the one at the path (a finishing owner unlinks it)
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd: int | None = fd
+        self._held = _lock_file(self.path)
+        if self._held is None:
+            owner = _lock_owner(self.path) or "?"
+            raise PeftkitError(f"{folder} is in use by another {what} (pid {owner}); wait for it to finish or "
+                               "choose another folder")
+
+    @property
+    def fd(self) -> int | None:
+        return None if self._held is None else self._held.fd
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = None
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.release()

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import precision, saved_input
-from .adapter import check_first_order
+from .adapter import check_first_order, drops
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import Host
@@ -235,7 +235,7 @@ class LowRankUpdate:
         return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.config.dropout > 0 and self.training:
+        if drops(self, self.host):
             return None
         a, b = self.factors()
         return fused_lowrank_forward(self.host, x, a, b, self.s)

@@ -8,7 +8,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -157,8 +157,10 @@ def _install(model: nn.Module, plan: _Plan) -> None:
 
 
 def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
-    """Freeze everything, then unfreeze the active adapters, their saved modules and configured biases."""
-    active = set(active_adapters(model))
+    """Freeze everything, then unfreeze the active adapters, their saved modules and configured biases (an adapter
+    whose config has ``inference_mode`` stays frozen, as in Hugging Face PEFT)."""
+    configs = _configs(model)
+    active = {n for n in active_adapters(model) if not getattr(configs.get(n), "inference_mode", False)}
     for p in model.parameters():
         p.requires_grad_(False)
     if not trainable:
@@ -676,6 +678,8 @@ def load(
     Every tensor's name, shape, dtype kind and values (finite, unless ``allow_nonfinite=True``) is checked before
     the model is touched: on any problem the error names the tensor and the model is left as it was."""
     config, tensors, default_name, ident = _read(model, directory)
+    if config.inference_mode:  # what trains after a load is decided by `trainable` (PEFT: is_trainable), as always
+        config = replace(config, inference_mode=False)
     source = str(directory)
     name = name or default_name
     try:

@@ -120,8 +120,7 @@ def _task_type(v: Any) -> Any:
 #: the fields of Hugging Face PEFT's ``PeftConfig`` base class, shared by every PEFT method
 COMMON: dict[str, PeftName] = {
     "task_type": alias("task_type", _task_type),
-    "inference_mode": inert(False, "peftkit adapts for training; load a trained adapter with peftkit.load(model, "
-                                   "folder) and call model.eval() (or model.requires_grad_(False)) to freeze it"),
+    "inference_mode": alias("inference_mode"),
     "auto_mapping": inert(), "peft_version": inert(), "base_model_name_or_path": inert(), "revision": inert(),
     # peft_type is checked by translate() against the class's own
 }

@@ -276,8 +276,6 @@ class DifforaSearch(Procedure):
 class Diffora(LowRankUpdate, Adapter):
     def __init__(self, host: Host, config: DifforaConfig) -> None:
         super().__init__(host, config)
-        if host.kind == "embedding" and config.dropout > 0:
-            raise PeftkitError(f"module {host.name!r}: dropout cannot apply to an Embedding's token ids")
         self.s = config.scaling
         self.dropout = make_dropout(config.dropout)
         if config.selected is None:

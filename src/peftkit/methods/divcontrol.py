@@ -82,8 +82,6 @@ class Divcontrol(Adapter):
 
     def __init__(self, host: Host, config: DivcontrolConfig) -> None:
         super().__init__(host, config)
-        if host.kind == "embedding" and config.dropout > 0:
-            raise PeftkitError(f"module {host.name!r}: dropout cannot apply to an Embedding's token ids")
         k, n_g = split(host, config)
         w = host.weight
         dt = w.dtype if w.is_floating_point() else torch.float32

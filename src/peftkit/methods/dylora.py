@@ -139,8 +139,6 @@ class Dylora(Adapter):
         super().__init__(host, config)
         self.r = config.r
         self.rank = config.eval_rank or config.r  # the active b
-        if host.kind == "embedding" and config.dropout > 0:
-            raise PeftkitError(f"module {host.name!r}: dropout cannot apply to an Embedding's token ids")
         self.lora_A, self.lora_B = new_factors(host, config.r)
         init_down_(self.lora_A, "kaiming", config.r)
         self.dropout = make_dropout(config.dropout)

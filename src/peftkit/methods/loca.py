@@ -230,15 +230,13 @@ class LocaSchedule(Procedure):
 class Loca(Adapter):
     uses_context = True  # the DCT matrices are shared by every layer of the adapter
 
+    @classmethod
+    def rank_limits(cls, host: Host, config: LocaConfig) -> dict[str, int]:
+        return {"n": host.d_out * host.d_in}  # n coefficients of the layer's d_out×d_in DCT spectrum
+
     def __init__(self, host: Host, config: LocaConfig, context: PlanContext | None = None) -> None:
         super().__init__(host, config, context)
         d_out, d_in = host.d_out, host.d_in
-        if config.n > d_out * d_in:
-            raise PeftkitError(f"module {host.name!r}: LoCA's n = {config.n} coefficients exceed the d_out·d_in = "
-                               f"{d_out}·{d_in} = {d_out * d_in} entries of the layer's DCT spectrum; use n <= "
-                               f"{d_out * d_in}")
-        if host.kind == "embedding" and config.dropout > 0:
-            raise PeftkitError(f"module {host.name!r}: dropout cannot apply to an Embedding's token ids")
         w = host.weight
         dev, dt = w.device, (w.dtype if w.is_floating_point() else torch.float32)
         if self.shared is None:  # built outside peftkit.adapt: own the matrices

@@ -73,8 +73,6 @@ class Loldu(Adapter):
     def __init__(self, host: Host, config: LolduConfig) -> None:
         super().__init__(host, config)
         check_rank(host, config.r)
-        if host.kind == "embedding" and config.dropout > 0:
-            raise PeftkitError(f"module {host.name!r}: dropout cannot apply to an Embedding's token ids")
         dt = host.weight.dtype if host.weight.is_floating_point() else torch.float32
         perm, lo, up, z0 = ldu(host.weight_2d(), config.r, config.pivot_eps, host.name)
         self.register_buffer("perm", perm.to(host.weight.device))

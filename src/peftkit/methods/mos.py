@@ -82,8 +82,7 @@ class Mos(LowRankUpdate, Adapter):
     uses_context = True
 
     def __init__(self, host: Host, config: MosConfig, context: PlanContext | None = None) -> None:
-        if context is None:
-            raise PeftkitError("MoS adapters are built by peftkit.adapt (they share pools across layers)")
+        context = self.require_context(context)
         super().__init__(host, config, context)
         path = context.targets[context.index][0]
         l = config.l

@@ -108,8 +108,7 @@ class Polyhistor(Adapter):
     uses_condition = True
 
     def __init__(self, host: Host, config: PolyhistorConfig, context: PlanContext | None = None) -> None:
-        if context is None:
-            raise PeftkitError("Polyhistor adapters are built by peftkit.adapt (they share hypernetworks)")
+        context = self.require_context(context)
         super().__init__(host, config, context)
         d0 = template_width([h for _, h in context.targets])
         self.d0, self.a = d0, host.d_out // d0

@@ -120,8 +120,7 @@ class RandLora(DenseUpdate, Adapter):
     uses_context = True
 
     def __init__(self, host: Host, config: RandLoraConfig, context: PlanContext | None = None) -> None:
-        if context is None:
-            raise PeftkitError("RandLoRA adapters are built by peftkit.adapt (they share bases across layers)")
+        context = self.require_context(context)
         super().__init__(host, config, context)
         big_all = max(_dims(h)[0] for _, h in context.targets)
         small_all = max(_dims(h)[1] for _, h in context.targets)

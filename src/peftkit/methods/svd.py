@@ -63,8 +63,6 @@ def svd_rank(host: Host, rho: float) -> int:
 class Svd(DenseUpdate, Adapter):
     def __init__(self, host: Host, config: SvdConfig) -> None:
         super().__init__(host, config)
-        if host.kind == "embedding" and config.dropout > 0:
-            raise PeftkitError(f"module {host.name!r}: dropout cannot apply to an Embedding's token ids")
         w = host.weight
         dt = w.dtype if w.is_floating_point() else torch.float32
         k = svd_rank(host, config.rank_fraction)

@@ -277,8 +277,6 @@ class TriAdaptGrowth(Procedure):
 class TriAdaptLora(LowRankUpdate, Adapter):
     def __init__(self, host: Host, config: TriAdaptLoraConfig) -> None:
         super().__init__(host, config)
-        if host.kind == "embedding" and config.dropout > 0:
-            raise PeftkitError(f"module {host.name!r}: dropout cannot apply to an Embedding's token ids")
         self.s = config.scaling
         self.dropout = make_dropout(config.dropout)
         self.lora_A = nn.ParameterList()
