@@ -57,7 +57,7 @@ from ..core.config import AdapterConfig
 from ..core.errors import PeftkitError
 from ..core.model import adapt, adapter_names, mixed_batch, set_active
 from ..core.procedure import Procedure
-from .trainer import _device, _logits, _to, train
+from ..train.trainer import _device, _logits, _to, train
 
 NEG = -1e4  # ConPET's "very negative constant" for the logits of unselected tasks
 Example = tuple[Any, int]  # (model input, global class id)
