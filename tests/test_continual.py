@@ -9,8 +9,7 @@ import torch
 
 import peftkit
 from conformance.models import MLP
-from peftkit.core.errors import PeftkitError
-from peftkit.train.continual import (
+from peftkit.continual import (
     EMA,
     LAE,
     NEG,
@@ -21,12 +20,13 @@ from peftkit.train.continual import (
     Sequential,
     StaticConPET,
     Task,
-    _named_adapter_params,
     default_collate,
     max_prob_ensemble,
     replay_batches,
     results_markdown,
 )
+from peftkit.continual.ema import _named_adapter_params
+from peftkit.core.errors import PeftkitError
 from tolerance import assert_near
 
 
@@ -281,3 +281,12 @@ def test_task_incremental_setting_evaluates_within_each_task() -> None:
     result = learner.run()
     assert result.matrix[1][1] == learner.evaluate(1, within_task=True) > 0.8
     assert result.matrix[1][0] == learner.evaluate(0, within_task=True)
+
+
+def test_old_import_path_reexports_the_package() -> None:
+    import peftkit.continual as new
+    import peftkit.train.continual as old
+
+    assert set(old.__all__) == set(new.__all__) and len(new.__all__) > 10
+    for name in new.__all__:
+        assert getattr(old, name) is getattr(new, name)
