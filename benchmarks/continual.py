@@ -126,7 +126,7 @@ def main() -> None:
         "sequential": lambda: Sequential(seed=args.seed),
         "conpet-static": lambda: StaticConPET(memory_size=args.memory, seed=args.seed),
         "conpet-dynamic": lambda: DynamicConPET(memory_size=args.memory, seed=args.seed),
-        "lae": lambda: LAE(decay=0.99, freeze_steps=max(1, args.steps // 10), seed=args.seed),
+        "lae": lambda: LAE(decay=0.99, seed=args.seed),
     }
     results = []
     for name in args.methods.split(","):
