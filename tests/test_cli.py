@@ -446,3 +446,19 @@ def test_train_without_lr_uses_the_methods_rate(method: str, extra: tuple[str, .
     assert (f", head lr {head_lr:g}," in printed) if head_lr else ("head lr" not in printed)
     if not extra:
         assert get_method(method).lr_scale == pytest.approx(lr / 2e-3)
+
+
+def test_train_diffora_steps_theta_on_a_held_out_split_then_fine_tunes(tiny_model_dir: Path, csv_file: Path,
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`--method diffora` with its defaults: 10 % of the training examples are held out of the weight updates for the
+    selection logits, the search runs for half the run, and the saved adapter is the discretised one."""
+    out = tmp_path / "out"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(csv_file), "--output", str(out), "--steps", "4",
+            "--eval-size", "40", "--batch-size", "8", "--no-progress", "--method", "diffora"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "held out for the procedure: 20 of the 200 training examples" in printed
+    assert "180 train / 40 held-out" in printed
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["config"]["selected"] and cfg["config"]["search_share"] == 0.5
