@@ -32,35 +32,41 @@ from peftkit.core.errors import PeftkitError
 @dataclass
 class Matching:
     """A bipartite matching of N tokens: source (A) tokens ``src_idx`` [B, r] merge into B-set tokens ``dst_idx``
-    [B, r]; ``unm_idx`` [B, |A| − r] are the A tokens kept (in their original order)."""
+    [B, r]; ``unm_idx`` [B, |A| − r] are the A tokens kept (in their original order). ``distill``: the second token
+    (B index 0, DeiT's distillation token) never receives a merge and stays second after merging."""
 
     src_idx: torch.Tensor
     dst_idx: torch.Tensor
     unm_idx: torch.Tensor
+    distill: bool = False
 
     @property
     def r(self) -> int:
         return self.src_idx.shape[1]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True) -> Matching:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True,
+                            distill_token: bool = False) -> Matching:
     """ToMe's matching on ``metric`` [B, N, c] (A = even positions, B = odd); at most half of the mergeable
-    tokens merge. With ``class_token`` the first token is never a source."""
+    tokens merge. With ``class_token`` the first token is never a source; with ``distill_token`` the second token is
+    never a destination."""
     if metric.dim() != 3:
         raise PeftkitError(f"bipartite_soft_matching: metric must be [B, N, c], got {tuple(metric.shape)}")
     n_a = (metric.shape[1] + 1) // 2
-    r = max(0, min(r, (metric.shape[1] - int(class_token)) // 2))
+    r = max(0, min(r, (metric.shape[1] - int(class_token) - int(distill_token)) // 2))
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = m[:, ::2], m[:, 1::2]
     scores = a @ b.transpose(1, 2)
     if class_token:
         scores[:, 0, :] = -math.inf
+    if distill_token:
+        scores[:, :, 0] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_idx = edge_idx[:, :r]
     unm_idx = edge_idx[:, r:].sort(dim=-1).values
     assert unm_idx.shape[1] == n_a - r
-    return Matching(src_idx, node_idx.gather(1, src_idx), unm_idx)
+    return Matching(src_idx, node_idx.gather(1, src_idx), unm_idx, distill_token)
 
 
 class PyraReactivation(nn.Module):
@@ -112,8 +118,13 @@ def merge_wavg(
     dst_idx = match.dst_idx.unsqueeze(-1)
     wb = wb.scatter_add(1, dst_idx.expand(-1, -1, x.shape[-1]), src)
     sb = sb.scatter_add(1, dst_idx, take(sa, match.src_idx))
-    x_out = torch.cat([take(x[:, ::2], match.unm_idx), wb / sb], dim=1)  # a kept token: (x·s)/s = x
-    return x_out, torch.cat([take(sa, match.unm_idx), sb], dim=1)
+    def join(unm: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        if match.distill:  # class token, distillation token, then the rest (official ToMe's order)
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    x_out = join(take(x[:, ::2], match.unm_idx), wb / sb)  # a kept token: (x·s)/s = x
+    return x_out, join(take(sa, match.unm_idx), sb)
 
 
 class ToMeBlock(nn.Module):
