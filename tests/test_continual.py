@@ -342,3 +342,23 @@ def test_lae_default_trains_the_head_alone_for_the_official_share_of_later_tasks
     assert all(p.requires_grad for p in m._online_pet())
     with pytest.raises(PeftkitError, match="freeze"):
         LAE(freeze=1.0)
+
+
+def test_dynamic_conpet_top1_expert_trains_on_new_and_replayed_examples() -> None:
+    """Official ConPET trains the expert over the same dynamic-replay loader as the selector (new + replayed)."""
+    torch.set_num_threads(1)
+    model = _model()
+    m = DynamicConPET(memory_size=16, topk=1)
+    learner = ContinualLearner(model, _cfg(), m, _tasks(), num_classes=4, steps=4, batch_size=8, lr=1e-2)
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    loss = m.loss
+
+    def spy(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, object]:
+        seen[m._training_selector].append(batch[1].clone())
+        return loss(model, batch)
+
+    m.loss = spy  # type: ignore[method-assign]
+    learner.run()
+    assert len(seen[True]) == 4 and len(seen[False]) == 8  # task 1: selector 4 steps; experts 4 + 4 steps
+    expert1 = torch.cat(seen[False][4:])
+    assert int((expert1 < 2).sum()) == 4 * 4  # n_new = int(8·1/2) = 4: the other 4 of each batch are replayed

@@ -111,15 +111,11 @@ class DynamicConPET(ContinualMethod):
             finally:
                 self._training_selector = False
         set_active(self.model, self.expert(k))  # old experts and the selector: frozen
-        # the expert learns its own task; replayed samples would only pass through frozen modules under top-1
-        new_only = self.memory
-        if self.topk == 1:
-            self.memory = None
-        try:
-            return super().train_task(k, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                                      weight_decay=weight_decay)
-        finally:
-            self.memory = new_only
+        # the expert trains on the same dynamic-replay batches (new + replayed) as the official code
+        # (kernel/training.py iterates one train loader); with top-1 and teacher forcing a replayed sample runs
+        # through its own frozen module, so it gives module k no gradient but counts in the batch mean
+        return super().train_task(k, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                                  weight_decay=weight_decay)
 
     def scores(self, model: nn.Module, inputs: Any, allowed: torch.Tensor) -> torch.Tensor:
         seen = self.class_mask(self.seen_classes()).to(allowed.device)
