@@ -462,3 +462,12 @@ def test_train_diffora_steps_theta_on_a_held_out_split_then_fine_tunes(tiny_mode
     assert "180 train / 40 held-out" in printed
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["config"]["selected"] and cfg["config"]["search_share"] == 0.5
+
+
+def test_train_triadaptlora_needs_no_total_steps(tiny_model_dir: Path, csv_file: Path, tmp_path: Path) -> None:
+    """The trainer tells TriAdaptLoRA's growth schedule the run's length (T); `--opt total_steps` is optional."""
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(csv_file), "--output", str(out), "--steps",
+                 "3", "--eval-size", "40", "--batch-size", "8", "--no-progress", "--method", "triadaptlora"]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())["config"]
+    assert cfg["total_steps"] is None and cfg["block_ranks"]  # grew on the schedule of T = 3
