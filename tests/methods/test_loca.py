@@ -376,11 +376,15 @@ def test_t_loc_defaults_to_a_tenth_of_the_run() -> None:
         loc_steps: list[int] = []
 
         class Spy(peftkit.Procedure):
-            def on_step_start(self, m: torch.nn.Module, step: int) -> None:
-                if ad.loca_l.requires_grad:
-                    loc_steps.append(step)
+            def __init__(self, ad: loca.Loca, seen: list[int]) -> None:
+                self.ad, self.seen = ad, seen
 
-        train(model, _mlp_batches(), steps=steps, lr=1e-2, procedures=[loca.LocaSchedule(), Spy()], progress=False)
+            def on_step_start(self, m: torch.nn.Module, step: int) -> None:
+                if self.ad.loca_l.requires_grad:
+                    self.seen.append(step)
+
+        train(model, _mlp_batches(), steps=steps, lr=1e-2, procedures=[loca.LocaSchedule(), Spy(ad, loc_steps)],
+              progress=False)
         assert loc_steps == [t for t in range(1, searched) if t % 2 == 1]  # 0 < t < 0.1·steps, odd t
         assert not ad.loca_l.requires_grad  # the search is over
     assert loca.location_steps(peftkit.config("loca", target_modules=["fc1"], t_loc=7), 1000) == 7
