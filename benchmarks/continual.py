@@ -33,10 +33,7 @@ from typing import Any
 import torch
 
 import peftkit
-from peftkit.core.errors import PeftkitError
-from peftkit.data.text import collate, pad_token_id
-from peftkit.models import default_model_dir, load_classifier
-from peftkit.train.continual import (
+from peftkit.continual import (
     LAE,
     ContinualLearner,
     DynamicConPET,
@@ -45,6 +42,9 @@ from peftkit.train.continual import (
     Task,
     results_markdown,
 )
+from peftkit.core.errors import PeftkitError
+from peftkit.data.text import collate, pad_token_id
+from peftkit.models import default_model_dir, load_classifier
 
 TASKS = [("corporate", ("earn", "acq")), ("commodities", ("crude", "trade")),
          ("money", ("money-fx", "interest")), ("shipping", ("ship", "grain"))]
@@ -126,7 +126,7 @@ def main() -> None:
         "sequential": lambda: Sequential(seed=args.seed),
         "conpet-static": lambda: StaticConPET(memory_size=args.memory, seed=args.seed),
         "conpet-dynamic": lambda: DynamicConPET(memory_size=args.memory, seed=args.seed),
-        "lae": lambda: LAE(decay=0.99, freeze_steps=max(1, args.steps // 10), seed=args.seed),
+        "lae": lambda: LAE(decay=0.99, seed=args.seed),
     }
     results = []
     for name in args.methods.split(","):

@@ -460,3 +460,28 @@ def test_opt_takes_hugging_face_peft_field_names() -> None:
     assert (cfg.alpha, cfg.dropout, cfg.rslora) == (16.0, 0.1, True)
     assert cfg.for_module("encoder.layer.0.attention.self.query").r == 4
     assert cfg.to_dict()["alpha"] == 16.0 and "lora_alpha" not in cfg.to_dict()  # stored under peftkit's names
+
+
+def test_train_diffora_steps_theta_on_a_held_out_split_then_fine_tunes(tiny_model_dir: Path, csv_file: Path,
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`--method diffora` with its defaults: 10 % of the training examples are held out of the weight updates for the
+    selection logits, the search runs for half the run, and the saved adapter is the discretised one."""
+    out = tmp_path / "out"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(csv_file), "--output", str(out), "--steps", "4",
+            "--eval-size", "40", "--batch-size", "8", "--no-progress", "--method", "diffora"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "held out for the procedure: 20 of the 200 training examples" in printed
+    assert "180 train / 40 held-out" in printed
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["config"]["selected"] and cfg["config"]["search_share"] == 0.5
+
+
+def test_train_triadaptlora_needs_no_total_steps(tiny_model_dir: Path, csv_file: Path, tmp_path: Path) -> None:
+    """The trainer tells TriAdaptLoRA's growth schedule the run's length (T); `--opt total_steps` is optional."""
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(csv_file), "--output", str(out), "--steps",
+                 "3", "--eval-size", "40", "--batch-size", "8", "--no-progress", "--method", "triadaptlora"]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())["config"]
+    assert cfg["total_steps"] is None and cfg["block_ranks"]  # grew on the schedule of T = 3

@@ -9,8 +9,7 @@ import torch
 
 import peftkit
 from conformance.models import MLP
-from peftkit.core.errors import PeftkitError
-from peftkit.train.continual import (
+from peftkit.continual import (
     EMA,
     LAE,
     NEG,
@@ -21,12 +20,13 @@ from peftkit.train.continual import (
     Sequential,
     StaticConPET,
     Task,
-    _named_adapter_params,
     default_collate,
     max_prob_ensemble,
     replay_batches,
     results_markdown,
 )
+from peftkit.continual.ema import _named_adapter_params
+from peftkit.core.errors import PeftkitError
 from tolerance import assert_near
 
 
@@ -281,3 +281,84 @@ def test_task_incremental_setting_evaluates_within_each_task() -> None:
     result = learner.run()
     assert result.matrix[1][1] == learner.evaluate(1, within_task=True) > 0.8
     assert result.matrix[1][0] == learner.evaluate(0, within_task=True)
+
+
+def test_old_import_path_reexports_the_package() -> None:
+    import peftkit.continual as new
+    import peftkit.train.continual as old
+
+    assert set(old.__all__) == set(new.__all__) and len(new.__all__) > 10
+    for name in new.__all__:
+        assert getattr(old, name) is getattr(new, name)
+
+
+# -- LAE: when the offline PET is made, how long a new task trains the head alone (issue 21 item 1) ---------------
+def test_lae_offline_pet_is_made_when_task_1_starts_from_the_pet_trained_on_task_0() -> None:
+    torch.set_num_threads(1)
+    model = _model()
+    m = LAE(decay=0.9999)
+    learner = ContinualLearner(model, _cfg(), m, _tasks(), num_classes=4)
+    m.begin_task(0)
+    assert peftkit.adapter_names(model) == ["online"]  # no offline PET and no ensemble during task 0
+    assert m.procedures() == [m]
+    init = {k: p.detach().clone() for k, (p, s) in _named_adapter_params(model, "online").items() if not s}
+    m.train_task(0, steps=20, batch_size=8, lr=1e-2, seed=0)
+    m.end_task(0)
+    trained = {k: p.detach().clone() for k, (p, s) in _named_adapter_params(model, "online").items() if not s}
+    moved = max(float((trained[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-2  # task 0 changed the PET
+    x, _ = default_collate(_tasks()[0].eval)
+    allowed = m.class_mask(m.seen_classes())
+    with torch.no_grad():
+        scores = m.scores(model, x, allowed)
+        torch.testing.assert_close(scores, model(x).masked_fill(~allowed, float("-inf")).softmax(-1))
+    assert learner.evaluate(0) > 0.8
+    m.begin_task(1)
+    assert set(peftkit.adapter_names(model)) == {"online", "offline"}
+    assert m.ema in m.procedures()
+    for k, (p, s) in _named_adapter_params(model, "offline").items():
+        if not s:
+            assert torch.equal(p, trained[k])  # the copy is the trained PET, not the initial one
+
+
+def test_lae_default_trains_the_head_alone_for_the_official_share_of_later_tasks() -> None:
+    torch.set_num_threads(1)
+    model = _model()
+    m = LAE()
+    ContinualLearner(model, _cfg(), m, _tasks(), num_classes=4)
+    seen: list[bool] = []
+
+    def spy(model: torch.nn.Module, step: int, optimizer: object = None) -> None:
+        seen.append(all(p.requires_grad for p in m._online_pet()))
+
+    m.on_step_end = spy  # type: ignore[method-assign]
+    m.begin_task(0)
+    m.train_task(0, steps=10, batch_size=8, lr=1e-2, seed=0)
+    assert seen == [True] * 10  # task 0: the PET trains from the first step
+    seen.clear()
+    m.begin_task(1)
+    m.train_task(1, steps=10, batch_size=8, lr=1e-2, seed=1)
+    assert seen == [False] * 6 + [True] * 4  # official: 3 of 5 epochs head-only
+    assert all(p.requires_grad for p in m._online_pet())
+    with pytest.raises(PeftkitError, match="freeze"):
+        LAE(freeze=1.0)
+
+
+def test_dynamic_conpet_top1_expert_trains_on_new_and_replayed_examples() -> None:
+    """Official ConPET trains the expert over the same dynamic-replay loader as the selector (new + replayed)."""
+    torch.set_num_threads(1)
+    model = _model()
+    m = DynamicConPET(memory_size=16, topk=1)
+    learner = ContinualLearner(model, _cfg(), m, _tasks(), num_classes=4, steps=4, batch_size=8, lr=1e-2)
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    loss = m.loss
+
+    def spy(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, object]:
+        seen[m._training_selector].append(batch[1].clone())
+        return loss(model, batch)
+
+    m.loss = spy  # type: ignore[method-assign]
+    learner.run()
+    assert len(seen[True]) == 4 and len(seen[False]) == 8  # task 1: selector 4 steps; experts 4 + 4 steps
+    expert1 = torch.cat(seen[False][4:])
+    assert int((expert1 < 2).sum()) == 4 * 4  # n_new = int(8·1/2) = 4: the other 4 of each batch are replayed

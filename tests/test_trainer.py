@@ -240,7 +240,8 @@ def test_dylora_sampler_in_the_project_trainer() -> None:
 
     torch.manual_seed(0)
     model = MLP()
-    cfg = peftkit.config("dylora", target_modules=["fc1", "fc2"], r=4, modules_to_save=["head"])
+    # the official frozen mode ("auto", the default, picks full for 8 steps)
+    cfg = peftkit.config("dylora", target_modules=["fc1", "fc2"], r=4, modules_to_save=["head"], mode="frozen")
     peftkit.adapt(model, cfg)
     with torch.no_grad():  # B ≠ 0 so that A's rows get gradients from the first step
         for p in peftkit.trainable_parameters(model):
@@ -262,7 +263,8 @@ def test_dylora_sampler_in_transformers_trainer(tmp_path: Any) -> None:
     model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
                                                      num_attention_heads=2, intermediate_size=64,
                                                      max_position_embeddings=32, num_labels=2))
-    cfg = peftkit.config("dylora", target_modules=["query", "value"], r=4, modules_to_save=["classifier"])
+    cfg = peftkit.config("dylora", target_modules=["query", "value"], r=4, modules_to_save=["classifier"],
+                         mode="frozen")
     peftkit.adapt(model, cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():

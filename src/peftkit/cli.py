@@ -462,6 +462,7 @@ def _train_classification(args: argparse.Namespace) -> int:
         return D.Batches([ids[i] for i in idx], [data.labels[i] for i in idx], size, pad, shuffle=shuffle,
                          seed=args.seed, bucket=16 if shuffle else 0)
 
+    train_idx = run.hold_out(procedures, train_idx, lambda idx, size: batches(idx, size, True))
     train_batches = run.batches(lambda size: batches(train_idx, size, True))
     eval_batches = batches(eval_idx, DEFAULTS["eval_batch_size"], False)
     steps = run.steps(len(train_batches), DEFAULTS["epochs"])  # type: ignore[arg-type]

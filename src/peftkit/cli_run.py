@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -133,6 +134,22 @@ class TrainRun:
 
         batches = make(self.args.batch_size * self.world_size)
         return Shard(batches, self.rank, self.world_size) if self.world_size > 1 else batches
+
+    def hold_out(self, procedures: Sequence[Any], indices: Sequence[int],
+                 make: Callable[[Sequence[int], int], Iterable[Any]]) -> Sequence[int]:
+        """The training indices left once every procedure that asks for held-out examples (``held_out_share``, e.g.
+        DiffoRA's selection logits) has its share: the first ⌈share·n⌉ of ``indices`` (already shuffled), batched by
+        ``make(indices, batch_size)`` and given to it; the weights train on the rest."""
+        share = max((float(getattr(p, "held_out_share", 0.0)) for p in procedures), default=0.0)
+        if share <= 0 or len(indices) < 2:
+            return indices
+        cut = min(len(indices) - 1, max(1, math.ceil(share * len(indices))))
+        held, rest = list(indices[:cut]), indices[cut:]
+        for p in procedures:
+            if float(getattr(p, "held_out_share", 0.0)) > 0:
+                p.set_held_out(self.batches(lambda size: make(held, size)))
+        print(f"held out for the procedure: {cut:,} of the {len(indices):,} training examples")
+        return rest
 
     def eval_size(self, n: int) -> int:
         """``--eval-size``, else the task's default held-out size, at most a fifth of the ``n`` examples."""

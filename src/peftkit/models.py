@@ -102,8 +102,9 @@ def _bnb_config(quantize: str, skip: tuple[str, ...] = ()) -> Any:
     skip = [*_HEAD_NAMES, *skip]  # the task head stays in float (it trains fully)
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    # QLoRA's 4-bit base: the block scales quantised too (double quantisation), as quant.bnb.quantize_model does
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=torch.float32,
-                              llm_int8_skip_modules=skip)
+                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
 
 
 def _load_with_head(

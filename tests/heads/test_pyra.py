@@ -86,6 +86,38 @@ def test_matching_and_weighted_merge_reference() -> None:
     assert_near(merge_wavg(none, x, size)[0], torch.cat([xa, xb])[None], 32, layers=3)
 
 
+def test_pyra_acts_inside_the_size_weighted_merge() -> None:
+    """Official ``merge_wavg``: ``merge(x * size)`` — PYRA sees the size-weighted source S = x_S·s_S and destination
+    D = x_D·s_D; the merged token is (x_D·s_D + Σ S') / (s_D + Σ s_S). Hand-computed per pair, unequal sizes."""
+    torch.manual_seed(2)
+    x = _x(1, 9, seed=5) * 3
+    size = torch.tensor([1.0, 3, 1, 2, 5, 1, 4, 1, 2]).view(1, 9, 1)
+    m = bipartite_soft_matching(x, 3)
+    pyra = PyraReactivation(D, 3)
+    with torch.no_grad():
+        pyra.w_b.normal_(0, 0.7)
+        pyra.norm.weight.uniform_(0.5, 1.5)
+        pyra.norm.bias.normal_(0, 0.2)
+    y, s = merge_wavg(m, x, size, pyra)
+    xa, xb, sa, sb = x[0, ::2], x[0, 1::2], size[0, ::2], size[0, 1::2]
+    src = [int(i) for i in m.src_idx[0]]
+    dst = [int(j) for j in m.dst_idx[0]]
+    with torch.no_grad():
+        pairs = torch.stack([xa[i] * sa[i] + xb[j] * sb[j] for i, j in zip(src, dst)])
+        xh = torch.nn.functional.layer_norm(pairs, (D,), pyra.norm.weight, pyra.norm.bias)
+        w_c = 2 * torch.sigmoid(sum(float(pyra.w_a[k, 0]) * xh[k] for k in range(3)))
+        for j in range(xb.shape[0]):
+            tot, acc = sb[j].clone(), xb[j] * sb[j]
+            for k, (i, jj) in enumerate(zip(src, dst)):
+                if jj == j:
+                    w_t = 2 * torch.sigmoid(xh[k] @ pyra.w_b[0]) - 1
+                    weighted = xa[i] * sa[i]
+                    acc, tot = acc + weighted + weighted * w_c * w_t, tot + sa[i]
+            assert_near(y[0, 9 - 3 - xb.shape[0] + j], acc / tot, 64, layers=4)
+            assert s[0, 9 - 3 - xb.shape[0] + j, 0] == tot
+    assert len(set(dst)) < 3 or any(float(size[0, 1::2][j]) != 1 for j in dst)  # unequal sizes are exercised
+
+
 def test_gradients_and_lora_combination() -> None:
     _, block = _pair(3)
     peftkit.adapt(block, peftkit.config("lora", target_modules=["qkv", "fc1", "fc2"], r=2))

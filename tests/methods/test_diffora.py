@@ -190,8 +190,9 @@ def test_discretisation_keeps_the_top_ceil_rho_n_and_the_rest_is_the_base(rho: f
         a = layer.adapters["default"]
         assert not hasattr(a, "theta")
         xi = x if "fc2" not in path else _x(2, 5, 32)
-        if i in top:  # Γ = 1, the weights learned during the search (no re-init)
-            assert a.mode == "on" and torch.equal(a.lora_B, before[path])
+        if i in top:  # Γ = 1, the weights learned during the search (no re-init) with γ folded into B
+            assert a.mode == "on"
+            _close(a.lora_B, torch.sigmoid(torch.tensor(thetas[i])) * before[path])
             _close(layer(xi), _lora_ref(layer, xi, 1.0))
             expected += R * (layer.host.d_in + layer.host.d_out)
         else:  # switched off: no tensors, exactly the base layer
@@ -350,3 +351,70 @@ def test_errors_change_nothing() -> None:
 def test_registered_with_its_procedure() -> None:
     info = peftkit.get_method("diffora")
     assert info.procedure is DifforaSearch and info.mergeable and info.init_is_identity
+
+
+# -- the method's default path (issue 21 item 2) --------------------------------------------------------------------
+def test_discretisation_changes_the_output_by_the_dropped_modules_only() -> None:
+    """γ is folded into the kept B: a kept module's ΔW does not jump from γ ≈ ½ to 1; the output after discretising
+    is the relaxed output with the dropped modules' gates at 0."""
+    thetas = [0.3, -0.2, 0.5, 0.1, -0.4, 0.2]
+    model, cfg = _block(thetas, rho=0.5)
+    x = _x(2, 5, 16)
+    kept = sorted(range(6), key=lambda i: -thetas[i])[:3]
+    with torch.no_grad():
+        y0 = model(x)
+        ref = copy.deepcopy(model)
+        for i, a in enumerate(_ads(ref)):
+            if i not in kept:
+                a.theta.fill_(-1e4)  # σ(θ) = 0: the dropped module's contribution taken out, the rest relaxed
+        y_ref = ref(x)
+        discretize(model)
+        y1 = model(x)
+    dropped = float((y_ref - y0).abs().max())
+    assert dropped > 1e-2
+    assert float((y1 - y0).abs().max()) <= dropped * (1 + 1e-4)
+    _close(y1, y_ref)
+
+
+def _spy_modes(seen: list[list[str]], b_of_kept: list[torch.Tensor]) -> peftkit.Procedure:
+    class Spy(peftkit.Procedure):
+        def on_step_end(self, m: nn.Module, step: int, optimizer=None) -> None:
+            seen.append([a.mode for a in _ads(m)])
+            on = [a for a in _ads(m) if a.mode == "on"]
+            if on:
+                b_of_kept.append(on[0].lora_B.detach().clone())
+
+    return Spy()
+
+
+def test_default_searches_half_the_run_then_fine_tunes_the_kept_modules() -> None:
+    model, cfg = _mlp()  # search_steps=None: the default, and what `peftkit train --method diffora` uses
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+    proc = DifforaSearch(model, cfg, held_out=[_held(seed=11)])
+    seen: list[list[str]] = []
+    kept_b: list[torch.Tensor] = []
+    train(model, batches, steps=8, lr=1e-2, procedures=[proc, _spy_modes(seen, kept_b)], progress=False)
+    assert proc.run_steps == 8 and proc.theta_steps == 4
+    assert [s == ["search", "search"] for s in seen] == [True] * 3 + [False] * 5  # discretised after step 4 of 8
+    assert sorted(seen[-1]) == ["off", "on"] and len(kept_b) == 5
+    assert float((kept_b[-1] - kept_b[0]).abs().max()) > 1e-4  # the kept module is fine-tuned after the search
+    # search_share moves the switch; search_steps still wins when given
+    assert DifforaSearch(model, cfg) is not None and cfg.search_limit(10) == 5
+    assert peftkit.config("diffora", target_modules=["fc1"], search_share=0.25).search_limit(10) == 3
+    assert peftkit.config("diffora", target_modules=["fc1"], search_steps=7).search_limit(10) == 7
+    with pytest.raises(peftkit.PeftkitError, match="search_share"):
+        peftkit.config("diffora", target_modules=["fc1"], search_share=0.0)
+
+
+def test_without_held_out_batches_the_procedure_asks_its_run_for_a_share() -> None:
+    model, cfg = _mlp()
+    proc = DifforaSearch(model, cfg)
+    assert proc.held_out_share == 0.1 and DifforaSearch(model, cfg, held_out=[_held()]).held_out_share == 0.0
+    held = [_held(seed=21)]
+    proc.set_held_out(held)
+    used: list[object] = []
+    proc.loss_fn = lambda m, b: (used.append(b), (F.cross_entropy(m(b[0]), b[1]), None))[1]
+    train_batch = _held(seed=22)
+    train(model, [train_batch], steps=4, lr=1e-2, procedures=[proc], progress=False)
+    assert len(used) == 2 and all(torch.equal(b[0], held[0][0]) for b in used)  # never the training batch

@@ -279,3 +279,27 @@ def test_bad_config_fields(fields: dict) -> None:
     with pytest.raises(peftkit.PeftkitError):
         cfg = peftkit.config("dylora", target_modules=["fc1", "fc2"], **fields)
         cfg.for_module("fc2")
+
+
+def test_default_mode_follows_the_run_budget() -> None:
+    """`mode="auto"` (the default): full training of A[:b], B[:, :b] unless the run gives every rank 250 expected
+    updates of its own row (frozen, the official callback's mode, needs the paper's long runs)."""
+    from peftkit.methods.dylora import FROZEN_UPDATES_PER_RANK, DyLoRASampler
+    from peftkit.train.trainer import train
+
+    cfg = peftkit.config("dylora", target_modules=["fc1"], r=8)
+    assert cfg.mode == "auto" and FROZEN_UPDATES_PER_RANK == 250
+    assert cfg.train_mode(300) == "full" and cfg.train_mode(None) == "full"
+    assert cfg.train_mode(2000) == "frozen" and cfg.train_mode(1999) == "full"
+    assert peftkit.config("dylora", target_modules=["fc1"], r=8, mode="frozen").train_mode(10) == "frozen"
+    model = _adapted()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
+    a0 = model.fc1.adapters["default"].lora_A.detach().clone()
+    train(model, batches, steps=6, lr=1e-2, procedures=[DyLoRASampler(model, peftkit.get_config(model, "default"))],
+          progress=False)
+    ad = model.fc1.adapters["default"]
+    assert ad.train_mode == "full"
+    assert (ad.lora_A - a0).abs().amax(1).gt(0).all()  # full mode: every row of A below the drawn b trains
+    with pytest.raises(peftkit.PeftkitError, match="mode"):
+        peftkit.config("dylora", target_modules=["fc1"], mode="half")

@@ -360,3 +360,31 @@ def test_a_wrong_shaped_base_is_refused(tmp_path) -> None:
                                                    r"\(24, 16\)"):
         peftkit.load(wrong, tmp_path / "a")
     assert same_state(before, state_copy(wrong)) and peftkit.adapter_names(wrong) == []
+
+
+def test_t_loc_defaults_to_a_tenth_of_the_run() -> None:
+    """Paper: T_loc ≈ 10 % of all steps. The default is that share of the run the trainer tells the schedule; an int
+    is a number of steps."""
+    from peftkit.train.trainer import train
+
+    for steps, searched in ((30, 3), (60, 6)):
+        model = MODELS["mlp"].build()
+        peftkit.adapt(model, peftkit.config("loca", target_modules=["fc1"], n=8, b_a=1, b_l=1))
+        ad = model.fc1.adapters["default"]
+        loc_steps: list[int] = []
+
+        class Spy(peftkit.Procedure):
+            def __init__(self, ad: loca.Loca, seen: list[int]) -> None:
+                self.ad, self.seen = ad, seen
+
+            def on_step_start(self, m: torch.nn.Module, step: int) -> None:
+                if self.ad.loca_l.requires_grad:
+                    self.seen.append(step)
+
+        train(model, _mlp_batches(), steps=steps, lr=1e-2, procedures=[loca.LocaSchedule(), Spy(ad, loc_steps)],
+              progress=False)
+        assert loc_steps == [t for t in range(1, searched) if t % 2 == 1]  # 0 < t < 0.1·steps, odd t
+        assert not ad.loca_l.requires_grad  # the search is over
+    assert loca.location_steps(peftkit.config("loca", target_modules=["fc1"], t_loc=7), 1000) == 7
+    with pytest.raises(peftkit.PeftkitError, match="share of the run"):
+        peftkit.config("loca", target_modules=["fc1"], t_loc=1.5)

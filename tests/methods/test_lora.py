@@ -3,6 +3,7 @@ PiSSA's residual / principal split, rsLoRA scaling, init distributions, dropout,
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -258,6 +259,32 @@ def test_pissa_splits_w0_into_residual_plus_principal() -> None:
         assert not torch.allclose(w_res, w0)
         with peftkit.disable(model):
             assert torch.equal(model(x), y0)
+
+
+def test_pissa_with_dropout_matches_peft_in_train_mode() -> None:
+    """The paper and PEFT: y = W_res·x + s·B·A·dropout(x) — the frozen residual sees x itself. peftkit keeps W0 and
+    subtracts s·B0·A0, which must then see the undropped x too; with the same dropout mask the outputs agree."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = One(24, 16)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["fc"], r=4, lora_alpha=8, lora_dropout=0.5,
+                                                          init_lora_weights="pissa")).train()
+    ours = copy.deepcopy(base)
+    peftkit.adapt(ours, peftkit.config("lora", target_modules=["fc"], r=4, alpha=8, dropout=0.5, init="pissa"))
+    ours.train()
+    x = _x(6, 24)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        want = ref(x)
+        torch.manual_seed(5)
+        got = ours(x)
+        y0 = base(x)
+    assert float((want - y0).abs().max()) > 1e-2  # PEFT's output at init in train mode is not the base output
+    _rel_close(got, want, rel=1e-4)  # two SVDs of the same W0 and different summation orders
+    ours.eval()
+    with torch.no_grad():
+        _rel_close(ours(x), y0, rel=1e-5)
 
 
 def test_pissa_niter_uses_randomised_svd() -> None:

@@ -413,3 +413,17 @@ def test_procedure_errors_change_nothing() -> None:
 def test_registered_with_its_procedure() -> None:
     info = peftkit.get_method("triadaptlora")
     assert info.procedure is TriAdaptGrowth and info.mergeable and info.init_is_identity
+
+
+def test_total_steps_defaults_to_the_run_length_the_trainer_gives() -> None:
+    """`peftkit train --method triadaptlora` without `--opt total_steps`: T is the run's length."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    model, cfg = _mlp(perturbed=True)  # no total_steps
+    proc = TriAdaptGrowth(model, cfg)
+    train(model, batches, steps=6, lr=1e-2, procedures=[proc], progress=False)
+    assert proc.run_steps == 6 and proc._total(cfg, "default") == 6
+    ref_model, ref_cfg = _mlp(perturbed=True, total_steps=6)
+    ref = TriAdaptGrowth(ref_model, ref_cfg)
+    train(ref_model, batches, steps=6, lr=1e-2, procedures=[ref], progress=False)
+    assert proc.events and proc.events == ref.events and cfg.block_ranks == ref_cfg.block_ranks  # T = 6

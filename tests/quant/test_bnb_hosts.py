@@ -214,3 +214,19 @@ def test_nf4_round_trip_and_error_bound() -> None:
     exact = code[idx] * scale
     p2, s2 = quantize_4bit(exact.contiguous(), quant_type="nf4", blocksize=64)
     assert_near(dequantize_4bit(p2, s2), exact, 32, layers=3)
+
+
+def test_cli_4bit_base_uses_double_quantisation_like_quantize_model(tmp_path) -> None:
+    """QLoRA's NF4 stores the block scales themselves quantised (double quantisation): ``--quantize nf4`` (through
+    transformers' BitsAndBytesConfig) and :func:`quantize_model` must build the same kind of layer."""
+    from peftkit.models import load_classifier
+    from test_cli import _make_tiny_bert
+
+    d = _make_tiny_bert(tmp_path, hidden=64, intermediate=128)
+    model, _ = load_classifier(d, 2, seed=0, quantize="nf4")
+    cli = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    ours = [m for m in _quantized("nf4").modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert cli and ours
+    assert all(m.weight.quant_state.nested for m in ours)  # quantize_model: double quantisation
+    assert all(m.weight.quant_state.nested for m in cli)
+    assert {m.weight.quant_state.quant_type for m in cli} == {"nf4"}

@@ -232,7 +232,16 @@ class LowRankUpdate:
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
-        return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
+        k = self.undropped_rank() if self.training and self.config.dropout > 0 else 0
+        if not k:
+            return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
+        return (lowrank_delta(self.host, self.dropout(x), a[:-k], b[:, :-k], self.s)
+                + lowrank_delta(self.host, x, a[-k:], b[:, -k:], self.s))
+
+    def undropped_rank(self) -> int:
+        """Trailing rank of ``factors()`` that the input dropout does not reach: a frozen part of the update that
+        stands for a rewritten base weight (PiSSA's −B0·A0, the residual W_res = W0 − s·B0·A0 seeing x itself)."""
+        return 0
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         if drops(self, self.host):

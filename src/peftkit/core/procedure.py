@@ -7,6 +7,7 @@ checkpoint resume it. :func:`peftkit.train.hf.as_trainer_callback` wraps one for
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,7 +17,17 @@ from .model import adapted_layers, get_config
 
 
 class Procedure:
-    """Base class; every hook is optional."""
+    """Base class; every hook is optional.
+
+    Two things a run tells its procedures, both optional: ``run_steps`` — the run's length in optimiser steps, set by
+    the trainer (:func:`peftkit.train.train`, the ``transformers.Trainer`` bridge) before ``on_train_start``, so a
+    schedule can be a share of the run (None: unknown, e.g. a procedure driven by hand); and held-out data — a
+    procedure that steps parameters of its own on examples the weights must not see (DiffoRA's selection logits) sets
+    ``held_out_share`` > 0, and a task that honours it trains on the rest and hands the held-out batches to
+    :meth:`set_held_out`."""
+
+    run_steps: int | None = None
+    held_out_share: float = 0.0
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called once before the first step."""
@@ -33,6 +44,9 @@ class Procedure:
 
     def on_train_end(self, model: nn.Module) -> None:
         """Called once after the last step."""
+
+    def set_held_out(self, batches: Iterable[Any]) -> None:
+        """Receive the held-out batches asked for with ``held_out_share`` (called before ``on_train_start``)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -8,7 +8,8 @@ merging (Bolya et al. 2023, "Token Merging: Your ViT But Faster", arXiv 2210.094
     PYRA:     S = the r_l source tokens, D_m their matched destinations, X̂ = LN(S + D_m);
               w_c = 2σ(W_aᵀ X̂) ∈ (0, 2)^{1×d} (channel weights, yielded across tokens),
               w_t = 2σ(X̂ W_bᵀ) − 1 ∈ (−1, 1)^{r_l×1} (token weights);  S' = S + (S ⊙ w_c) ⊙ w_t;
-              then the ToMe size-weighted average: D ← (D·size_D + Σ S'·size_S) / (size_D + Σ size_S)
+              all on the size-weighted tokens (official ``merge_wavg``: ``merge(x * size)``): S = x_S·size_S,
+              D_m = x_D·size_D, then D ← (x_D·size_D + Σ S') / (size_D + Σ size_S)
     init:     W_a ∈ R^{r_l×1} kaiming_uniform(a=√5), W_b ∈ R^{1×d} = 0 (⇒ w_t = 0, S' = S: plain ToMe), LN(d) default
     merge:    none — the re-activation acts on tokens during merging; it is combined with a PEFT method on the
               block's Linear layers (e.g. ``peftkit.adapt(block, lora)``), and r_l = 0 means no PYRA parameters.
@@ -31,35 +32,41 @@ from peftkit.core.errors import PeftkitError
 @dataclass
 class Matching:
     """A bipartite matching of N tokens: source (A) tokens ``src_idx`` [B, r] merge into B-set tokens ``dst_idx``
-    [B, r]; ``unm_idx`` [B, |A| − r] are the A tokens kept (in their original order)."""
+    [B, r]; ``unm_idx`` [B, |A| − r] are the A tokens kept (in their original order). ``distill``: the second token
+    (B index 0, DeiT's distillation token) never receives a merge and stays second after merging."""
 
     src_idx: torch.Tensor
     dst_idx: torch.Tensor
     unm_idx: torch.Tensor
+    distill: bool = False
 
     @property
     def r(self) -> int:
         return self.src_idx.shape[1]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True) -> Matching:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True,
+                            distill_token: bool = False) -> Matching:
     """ToMe's matching on ``metric`` [B, N, c] (A = even positions, B = odd); at most half of the mergeable
-    tokens merge. With ``class_token`` the first token is never a source."""
+    tokens merge. With ``class_token`` the first token is never a source; with ``distill_token`` the second token is
+    never a destination."""
     if metric.dim() != 3:
         raise PeftkitError(f"bipartite_soft_matching: metric must be [B, N, c], got {tuple(metric.shape)}")
     n_a = (metric.shape[1] + 1) // 2
-    r = max(0, min(r, (metric.shape[1] - int(class_token)) // 2))
+    r = max(0, min(r, (metric.shape[1] - int(class_token) - int(distill_token)) // 2))
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = m[:, ::2], m[:, 1::2]
     scores = a @ b.transpose(1, 2)
     if class_token:
         scores[:, 0, :] = -math.inf
+    if distill_token:
+        scores[:, :, 0] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_idx = edge_idx[:, :r]
     unm_idx = edge_idx[:, r:].sort(dim=-1).values
     assert unm_idx.shape[1] == n_a - r
-    return Matching(src_idx, node_idx.gather(1, src_idx), unm_idx)
+    return Matching(src_idx, node_idx.gather(1, src_idx), unm_idx, distill_token)
 
 
 class PyraReactivation(nn.Module):
@@ -93,25 +100,31 @@ class PyraReactivation(nn.Module):
 def merge_wavg(
     match: Matching, x: torch.Tensor, size: torch.Tensor, pyra: PyraReactivation | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted merge of ``x`` [B, N, d] (token sizes ``size`` [B, N, 1]) by ``match``; the sources are
-    re-activated by ``pyra`` first. Returns (x, size) with N − r tokens: the kept A tokens, then the B tokens."""
+    """Size-weighted merge of ``x`` [B, N, d] (token sizes ``size`` [B, N, 1]) by ``match``, as the official
+    ``merge_wavg``: the merge runs on the size-weighted tokens x·size — PYRA re-activates the weighted sources from
+    the weighted sources and destinations, S' = PYRA(S·s_S, D·s_D) — and the sums are divided by the summed sizes.
+    Returns (x, size) with N − r tokens: the kept A tokens, then the B tokens."""
     def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return t[:, ::2], t[:, 1::2]
 
     def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
-    xa, xb = split(x)
     sa, sb = split(size)
-    src = take(xa, match.src_idx)
+    wa, wb = split(x * size)
+    src = take(wa, match.src_idx)
     if pyra is not None and match.r:
-        src = pyra(src, take(xb, match.dst_idx))
-    ssz = take(sa, match.src_idx)
+        src = pyra(src, take(wb, match.dst_idx))
     dst_idx = match.dst_idx.unsqueeze(-1)
-    xb = (xb * sb).scatter_add(1, dst_idx.expand(-1, -1, x.shape[-1]), src * ssz)
-    sb = sb.scatter_add(1, dst_idx, ssz)
-    x_out = torch.cat([take(xa, match.unm_idx), xb / sb], dim=1)
-    return x_out, torch.cat([take(sa, match.unm_idx), sb], dim=1)
+    wb = wb.scatter_add(1, dst_idx.expand(-1, -1, x.shape[-1]), src)
+    sb = sb.scatter_add(1, dst_idx, take(sa, match.src_idx))
+    def join(unm: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        if match.distill:  # class token, distillation token, then the rest (official ToMe's order)
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    x_out = join(take(x[:, ::2], match.unm_idx), wb / sb)  # a kept token: (x·s)/s = x
+    return x_out, join(take(sa, match.unm_idx), sb)
 
 
 class ToMeBlock(nn.Module):

@@ -10,20 +10,26 @@ Every targeted module is a candidate with its own LoRA branch of rank r and its 
 buffer, not a parameter: the task optimiser never sees it). :class:`DifforaSearch` (attached by the trainer) runs
 the bi-level search as alternating first-order DARTS steps: the trainer's optimiser step trains the LoRA weights on
 the training batch, then the procedure takes one Adam step on the θ's alone from the loss of a held-out batch
-(``held_out=``, cycled). After ``search_steps`` optimiser steps (or at the end of training) it discretises: the
-top-⌈ρ·n⌉ of the n candidate modules by γ (ties: model order) keep their LoRA weights (weight sharing, no re-init)
-with Γ = 1 — plain LoRA from then on — and the others are switched off for good: their tensors are deleted (and
-dropped from the optimiser) and the layer runs the base module alone. The kept module paths are recorded in the
+(``held_out=``, cycled). After ``search_steps`` optimiser steps — by default the first ``search_share`` = ½ of the
+run, whose length the trainer tells the procedure — it discretises: the top-⌈ρ·n⌉ of the n candidate modules by γ
+(ties: model order) keep the LoRA weights learned during the search (weight sharing, no re-init) with γ folded into
+B (B ← γ·B, so a kept module's ΔW does not jump at discretisation) and Γ = 1 — plain LoRA, fine-tuned for the rest of
+the run — and the others are switched off for good: their tensors are deleted (and dropped from the optimiser) and
+the layer runs the base module alone. The output therefore changes at discretisation by the dropped modules'
+contribution only. The kept module paths are recorded in the
 config (``selected``), which ``save`` writes, so ``load`` rebuilds the discretised adapter.
 Params: r·(d_in + d_out) per candidate while searching (+ one logit each, a buffer); Σ_selected r·(d_in + d_out) after.
 
 UNCONFIRMED: no code exists and the paper body was not readable; this is the spec's best reading (DARTS-style).
 Choices made here that the paper may do differently: σ(θ) per module (the spec allows a 2-way softmax; the two are the
 same function), θ = 0 at init, one θ step after every weight step, Adam(lr=``theta_lr``, betas (0.5, 0.999),
-weight decay 1e-3) for θ (the DARTS architecture optimiser), ⌈ρ·n⌉ kept over all candidates of the adapter, and no
-folding of γ into the kept weights at discretisation (Γ = 1, as the spec says). Without ``held_out`` batches (e.g.
-under ``peftkit train``) the θ step uses the step's own training batch (seen through ``extra_loss``) after the weight
-step: alternating, but single-split — a documented fallback, not the paper's bi-level split. Under data-parallel
+weight decay 1e-3) for θ (the DARTS architecture optimiser), ⌈ρ·n⌉ kept over all candidates of the adapter, search
+for half the run then fine-tuning (``search_share``), and γ folded into the kept B (weight sharing "to reduce the
+relaxation/discretisation gap": with Γ = 1 and B unchanged every kept ΔW would double from γ ≈ ½). Held-out data: the
+procedure asks its run for ``held_out_share`` = 10 % of the training examples (:class:`~peftkit.core.procedure.
+Procedure`; ``peftkit train`` honours it); given no held-out batches at all (e.g. driven by hand) the θ step uses
+the step's own training batch (seen through ``extra_loss``) after the weight step — alternating, but single-split, a
+documented fallback. Under data-parallel
 training (``torchrun``) the θ gradients are averaged over the processes (weighted by their batch slices) before the
 θ step, so every process keeps the same θ and selects the same modules.
 """
@@ -37,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.errors import PeftkitError
@@ -54,11 +61,14 @@ THETA_WEIGHT_DECAY = 1e-3
 @dataclass
 class DifforaConfig(LowRankConfig):
     """DiffoRA. ``rho``: fraction of candidate modules kept; ``search_steps``: optimiser steps of relaxed search
-    before discretising (None: discretise at the end of training); ``theta_lr``: learning rate of the selection
-    logits; ``selected``: the kept module paths, written at discretisation (None while searching)."""
+    before discretising (None: ``search_share`` of the run's steps, or the end of training when the run's length is
+    unknown); ``search_share``: that share (the rest fine-tunes the kept modules as plain LoRA); ``theta_lr``:
+    learning rate of the selection logits; ``selected``: the kept module paths, written at discretisation (None while
+    searching)."""
 
     rho: float = 0.5
     search_steps: int | None = None
+    search_share: float = 0.5
     theta_lr: float = 3e-4
     selected: list[str] | None = None
 
@@ -69,12 +79,21 @@ class DifforaConfig(LowRankConfig):
             raise PeftkitError(f"{name}.rho (fraction of modules kept) must be in (0, 1], got {self.rho}")
         if self.search_steps is not None and self.search_steps < 1:
             raise PeftkitError(f"{name}.search_steps must be >= 1, got {self.search_steps}")
+        if not 0.0 < self.search_share <= 1.0:
+            raise PeftkitError(f"{name}.search_share (share of the run spent searching) must be in (0, 1], got "
+                               f"{self.search_share}")
         if not self.theta_lr > 0:
             raise PeftkitError(f"{name}.theta_lr must be > 0, got {self.theta_lr}")
 
     def kept(self, n: int) -> int:
         """⌈ρ·n⌉ (at least one)."""
         return max(1, math.ceil(self.rho * n - 1e-9))
+
+    def search_limit(self, run_steps: int | None) -> int | None:
+        """Optimiser steps of search in a run of ``run_steps``: ``search_steps``, else ⌈share·run⌉ (None: unknown)."""
+        if self.search_steps is not None:
+            return self.search_steps
+        return None if run_steps is None else max(1, math.ceil(self.search_share * run_steps - 1e-9))
 
 
 def relaxation_weights(theta: torch.Tensor) -> torch.Tensor:
@@ -85,9 +104,9 @@ def relaxation_weights(theta: torch.Tensor) -> torch.Tensor:
 # -- discretisation and the search procedure (before the adapter, which registers it) -------------------------
 def discretize(model: nn.Module, name: str | None = None,
                optimizer: torch.optim.Optimizer | None = None) -> dict[str, list[str]]:
-    """Keep the top-⌈ρ·n⌉ modules of every searching DiffoRA adapter (or of adapter ``name``) by γ with Γ = 1 and
-    switch the others off for good (their tensors leave the model and ``optimizer``). Everything is checked before
-    anything changes. Returns adapter name -> kept module paths."""
+    """Keep the top-⌈ρ·n⌉ modules of every searching DiffoRA adapter (or of adapter ``name``) by γ with Γ = 1 (γ
+    folded into their B: their ΔW is unchanged) and switch the others off for good (their tensors leave the model
+    and ``optimizer``). Everything is checked before anything changes. Returns adapter name -> kept module paths."""
     if name is not None:
         get_config(model, name)
     found = {n: mods for n, mods in find_adapters(model, Diffora).items()
@@ -108,21 +127,23 @@ def discretize(model: nn.Module, name: str | None = None,
     for n, mods in found.items():
         order = sorted(range(len(mods)), key=lambda i: (-float(mods[i][1].theta), i))
         keep = set(order[: get_config(model, n).kept(len(mods))])
-        out[n] = apply_selection(model, n, mods, [path for i, (path, _) in enumerate(mods) if i in keep], optimizer)
+        out[n] = apply_selection(model, n, mods, [path for i, (path, _) in enumerate(mods) if i in keep], optimizer,
+                                 fold=True)
     return out
 
 
 def apply_selection(model: nn.Module, name: str, mods: list[tuple[str, Diffora]], selected: list[str],
-                    optimizer: torch.optim.Optimizer | None = None) -> list[str]:
-    """Keep LoRA on the modules at ``selected`` and switch the others of adapter ``name`` off (their tensors leave the
-    model and ``optimizer``); records the selection in the config. Returns ``selected`` in model order."""
+                    optimizer: torch.optim.Optimizer | None = None, fold: bool = False) -> list[str]:
+    """Keep LoRA on the modules at ``selected`` (``fold``: with γ folded into B) and switch the others of adapter
+    ``name`` off (their tensors leave the model and ``optimizer``); records the selection in the config. Returns
+    ``selected`` in model order."""
     keep = set(selected)
     unknown = keep - {path for path, _ in mods}
     if unknown:
         raise PeftkitError(f"DiffoRA adapter {name!r} has no candidate module {sorted(unknown)[0]!r}")
     dropped: list[torch.Tensor] = []
     for path, a in mods:
-        dropped.extend(a.switch(path in keep))
+        dropped.extend(a.switch(path in keep, fold=fold))
     selected = [path for path, _ in mods if path in keep]
     get_config(model, name).selected = selected
     for _, a in mods:  # per-module configs (overrides) are copies: keep their record in step
@@ -139,16 +160,18 @@ def apply_selection(model: nn.Module, name: str, mods: list[tuple[str, Diffora]]
 class DifforaSearch(Procedure):
     """The alternating bi-level search and the discretisation (module docstring).
 
-    ``held_out``: the held-out batches for the θ steps (on the model's device; cycled); without them the step's own
-    training batch is used (seen through ``extra_loss``). ``loss_fn(model, batch) -> (loss, outputs)`` computes the
-    held-out loss (default: the model's ``loss`` / cross-entropy). ``config`` (as the trainer passes it) limits the
-    search to the adapters built from that config."""
+    ``held_out``: the held-out batches for the θ steps (cycled; moved to the model's device); without them the
+    procedure asks its run for ``held_out_share`` of the training examples (:meth:`set_held_out`), and given none
+    the step's own training batch is used (seen through ``extra_loss``). ``loss_fn(model, batch) -> (loss,
+    outputs)`` computes the held-out loss (default: the model's ``loss`` / cross-entropy). ``config`` (as the
+    trainer passes it) limits the search to the adapters built from that config."""
 
     def __init__(self, model: nn.Module | None = None, config: DifforaConfig | None = None,
                  held_out: Iterable[Any] | None = None,
                  loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]] | None = None) -> None:
         self.config = config
         self.held_out = held_out
+        self.held_out_share = 0.1 if held_out is None else 0.0
         if loss_fn is None:
             from peftkit.train.trainer import default_loss as loss_fn  # the trainer's task loss, the same definition
         self.loss_fn = loss_fn
@@ -159,6 +182,7 @@ class DifforaSearch(Procedure):
         self._iter: Iterator[Any] | None = None
         self._batch: Any = None
         self._pending: dict[str, Any] = {}  # θ-optimiser states from load_state_dict, applied when rebuilt
+        self.limit: dict[str, int | None] = {}  # adapter name -> steps of search in this run
 
     def _searching(self, model: nn.Module) -> dict[str, list[tuple[str, Diffora]]]:
         found = find_adapters(model, Diffora, self.config)
@@ -166,6 +190,9 @@ class DifforaSearch(Procedure):
             which = " built from this config" if self.config is not None else ""
             raise PeftkitError(f"DifforaSearch: the model has no DiffoRA adapter{which}")
         return {n: mods for n, mods in found.items() if mods[0][1].mode == "search"}
+
+    def set_held_out(self, batches: Iterable[Any]) -> None:
+        self.held_out, self._iter = batches, None
 
     def _held_out_batch(self) -> Any:
         if self.held_out is None:
@@ -185,6 +212,7 @@ class DifforaSearch(Procedure):
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.train_optimizer = optimizer
         searching = self._searching(model)
+        self.limit = {n: get_config(model, n).search_limit(self.run_steps) for n in searching}
         for n, selected in self.selected.items():  # resuming after the discretisation: re-apply it
             if n in searching:
                 apply_selection(model, n, searching[n], list(selected), optimizer)
@@ -239,10 +267,14 @@ class DifforaSearch(Procedure):
         found = self._searching(model)
         if not found:
             return
-        self.theta_step(model, self._held_out_batch())
+        batch = self._held_out_batch()
+        device = next(a.theta.device for mods in found.values() for _, a in mods)
+        if any(isinstance(t, torch.Tensor) and t.device != device for t in tree_leaves(batch)):  # held-out data
+            batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+        self.theta_step(model, batch)
         opt = optimizer if optimizer is not None else self.train_optimizer
         for n in found:
-            limit = get_config(model, n).search_steps
+            limit = self.limit.get(n) if n in self.limit else get_config(model, n).search_limit(self.run_steps)
             if limit is not None and step + 1 >= limit:
                 self.selected.update(discretize(model, n, opt))
 
@@ -331,10 +363,13 @@ class Diffora(LowRankUpdate, Adapter):
         return weight - self.delta_weight(gate).to(weight.dtype), bias
 
     @torch.no_grad()
-    def switch(self, keep: bool) -> list[nn.Parameter]:
-        """End the search for this module: Γ = 1 (``keep``) or off for good. Returns the deleted parameters."""
+    def switch(self, keep: bool, fold: bool = False) -> list[nn.Parameter]:
+        """End the search for this module: Γ = 1 (``keep``; ``fold``: B ← γ·B first, so ΔW stays the same) or off for
+        good. Returns the deleted parameters."""
         if self.mode != "search":
             raise PeftkitError(f"module {self.host.name!r}: this DiffoRA adapter is already discretised")
+        if keep and fold:
+            self.lora_B.mul_(torch.sigmoid(self.theta).to(self.lora_B.dtype))
         del self.theta
         if keep:
             self.mode = "on"

@@ -66,13 +66,15 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device 
 @dataclass
 class LocaConfig(AdapterConfig):
     """LoCA. ``n``: learnable DCT coefficients per layer (paper 1000 per q/v matrix of RoBERTa-base); ``alpha``: scale
-    of ΔW (paper 1); schedule (:class:`LocaSchedule`): ``t_loc`` optimiser steps of location search (paper ≈ 10% of
-    all steps), cycles of ``b_a`` coefficient steps then ``b_l`` location steps (paper 10 and 20), ``location_lr``:
-    learning rate of the locations (paper 1e-4; None: the coefficients' rate)."""
+    of ΔW (paper 1); schedule (:class:`LocaSchedule`): ``t_loc`` — the location search's length, a share of the run's
+    optimiser steps (a float in [0, 1]; default 0.1, the paper's ≈ 10 % of all steps; a run of unknown length, e.g. a
+    schedule driven by hand, uses ``T_LOC_UNKNOWN_RUN`` steps) or a number of steps (an int) — cycles of ``b_a``
+    coefficient steps then ``b_l`` location steps (paper 10 and 20), ``location_lr``: learning rate of the locations
+    (paper 1e-4; None: the coefficients' rate)."""
 
     n: int = 1000
     alpha: float = 1.0
-    t_loc: int = 100
+    t_loc: int | float = 0.1
     b_a: int = 10
     b_l: int = 20
     location_lr: float | None = 1e-4
@@ -85,10 +87,23 @@ class LocaConfig(AdapterConfig):
         for name in ("t_loc", "b_a", "b_l"):
             if getattr(self, name) < 0:
                 raise PeftkitError(f"LocaConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.t_loc, float) and self.t_loc > 1:
+            raise PeftkitError(f"LocaConfig.t_loc as a float is a share of the run, in [0, 1]; got {self.t_loc} (give "
+                               "a whole number for a number of steps)")
         if self.b_a + self.b_l == 0:
             raise PeftkitError("LocaConfig.b_a + b_l (the length of a coefficient/location cycle) must be >= 1")
         if self.location_lr is not None:
             self.positive("LocaConfig.location_lr", self.location_lr)
+
+
+T_LOC_UNKNOWN_RUN = 100  # location-search steps when t_loc is a share and the run's length is unknown
+
+
+def location_steps(config: LocaConfig, run_steps: int | None) -> int:
+    """``t_loc`` in optimiser steps: an int as given; a share (float) of ``run_steps``."""
+    if isinstance(config.t_loc, float):
+        return T_LOC_UNKNOWN_RUN if run_steps is None else round(config.t_loc * run_steps)
+    return int(config.t_loc)
 
 
 def _entries(g: torch.Tensor, c_out: torch.Tensor, c_in: torch.Tensor, rows: torch.Tensor,
@@ -189,7 +204,7 @@ class LocaSchedule(Procedure):
             self._layers = self._collect(model)
         self._before = []
         for a in self._layers:
-            loc = a.location_phase(self.t)
+            loc = a.location_phase(self.t, location_steps(a.config, self.run_steps))
             a.loca_a.requires_grad_(not loc)
             a.loca_l.requires_grad_(loc)
             ratio = self._ratio.get(id(a.loca_l), 1.0)
@@ -206,7 +221,7 @@ class LocaSchedule(Procedure):
     def on_train_end(self, model: nn.Module) -> None:
         for a in self._layers or []:
             a.loca_a.requires_grad_(True)
-            a.loca_l.requires_grad_(self.t < a.config.t_loc)
+            a.loca_l.requires_grad_(self.t < location_steps(a.config, self.run_steps))
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t}
@@ -294,10 +309,12 @@ class Loca(Adapter):
         return self.weight_delta().detach()
 
     # -- schedule and bookkeeping ---------------------------------------------------------------------------------
-    def location_phase(self, t: int) -> bool:
-        """Whether optimiser step t trains the locations (and not the coefficients)."""
+    def location_phase(self, t: int, t_loc: int | None = None) -> bool:
+        """Whether optimiser step t trains the locations (and not the coefficients); ``t_loc`` in steps (default: the
+        config's, a share taken of an unknown run)."""
         cfg = self.config
-        return 0 < t < cfg.t_loc and t % (cfg.b_a + cfg.b_l) >= cfg.b_a
+        t_loc = location_steps(cfg, None) if t_loc is None else t_loc
+        return 0 < t < t_loc and t % (cfg.b_a + cfg.b_l) >= cfg.b_a
 
     def check_loaded(self) -> None:
         shape = (self.host.d_out, self.host.d_in)

@@ -9,7 +9,8 @@ with rsLoRA scaling (Kalajdzievski 2023), PiSSA init (Meng et al. 2024) and OLoR
 
 Trainable: A, B — r·(d_in + d_out) per layer. PiSSA (and OLoRA likewise) keeps its initial factors (A0, B0) as
 saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x
-(one rank-2r pass), which is the same function, so ``disable()``, mixed batches and other adapters on the layer still
+(one rank-2r pass; with dropout while training, the −B0·A0 part sees x undropped, as W_res·x does in the paper and
+in PEFT), which is the same function, so ``disable()``, mixed batches and other adapters on the layer still
 see the true W0, and loading into a fresh base reproduces the outputs exactly (Hugging Face PEFT instead rewrites the
 base weight).
 With ``dropout = 0`` on a Linear / GPT-2 Conv1D host the forward and backward run in one fused autograd function.
@@ -125,6 +126,11 @@ class Lora(LowRankUpdate, Adapter):
         if self.pissa:  # the kept A0/B0 are part of the update: their rank is the trained one
             super().pad_rank(r, scaling)
         pad_factors_(self, self.lora_A, self.lora_B, r, scaling)
+
+    def undropped_rank(self) -> int:
+        """PiSSA / OLoRA: the −B0·A0 term stands for the residual base weight, which sees x undropped (the paper's
+        W_res·x + s·B·A·dropout(x), Hugging Face PEFT's output too)."""
+        return self.r if self.pissa else 0
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:

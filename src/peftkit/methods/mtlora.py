@@ -23,9 +23,10 @@ head per task reads task t's prediction from its head in stream t. What this rea
   taken from the paired shared row (the k-th row of each stream is the same sample), as in the official code;
 - between and after MT layers the task rows go through the model's own ops (residual, norm, GELU, downsampling,
   heads) like the shared ones, and a TA-only layer applies the shared LoRA to them (the official patch merging);
-- where the reading differs: the official model restarts the task streams from the shared stream at every stage
-  (stage features go to the decoders); here a task stream, once split, runs on to the model's output. The part before
-  the first MT layer is computed T + 1 times (its rows are equal).
+- the official model restarts the task streams from the shared stream at every stage and sends each stage's task
+  features through a per-task Downsampler to the decoders: :class:`peftkit.heads.mtlora_fusion.MultiScaleTaskFeatures`
+  does both; plain ``forward_tasks`` lets a split task stream run on to the model's output. The part before the first
+  MT layer is computed T + 1 times (its rows are equal).
 A forward outside a ``condition`` block computes the shared stream alone (TA-LoRA on every row). Merged, the shared
 LoRA is part of W, so the task streams are refused until ``unmerge`` (``merge_and_unload`` keeps the shared stream
 only; the task-specific parts are discarded — in general they are not one linear map per layer, since y_t reads two

@@ -60,7 +60,8 @@ INIT_STD = 0.02
 class TriAdaptLoraConfig(LowRankConfig):
     """TriAdaptLoRA. ``r``: reference rank r_ref (average target rank; s = α/r_ref); ``init_rank``: rank of every
     module at init; ``growth_rank``: Δr per growth (default max(1, r // 2)); ``target_total_rank``: R_target (default
-    Σ r over the modules); ``total_steps``: T of the threshold schedule (required for growth); ``warmup_steps``: t_warm;
+    Σ r over the modules); ``total_steps``: T of the threshold schedule (None: the run's length, which the trainer
+    tells the procedure); ``warmup_steps``: t_warm;
     ``interval``: Δt; ``schedule``: ``"linear"`` or ``"nonlinear"``; ``orth_reg``: λ_orth; ``block_ranks``: grown
     block sizes per module path, written by :class:`TriAdaptGrowth` (leave empty)."""
 
@@ -164,7 +165,8 @@ class TriAdaptGrowth(Procedure):
     """Grows TriAdaptLoRA ranks after optimiser steps (module docstring) and adds the orthogonality loss.
 
     ``config`` (as the trainer passes it) limits it to the adapters built from that config; ``total_steps`` overrides
-    the config's T. ``events`` lists every growth: ``{"step", "k", "threshold", "grown", "total_rank"}``."""
+    the config's T; with neither, T is the run's length (``run_steps``, set by the trainer). ``events`` lists every
+    growth: ``{"step", "k", "threshold", "grown", "total_rank"}``."""
 
     def __init__(self, model: nn.Module | None = None, config: TriAdaptLoraConfig | None = None,
                  total_steps: int | None = None) -> None:
@@ -176,10 +178,11 @@ class TriAdaptGrowth(Procedure):
         self._replay: list[dict[str, Any]] = []  # growth events to re-apply after load_state_dict
 
     def _total(self, cfg: TriAdaptLoraConfig, name: str) -> int:
-        total = self.total_steps or cfg.total_steps
+        total = self.total_steps or cfg.total_steps or self.run_steps
         if total is None:
             raise PeftkitError(f"TriAdaptGrowth: adapter {name!r} needs TriAdaptLoraConfig.total_steps (T of the "
-                               f"rank-growth schedule, e.g. the number of training steps: --opt total_steps=N)")
+                               f"rank-growth schedule, e.g. the number of training steps: --opt total_steps=N), or "
+                               f"a trainer that tells the procedure the run's length")
         if total <= cfg.warmup_steps:
             raise PeftkitError(f"TriAdaptGrowth: total_steps = {total} must be > warmup_steps = {cfg.warmup_steps}")
         return total

@@ -176,8 +176,9 @@ def quantize_model(model: nn.Module, quant: str = "nf4", skip: Sequence[str] = (
             q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
         else:
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=lin.weight.dtype, quant_type=quant)
-            q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=quant)
+                                  compute_dtype=lin.weight.dtype, compress_statistics=True, quant_type=quant)
+            q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                         quant_type=quant)  # double quantisation (QLoRA), explicit
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         q = q.to(dev)

@@ -47,6 +47,8 @@ class ProcedureCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
         for p in self.procedures:
+            if getattr(state, "max_steps", 0) > 0:
+                p.run_steps = int(state.max_steps)
             p.on_train_start(_unwrap(model), optimizer)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

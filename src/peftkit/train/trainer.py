@@ -301,6 +301,7 @@ def train(
     if ckpt is not None:
         ckpt.restore_procedures(procedures)
     for p in procedures:  # on resume, a procedure that changed the adapter's structure replays it here
+        p.run_steps = steps
         p.on_train_start(model, optimizer)
     result = TrainResult(0, 0, 0.0, device=str(device), precision=precision, grad_accum=grad_accum)
     first = 0
