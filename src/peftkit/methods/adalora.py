@@ -131,7 +131,8 @@ _FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", 
 
 class AdaLoraAllocator(Procedure):
     """AdaLoRA's budget schedule and importance-based pruning (PEFT's ``RankAllocator`` + ``update_and_allocate``),
-    and the orthogonality penalty as an extra loss. ``total_steps`` overrides the config's ``total_step``.
+    and the orthogonality penalty as an extra loss. T is ``total_steps``, else the config's ``total_step``, else the
+    run's length (``run_steps``, set by the trainer).
 
     The importance of every trained tensor is read after the optimiser step from the parameter and the gradient of
     that step (captured as it is accumulated, since the trainer clears gradients before ``on_step_end``)."""
@@ -146,7 +147,7 @@ class AdaLoraAllocator(Procedure):
         self._hooks: list[Any] = []
 
     def _total(self, cfg: AdaLoraConfig, name: str) -> int:
-        total = self.total_steps or cfg.total_step
+        total = self.total_steps or cfg.total_step or self.run_steps
         if total is None:
             raise PeftkitError(f"AdaLoraAllocator: adapter {name!r} needs AdaLoraConfig.total_step (the run's length "
                                f"T of the budget schedule; --opt total_step=N) or total_steps=")
