@@ -245,6 +245,18 @@ class Adapter(nn.Module):
         return None
 
     @classmethod
+    def to_hf_state(cls, config: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This adapter's saved tensors as Hugging Face PEFT stores them (keys of :meth:`hf_layout`); the default
+        keeps them. E.g. PiSSA writes PEFT's converted LoRA of rank 2r, ``[A; A0]`` and ``[B, −B0]``."""
+        return state
+
+    @classmethod
+    def from_hf_state(cls, config: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`to_hf_state` for a file that peftkit wrote with ``config`` (its config is kept in
+        the file's metadata): tensors read as the Hugging Face layout's → this adapter's own."""
+        return state
+
+    @classmethod
     def shared_params(cls, config: Any, hosts: list[Host]) -> int:
         """Trainable parameters of the whole adapter on top of the per-layer ``expected_params``: those held once in
         the shared store (``uses_context``) or sized by all targeted ``hosts`` together. Checked by the tests."""

@@ -51,6 +51,77 @@ if TYPE_CHECKING:
 
 PREFIX = "base_model.model."
 DEFAULT_NAME = "default"
+#: safetensors metadata keys (PEFT ignores that metadata): the peftkit config and adapter name behind an HF file
+META_CONFIG, META_NAME = "peftkit_config", "peftkit_name"
+
+
+class NoHFFormat(PeftkitError):
+    """This adapter uses something Hugging Face PEFT's format for its type cannot hold (the message says what):
+    ``save``'s default format then falls back to peftkit's own."""
+
+
+#: PEFT task type -> transformers' auto mapping whose classes it loads (``AutoPeftModelFor…`` uses the same auto class)
+TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                 "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                 "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                 "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+                 "FEATURE_EXTRACTION": "MODEL_MAPPING_NAMES"}
+_SUFFIXES = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+             ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def task_type_of(model: nn.Module, given: str | None = None) -> str | None:
+    """PEFT's ``task_type`` for ``model``: ``given`` when set, else from its class — ``*ForSequenceClassification``
+    SEQ_CLS, ``*ForCausalLM`` (and the other classes transformers' causal-LM auto class loads, e.g.
+    ``GPT2LMHeadModel``) CAUSAL_LM, ``*ForTokenClassification`` TOKEN_CLS, ``*ForQuestionAnswering`` QUESTION_ANS, a
+    base model (``BertModel``, ``LlamaModel``) FEATURE_EXTRACTION; a plain ``nn.Module`` or another head None."""
+    if given:
+        return given
+    cls = type(model).__name__
+    found = next((t for suffix, t in _SUFFIXES if cls.endswith(suffix)), None)
+    if found is not None:
+        return found
+    try:
+        from transformers import PreTrainedModel
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - transformers is a dependency of the CLI only
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    for task, mapping in TASK_MAPPINGS.items():
+        names = getattr(modeling_auto, mapping, {}).values()
+        if any(cls == n or (isinstance(n, tuple | list) and cls in n) for n in names):
+            return task
+    return None
+
+
+#: the heads PEFT's PeftModelFor… class of a task always trains and saves (``modules_to_save``, matched as name
+#: suffixes); its loader requires them in the file
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _head_copies(model: nn.Module, task: str | None, saved: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The task heads PEFT's loader expects in the file that the adapter does not save itself, with the model's own
+    weights (PEFT then loads exactly what the model has: the same outputs)."""
+    from .layer import AdaptedLayer
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for path, module in _user_modules(model):
+        if (any(path.endswith(h) for h in TASK_HEADS.get(task or "", ())) and path not in saved
+                and not isinstance(module, AdaptedLayer) and not any(path.startswith(p + ".") for p in out)):
+            out[path] = {k: v.detach() for k, v in module.state_dict().items()}
+    return out
+
+
+def _base_name(model: nn.Module) -> str | None:
+    return getattr(model, "name_or_path", None) or None
+
+
+def _meta_opts(opts: dict[str, Any], cfg: AdapterConfig, name: str) -> dict[str, str]:
+    """The safetensors metadata of an HF file: the caller's, plus the peftkit config and name PEFT has no place for
+    (read back by :func:`restore_config`)."""
+    return {"format": "pt", **opts.pop("metadata", {}), META_CONFIG: io.dumps(cfg.to_dict()).decode(),
+            META_NAME: name}
 
 
 class HFTensor(NamedTuple):
@@ -363,6 +434,41 @@ def import_adapter(
     return cfg, out, DEFAULT_NAME
 
 
+def restore(
+    cfg: AdapterConfig, tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str], source: str,
+) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    """For a file peftkit wrote in the Hugging Face format: its adapter name and its peftkit config (options PEFT
+    has no field for, e.g. PiSSA's initial factors, kept in the weights' metadata, which PEFT ignores), with the
+    targets the file's keys gave. A file from another writer keeps the config read from ``adapter_config.json``."""
+    stored_name = metadata.get(META_NAME)
+    if isinstance(stored_name, str) and stored_name and "." not in stored_name:
+        name = stored_name
+    raw = metadata.get(META_CONFIG)
+    if not raw:
+        return cfg, tensors, name
+    try:
+        stored = registry.config_from_dict(io.parse_json(raw, f"{source}: {META_CONFIG}"))
+    except PeftkitError:
+        return cfg, tensors, name
+    if stored.method != cfg.method:  # e.g. ExPLoRA written as LORA: read back as the LoRA it is in the file
+        return cfg, tensors, name
+    stored = dataclasses.replace(
+        stored, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules, target_types=cfg.target_types,
+        layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
+        modules_to_save=cfg.modules_to_save,
+    )
+    info = registry.get(cfg.method)
+    if info.model_level or not isinstance(cfg.target_modules, list):
+        return stored, tensors, name
+    out = {k: v for k, v in tensors.items() if not k.startswith("adapter.")}
+    for path in sorted(cfg.target_modules, key=len, reverse=True):
+        prefix = f"adapter.{path}."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k not in out
+               and not any(k.startswith(f"adapter.{p}.") for p in cfg.target_modules if len(p) > len(path))}
+        out.update({prefix + k: v for k, v in info.adapter.from_hf_state(stored.for_module(path), sub).items()})
+    return stored, out, name
+
+
 # -- writing ---------------------------------------------------------------------------------------------------
 def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None, **opts: Any) -> None:
     """Write adapter ``name`` as a Hugging Face PEFT adapter (``PeftModel.from_pretrained`` reads it), as one unit
@@ -374,7 +480,7 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     cfg = get_config(model, name)
     info = registry.get(cfg.method)
     if info.hf_peft_type is None:
-        raise PeftkitError(f"method {info.name!r} has no Hugging Face PEFT counterpart; save it in peftkit format")
+        raise NoHFFormat(f"method {info.name!r} has no Hugging Face PEFT counterpart; save it in peftkit format")
     if info.model_level:
         _export_model_level(model, directory, name, cfg, info, **opts)
         return
@@ -383,18 +489,24 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     for path, layer in layers:
         if name in layer.merged:
             raise PeftkitError(f"adapter {name!r} is merged into {path!r}; unmerge before saving")
-    method_cfg = info.adapter.to_hf_config(cfg, [layer.host for _, layer in layers])
+    try:
+        method_cfg = info.adapter.to_hf_config(cfg, [layer.host for _, layer in layers])
+    except NoHFFormat:
+        raise
+    except PeftkitError as e:
+        raise NoHFFormat(str(e)) from None
     if method_cfg is None:
-        raise PeftkitError(f"method {info.name!r} cannot write the Hugging Face PEFT format")
+        raise NoHFFormat(f"method {info.name!r} cannot write the Hugging Face PEFT format")
 
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in layers:
         adapter = layer.adapters[name]
         layout = info.adapter.hf_layout(layer.host, adapter.config) or {}
         state = {k: v for k, v in adapter.state_dict().items() if k.split(".")[0] not in adapter.regenerated}
+        state = info.adapter.to_hf_state(adapter.config, state)
         missing = sorted(set(state) - set(layout))
         if missing:
-            raise PeftkitError(
+            raise NoHFFormat(
                 f"cannot export adapter {name!r} to Hugging Face PEFT format: tensor {missing[0]!r} of module "
                 f"{path!r} has no place in that format"
             )
@@ -417,23 +529,25 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
             elif sm is not None:
                 rest = f"{sm}.original_module.{rest[len(sm) + 1:]}"
             tensors[f"{PREFIX}{rest}"] = v
+    task = task_type_of(model, cfg.task_type)
+    for path, state in _head_copies(model, task, saved).items():
+        saved.append(path)
+        tensors.update({f"{PREFIX}{path}.{k}": v for k, v in state.items()})
     meta = {
         "peft_type": info.hf_peft_type,
-        "task_type": None,
+        "task_type": task,
         "inference_mode": True,
-        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "base_model_name_or_path": _base_name(model),
         "target_modules": [p for p, _ in layers],
         "modules_to_save": saved or None,
         **method_cfg,
     }
-    io.write_adapter(directory, meta, tensors, metadata={"format": "pt", **opts.pop("metadata", {})}, **opts)
+    io.write_adapter(directory, meta, tensors, metadata=_meta_opts(opts, cfg, name), **opts)
 
 
 # -- prompt learning (model-level methods): one ``prompt_embeddings`` tensor plus modules_to_save copies ---------
 PROMPT_KEY = "prompt_embeddings"
 _PROMPT_PREFIX = "base_model."  # PEFT's prompt-learning models save the wrapped model's modules under this prefix
-_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 
 
 def _import_model_level(
@@ -469,22 +583,26 @@ def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: st
     adapter = model_adapters(model)[name]
     method_cfg = adapter.to_hf_config(model)
     if method_cfg is None:
-        raise PeftkitError(f"method {info.name!r} cannot write the Hugging Face PEFT format")
+        raise NoHFFormat(f"method {info.name!r} cannot write the Hugging Face PEFT format")
     if cfg.bias != "none":
-        raise PeftkitError(f"adapter {name!r}: bias={cfg.bias!r} has no place in Hugging Face PEFT's prompt-learning "
+        raise NoHFFormat(f"adapter {name!r}: bias={cfg.bias!r} has no place in Hugging Face PEFT's prompt-learning "
                            "format")
     tensors = {PROMPT_KEY: adapter.hf_embeddings().detach().contiguous()}
     for k, v in adapter_state_dict(model, name).items():
         kind, _, rest = k.partition(".")
         if kind == "saved":
             tensors[f"{_PROMPT_PREFIX}{rest}"] = v
-    cls = type(model).__name__
+    task = task_type_of(model, cfg.task_type) or "FEATURE_EXTRACTION"  # PEFT's prompt models need one
+    saved = [p for p, sm in _saved_modules(model) if name in sm.copies]
+    for path, state in _head_copies(model, task, saved).items():
+        saved.append(path)
+        tensors.update({f"{_PROMPT_PREFIX}{path}.{k}": v for k, v in state.items()})
     meta = {
         "peft_type": info.hf_peft_type,
-        "task_type": next((t for suffix, t in _TASKS if cls.endswith(suffix)), "FEATURE_EXTRACTION"),
+        "task_type": task,
         "inference_mode": True,
-        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "modules_to_save": [p for p, sm in _saved_modules(model) if name in sm.copies] or None,
+        "base_model_name_or_path": _base_name(model),
+        "modules_to_save": saved or None,
         **method_cfg,
     }
-    io.write_adapter(directory, meta, tensors, metadata={"format": "pt", **opts.pop("metadata", {})}, **opts)
+    io.write_adapter(directory, meta, tensors, metadata=_meta_opts(opts, cfg, name), **opts)
