@@ -46,10 +46,10 @@ def _load_fails_cleanly(spec: TinyModel, d: Path, pattern: str) -> None:
 
 def test_save_writes_config_and_weights(spec: TinyModel, tmp_path: Path) -> None:
     model = _adapted(spec, modules_to_save=["head"])
-    peftkit.save(model, tmp_path / "a")
+    peftkit.save(model, tmp_path / "a", format="peftkit")  # (the default for LoRA is PEFT's format: test_peft_format)
     assert sorted(os.listdir(tmp_path / "a")) == [CFG, WEIGHTS]
     meta = json.loads((tmp_path / "a" / CFG).read_text())
-    assert meta["format"] == "peftkit" and meta["name"] == "default" and meta["base_model_class"] == "MLP"
+    assert meta["peft_type"] == "PEFTKIT_LORA" and meta["format"] == "peftkit" and meta["name"] == "default" and meta["base_model_class"] == "MLP"
     assert meta["config"] == peftkit.get_config(model, "default").to_dict()
     tensors = load_file(str(tmp_path / "a" / WEIGHTS))
     assert sorted(tensors) == sorted(peftkit.adapter_state_dict(model))

@@ -250,11 +250,19 @@ class Adapter(nn.Module):
         keeps them. E.g. PiSSA writes PEFT's converted LoRA of rank 2r, ``[A; A0]`` and ``[B, −B0]``."""
         return state
 
+    #: tensors a Hugging Face PEFT file of this method may repeat that peftkit regenerates instead (e.g. RandLoRA's
+    #: seeded bases, under ``<module>.<key>`` and ``base_model.<key>``): handed to :meth:`from_hf_state` to check
+    hf_shared_keys: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
-    def from_hf_state(cls, config: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The inverse of :meth:`to_hf_state` for a file that peftkit wrote with ``config`` (its config is kept in
-        the file's metadata): tensors read as the Hugging Face layout's → this adapter's own."""
-        return state
+    def from_hf_state(cls, config: Any, tensors: dict[str, torch.Tensor], hosts: list[Host]) -> dict[str, torch.Tensor]:
+        """The whole adapter's tensors read from a Hugging Face file (``adapter.<module>.<name>`` as laid out by
+        :meth:`hf_layout`, plus ``hf_shared.<module>.<key>`` for :attr:`hf_shared_keys`) → what this adapter, built
+        from ``config`` on ``hosts`` (the targets in model order), loads. Called with the config read from
+        ``adapter_config.json`` and again, for a file peftkit wrote, with the peftkit config kept in its metadata
+        (e.g. splitting PiSSA's rank-2r factors back): must leave tensors it already converted alone. Raise
+        :class:`PeftkitError` for tensors that do not fit. The default keeps them."""
+        return tensors
 
     @classmethod
     def shared_params(cls, config: Any, hosts: list[Host]) -> int:

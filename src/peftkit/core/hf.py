@@ -120,7 +120,7 @@ def _base_name(model: nn.Module) -> str | None:
 def _meta_opts(opts: dict[str, Any], cfg: AdapterConfig, name: str) -> dict[str, str]:
     """The safetensors metadata of an HF file: the caller's, plus the peftkit config and name PEFT has no place for
     (read back by :func:`restore_config`)."""
-    return {"format": "pt", **opts.pop("metadata", {}), META_CONFIG: io.dumps(cfg.to_dict()).decode(),
+    return {"format": "pt", **opts.pop("metadata", {}), META_CONFIG: io.dumps(cfg.to_dict(), sort=False).decode(),
             META_NAME: name}
 
 
@@ -266,9 +266,11 @@ def _method_for(meta: dict[str, Any], source: str) -> tuple[MethodInfo, AdapterC
 
 
 def _read_hf_tensors(
-    directory: str | os.PathLike, source: str, files: io.AdapterFiles | None = None
+    directory: str | os.PathLike, source: str, files: io.AdapterFiles | None = None, shared: tuple[str, ...] = (),
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """The file's tensors keyed by module path + tensor name, and the prefix the file puts before them."""
+    """The file's tensors keyed by module path + tensor name, and the prefix the file puts before them. The model-wide
+    copies ``base_model.<key>`` of a method's ``shared`` tensors (PEFT repeats them under every module too) are
+    dropped: the per-module copies are checked."""
     d = Path(directory)
     if not (d / io.WEIGHTS_NAME).is_file() and (d / "adapter_model.bin").is_file():
         raise PeftkitError(
@@ -276,6 +278,7 @@ def _read_hf_tensors(
             f"adapter with PEFT's save_pretrained(..., safe_serialization=True)"
         )
     raw = (files or io.read_adapter_files(directory)).tensors()
+    raw = {k: v for k, v in raw.items() if k not in {f"base_model.{key}" for key in shared}}
     prefixed = [k for k in raw if k.startswith(PREFIX)]
     if prefixed and len(prefixed) != len(raw):
         odd = next(k for k in raw if not k.startswith(PREFIX))
@@ -342,7 +345,7 @@ def import_adapter(
     info, cfg = _method_for(meta, source)
     if info.model_level:
         return _import_model_level(model, directory, meta, info, cfg, source, files)
-    hf, prefix = _read_hf_tensors(directory, source, files)
+    hf, prefix = _read_hf_tensors(directory, source, files, info.adapter.hf_shared_keys)
 
     # 1. adapter tensors: every host layer says where its tensors would be
     hosts = _hosts(model)
@@ -358,7 +361,12 @@ def import_adapter(
     out: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
     rest: list[str] = []
+    shared: dict[str, torch.Tensor] = {}
     for k, t in hf.items():
+        owner, _, leaf = k.rpartition(".")
+        if leaf in info.adapter.hf_shared_keys and owner in layouts:
+            shared[k] = t
+            continue
         if k not in wanted:
             rest.append(k)
             continue
@@ -427,6 +435,8 @@ def import_adapter(
         raise PeftkitError(f"{source}: the file holds no {info.name} tensors for any layer of this model")
 
     order = [p for p in hosts if p in targets]
+    out.update({f"hf_shared.{k}": t for k, t in shared.items() if k.rpartition(".")[0] in targets})
+    out = info.adapter.from_hf_state(cfg, out, [hosts[p] for p in order])
     cfg = dataclasses.replace(
         cfg, target_modules=order, exclude_modules=None, target_types=None, layers_to_transform=None,
         layers_pattern=None, modules_to_save=[p for p in saved_paths if p in saved_used] or None,
@@ -435,7 +445,8 @@ def import_adapter(
 
 
 def restore(
-    cfg: AdapterConfig, tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str], source: str,
+    model: nn.Module, cfg: AdapterConfig, tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str],
+    source: str,
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
     """For a file peftkit wrote in the Hugging Face format: its adapter name and its peftkit config (options PEFT
     has no field for, e.g. PiSSA's initial factors, kept in the weights' metadata, which PEFT ignores), with the
@@ -460,13 +471,8 @@ def restore(
     info = registry.get(cfg.method)
     if info.model_level or not isinstance(cfg.target_modules, list):
         return stored, tensors, name
-    out = {k: v for k, v in tensors.items() if not k.startswith("adapter.")}
-    for path in sorted(cfg.target_modules, key=len, reverse=True):
-        prefix = f"adapter.{path}."
-        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k not in out
-               and not any(k.startswith(f"adapter.{p}.") for p in cfg.target_modules if len(p) > len(path))}
-        out.update({prefix + k: v for k, v in info.adapter.from_hf_state(stored.for_module(path), sub).items()})
-    return stored, out, name
+    hosts = _hosts(model)
+    return stored, info.adapter.from_hf_state(stored, tensors, [hosts[p] for p in cfg.target_modules]), name
 
 
 # -- writing ---------------------------------------------------------------------------------------------------

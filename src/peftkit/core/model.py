@@ -659,7 +659,7 @@ def _read(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig
         from . import hf
 
         cfg, tensors, name = hf.import_adapter(model, directory, meta, files)
-        return (*hf.restore(cfg, tensors, name, files.metadata, str(directory)), ident)
+        return (*hf.restore(model, cfg, tensors, name, files.metadata, str(directory)), ident)
     if meta.get("format") != "peftkit" or "config" not in meta:
         raise PeftkitError(f"{directory}: not a peftkit or Hugging Face PEFT adapter config")
     version = meta.get("format_version", 1)

@@ -156,11 +156,20 @@ class Lora(LowRankUpdate, Adapter):
                 "lora_B": torch.cat([state["lora_B"], -state["pissa_B0"]], dim=1)}
 
     @classmethod
-    def from_hf_state(cls, config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not _keeps_init(config) or set(state) != {"lora_A", "lora_B"}:
-            return state
-        a, b, r = state["lora_A"], state["lora_B"], config.r
-        return {"lora_A": a[:r], "pissa_A0": a[r:], "lora_B": b[:, :r], "pissa_B0": -b[:, r:]}
+    def from_hf_state(cls, config: LoraConfig, tensors: dict[str, torch.Tensor], hosts: list[Host]
+                      ) -> dict[str, torch.Tensor]:
+        if not _keeps_init(config):
+            return tensors
+        out = dict(tensors)
+        for host in hosts:
+            key = f"adapter.{host.name}."
+            r = config.for_module(host.name).r
+            a, b = out.get(key + "lora_A"), out.get(key + "lora_B")
+            if a is None or b is None or a.shape[0] != 2 * r or key + "pissa_A0" in out:
+                continue
+            out.update({key + "lora_A": a[:r], key + "pissa_A0": a[r:], key + "lora_B": b[:, :r],
+                        key + "pissa_B0": -b[:, r:]})
+        return out
 
 
 def _keeps_init(config: LoraConfig) -> bool:
