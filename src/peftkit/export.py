@@ -135,4 +135,6 @@ def export_adapter(
         io.write_unit(output, written)
     except OSError as e:
         raise PeftkitError(f"cannot write {output}: {e.strerror or e}") from None
-    return f"merged {type(base).__name__} ({method} folded into {model_dir})"
+    note = (f"; the adapter was trained on a {info['quantize']}-quantised base and is merged into its float weights"
+            if info.get("quantize") else "")
+    return f"merged {type(base).__name__} ({method} folded into {model_dir}{note})"

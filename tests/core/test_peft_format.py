@@ -87,7 +87,6 @@ TRAIN_CASES: dict[str, tuple[list[str], str]] = {
     "ia3": (["--method", "ia3"], "IA3"),
     "lntuning": (["--method", "lntuning"], "LN_TUNING"),
     "prompt_tuning": (["--method", "prompt_tuning"], "PROMPT_TUNING"),
-    "prefix_tuning": (["--method", "prefix_tuning"], "PREFIX_TUNING"),
     "randlora": (["--method", "randlora", "--rank", "8"], "RANDLORA"),
 }
 
@@ -131,6 +130,50 @@ def test_train_output_loads_in_peft_and_back(case: str, bert_dir: Path, csv_file
     back = _bert(bert_dir)
     peftkit.load(back, tmp_path / "from_peft")
     torch.testing.assert_close(_logits(back), changed, rtol=0, atol=ATOL)
+
+
+def test_prefix_tuning_on_a_causal_lm_loads_in_peft_and_back(tmp_path: Path) -> None:
+    """Prefix tuning (PEFT's runs on models that take past_key_values: a causal LM here, as transformers' BERT no
+    longer does), through the Python API the CLI uses: saved by default, loaded by PeftModel and
+    AutoPeftModelForCausalLM (base from the local folder the adapter names), and back."""
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(folder)
+
+    def llama() -> nn.Module:
+        return _quiet(transformers.LlamaForCausalLM.from_pretrained, str(folder)).eval()
+
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+
+    def out(m: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+    model = llama()
+    peftkit.adapt(model, peftkit.config("prefix_tuning", num_virtual_tokens=3, encoder_hidden_size=8))
+    with torch.no_grad():
+        for p in peftkit.trainable_parameters(model):
+            p.add_(0.3 * torch.randn_like(p))
+    expected = out(model)
+    peftkit.save(model, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (meta["peft_type"], meta["task_type"]) == ("PREFIX_TUNING", "CAUSAL_LM")
+    via_peft = _quiet(peft.PeftModel.from_pretrained, llama(), str(tmp_path / "a")).eval()
+    torch.testing.assert_close(out(via_peft), expected, rtol=0, atol=ATOL)
+    via_auto = _quiet(peft.AutoPeftModelForCausalLM.from_pretrained, str(tmp_path / "a")).eval()
+    torch.testing.assert_close(out(via_auto), expected, rtol=0, atol=ATOL)
+    with torch.no_grad():
+        for n, p in via_peft.named_parameters():
+            if "prompt_encoder" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    changed = out(via_peft)
+    assert (changed - expected).abs().max() > 1e-4
+    _quiet(via_peft.save_pretrained, str(tmp_path / "b"))
+    back = llama()
+    peftkit.load(back, tmp_path / "b")
+    torch.testing.assert_close(out(back), changed, rtol=0, atol=ATOL)
 
 
 def test_pissa_is_written_as_peft_converts_it_and_read_back_as_pissa(bert_dir: Path, tmp_path: Path) -> None:

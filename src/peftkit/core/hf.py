@@ -463,13 +463,15 @@ def restore(
         return cfg, tensors, name
     if stored.method != cfg.method:  # e.g. ExPLoRA written as LORA: read back as the LoRA it is in the file
         return cfg, tensors, name
+    info = registry.get(cfg.method)
+    if info.model_level:  # the file holds the final virtual tokens (a reparametrisation's network is not in it)
+        return cfg, tensors, name
     stored = dataclasses.replace(
         stored, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules, target_types=cfg.target_types,
         layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
         modules_to_save=cfg.modules_to_save,
     )
-    info = registry.get(cfg.method)
-    if info.model_level or not isinstance(cfg.target_modules, list):
+    if not isinstance(cfg.target_modules, list):
         return stored, tensors, name
     hosts = _hosts(model)
     return stored, info.adapter.from_hf_state(stored, tensors, [hosts[p] for p in cfg.target_modules]), name
