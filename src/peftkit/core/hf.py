@@ -13,7 +13,12 @@ A Hugging Face adapter folder holds ``adapter_config.json`` (with a ``peft_type`
    when they equal the model's); anything else means the adapter belongs to another architecture.
 
 Nothing touches the model here: :func:`peftkit.core.model.load` plans and checks the returned config and tensors
-before installing them. Writing (:func:`export_adapter`) is the inverse, atomic through :mod:`peftkit.core.io`.
+before installing them. Writing (:func:`export_adapter`) is the inverse, atomic through :mod:`peftkit.core.io`; it is
+``peftkit.save``'s default for every method with a PEFT type. It writes a real ``task_type`` (:func:`task_type_of`),
+the task head PEFT's ``PeftModelFor…`` requires, and — in the safetensors metadata, which PEFT ignores — the peftkit
+config and adapter name, from which :func:`restore` rebuilds what PEFT's config has no field for (e.g. PiSSA's
+initial factors, written as PEFT's converted rank-2r LoRA). An adapter the format cannot hold raises
+:class:`NoHFFormat` (``save`` then writes peftkit's format).
 
 The shared Hugging Face ``LORA`` config (r, lora_alpha, use_rslora, rank/alpha patterns, the options peftkit
 cannot reproduce) is translated here for every low-rank method that reads or writes that format, with the tables of
@@ -119,7 +124,7 @@ def _base_name(model: nn.Module) -> str | None:
 
 def _meta_opts(opts: dict[str, Any], cfg: AdapterConfig, name: str) -> dict[str, str]:
     """The safetensors metadata of an HF file: the caller's, plus the peftkit config and name PEFT has no place for
-    (read back by :func:`restore_config`)."""
+    (read back by :func:`restore`)."""
     return {"format": "pt", **opts.pop("metadata", {}), META_CONFIG: io.dumps(cfg.to_dict(), sort=False).decode(),
             META_NAME: name}
 
