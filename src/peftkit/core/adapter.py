@@ -253,6 +253,9 @@ class Adapter(nn.Module):
     #: tensors a Hugging Face PEFT file of this method may repeat that peftkit regenerates instead (e.g. RandLoRA's
     #: seeded bases, under ``<module>.<key>`` and ``base_model.<key>``): handed to :meth:`from_hf_state` to check
     hf_shared_keys: ClassVar[tuple[str, ...]] = ()
+    #: small saved tensors PEFT's layout has no place for (e.g. a checksum of regenerated buffers): written into the
+    #: weights' metadata, which PEFT ignores, and read back from there by peftkit
+    hf_metadata_tensors: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_hf_state(cls, config: Any, tensors: dict[str, torch.Tensor], hosts: list[Host]) -> dict[str, torch.Tensor]:

@@ -58,6 +58,8 @@ PREFIX = "base_model.model."
 DEFAULT_NAME = "default"
 #: safetensors metadata keys (PEFT ignores that metadata): the peftkit config and adapter name behind an HF file
 META_CONFIG, META_NAME = "peftkit_config", "peftkit_name"
+#: ... and small tensors PEFT's layout has no place for (an adapter's ``hf_metadata_tensors``, e.g. a checksum)
+META_TENSORS = "peftkit_tensors"
 
 
 class NoHFFormat(PeftkitError):
@@ -449,6 +451,16 @@ def import_adapter(
     return cfg, out, DEFAULT_NAME
 
 
+def _metadata_tensors(raw: str, source: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, spec in io.parse_json(raw, f"{source}: {META_TENSORS}").items():
+        try:
+            out[k] = torch.tensor(spec["values"], dtype=getattr(torch, spec["dtype"])).reshape(spec["shape"])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise PeftkitError(f"{source}: damaged {META_TENSORS} entry {k!r} in the weights' metadata ({e})") from None
+    return out
+
+
 def restore(
     model: nn.Module, cfg: AdapterConfig, tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str],
     source: str,
@@ -459,6 +471,8 @@ def restore(
     stored_name = metadata.get(META_NAME)
     if isinstance(stored_name, str) and stored_name and "." not in stored_name:
         name = stored_name
+    if metadata.get(META_TENSORS):
+        tensors = {**tensors, **_metadata_tensors(metadata[META_TENSORS], source)}
     raw = metadata.get(META_CONFIG)
     if not raw:
         return cfg, tensors, name
@@ -471,11 +485,15 @@ def restore(
     info = registry.get(cfg.method)
     if info.model_level:  # the file holds the final virtual tokens (a reparametrisation's network is not in it)
         return cfg, tensors, name
-    stored = dataclasses.replace(
-        stored, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules, target_types=cfg.target_types,
-        layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
-        modules_to_save=cfg.modules_to_save,
-    )
+    try:  # the file's targets (exact paths) with the stored rest; a rest tied to the stored targeting form (IA3's
+        # feedforward_modules as a subset of its target list) keeps the config read from the file, which is complete
+        stored = dataclasses.replace(
+            stored, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules,
+            target_types=cfg.target_types, layers_to_transform=cfg.layers_to_transform,
+            layers_pattern=cfg.layers_pattern, modules_to_save=cfg.modules_to_save,
+        )
+    except PeftkitError:
+        return cfg, tensors, name
     if not isinstance(cfg.target_modules, list):
         return stored, tensors, name
     hosts = _hosts(model)
@@ -512,10 +530,16 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
         raise NoHFFormat(f"method {info.name!r} cannot write the Hugging Face PEFT format")
 
     tensors: dict[str, torch.Tensor] = {}
+    kept: dict[str, dict[str, Any]] = {}
     for path, layer in layers:
         adapter = layer.adapters[name]
         layout = info.adapter.hf_layout(layer.host, adapter.config) or {}
         state = {k: v for k, v in adapter.state_dict().items() if k.split(".")[0] not in adapter.regenerated}
+        for k in info.adapter.hf_metadata_tensors:
+            if k in state:
+                t = state.pop(k).detach().cpu()
+                kept[f"adapter.{path}.{k}"] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+                                               "values": t.flatten().tolist()}
         state = info.adapter.to_hf_state(adapter.config, state)
         missing = sorted(set(state) - set(layout))
         if missing:
@@ -555,7 +579,10 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
         "modules_to_save": saved or None,
         **method_cfg,
     }
-    io.write_adapter(directory, meta, tensors, metadata=_meta_opts(opts, cfg, name), **opts)
+    metadata = _meta_opts(opts, cfg, name)
+    if kept:
+        metadata[META_TENSORS] = io.dumps(kept).decode()
+    io.write_adapter(directory, meta, tensors, metadata=metadata, **opts)
 
 
 # -- prompt learning (model-level methods): one ``prompt_embeddings`` tensor plus modules_to_save copies ---------

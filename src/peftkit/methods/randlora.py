@@ -134,6 +134,7 @@ def checksum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class RandLora(DenseUpdate, Adapter):
     uses_context = True
     hf_shared_keys = ("randlora_A", "randlora_B")  # PEFT's save_projection=True copies of the bases
+    hf_metadata_tensors = ("shared_store.checksum",)  # kept in a PEFT file's metadata: load checks the bases with it
 
     def __init__(self, host: Host, config: RandLoraConfig, context: PlanContext | None = None) -> None:
         if context is None:
@@ -225,10 +226,6 @@ class RandLora(DenseUpdate, Adapter):
         n = math.ceil(small / config.r)
         return {"lam": HFTensor("randlora_lambda", (config.r, n), (config.r, n)),
                 "gamma": HFTensor("randlora_gamma", (n, small), (n, small))}
-
-    @classmethod
-    def to_hf_state(cls, config: RandLoraConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in state.items() if not k.startswith("shared_store.")}
 
     @classmethod
     def from_hf_state(cls, config: RandLoraConfig, tensors: dict[str, torch.Tensor], hosts: list[Host]
