@@ -108,16 +108,21 @@ def export_adapter(
     base, tokenizer = load_base(model_dir, task_type, info)
     name = load(base, adapter)
     method = get_config(base, name).method
+    info_m = registry.get(method)
+    has_hf, mergeable = info_m.hf_peft_type is not None, info_m.mergeable
     if not merged:
-        if registry.get(method).hf_peft_type is None:
-            raise PeftkitError(f"method {method!r} has no Hugging Face PEFT counterpart, so no engine reads it as an "
-                               "adapter; export it merged (--merged): the base model with the adapter folded in")
+        if not has_hf:
+            raise PeftkitError(
+                f"method {method!r} has no Hugging Face PEFT counterpart, so no engine reads it as an adapter; "
+                + ("export it merged (--merged): the base model with the adapter folded in" if mergeable else
+                   "it cannot be merged either: serve it with peftkit (peftkit.load)"))
         save(base, output, name, format="hf", overwrite=overwrite)
         return f"Hugging Face PEFT adapter ({method}) for {model_dir}"
-    info_m = registry.get(method)
-    if not info_m.mergeable:
-        raise PeftkitError(f"method {method!r} cannot be merged into the base weights (no weight change reproduces "
-                           "it); export it as an adapter folder (without --merged) and serve it with peftkit")
+    if not mergeable:
+        raise PeftkitError(
+            f"method {method!r} cannot be merged into the base weights (no weight change reproduces it); "
+            + ("export it as a Hugging Face PEFT adapter folder (without --merged)" if has_hf else
+               "it has no Hugging Face PEFT counterpart either: serve it with peftkit (peftkit.load)"))
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise PeftkitError(f"{output} already exists and is not empty; pass --overwrite to replace it")
     from .models import _quiet_transformers

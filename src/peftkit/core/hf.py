@@ -483,8 +483,15 @@ def restore(
     if stored.method != cfg.method:  # e.g. ExPLoRA written as LORA: read back as the LoRA it is in the file
         return cfg, tensors, name
     info = registry.get(cfg.method)
-    if info.model_level:  # the file holds the final virtual tokens (a reparametrisation's network is not in it)
-        return cfg, tensors, name
+    if info.model_level:  # the stored config, when it holds what the file holds (the file keeps the final virtual
+        # tokens: a reparametrisation's network is not in it, and the config read from the file says so)
+        try:
+            stored = dataclasses.replace(stored, modules_to_save=cfg.modules_to_save)
+            wanted = set(info.adapter(model, stored.resolve(model)).state_dict())
+        except PeftkitError:
+            return cfg, tensors, name
+        have = {k[len("model."):] for k in tensors if k.startswith("model.")}
+        return (stored if wanted == have else cfg), tensors, name
     try:  # the file's targets (exact paths) with the stored rest; a rest tied to the stored targeting form (IA3's
         # feedforward_modules as a subset of its target list) keeps the config read from the file, which is complete
         stored = dataclasses.replace(
