@@ -438,8 +438,9 @@ def test_cli_dora_and_bn_buffers_of_the_saved_run(tiny_backbone: str, bars_npz: 
 
     saved = load_file(out / "adapter_model.safetensors")
     assert saved and not any("running_" in k or "num_batches" in k for k in saved)  # no BN state in the adapter
-    assert {"saved._fc.weight", "saved._fc.bias"} <= set(saved)  # the trained head travels with it
-    assert sum(k.endswith(".magnitude") for k in saved) == len(TINY_TARGETS)  # DoRA's m on every adapted conv
+    # (Hugging Face PEFT's format: peftkit.save's default for DoRA)
+    assert {"base_model.model._fc.weight", "base_model.model._fc.bias"} <= set(saved)  # the trained head travels
+    assert sum(k.endswith(".lora_magnitude_vector") for k in saved) == len(TINY_TARGETS)  # DoRA's m on every conv
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -587,7 +587,7 @@ def not_reproduced(verdict: str, measured: str, recorded: str) -> None:
 # -- parser -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning: train, evaluate, list methods.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,methods,bench}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,export,methods,bench}")
     from .cli_causal_lm import LM_DEFAULTS
     from .cli_token import TOKEN_DEFAULTS
     from .cli_vision import IMG_DEFAULTS
@@ -706,10 +706,29 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     m.set_defaults(func=cmd_methods)
 
+    # `peftkit export`: the logic lives in peftkit.export
+    x = sub.add_parser("export", help="write an adapter as a Hugging Face PEFT folder, or merged into its base model")
+    x.add_argument("--adapter", required=True, help="the adapter folder (peftkit train's --output)")
+    x.add_argument("--output", required=True, help="the folder to write")
+    x.add_argument("--merged", action="store_true",
+                   help="write a plain transformers model folder: base weights with the adapter merged, config and "
+                        "tokenizer (default: the Hugging Face PEFT adapter folder vLLM, TGI and LoRAX load)")
+    x.add_argument("--model", help="base model folder (default: the one in the adapter's train_info.json)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.set_defaults(func=lambda a: _cmd_export(a))
+
     from .bench.command import add_parser as add_bench_parser
 
     add_bench_parser(sub)  # `peftkit bench`: options and logic live in peftkit.bench
     return p
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_adapter
+
+    what = export_adapter(args.adapter, args.output, model=args.model, merged=args.merged, overwrite=args.overwrite)
+    print(f"wrote {what} to {args.output}")
+    return 0
 
 
 def _one_line(message: str) -> str:

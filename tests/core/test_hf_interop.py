@@ -343,10 +343,10 @@ def test_export_refusals(tmp_path: Path) -> None:
         peftkit.save(model, tmp_path / "a", format="hf")
     with pytest.raises(peftkit.PeftkitError, match="unknown adapter format 'onnx'"):
         peftkit.save(model, tmp_path / "a", format="onnx")
-    pissa = _bert()
-    peftkit.adapt(pissa, peftkit.config("lora", target_modules=["query"], r=2, init="pissa"))
-    with pytest.raises(peftkit.PeftkitError, match="init='pissa'"):
-        peftkit.save(pissa, tmp_path / "b", format="hf")
+    kron = _bert()  # a method Hugging Face PEFT does not have
+    peftkit.adapt(kron, peftkit.config("kron", target_modules=["query"]))
+    with pytest.raises(peftkit.PeftkitError, match="Hugging Face PEFT format: method 'kron' has no Hugging Face PEFT"):
+        peftkit.save(kron, tmp_path / "b", format="hf")
     peftkit.merge(model)
     with pytest.raises(peftkit.PeftkitError, match="merged"):
         peftkit.save(model, tmp_path / "c", format="hf")

@@ -46,10 +46,11 @@ def _load_fails_cleanly(spec: TinyModel, d: Path, pattern: str) -> None:
 
 def test_save_writes_config_and_weights(spec: TinyModel, tmp_path: Path) -> None:
     model = _adapted(spec, modules_to_save=["head"])
-    peftkit.save(model, tmp_path / "a")
+    peftkit.save(model, tmp_path / "a", format="peftkit")  # (the default for LoRA is PEFT's format: test_peft_format)
     assert sorted(os.listdir(tmp_path / "a")) == [CFG, WEIGHTS]
     meta = json.loads((tmp_path / "a" / CFG).read_text())
-    assert meta["format"] == "peftkit" and meta["name"] == "default" and meta["base_model_class"] == "MLP"
+    assert meta["peft_type"] == "PEFTKIT_LORA" and meta["format"] == "peftkit" and meta["name"] == "default"
+    assert meta["base_model_class"] == "MLP"
     assert meta["config"] == peftkit.get_config(model, "default").to_dict()
     tensors = load_file(str(tmp_path / "a" / WEIGHTS))
     assert sorted(tensors) == sorted(peftkit.adapter_state_dict(model))
@@ -156,7 +157,7 @@ def test_bad_config_files(spec: TinyModel, tmp_path: Path) -> None:
 
 def test_missing_and_extra_tensors_are_named(spec: TinyModel, tmp_path: Path) -> None:
     d = tmp_path / "a"
-    peftkit.save(_adapted(spec), d)
+    peftkit.save(_adapted(spec), d, format="peftkit")
     full = load_file(str(d / WEIGHTS))
     cfg = json.loads((d / CFG).read_text())
     (d / CFG).write_text(json.dumps({**cfg, "format_version": 1}))  # files without checksums, as older peftkit wrote
@@ -208,7 +209,7 @@ def test_bias_modes_train_and_save_biases(spec: TinyModel, tmp_path: Path, mode:
             assert not torch.equal(p, before[n]), f"{n} did not train"
     with torch.no_grad():
         y = model(x)
-    peftkit.save(model, tmp_path / "a")
+    peftkit.save(model, tmp_path / "a", format="peftkit")
     keys = set(load_file(str(tmp_path / "a" / WEIGHTS)))
     assert {k for k in keys if k.startswith("bias.")} == {"bias." + b.replace(".base_layer", "") for b in biases}
     fresh = spec.build()
@@ -242,5 +243,5 @@ def test_save_refuses_merged_or_ambiguous_adapters(spec: TinyModel, tmp_path: Pa
     peftkit.set_active(model, ["default", "b"])
     with pytest.raises(peftkit.PeftkitError, match="several adapters loaded"):
         peftkit.save(model, tmp_path / "a")
-    peftkit.save(model, tmp_path / "b", name="b")
+    peftkit.save(model, tmp_path / "b", name="b", format="peftkit")
     assert set(load_file(str(tmp_path / "b" / WEIGHTS))) == {"adapter.fc1.lora_A", "adapter.fc1.lora_B"}

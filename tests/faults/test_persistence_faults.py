@@ -261,8 +261,8 @@ def _nan_in_file(d: Path) -> None:
 def test_tampered_adapter_files_are_refused(tmp_path: Path, case: str, checksums: bool) -> None:
     damage, with_sums, without_sums = TAMPER[case]
     d = tmp_path / "adapter"
-    peftkit.save(_adapter(1, 8.0), d, run_info={"run": "a"})
-    peftkit.save(_adapter(2, 64.0), tmp_path / "other", run_info={"run": "b"})
+    peftkit.save(_adapter(1, 8.0), d, run_info={"run": "a"}, format="peftkit")
+    peftkit.save(_adapter(2, 64.0), tmp_path / "other", run_info={"run": "b"}, format="peftkit")
     if not checksums:
         _strip_checksums(d)
     damage(d)

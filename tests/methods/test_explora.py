@@ -116,7 +116,7 @@ def test_init_merge_save_load(tmp_path) -> None:
     perturb(model, seed=1, std=0.2)
     y = _out(model, x)
     assert not torch.allclose(y, y0, atol=1e-3)
-    peftkit.save(model, tmp_path / "a")
+    peftkit.save(model, tmp_path / "a", format="peftkit")  # its blocks under peftkit names
     from safetensors.torch import load_file
 
     keys = load_file(tmp_path / "a" / "adapter_model.safetensors")

@@ -57,8 +57,9 @@ def test_activation_path_equals_delta_weight():
 
 
 def test_update_is_the_spec_sum_over_bases():
-    """ΔW = s·Σ_i B_i·diag(λ_i)·A·diag(γ_i) (transposed when d_out < d_in), summed term by term in float64 from the
-    shared bases — independent of the adapter's stacked Ã / B_cat construction — and the layer's output is
+    """ΔW = s·Σ_j B_cat[:, j] ⊗ Ã[j] (transposed when d_out < d_in) with Hugging Face PEFT's pairing — column
+    j = i·r + k of B_cat is B_i[:, k], row j of Ã is λ[j // N, j % N]·A[j // N] ⊙ γ[j % N] — summed term by term in
+    float64 from the shared bases, independent of the adapter's reshaped construction; the layer's output is
     x·(W0 + ΔW)ᵀ + b on both the dense (≥ d_out rows) and the activation path."""
     m = _model()
     r, alpha = 4, 8.0
@@ -70,9 +71,13 @@ def test_update_is_the_spec_sum_over_bases():
         big, small = max(d_in, d_out), min(d_in, d_out)
         n = -(-small // r)
         a = ad.shared.A[:, :small].double()
-        bases = ad.shared.B[:n, :big].double()
-        lam, gamma = ad.lam.detach().double(), ad.gamma.detach().double()
-        dw = sum(bases[i] @ torch.diag(lam[i]) @ a @ torch.diag(gamma[i]) for i in range(n)) * (alpha / r)
+        bases = ad.shared.B[:big, :n].double()  # (M, N, r)
+        lam, gamma = ad.lam.detach().double(), ad.gamma.detach().double()  # (r, N), (N, m)
+        dw = torch.zeros(big, small, dtype=torch.float64)
+        for j in range(n * r):
+            k, i = divmod(j, n)
+            dw += torch.outer(bases[:, j // r, j % r], lam[k, i] * a[k] * gamma[i])
+        dw = dw * (alpha / r)
         dw = dw.t() if d_out < d_in else dw
         assert dw.shape == (d_out, d_in)
         torch.testing.assert_close(ad.delta_weight().double(), dw, rtol=0, atol=1e-6 * dw.abs().max())
@@ -83,14 +88,46 @@ def test_update_is_the_spec_sum_over_bases():
             torch.testing.assert_close(layer(x).double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
+def test_bases_are_peft_bases_and_outputs_match_peft(tmp_path):
+    """The same seed gives Hugging Face PEFT's bases, and an adapter moves both ways with the same outputs."""
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    m = _model()
+    peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=4, alpha=8, projection_seed=5))
+    _perturb(m)
+    x = torch.randn(5, 24)
+    y = m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_model(), peft.RandLoraConfig(r=4, randlora_alpha=8, projection_prng_key=5,
+                                                               target_modules=["0", "2"]))
+    ours = m[0].adapters["default"].shared
+    assert torch.equal(pm.base_model.model[0].randlora_A["default"][:, 0], ours.A)
+    assert torch.equal(pm.base_model.model[0].randlora_B["default"], ours.B)
+    peftkit.save(m, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(_model(), str(tmp_path / "a")).eval()
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        for p in loaded.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    loaded.save_pretrained(str(tmp_path / "b"))  # PEFT's default: the bases are saved too (checked against ours)
+    back = _model()
+    peftkit.load(back, tmp_path / "b")
+    torch.testing.assert_close(back(x), loaded(x), rtol=0, atol=1e-5)
+
+
 def test_bases_shared_seeded_and_not_saved(tmp_path):
     m = _model()
     peftkit.adapt(m, peftkit.config("randlora", target_modules=["0", "2"], r=4, projection_seed=7))
     a0, a2 = m[0].adapters["default"], m[2].adapters["default"]
     assert a2.shared is a0.shared_store  # one set of bases for the whole model
-    a, b = make_bases(RandLoraConfig(r=4, projection_seed=7), 32, 24)
+    a, b = make_bases(RandLoraConfig(r=4, projection_seed=7), 32, 32)  # (M, m) from the largest d_out 32, d_in 32
     assert torch.equal(a0.shared.A, a) and torch.equal(a0.shared.B, b)
-    peftkit.save(m, tmp_path)
+    peftkit.save(m, tmp_path, format="peftkit")
     from safetensors.torch import load_file
 
     keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
@@ -105,7 +142,7 @@ def test_save_load_roundtrip_and_checksum(tmp_path):
     _perturb(m)
     x = torch.randn(5, 24)
     y = m(x)
-    peftkit.save(m, tmp_path)
+    peftkit.save(m, tmp_path, format="peftkit")
     fresh = copy.deepcopy(ref)
     peftkit.load(fresh, tmp_path)
     assert torch.equal(fresh(x), y)

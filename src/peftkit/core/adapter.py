@@ -331,6 +331,29 @@ class Adapter(nn.Module):
         holds) are not what this adapter computes with on ``hosts`` (the targeted layers, in model order)."""
 
     @classmethod
+    def to_hf_state(cls, config: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This adapter's saved tensors as Hugging Face PEFT stores them (keys of :meth:`hf_layout`); the default
+        keeps them. E.g. PiSSA writes PEFT's converted LoRA of rank 2r, ``[A; A0]`` and ``[B, −B0]``."""
+        return state
+
+    #: tensors a Hugging Face PEFT file of this method may repeat that peftkit regenerates instead (e.g. RandLoRA's
+    #: seeded bases, under ``<module>.<key>`` and ``base_model.<key>``): handed to :meth:`from_hf_state` to check
+    hf_regenerated_keys: ClassVar[tuple[str, ...]] = ()
+    #: small saved tensors PEFT's layout has no place for (e.g. a checksum of regenerated buffers): written into the
+    #: weights' metadata, which PEFT ignores, and read back from there by peftkit
+    hf_metadata_tensors: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_hf_state(cls, config: Any, tensors: dict[str, torch.Tensor], hosts: list[Host]) -> dict[str, torch.Tensor]:
+        """The whole adapter's tensors read from a Hugging Face file (``adapter.<module>.<name>`` as laid out by
+        :meth:`hf_layout`, plus ``hf_shared.<module>.<key>`` for :attr:`hf_regenerated_keys`) → what this adapter, built
+        from ``config`` on ``hosts`` (the targets in model order), loads. Called with the config read from
+        ``adapter_config.json`` and again, for a file peftkit wrote, with the peftkit config kept in its metadata
+        (e.g. splitting PiSSA's rank-2r factors back): must leave tensors it already converted alone. Raise
+        :class:`PeftkitError` for tensors that do not fit. The default keeps them."""
+        return tensors
+
+    @classmethod
     def shared_params(cls, config: Any, hosts: list[Host]) -> int:
         """Trainable parameters of the whole adapter on top of the per-layer ``expected_params``: those held once in
         the shared store (``uses_context``) or sized by all targeted ``hosts`` together. Checked by the tests."""

@@ -13,7 +13,12 @@ A Hugging Face adapter folder holds ``adapter_config.json`` (with a ``peft_type`
    when they equal the model's); anything else means the adapter belongs to another architecture.
 
 Nothing touches the model here: :func:`peftkit.core.model.load` plans and checks the returned config and tensors
-before installing them. Writing (:func:`export_adapter`) is the inverse, atomic through :mod:`peftkit.core.io`.
+before installing them. Writing (:func:`export_adapter`) is the inverse, atomic through :mod:`peftkit.core.io`; it is
+``peftkit.save``'s default for every method with a PEFT type. It writes a real ``task_type`` (:func:`task_type_of`),
+the task head PEFT's ``PeftModelFor…`` requires, and — in the safetensors metadata, which PEFT ignores — the peftkit
+config and adapter name, from which :func:`restore` rebuilds what PEFT's config has no field for (e.g. PiSSA's
+initial factors, written as PEFT's converted rank-2r LoRA). An adapter the format cannot hold raises
+:class:`NoHFFormat` (``save`` then writes peftkit's format).
 
 The shared Hugging Face ``LORA`` config (r, lora_alpha, use_rslora, rank/alpha patterns, the options peftkit
 cannot reproduce) is translated here for every low-rank method that reads or writes that format, with the tables of
@@ -54,6 +59,79 @@ if TYPE_CHECKING:
 
 PREFIX = "base_model.model."
 DEFAULT_NAME = "default"
+#: safetensors metadata keys (PEFT ignores that metadata): the peftkit config and adapter name behind an HF file
+META_CONFIG, META_NAME = "peftkit_config", "peftkit_name"
+#: ... and small tensors PEFT's layout has no place for (an adapter's ``hf_metadata_tensors``, e.g. a checksum)
+META_TENSORS = "peftkit_tensors"
+
+
+class NoHFFormat(PeftkitError):
+    """This adapter uses something Hugging Face PEFT's format for its type cannot hold (the message says what):
+    ``save``'s default format then falls back to peftkit's own."""
+
+
+#: PEFT task type -> transformers' auto mapping whose classes it loads (``AutoPeftModelFor…`` uses the same auto class)
+TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                 "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                 "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                 "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+                 "FEATURE_EXTRACTION": "MODEL_MAPPING_NAMES"}
+_SUFFIXES = (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+             ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def task_type_of(model: nn.Module, given: str | None = None) -> str | None:
+    """PEFT's ``task_type`` for ``model``: ``given`` when set, else from its class — ``*ForSequenceClassification``
+    SEQ_CLS, ``*ForCausalLM`` (and the other classes transformers' causal-LM auto class loads, e.g.
+    ``GPT2LMHeadModel``) CAUSAL_LM, ``*ForTokenClassification`` TOKEN_CLS, ``*ForQuestionAnswering`` QUESTION_ANS, a
+    base model (``BertModel``, ``LlamaModel``) FEATURE_EXTRACTION; a plain ``nn.Module`` or another head None."""
+    if given:
+        return given
+    cls = type(model).__name__
+    found = next((t for suffix, t in _SUFFIXES if cls.endswith(suffix)), None)
+    if found is not None:
+        return found
+    try:
+        from transformers import PreTrainedModel
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - transformers is a dependency of the CLI only
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    for task, mapping in TASK_MAPPINGS.items():
+        names = getattr(modeling_auto, mapping, {}).values()
+        if any(cls == n or (isinstance(n, tuple | list) and cls in n) for n in names):
+            return task
+    return None
+
+
+#: the heads PEFT's PeftModelFor… class of a task always trains and saves (``modules_to_save``, matched as name
+#: suffixes); its loader requires them in the file
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _head_copies(model: nn.Module, task: str | None, saved: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The task heads PEFT's loader expects in the file that the adapter does not save itself, with the model's own
+    weights (PEFT then loads exactly what the model has: the same outputs)."""
+    from .layer import AdaptedLayer
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for path, module in _user_modules(model):
+        if (any(path.endswith(h) for h in TASK_HEADS.get(task or "", ())) and path not in saved
+                and not isinstance(module, AdaptedLayer) and not any(path.startswith(p + ".") for p in out)):
+            out[path] = {k: v.detach() for k, v in module.state_dict().items()}
+    return out
+
+
+def _base_name(model: nn.Module) -> str | None:
+    return getattr(model, "name_or_path", None) or None
+
+
+def _meta_opts(opts: dict[str, Any], cfg: AdapterConfig, name: str) -> dict[str, str]:
+    """The safetensors metadata of an HF file: the caller's, plus the peftkit config and name PEFT has no place for
+    (read back by :func:`restore`)."""
+    return {"format": "pt", **opts.pop("metadata", {}), META_CONFIG: io.dumps(cfg.to_dict(), sort=False).decode(),
+            META_NAME: name}
 
 
 class HFTensor(NamedTuple):
@@ -233,9 +311,13 @@ def _method_for(meta: dict[str, Any], source: str) -> tuple[MethodInfo, AdapterC
 
 def _read_hf_tensors(
     directory: str | os.PathLike, source: str, files: io.AdapterFiles | None = None, shared: tuple[str, ...] = (),
+    regenerated: tuple[str, ...] = (),
 ) -> tuple[dict[str, torch.Tensor], str, dict[str, torch.Tensor]]:
     """The file's tensors keyed by module path + tensor name, the prefix the file puts before them, and the tensors
-    it holds under the adapter-wide keys ``shared`` (:attr:`~peftkit.core.adapter.Adapter.hf_shared_keys`)."""
+    it holds under the adapter-wide keys ``shared`` (:attr:`~peftkit.core.adapter.Adapter.hf_shared_keys`). The
+    model-wide copies ``base_model.<key>`` of a method's ``regenerated`` tensors (PEFT repeats them under every
+    module too; :attr:`~peftkit.core.adapter.Adapter.hf_regenerated_keys`) are dropped: the per-module copies are
+    checked."""
     d = Path(directory)
     if not (d / io.WEIGHTS_NAME).is_file() and (d / "adapter_model.bin").is_file():
         raise PeftkitError(
@@ -244,6 +326,7 @@ def _read_hf_tensors(
         )
     raw = dict((files or io.read_adapter_files(directory)).tensors())
     common = {k: raw.pop(k) for k in shared if k in raw}
+    raw = {k: v for k, v in raw.items() if k not in {f"base_model.{key}" for key in regenerated}}
     prefixed = [k for k in raw if k.startswith(PREFIX)]
     if prefixed and len(prefixed) != len(raw):
         odd = next(k for k in raw if not k.startswith(PREFIX))
@@ -337,7 +420,8 @@ def import_adapter(
     info, cfg = _method_for(meta, source)
     if info.model_level:
         return _import_model_level(model, directory, meta, info, cfg, source, files)
-    hf, prefix, common = _read_hf_tensors(directory, source, files, info.adapter.hf_shared_keys)
+    hf, prefix, common = _read_hf_tensors(directory, source, files, info.adapter.hf_shared_keys,
+                                          info.adapter.hf_regenerated_keys)
 
     # 1. adapter tensors: every host layer says where its tensors would be
     hosts = _hosts(model)
@@ -354,7 +438,12 @@ def import_adapter(
     out: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
     rest: list[str] = []
+    shared: dict[str, torch.Tensor] = {}
     for k, t in hf.items():
+        owner, _, leaf = k.rpartition(".")
+        if leaf in info.adapter.hf_regenerated_keys and owner in layouts:
+            shared[k] = t
+            continue
         if k not in wanted:
             rest.append(k)
             continue
@@ -432,11 +521,69 @@ def import_adapter(
         info.adapter.check_hf_shared(cfg, [hosts[p] for p in order], common)
     except PeftkitError as e:
         raise PeftkitError(f"{source}: {e}") from None
+    out.update({f"hf_shared.{k}": t for k, t in shared.items() if k.rpartition(".")[0] in targets})
+    out = info.adapter.from_hf_state(cfg, out, [hosts[p] for p in order])
     cfg = dataclasses.replace(
         cfg, target_modules=order, exclude_modules=None, target_types=None, layers_to_transform=None,
         layers_pattern=None, modules_to_save=[p for p in saved_paths if p in saved_used] or None,
     )
     return cfg, out, DEFAULT_NAME
+
+
+def _metadata_tensors(raw: str, source: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, spec in io.parse_json(raw, f"{source}: {META_TENSORS}").items():
+        try:
+            out[k] = torch.tensor(spec["values"], dtype=getattr(torch, spec["dtype"])).reshape(spec["shape"])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise PeftkitError(f"{source}: damaged {META_TENSORS} entry {k!r} in the weights' metadata ({e})") from None
+    return out
+
+
+def restore(
+    model: nn.Module, cfg: AdapterConfig, tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str],
+    source: str,
+) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    """For a file peftkit wrote in the Hugging Face format: its adapter name and its peftkit config (options PEFT
+    has no field for, e.g. PiSSA's initial factors, kept in the weights' metadata, which PEFT ignores), with the
+    targets the file's keys gave. A file from another writer keeps the config read from ``adapter_config.json``."""
+    stored_name = metadata.get(META_NAME)
+    if isinstance(stored_name, str) and stored_name and "." not in stored_name:
+        name = stored_name
+    if metadata.get(META_TENSORS):
+        tensors = {**tensors, **_metadata_tensors(metadata[META_TENSORS], source)}
+    raw = metadata.get(META_CONFIG)
+    if not raw:
+        return cfg, tensors, name
+    try:
+        stored = registry.config_from_dict(io.parse_json(raw, f"{source}: {META_CONFIG}"))
+    except PeftkitError:
+        return cfg, tensors, name
+    if stored.method != cfg.method:  # e.g. ExPLoRA written as LORA: read back as the LoRA it is in the file
+        return cfg, tensors, name
+    info = registry.get(cfg.method)
+    if info.model_level:  # the stored config, when it holds what the file holds (the file keeps the final virtual
+        # tokens: a reparametrisation's network is not in it, and the config read from the file says so)
+        try:
+            stored = dataclasses.replace(stored, modules_to_save=cfg.modules_to_save)
+            wanted = set(info.adapter(model, stored.resolve(model)).state_dict())
+        except PeftkitError:
+            return cfg, tensors, name
+        have = {k[len("model."):] for k in tensors if k.startswith("model.")}
+        return (stored if wanted == have else cfg), tensors, name
+    try:  # the file's targets (exact paths) with the stored rest; a rest tied to the stored targeting form (IA3's
+        # feedforward_modules as a subset of its target list) keeps the config read from the file, which is complete
+        stored = dataclasses.replace(
+            stored, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules,
+            target_types=cfg.target_types, layers_to_transform=cfg.layers_to_transform,
+            layers_pattern=cfg.layers_pattern, modules_to_save=cfg.modules_to_save,
+        )
+    except PeftkitError:
+        return cfg, tensors, name
+    if not isinstance(cfg.target_modules, list):
+        return stored, tensors, name
+    hosts = _hosts(model)
+    return stored, info.adapter.from_hf_state(stored, tensors, [hosts[p] for p in cfg.target_modules]), name
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -450,7 +597,7 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     cfg = get_config(model, name)
     info = registry.get(cfg.method)
     if info.hf_peft_type is None:
-        raise PeftkitError(f"method {info.name!r} has no Hugging Face PEFT counterpart; save it in peftkit format")
+        raise NoHFFormat(f"method {info.name!r} has no Hugging Face PEFT counterpart; save it in peftkit format")
     if info.model_level:
         _export_model_level(model, directory, name, cfg, info, **opts)
         return
@@ -459,18 +606,30 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     for path, layer in layers:
         if name in layer.merged:
             raise PeftkitError(f"adapter {name!r} is merged into {path!r}; unmerge before saving")
-    method_cfg = info.adapter.to_hf_config(cfg, [layer.host for _, layer in layers])
+    try:
+        method_cfg = info.adapter.to_hf_config(cfg, [layer.host for _, layer in layers])
+    except NoHFFormat:
+        raise
+    except PeftkitError as e:
+        raise NoHFFormat(str(e)) from None
     if method_cfg is None:
-        raise PeftkitError(f"method {info.name!r} cannot write the Hugging Face PEFT format")
+        raise NoHFFormat(f"method {info.name!r} cannot write the Hugging Face PEFT format")
 
     tensors: dict[str, torch.Tensor] = {}
+    kept: dict[str, dict[str, Any]] = {}
     for path, layer in layers:
         adapter = layer.adapters[name]
         layout = info.adapter.hf_layout(layer.host, adapter.config) or {}
         state = {k: v for k, v in adapter.state_dict().items() if k.split(".")[0] not in adapter.regenerated}
+        for k in info.adapter.hf_metadata_tensors:
+            if k in state:
+                t = state.pop(k).detach().cpu()
+                kept[f"adapter.{path}.{k}"] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+                                               "values": t.flatten().tolist()}
+        state = info.adapter.to_hf_state(adapter.config, state)
         missing = sorted(set(state) - set(layout))
         if missing:
-            raise PeftkitError(
+            raise NoHFFormat(
                 f"cannot export adapter {name!r} to Hugging Face PEFT format: tensor {missing[0]!r} of module "
                 f"{path!r} has no place in that format"
             )
@@ -496,23 +655,28 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
             elif sm is not None:
                 rest = f"{sm}.original_module.{rest[len(sm) + 1:]}"
             tensors[f"{PREFIX}{rest}"] = v
+    task = task_type_of(model, cfg.task_type)
+    for path, state in _head_copies(model, task, saved).items():
+        saved.append(path)
+        tensors.update({f"{PREFIX}{path}.{k}": v for k, v in state.items()})
     meta = {
         "peft_type": info.hf_peft_type,
-        "task_type": None,
+        "task_type": task,
         "inference_mode": True,
-        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "base_model_name_or_path": _base_name(model),
         "target_modules": [p for p, _ in layers],
         "modules_to_save": saved or None,
         **method_cfg,
     }
-    io.write_adapter(directory, meta, tensors, metadata={"format": "pt", **opts.pop("metadata", {})}, **opts)
+    metadata = _meta_opts(opts, cfg, name)
+    if kept:
+        metadata[META_TENSORS] = io.dumps(kept).decode()
+    io.write_adapter(directory, meta, tensors, metadata=metadata, **opts)
 
 
 # -- prompt learning (model-level methods): one ``prompt_embeddings`` tensor plus modules_to_save copies ---------
 PROMPT_KEY = "prompt_embeddings"
 _PROMPT_PREFIX = "base_model."  # PEFT's prompt-learning models save the wrapped model's modules under this prefix
-_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 
 
 def _import_model_level(
@@ -548,22 +712,26 @@ def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: st
     adapter = model_adapters(model)[name]
     method_cfg = adapter.to_hf_config(model)
     if method_cfg is None:
-        raise PeftkitError(f"method {info.name!r} cannot write the Hugging Face PEFT format")
+        raise NoHFFormat(f"method {info.name!r} cannot write the Hugging Face PEFT format")
     if cfg.bias != "none":
-        raise PeftkitError(f"adapter {name!r}: bias={cfg.bias!r} has no place in Hugging Face PEFT's prompt-learning "
+        raise NoHFFormat(f"adapter {name!r}: bias={cfg.bias!r} has no place in Hugging Face PEFT's prompt-learning "
                            "format")
     tensors = {PROMPT_KEY: adapter.hf_embeddings().detach().contiguous()}
     for k, v in adapter_state_dict(model, name).items():
         kind, _, rest = k.partition(".")
         if kind == "saved":
             tensors[f"{_PROMPT_PREFIX}{rest}"] = v
-    cls = type(model).__name__
+    task = task_type_of(model, cfg.task_type) or "FEATURE_EXTRACTION"  # PEFT's prompt models need one
+    saved = [p for p, sm in _saved_modules(model) if name in sm.copies]
+    for path, state in _head_copies(model, task, saved).items():
+        saved.append(path)
+        tensors.update({f"{_PROMPT_PREFIX}{path}.{k}": v for k, v in state.items()})
     meta = {
         "peft_type": info.hf_peft_type,
-        "task_type": next((t for suffix, t in _TASKS if cls.endswith(suffix)), "FEATURE_EXTRACTION"),
+        "task_type": task,
         "inference_mode": True,
-        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "modules_to_save": [p for p, sm in _saved_modules(model) if name in sm.copies] or None,
+        "base_model_name_or_path": _base_name(model),
+        "modules_to_save": saved or None,
         **method_cfg,
     }
-    io.write_adapter(directory, meta, tensors, metadata={"format": "pt", **opts.pop("metadata", {})}, **opts)
+    io.write_adapter(directory, meta, tensors, metadata=_meta_opts(opts, cfg, name), **opts)

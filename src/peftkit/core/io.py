@@ -103,9 +103,10 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     _atomic_write_bytes(Path(path), dumps(data))
 
 
-def dumps(data: dict[str, Any]) -> bytes:
-    """Indented, sorted JSON bytes (a diverged run's NaN loss stays writable; configs refuse NaN on their own)."""
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+def dumps(data: dict[str, Any], *, sort: bool = True) -> bytes:
+    """Indented JSON bytes, keys sorted unless ``sort=False`` (an adapter config: the order of ``overrides`` decides
+    which one wins); a diverged run's NaN loss stays writable, configs refuse NaN on their own."""
+    return (json.dumps(data, indent=2, sort_keys=sort) + "\n").encode()
 
 
 def parse_json(raw: bytes | str, source: str) -> dict[str, Any]:
@@ -458,7 +459,7 @@ def write_adapter(
             raise PeftkitError(f"{d} already holds another adapter; pass overwrite=True (CLI: --overwrite) to "
                                "replace it, or save elsewhere")
     try:
-        files = {CONFIG_NAME: dumps(config), **(extra or {})}
+        files = {CONFIG_NAME: dumps(config, sort=False), **(extra or {})}
         files[WEIGHTS_NAME] = serialise_tensors(tensors, metadata, files)
     except (RuntimeError, TypeError, ValueError, OSError) as e:  # e.g. tensors sharing memory, unserialisable config
         raise PeftkitError(f"cannot serialise adapter for {d}: {e}") from None

@@ -519,40 +519,61 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     return out
 
 
+SAVE_FORMATS = ("auto", "hf", "peftkit")
+
+
 def save(
-    model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, format: str = "peftkit",
+    model: nn.Module, directory: str | os.PathLike, name: str | None = None, *, format: str = "auto",
     overwrite: bool = False, allow_nonfinite: bool = False, run_info: dict[str, Any] | None = None,
 ) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``train_info.json`` from ``run_info``) for
     one adapter, as one unit: a reader — in another process, or after a crash at any instant — sees the old complete
-    folder or the new one, never a mix (:mod:`peftkit.core.io`). ``format="hf"`` writes the Hugging Face PEFT format
-    instead (for methods that have one), which ``peft.PeftModel.from_pretrained`` reads.
+    folder or the new one, never a mix (:mod:`peftkit.core.io`).
+
+    ``format="auto"`` (the default) writes the Hugging Face PEFT format — ``peft.PeftModel.from_pretrained``, the
+    ``AutoPeftModelFor…`` classes and serving engines read it — for every method that has a PEFT type, with the
+    ``task_type`` given in the config or inferred from the model class (:func:`peftkit.core.hf.task_type_of`); the
+    peftkit config and adapter name go into the weights' metadata, which PEFT ignores. Other methods, and adapters
+    using an option PEFT's format cannot hold, are written in peftkit's format, whose ``peft_type``
+    ``PEFTKIT_<METHOD>`` makes PEFT's loader stop naming peftkit. ``"hf"`` insists on PEFT's format (an error
+    when impossible), ``"peftkit"`` on peftkit's; :func:`load` reads all of them.
 
     A folder that holds *another* adapter (not this one saved earlier) is replaced only with ``overwrite=True``, and
     then as a whole (its old ``train_info.json`` goes too). An adapter holding NaN/inf is refused unless
     ``allow_nonfinite=True``."""
-    if format not in ("peftkit", "hf"):
-        raise PeftkitError(f"unknown adapter format {format!r}; use 'peftkit' or 'hf'")
+    if format not in SAVE_FORMATS:
+        raise PeftkitError(f"unknown adapter format {format!r}; use one of {', '.join(SAVE_FORMATS)}")
     name = _single_name(model, name)
+    cfg = get_config(model, name)
+    for path, layer in adapted_layers(model):
+        if name in layer.merged:
+            raise PeftkitError(f"adapter {name!r} is merged into {path!r}; unmerge before saving")
     opts: dict[str, Any] = {
         "metadata": {io.ID_KEY: _adapter_id(model, name)}, "overwrite": overwrite, "allow_nonfinite": allow_nonfinite,
         "extra": {io.RUN_INFO_NAME: io.dumps(run_info)} if run_info is not None else None,
     }
-    if format == "hf":
-        from . import hf
+    from . import hf
 
-        hf.export_adapter(model, directory, name, **opts)
-        return
-    cfg = get_config(model, name)
+    why_not = f"Hugging Face PEFT has no {cfg.method}"
+    if format == "hf" or (format == "auto" and registry.get(cfg.method).hf_peft_type is not None):
+        try:
+            hf.export_adapter(model, directory, name, **dict(opts, metadata=dict(opts["metadata"])))
+            return
+        except hf.NoHFFormat as e:
+            if format == "hf":
+                raise PeftkitError(f"cannot save in Hugging Face PEFT format: {e}") from None
+            why_not = str(e)
     tensors = adapter_state_dict(model, name)
-    for path, layer in adapted_layers(model):
-        if name in layer.merged:
-            raise PeftkitError(f"adapter {name!r} is merged into {path!r}; unmerge before saving")
     meta = {
+        # PEFT's loaders look this type up and stop with its name: the folder is a peftkit adapter
+        "peft_type": f"PEFTKIT_{cfg.method.upper()}",
         "format": "peftkit",
         "format_version": FORMAT_VERSION,
         "name": name,
         "base_model_class": type(model).__name__,
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "task_type": hf.task_type_of(model, cfg.task_type),
+        "not_hf_peft": f"a peftkit adapter (load it with peftkit.load(model, folder)); {why_not}",
         "config": cfg.to_dict(),
     }
     opts["metadata"] = {"format": "pt", "peftkit_method": cfg.method, **opts["metadata"]}
@@ -643,10 +664,11 @@ def _read(model: nn.Module, directory: str | os.PathLike) -> tuple[AdapterConfig
     files = io.read_adapter_files(directory)
     meta = files.config
     ident = str(files.metadata.get(io.ID_KEY, "")) or uuid.uuid4().hex
-    if "peft_type" in meta:
+    if "peft_type" in meta and meta.get("format") != "peftkit":
         from . import hf
 
-        return (*hf.import_adapter(model, directory, meta, files), ident)
+        cfg, tensors, name = hf.import_adapter(model, directory, meta, files)
+        return (*hf.restore(model, cfg, tensors, name, files.metadata, str(directory)), ident)
     if meta.get("format") != "peftkit" or "config" not in meta:
         raise PeftkitError(f"{directory}: not a peftkit or Hugging Face PEFT adapter config")
     version = meta.get("format_version", 1)

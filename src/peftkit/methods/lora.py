@@ -18,6 +18,7 @@ With ``dropout = 0`` on a Linear / GPT-2 Conv1D host the forward and backward ru
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from peftkit.core.lowrank import (
     new_factors,
     pad_factors_,
 )
-from peftkit.core.peft_names import lora_names
+from peftkit.core.peft_names import lora_names, plain_number
 from peftkit.core.registry import CONV3D_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
 
 _INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora")
@@ -136,15 +137,53 @@ class Lora(LowRankUpdate, Adapter):
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
         return config.r * (host.d_in + host.d_out)
 
-    # Hugging Face PEFT: peft_type LORA without use_dora
+    # Hugging Face PEFT: peft_type LORA without use_dora. PiSSA / OLoRA are written as PEFT converts them
+    # (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with
+    # A' = [A; A0], B' = [B, −B0] and α scaled to keep s — the same ΔW on the untouched base; the peftkit config in
+    # the file's metadata splits it back on load.
     @classmethod
     def from_hf_config(cls, hf_config: dict[str, Any]) -> LoraConfig | None:
         return None if hf_config.get("use_dora") else lowrank_config_from_hf(LoraConfig, hf_config)
 
     @classmethod
     def to_hf_config(cls, config: LoraConfig, hosts: list[Host]) -> dict[str, Any]:
-        return {**lowrank_config_to_hf(config, hosts), "use_dora": False}
+        if not _keeps_init(config):
+            return {**lowrank_config_to_hf(config, hosts), "use_dora": False}
+        out = lowrank_config_to_hf(dataclasses.replace(config, init="kaiming"), hosts)
+        grow = math.sqrt(2) if config.rslora else 2  # α/r (rsLoRA α/√r) unchanged at rank 2r
+        out.update(r=2 * out["r"], lora_alpha=plain_number(out["lora_alpha"] * grow),
+                   rank_pattern={k: 2 * v for k, v in out["rank_pattern"].items()},
+                   alpha_pattern={k: plain_number(v * grow) for k, v in out["alpha_pattern"].items()})
+        return {**out, "use_dora": False}
 
     @classmethod
     def hf_layout(cls, host: Host, config: LoraConfig) -> dict[str, HFTensor]:
-        return lowrank_layout(host, config.r)
+        return lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r)
+
+    @classmethod
+    def to_hf_state(cls, config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not _keeps_init(config):
+            return state
+        return {"lora_A": torch.cat([state["lora_A"], state["pissa_A0"]]),
+                "lora_B": torch.cat([state["lora_B"], -state["pissa_B0"]], dim=1)}
+
+    @classmethod
+    def from_hf_state(cls, config: LoraConfig, tensors: dict[str, torch.Tensor], hosts: list[Host]
+                      ) -> dict[str, torch.Tensor]:
+        if not _keeps_init(config):
+            return tensors
+        out = dict(tensors)
+        for host in hosts:
+            key = f"adapter.{host.name}."
+            r = config.for_module(host.name).r
+            a, b = out.get(key + "lora_A"), out.get(key + "lora_B")
+            if a is None or b is None or a.shape[0] != 2 * r or key + "pissa_A0" in out:
+                continue
+            out.update({key + "lora_A": a[:r], key + "pissa_A0": a[r:], key + "lora_B": b[:, :r],
+                        key + "pissa_B0": -b[:, r:]})
+        return out
+
+
+def _keeps_init(config: LoraConfig) -> bool:
+    """PiSSA / OLoRA: the initial factors are kept next to the trained ones."""
+    return config.init.startswith("pissa") or config.init == "olora"

@@ -1,26 +1,32 @@
 """RandLoRA — Albert et al., ICLR 2025, "RandLoRA: Full-rank parameter-efficient fine-tuning of large models"
-(arXiv 2502.00987; official code PaulAlbert31/RandLoRA and its Hugging Face PEFT port).
+(arXiv 2502.00987; official code PaulAlbert31/RandLoRA and its Hugging Face PEFT port, whose files this one reads and
+writes).
 
-    forward:  y = base(x) + dropout(x)·ΔWᵀ,  ΔW_{M×m} = s·Σ_{i=1..N} B_i·diag(λ_i)·A·diag(γ_i)  (ᵀ if d_out < d_in)
-    init:     frozen shared bases A ∈ R^{r×m}, B_i ∈ R^{M×r} from one seeded generator (kaiming_uniform(a=√5) or
-              ternary {−1,0,+1}, each divided by its std); trainable λ_i = 0, γ_i = 1/M  ⇒ ΔW = 0
+    forward:  y = base(x) + dropout(x)·ΔWᵀ,  ΔW_{M×m} = s·B_cat·Ã  (ᵀ if d_out < d_in), a sum of N·r rank-one terms
+              B_cat (M, N·r): column i·r+k = B_i[:, k];  Ã (r·N, m): row k·N+i = λ[k, i]·A[k] ⊙ γ[i]
+    init:     frozen shared bases A ∈ R^{r×m}, B_i ∈ R^{M×r} from one seeded generator (kaiming_uniform(a=√5) in
+              bfloat16, or ternary {−1,0,+1}; each divided by its std); trainable λ ∈ R^{r×N} = 0, γ ∈ R^{N×m} = 1/M
     merge:    W ← W0 + ΔW   (rank(ΔW) = m = min(d_in, d_out) for generic λ, γ: full rank with N = ⌈m/r⌉ terms)
 
-m = min(d_in, d_out), M = max, N = ⌈m/r⌉; s = α/r (Hugging Face PEFT; the official NLG code uses α/(r·√N)).
-Trainable: λ ∈ R^{N×r}, γ ∈ R^{N×m} — N·(r + m) per layer. The bases are one set for the whole model, sized to the
-largest (M, m) over the targets and sliced per layer; they are never saved: they are regenerated from
-``projection_seed`` at load and verified against a saved checksum. The activation path builds the scaled basis
-Ã = [A·diag(γ_1); …; A·diag(γ_N)] (N·r×m ≈ m×m, the size of one weight, not of the activations) and computes
-x·ΔWᵀ = s·((x·Ãᵀ)⊙λ)·[B_1 … B_N]ᵀ (or the transposed chain when d_out < d_in). As the sole active adapter with at
-least d_out rows (training batches; no active dropout; float32 hosts, matching its float32 parameters) the layer
-instead runs as x·(W0 + ΔW)ᵀ + b through ``core.dense`` — ΔW built once (≈ d_out·d_in·m), no activation-sized
-intermediate kept: on MiniLM training 0.77 × the step time and 0.86 × the step memory of the activation path.
+m = min(d_in, d_out), M = max, N = ⌈m/r⌉; s = α/r (Hugging Face PEFT; the official NLG code uses α/(r·√N)). The
+pairing of B's columns with Ã's rows is Hugging Face PEFT's (``get_scaled_bases``: B flattened (basis, rank), Ã
+flattened (rank, basis)) — the paper's Σ_i B_i·diag(λ_i)·A·diag(γ_i) with a fixed permutation of which random
+vectors meet, the same family of full-rank updates — kept so that adapters move between the two libraries.
+Trainable: λ, γ — N·(r + m) per layer. The bases are one set for the whole model, drawn exactly as PEFT draws them
+(sized from the largest d_out and d_in over the targets, sliced per layer); peftkit never saves them: they are
+regenerated from ``projection_seed`` at load and verified against a saved checksum (a PEFT file's saved copies are
+compared with them instead). The activation path builds Ã (N·r×m ≈ m×m, the size of one weight, not of the
+activations) and computes x·ΔWᵀ = s·(x·Ãᵀ)·B_catᵀ (or the transposed chain when d_out < d_in). As the sole active
+adapter with at least d_out rows (training batches; no active dropout; float32 hosts, matching its float32
+parameters) the layer instead runs as x·(W0 + ΔW)ᵀ + b through ``core.dense`` — ΔW built once (≈ d_out·d_in·m), no
+activation-sized intermediate kept.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,9 +35,10 @@ from peftkit.core.adapter import Adapter, PlanContext, make_dropout
 from peftkit.core.config import AdapterConfig
 from peftkit.core.dense import DenseUpdate
 from peftkit.core.errors import PeftkitError
+from peftkit.core.hf import HFTensor
 from peftkit.core.host import Host
 from peftkit.core.lowrank import lowrank_scaling
-from peftkit.core.peft_names import TARGETING, alias, inert
+from peftkit.core.peft_names import BIAS_OUT, TARGETING, alias, inert, plain_number
 from peftkit.core.registry import register
 
 
@@ -70,34 +77,41 @@ def _dims(host: Host) -> tuple[int, int]:
     return max(host.d_in, host.d_out), min(host.d_in, host.d_out)
 
 
+def base_dims(hosts: list[Host]) -> tuple[int, int]:
+    """(M, m) of the shared bases, as Hugging Face PEFT sizes them: from the largest d_out and the largest d_in."""
+    d_out, d_in = max(h.d_out for h in hosts), max(h.d_in for h in hosts)
+    return max(d_out, d_in), min(d_out, d_in)
+
+
 def make_bases(cfg: RandLoraConfig, big: int, small: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared bases: A (r, small) and B (N_max, big, r), from one seeded generator, each divided by its std.
-    Drawn in fp32 on the CPU with a generator of their own (the global RNG is untouched), so that the same
-    ``projection_seed`` gives the same bases whatever the device and dtype of the model; the caller moves them."""
+    """The shared bases: A (r, small) and B (big, N_max, r), drawn as Hugging Face PEFT draws them (same generator
+    calls, same order, bfloat16 kaiming-uniform or float32 ternary, then each divided by its std) so that the same
+    ``projection_seed`` gives PEFT's bases. On the CPU with a generator of their own (the global RNG is untouched),
+    returned in float32; the caller moves them."""
     r = cfg.r
     n = math.ceil(small / r)
     g = torch.Generator(device="cpu").manual_seed(cfg.projection_seed)
     if cfg.sparse or cfg.very_sparse:
         s = math.sqrt(small) if cfg.very_sparse else 3.0
 
-        def draw(*shape: int) -> torch.Tensor:
-            u = torch.rand(*shape, generator=g, dtype=torch.float32, device="cpu")
-            t = torch.zeros(*shape, dtype=torch.float32, device="cpu")
+        def ternary(u: torch.Tensor) -> torch.Tensor:
+            t = torch.zeros(u.shape)
             t[u < 1 / (2 * s)] = -1.0
             t[u > 1 - 1 / (2 * s)] = 1.0
             return t
+
+        a = ternary(torch.rand((r, 1, small), generator=g))
+        b = ternary(torch.rand((big, n, r), generator=g))
     else:
 
-        def draw(*shape: int) -> torch.Tensor:
-            t = torch.empty(*shape, dtype=torch.float32, device="cpu")
-            bound = 1.0 / math.sqrt(shape[-1])  # kaiming_uniform(a=√5) on a (rows, fan_in) matrix
-            return t.uniform_(-bound, bound, generator=g)
+        def kaiming(*shape: int) -> torch.Tensor:
+            t = torch.empty(shape, dtype=torch.bfloat16)
+            return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)
 
-    a = draw(r, small)
-    b = draw(n, big, r)
-    a = a / a.std().clamp_min(1e-12)
-    b = b / b.std().clamp_min(1e-12)
-    return a, b
+        a = kaiming(r, 1, small)
+        b = torch.cat([kaiming(big, 1, r) for _ in range(n)], dim=1)
+    a, b = a / a.std(), b / b.std()
+    return a.reshape(r, small).float(), b.float()
 
 
 def checksum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -115,15 +129,17 @@ def checksum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     params="N·(r + m), m = min(d_in, d_out), N = ⌈m/r⌉",
     hosts=("linear", "gpt2_conv1d", "bnb_4bit", "bnb_8bit"),
     lr_scale=0.1,  # full-rank update with scale α/r = 20: 2e-3 collapsed (PEFT also advises a lower rate)
+    hf_peft_type="RANDLORA",
 )
 class RandLora(DenseUpdate, Adapter):
     uses_context = True
+    hf_regenerated_keys = ("randlora_A", "randlora_B")  # PEFT's save_projection=True copies of the bases
+    hf_metadata_tensors = ("shared_store.checksum",)  # kept in a PEFT file's metadata: load checks the bases with it
 
     def __init__(self, host: Host, config: RandLoraConfig, context: PlanContext | None = None) -> None:
         context = self.require_context(context)
         super().__init__(host, config, context)
-        big_all = max(_dims(h)[0] for _, h in context.targets)
-        small_all = max(_dims(h)[1] for _, h in context.targets)
+        big_all, small_all = base_dims([h for _, h in context.targets])
         store = context.shared
         if "A" not in store._buffers:  # drawn on the CPU (same bases on every device), then moved to the host's
             a, b = make_bases(config, big_all, small_all)
@@ -137,50 +153,40 @@ class RandLora(DenseUpdate, Adapter):
         self.s = lowrank_scaling(config.alpha, config.r)
         self.transposed = host.d_out < host.d_in  # ΔW_{M×m} is (d_in × d_out): apply its transpose
         dev = host.weight.device
-        self.lam = nn.Parameter(torch.zeros(self.n, self.r, device=dev))
+        self.lam = nn.Parameter(torch.zeros(self.r, self.n, device=dev))
         self.gamma = nn.Parameter(torch.full((self.n, self.small), 1.0 / self.big, device=dev))
         self.dropout = make_dropout(config.dropout)
 
-    def _bases(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.shared.A[:, : self.small]
-        b = self.shared.B[: self.n, : self.big]  # (N, M, r)
-        return a, b
-
     def _scaled_basis(self) -> torch.Tensor:
-        """Ã = [A·diag(γ_1); …; A·diag(γ_N)] as (N·r, m)."""
-        a, _ = self._bases()
-        return (a[None, :, :] * self.gamma[:, None, :]).reshape(self.n * self.r, self.small)
+        """Ã as (r·N, m): row k·N+i is λ[k, i]·A[k] ⊙ γ[i]."""
+        a = self.shared.A[:, None, : self.small]  # (r, 1, m)
+        return (self.lam[:, :, None] * a * self.gamma[None]).reshape(self.r * self.n, self.small)
 
     def _b_cat(self) -> torch.Tensor:
-        """[B_1 … B_N] as (M, N·r)."""
-        _, b = self._bases()
-        return b.permute(1, 0, 2).reshape(self.big, self.n * self.r)
+        """B_cat as (M, N·r): column i·r+k is B_i[:, k]."""
+        return self.shared.B[: self.big, : self.n].reshape(self.big, self.n * self.r)
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x).to(self.lam.dtype)
-        lam = self.lam.reshape(-1)
-        if not self.transposed:  # d_out = M ≥ d_in = m:  x·ΔWᵀ = s·((x·Ãᵀ)⊙λ)·B_catᵀ
-            h = (x @ self._scaled_basis().t()) * lam
-            return self.s * (h @ self._b_cat().t())
-        # d_out = m < d_in = M:  x·ΔW_{M×m} = s·((x·B_cat)⊙λ)·Ã
-        h = (x @ self._b_cat()) * lam
-        return self.s * (h @ self._scaled_basis())
+        if not self.transposed:  # d_out = M ≥ d_in = m:  x·ΔWᵀ = s·(x·Ãᵀ)·B_catᵀ
+            return self.s * ((x @ self._scaled_basis().t()) @ self._b_cat().t())
+        # d_out = m < d_in = M:  x·ΔW_{M×m} = s·(x·B_cat)·Ã
+        return self.s * ((x @ self._b_cat()) @ self._scaled_basis())
 
     def delta_weight(self) -> torch.Tensor:
-        dw = self.s * (self._b_cat() * self.lam.reshape(-1)) @ self._scaled_basis()  # (M, m)
+        dw = self.s * self._b_cat() @ self._scaled_basis()  # (M, m)
         return dw.t() if self.transposed else dw
 
     def dense_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """W0 + ΔW as one GEMM accumulating into a copy of W0 (no separate ΔW, no scaled copy of the bases)."""
-        b_lam = self._b_cat() * self.lam.reshape(-1)  # (M, N·r)
+        """W0 + ΔW as one GEMM accumulating into a copy of W0 (no separate ΔW)."""
         if self.transposed:
-            return torch.addmm(w, self._scaled_basis().t(), b_lam.t(), alpha=self.s)
-        return torch.addmm(w, b_lam, self._scaled_basis(), alpha=self.s)
+            return torch.addmm(w, self._scaled_basis().t(), self._b_cat().t(), alpha=self.s)
+        return torch.addmm(w, self._b_cat(), self._scaled_basis(), alpha=self.s)
 
     def check_loaded(self) -> None:
         if "shared_store" not in self._modules:  # only the owner of the shared store checks it
             return
-        a, b = make_bases(self.config, self.shared.B.shape[1], self.shared.A.shape[1])
+        a, b = make_bases(self.config, self.shared.B.shape[0], self.shared.A.shape[1])
         if not torch.allclose(checksum(a, b), self.shared.checksum.cpu(), rtol=1e-9, atol=1e-6):
             raise PeftkitError(
                 f"tensor 'adapter.{self.host.name}.shared_store.checksum' does not match the RandLoRA bases "
@@ -191,3 +197,59 @@ class RandLora(DenseUpdate, Adapter):
     def expected_params(cls, host: Host, config: RandLoraConfig) -> int:
         big, small = _dims(host)
         return math.ceil(small / config.r) * (config.r + small)
+
+    # Hugging Face PEFT: peft_type RANDLORA, λ and γ in its layout; the bases are regenerated, never written
+    # (save_projection=False: PEFT draws the same ones from projection_prng_key)
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any]) -> RandLoraConfig:
+        fields = {k: v for k, v in hf_config.items() if k not in _HF_META}
+        fields["init_weights"] = True  # the file's λ, γ replace whatever the init drew
+        return RandLoraConfig(**fields)
+
+    @classmethod
+    def to_hf_config(cls, config: RandLoraConfig, hosts: list[Host]) -> dict[str, Any]:
+        if config.overrides:
+            raise PeftkitError("RandLoRA's per-module overrides have no place in Hugging Face PEFT's RANDLORA config")
+        return {
+            "r": config.r, "randlora_alpha": plain_number(config.alpha), "randlora_dropout": config.dropout,
+            "projection_prng_key": config.projection_seed, "save_projection": False, "sparse": config.sparse,
+            "very_sparse": config.very_sparse, "init_weights": True, "bias": BIAS_OUT[config.bias],
+            "fan_in_fan_out": bool(hosts) and all(h.kind == "gpt2_conv1d" for h in hosts),
+        }
+
+    @classmethod
+    def hf_layout(cls, host: Host, config: RandLoraConfig) -> dict[str, HFTensor] | None:
+        if host.kind not in ("linear", "gpt2_conv1d"):
+            return None
+        big, small = _dims(host)
+        n = math.ceil(small / config.r)
+        return {"lam": HFTensor("randlora_lambda", (config.r, n), (config.r, n)),
+                "gamma": HFTensor("randlora_gamma", (n, small), (n, small))}
+
+    @classmethod
+    def from_hf_state(cls, config: RandLoraConfig, tensors: dict[str, torch.Tensor], hosts: list[Host]
+                      ) -> dict[str, torch.Tensor]:
+        """Check PEFT's saved copies of the bases (if any) against the ones the seed gives; add the checksum."""
+        owner = f"adapter.{hosts[0].name}.shared_store.checksum"
+        if owner in tensors or not hosts:
+            return tensors
+        a, b = make_bases(config, *base_dims(hosts))
+        want = {"randlora_A": a[:, None, :], "randlora_B": b}
+        out = {k: v for k, v in tensors.items() if not k.startswith("hf_shared.")}
+        for k, t in tensors.items():
+            if k.startswith("hf_shared."):
+                ref = want[k.rpartition(".")[2]]
+                if tuple(t.shape) != tuple(ref.shape) or not torch.allclose(t.float(), ref, rtol=0, atol=1e-6):
+                    raise PeftkitError(
+                        f"RandLoRA bases {k[len('hf_shared.'):]!r} in the file differ from those projection_prng_key="
+                        f"{config.projection_seed} gives for these target sizes (PEFT draws them in bfloat16, in "
+                        "float16 where bfloat16 is missing); peftkit regenerates its bases and cannot load this adapter"
+                    )
+        out[owner] = checksum(a, b)
+        return out
+
+
+#: adapter_config.json fields that are metadata or targeting (the file's keys decide what is adapted)
+_HF_META = frozenset({"peft_type", "task_type", "inference_mode", "auto_mapping", "peft_version",
+                      "base_model_name_or_path", "revision", "target_modules", "exclude_modules",
+                      "layers_to_transform", "layers_pattern"})
