@@ -31,6 +31,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "loca": {"n": 32},
     # FourierFT: likewise n = 32 frequencies (the default 1000 exceeds the tiny layers' d_out·d_in spectra)
     "fourierft": {"n": 32},
+    # VB-LoRA: bank vectors of length 8 divide every tiny Linear / Conv1D width (the default 256 divides none)
+    "vblora": {"num_vectors": 16, "vector_length": 8},
     # conditional SSF: several conditions, the matrix's plain forwards use the default one (not row 0)
     "conditional_ssf": {"num_conditions": 3, "default_condition": 1},
     # ExPLoRA: the tiny models have no numbered blocks to unfreeze (tests/methods/test_explora.py covers that part);

@@ -382,8 +382,10 @@ def import_adapter(
     order = [p for p in hosts if p in targets]
     try:
         info.adapter.check_hf_shared(cfg, [hosts[p] for p in order], common)
+        shared_state = info.adapter.hf_shared_state(cfg, [hosts[p] for p in order], common)
     except PeftkitError as e:
         raise PeftkitError(f"{source}: {e}") from None
+    out.update({f"adapter.{order[0]}.{k}": v for k, v in shared_state.items()})  # the store lives on the first layer
     cfg = dataclasses.replace(
         cfg, target_modules=order, exclude_modules=None, target_types=None, layers_to_transform=None,
         layers_pattern=None, modules_to_save=[p for p in saved_paths if p in saved_used] or None,
@@ -419,7 +421,8 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     for path, layer in layers:
         adapter = layer.adapters[name]
         layout = info.adapter.hf_layout(layer.host, adapter.config) or {}
-        state = {k: v for k, v in adapter.state_dict().items() if k.split(".")[0] not in adapter.regenerated}
+        state = {k: v for k, v in adapter.state_dict().items()  # the shared store: through hf_shared_tensors
+                 if k.split(".")[0] not in (*adapter.regenerated, "shared_store")}
         missing = sorted(set(state) - set(layout))
         if missing:
             raise PeftkitError(
