@@ -119,9 +119,10 @@ def butterfly_perm(d: int, groups: int, half: int, butterfly: bool) -> torch.Ten
 
 def cayley_full(u: torch.Tensor) -> torch.Tensor:
     """(…, b, b) → (I − S)(I + S)⁻¹, S = ½(U − Uᵀ) (PEFT's ``cayley_batch``)."""
-    skew = 0.5 * (u - u.transpose(-2, -1))
-    eye = torch.eye(u.shape[-1], device=u.device, dtype=u.dtype).expand_as(skew)
-    return torch.linalg.solve(eye + skew, eye - skew, left=False)
+    w = u if u.dtype in (torch.float32, torch.float64) else u.float()  # solved in float32 at least, as PEFT
+    skew = 0.5 * (w - w.transpose(-2, -1))
+    eye = torch.eye(u.shape[-1], device=u.device, dtype=w.dtype).expand_as(skew)
+    return torch.linalg.solve(eye + skew, eye - skew, left=False).to(u.dtype)
 
 
 @register(
@@ -177,16 +178,18 @@ class BOFT(Adapter):
 
     def _scaled(self, x_rot: torch.Tensor) -> torch.Tensor:
         w = self.host.weight_2d()
-        return self.host.apply_weight(x_rot.to(w.dtype), w) * self.boft_s.squeeze(-1).to(w.dtype)
+        out = self.host.apply_weight(x_rot.to(w.dtype), w)  # the host's output dtype (autocast included)
+        return out * self.boft_s.squeeze(-1).to(out.dtype)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._scaled(self.rotate(x))
         bias = self.host.bias
-        return (out if bias is None else out + bias).to(x.dtype)
+        return out if bias is None else out + bias.to(out.dtype)
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         w = self.host.weight_2d()
-        return self._scaled(self.rotate(x)) - self.host.apply_weight(x.to(w.dtype), w)
+        out = self._scaled(self.rotate(x))
+        return out - self.host.apply_weight(x.to(w.dtype), w).to(out.dtype)
 
     def rotation_matrix(self) -> torch.Tensor:
         """R as one (d_in, d_in) matrix (the identity rotated: I·R)."""
