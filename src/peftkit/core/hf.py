@@ -478,9 +478,10 @@ def _import_model_level(
         raise PeftkitError(f"{source}: num_transformer_submodules={meta['num_transformer_submodules']} (prompts for "
                            "an encoder-decoder model) is not supported")
     hf, _, _ = _read_hf_tensors(directory, source, files)
-    if PROMPT_KEY not in hf:
-        raise PeftkitError(f"{source}: tensor {PROMPT_KEY!r} is missing from the file")
-    out = {f"model.{info.adapter.hf_state_key}": hf.pop(PROMPT_KEY)}
+    try:
+        out = {f"model.{k}": v for k, v in info.adapter.hf_state(model, cfg, hf).items()}
+    except PeftkitError as e:
+        raise PeftkitError(f"{source}: {e}") from None
     entries = meta.get("modules_to_save") or []
     saved_paths = [p for p, _ in _user_modules(model) if any(p.endswith(e) for e in entries)]
     used: set[str] = set()
@@ -507,7 +508,7 @@ def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: st
     if cfg.bias != "none":
         raise PeftkitError(f"adapter {name!r}: bias={cfg.bias!r} has no place in Hugging Face PEFT's prompt-learning "
                            "format")
-    tensors = {PROMPT_KEY: adapter.hf_embeddings().detach().contiguous()}
+    tensors = dict(adapter.hf_tensors())
     for k, v in adapter_state_dict(model, name).items():
         kind, _, rest = k.partition(".")
         if kind == "saved":
