@@ -33,7 +33,7 @@ from torch import nn
 
 from peftkit.core import model_level as ml
 from peftkit.core.errors import PeftkitError
-from peftkit.core.peft_names import alias
+from peftkit.core.peft_names import or_default
 from peftkit.core.registry import register
 
 
@@ -49,7 +49,7 @@ class LlamaAdapterConfig(ml.ModelLevelConfig):
     attention_module: str | None = None
 
     peft_type = "ADAPTION_PROMPT"
-    peft_names = {"target_modules": alias("attention_module")}
+    peft_names = {"target_modules": or_default("attention_module")}
 
     def validate(self) -> None:
         super().validate()
