@@ -31,6 +31,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "loca": {"n": 32},
     # FourierFT: likewise n = 32 frequencies (the default 1000 exceeds the tiny layers' d_out·d_in spectra)
     "fourierft": {"n": 32},
+    # VB-LoRA: bank vectors of length 8 divide every tiny Linear / Conv1D width (the default 256 divides none)
+    "vblora": {"num_vectors": 16, "vector_length": 8},
     # conditional SSF: several conditions, the matrix's plain forwards use the default one (not row 0)
     "conditional_ssf": {"num_conditions": 3, "default_condition": 1},
     # ExPLoRA: the tiny models have no numbered blocks to unfreeze (tests/methods/test_explora.py covers that part);
@@ -43,6 +45,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "prompt_tuning": {"num_virtual_tokens": 4},
     "prefix_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 8},
     "ptuning_v2": {"num_virtual_tokens": 4},
+    # LLaMA-Adapter: the paper's top 30 layers do not exist in the one-layer GPT-2
+    "llama_adapter": {"adapter_len": 4, "adapter_layers": 1},
     # AdaLoRA: the tiny layers are 16 wide (init_r 12 fits); a total_step so the allocator could run
     "adalora": {"init_r": 6, "target_r": 4, "total_step": 20},
     # trainable tokens: half of the tiny vocabulary (40 ids), so the random inputs hit chosen and unchosen rows

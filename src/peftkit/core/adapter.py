@@ -354,6 +354,15 @@ class Adapter(nn.Module):
         return tensors
 
     @classmethod
+    def hf_shared_state(
+        cls, config: Any, hosts: list[Host], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Import: the file's shared tensors that are saved state of the adapter (trained, not regenerated — e.g.
+        VB-LoRA's vector bank), keyed as in the state of the first layer's adapter, which owns the shared store
+        (``"shared_store.<name>"``). Raise :class:`PeftkitError` when one the adapter needs is missing."""
+        return {}
+
+    @classmethod
     def shared_params(cls, config: Any, hosts: list[Host]) -> int:
         """Trainable parameters of the whole adapter on top of the per-layer ``expected_params``: those held once in
         the shared store (``uses_context``) or sized by all targeted ``hosts`` together. Checked by the tests."""

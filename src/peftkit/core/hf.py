@@ -519,8 +519,10 @@ def import_adapter(
     order = [p for p in hosts if p in targets]
     try:
         info.adapter.check_hf_shared(cfg, [hosts[p] for p in order], common)
+        shared_state = info.adapter.hf_shared_state(cfg, [hosts[p] for p in order], common)
     except PeftkitError as e:
         raise PeftkitError(f"{source}: {e}") from None
+    out.update({f"adapter.{order[0]}.{k}": v for k, v in shared_state.items()})  # the store lives on the first layer
     out.update({f"hf_shared.{k}": t for k, t in shared.items() if k.rpartition(".")[0] in targets})
     out = info.adapter.from_hf_state(cfg, out, [hosts[p] for p in order])
     cfg = dataclasses.replace(
@@ -620,7 +622,8 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     for path, layer in layers:
         adapter = layer.adapters[name]
         layout = info.adapter.hf_layout(layer.host, adapter.config) or {}
-        state = {k: v for k, v in adapter.state_dict().items() if k.split(".")[0] not in adapter.regenerated}
+        state = {k: v for k, v in adapter.state_dict().items()  # the shared store: through hf_shared_tensors
+                 if k.split(".")[0] not in (*adapter.regenerated, "shared_store")}
         for k in info.adapter.hf_metadata_tensors:
             if k in state:
                 t = state.pop(k).detach().cpu()
@@ -687,9 +690,10 @@ def _import_model_level(
         raise PeftkitError(f"{source}: num_transformer_submodules={meta['num_transformer_submodules']} (prompts for "
                            "an encoder-decoder model) is not supported")
     hf, _, _ = _read_hf_tensors(directory, source, files)
-    if PROMPT_KEY not in hf:
-        raise PeftkitError(f"{source}: tensor {PROMPT_KEY!r} is missing from the file")
-    out = {f"model.{info.adapter.hf_state_key}": hf.pop(PROMPT_KEY)}
+    try:
+        out = {f"model.{k}": v for k, v in info.adapter.hf_state(model, cfg, hf).items()}
+    except PeftkitError as e:
+        raise PeftkitError(f"{source}: {e}") from None
     entries = meta.get("modules_to_save") or []
     saved_paths = [p for p, _ in _user_modules(model) if any(p.endswith(e) for e in entries)]
     used: set[str] = set()
@@ -716,7 +720,7 @@ def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: st
     if cfg.bias != "none":
         raise NoHFFormat(f"adapter {name!r}: bias={cfg.bias!r} has no place in Hugging Face PEFT's prompt-learning "
                            "format")
-    tensors = {PROMPT_KEY: adapter.hf_embeddings().detach().contiguous()}
+    tensors = dict(adapter.hf_tensors())
     for k, v in adapter_state_dict(model, name).items():
         kind, _, rest = k.partition(".")
         if kind == "saved":

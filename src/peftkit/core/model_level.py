@@ -111,6 +111,21 @@ class ModelAdapter(nn.Module):
         assert self.hf_state_key is not None
         return self.state_dict()[self.hf_state_key]
 
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """Export: this adapter's own tensors of a Hugging Face PEFT file, by file key (default: the prompt-learning
+        ``prompt_embeddings``)."""
+        return {"prompt_embeddings": self.hf_embeddings().detach().contiguous()}
+
+    @classmethod
+    def hf_state(cls, model: nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Import: this adapter's state (keys as in its ``state_dict``) from a Hugging Face PEFT file's ``tensors``
+        (file keys), removing the ones it takes from ``tensors`` (the rest are ``modules_to_save`` copies). Default:
+        the prompt-learning ``prompt_embeddings``."""
+        if "prompt_embeddings" not in tensors:
+            raise PeftkitError("tensor 'prompt_embeddings' is missing from the file")
+        assert cls.hf_state_key is not None
+        return {cls.hf_state_key: tensors.pop("prompt_embeddings")}
+
     def extra_repr(self) -> str:
         return f"method={self.method}"
 
