@@ -286,3 +286,41 @@ def test_mixed_batch_under_a_composition_is_refused() -> None:
     peftkit.set_active(model, Stack("a", "b"))
     with peftkit.mixed_batch(model, ["a"] * 4), pytest.raises(peftkit.PeftkitError, match="BatchSplit"):
         model(_x())
+
+
+def test_parallel_on_a_transformers_model_with_mask_and_labels() -> None:
+    model = tiny_bert()
+    for n, seed in (("a", 1), ("b", 2)):
+        peftkit.adapt(model, peftkit.config("lora", target_modules=["query", "value"], r=2), n)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            for k, p in model.named_parameters():
+                if f".adapters.{n}." in k:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    alone = {}
+    for n in ("a", "b"):
+        peftkit.set_active(model, n)
+        alone[n] = model(input_ids=ids, attention_mask=mask).logits
+    peftkit.set_active(model, Parallel("a", "b"))
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+    assert out.logits.shape[0] == 4 and torch.isfinite(out.loss)
+    assert_near(out.logits[:2], alone["a"], 32, layers=4)
+    assert_near(out.logits[2:], alone["b"], 32, layers=4)
+
+
+def test_trainable_state_follows_the_composition_and_delete_drops_fusions() -> None:
+    model = _model(("a", *LORA), ("b", *LORA))
+    peftkit.set_active(model, Fuse("a", "b", name="f"))
+    peftkit.adapt(model, peftkit.config("lora", target_modules=["l1"], r=2), "c", activate=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".fusions.f." in n for n in trainable)  # adding an adapter kept the fusion's state
+    peftkit.set_active(model, Stack("a", "b"))  # no Fuse: the adapters train again, the fusion does not
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".adapters.a." in n for n in trainable) and not any(".fusions." in n for n in trainable)
+    peftkit.delete(model, "a")
+    assert peftkit.compose.fusion_names(model) == [] and "fusions" not in dict(model.l1.named_children()) or \
+        len(model.l1.fusions) == 0
+    assert peftkit.compose.active_composition(model) is None and peftkit.active_adapters(model) == ["b"]

@@ -325,9 +325,15 @@ def validate(model: nn.Module, block: Block) -> None:
     if len(parallels) > 1 or (parallels and parallels[0] is not block and not (
             isinstance(block, Stack) and parallels[0] in block.children)):
         raise PeftkitError("Parallel must be the composition itself or a member of a top-level Stack, once")
+    fusions = model.__dict__.get("peftkit_fusions", {})
     for b in block.walk():
         if isinstance(b, Stack):
             _check_stack(model, b)
+        if isinstance(b, Fuse) and b.name in fusions and fusions[b.name] != list(b.children):
+            raise PeftkitError(f"fusion {b.name!r} already fuses {fusions[b.name]}, not {list(b.children)}; pass "
+                               "another name=")
+        if isinstance(b, Fuse) and b.name in m.adapter_names(model):
+            raise PeftkitError(f"fusion name {b.name!r} is an adapter's name; pick another name=")
 
 
 def _check_stack(model: nn.Module, stack: Stack) -> None:
@@ -343,9 +349,9 @@ def _check_stack(model: nn.Module, stack: Stack) -> None:
                         f"{path!r} it reads the layer's input or weight, not its output. Put it first in the Stack")
 
 
-def activate(model: nn.Module, block: Block | None, trainable: bool) -> None:
-    """Install ``block`` as the active composition (None: plain list of names); called by ``set_active`` after the
-    flat names were activated."""
+def activate(model: nn.Module, block: Block | None) -> None:
+    """Install ``block`` as the active composition (None: a plain list of names, summed); called by ``set_active``
+    (after :func:`validate`) before it refreshes what trains."""
     if block is None:
         model.__dict__.pop("peftkit_block", None)
     else:
@@ -353,16 +359,30 @@ def activate(model: nn.Module, block: Block | None, trainable: bool) -> None:
     for _, layer in m.adapted_layers(model):
         layer.block = block if block is not None and any(n in layer.adapters for n in block.names()) else None
     _set_replicate(model, next((b for b in (block.walk() if block else ()) if isinstance(b, Parallel)), None))
-    if block is None:
+    for f in (b for b in block.walk() if isinstance(b, Fuse)) if block is not None else ():
+        add_fusion(model, f)
+
+
+def set_trainable(model: nn.Module, trainable: bool) -> None:
+    """Under an active ``Fuse`` the fused adapters stay frozen and its fusion layers train (AdapterHub's
+    ``train_adapter_fusion``); called at the end of the core's trainable refresh."""
+    block = active_block(model)
+    if block is None or model.__dict__.get("peftkit_block_merged"):
         return
     for f in (b for b in block.walk() if isinstance(b, Fuse)):
-        add_fusion(model, f)
         for _, layer in m.adapted_layers(model):
-            for n in f.children:  # the fused adapters stay frozen: the fusion trains
+            for n in f.children:
                 if n in layer.adapters:
                     layer.adapters[n].requires_grad_(False)
             if "fusions" in layer._modules and f.name in layer.fusions:
                 layer.fusions[f.name].requires_grad_(trainable)
+
+
+def on_delete(model: nn.Module, name: str) -> None:
+    """Adapter ``name`` is being deleted: fusions over it go with it."""
+    for f, children in list(model.__dict__.get("peftkit_fusions", {}).items()):
+        if name in children:
+            delete_fusion(model, f)
 
 
 @contextlib.contextmanager

@@ -179,6 +179,10 @@ def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
     for n, a in ml.model_adapters(model).items():
         if n in active:
             a.requires_grad_(True)
+    if "peftkit_block" in model.__dict__:
+        from . import blocks
+
+        blocks.set_trainable(model, trainable)
 
 
 def _bias_params(model: nn.Module, mode: str, layers: set[str]) -> list[tuple[str, nn.Parameter]]:
@@ -238,8 +242,8 @@ def set_active(model: nn.Module, names: Any, *, trainable: bool = True) -> None:
     ml.set_active(model, names)
     for _, sm in _saved_modules(model):
         sm.active = next((n for n in names if n in sm.copies), None)
+    blocks.activate(model, block)
     _refresh_trainable(model, trainable)
-    blocks.activate(model, block, trainable)
 
 
 def set_rank(model: nn.Module, b: int, name: str | None = None) -> int:
@@ -283,6 +287,9 @@ def delete(model: nn.Module, name: str) -> None:
             if not len(sm.copies):
                 _set_submodule(model, path, sm.original_module)
     ml.remove(model, name)
+    from . import blocks
+
+    blocks.on_delete(model, name)
     del _configs(model)[name]
     model.__dict__.get("peftkit_ids", {}).pop(name, None)
     model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
