@@ -28,6 +28,7 @@ from .core.blocks import (
     add_fusion,
     delete_fusion,
     fusion_names,
+    fusion_regularization,
 )
 from .core.compose import combine
 
@@ -39,5 +40,5 @@ def active_composition(model: nn.Module) -> Any:
 
 __all__ = [
     "Average", "BatchSplit", "Block", "Fuse", "Parallel", "Split", "Stack", "active", "active_composition",
-    "add_fusion", "combine", "delete_fusion", "fusion_names",
+    "add_fusion", "combine", "delete_fusion", "fusion_names", "fusion_regularization",
 ]

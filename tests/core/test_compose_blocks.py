@@ -193,6 +193,7 @@ def test_fuse_trains_only_the_fusion_and_saves_loads(tmp_path) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".fusions.f." in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert peftkit.compose.fusion_regularization(model).item() == 0.0  # V starts at the identity
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     x = _x()
     for _ in range(2):
@@ -201,6 +202,7 @@ def test_fuse_trains_only_the_fusion_and_saves_loads(tmp_path) -> None:
         opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable
+    assert peftkit.compose.fusion_regularization(model, "f").item() > 0  # V left the identity
     out = model(x)
     for n in ("a", "b"):
         peftkit.save(model, tmp_path / n, n)

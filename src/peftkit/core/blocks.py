@@ -246,6 +246,18 @@ def delete_fusion(model: nn.Module, name: str) -> None:
     del fusions[name]
 
 
+def fusion_regularization(model: nn.Module, name: str | None = None) -> torch.Tensor:
+    """AdapterFusion's regulariser ``Σ_layers ‖I − V‖²`` over the value matrices of fusion ``name`` (default: every
+    fusion), keeping V near the identity; add ``λ·`` it to the training loss (AdapterHub uses λ = 0.01)."""
+    names = fusion_names(model) if name is None else [name]
+    terms = [((torch.eye(f.value.weight.shape[0], device=f.value.weight.device) - f.value.weight) ** 2).sum()
+             for _, layer in m.adapted_layers(model) if "fusions" in layer._modules
+             for n, f in layer.fusions.items() if n in names]
+    if not terms:
+        raise PeftkitError(f"fusion_regularization: no fusion layers for {names or '(no fusions)'}")
+    return torch.stack(terms).sum()
+
+
 def fusion_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     if name not in fusion_names(model):
         raise PeftkitError(f"no fusion named {name!r}; fusions: {fusion_names(model) or '(none)'}")
