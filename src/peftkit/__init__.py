@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import compose
 from .core.adapter import unfused
 from .core.compose import combine
 from .core.config import AdapterConfig
@@ -67,7 +68,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdapterConfig", "PeftModel", "PeftkitError", "Procedure", "TaskType", "get_peft_model",
     "print_trainable_parameters", "active_adapters", "adapt", "adapted_layers", "adapter_names",
-    "adapter_state_dict", "all_methods", "combine", "condition", "config", "delete", "disable",
+    "adapter_state_dict", "all_methods", "combine", "compose", "condition", "config", "delete", "disable",
     "from_peft_config", "get_config", "get_method", "hotswap", "load",
     "merge", "merge_and_unload", "mixed_batch", "prepare_hotswap", "save", "set_active", "set_rank", "summary",
     "trainable_parameters",

@@ -156,6 +156,10 @@ class Adapter(nn.Module):
     #: adapters from the weight before any merge, and refuses to run them unmerged over a weight that holds others
     #: (see :meth:`AdaptedLayer.merge <peftkit.core.layer.AdaptedLayer.merge>`)
     additive: ClassVar[bool] = True
+    #: True for a non-additive adapter whose ``delta(x, base_out)`` reads the host only through ``base_out`` (IA3 on
+    #: outputs, series adapters): given another output it applies on that output, so it can follow another adapter
+    #: in a :class:`~peftkit.core.blocks.Stack` (additive adapters always can: their delta ignores ``base_out``)
+    output_only: ClassVar[bool] = False
 
     def __init__(self, host: Host, config: AdapterConfig, context: PlanContext | None = None) -> None:
         super().__init__()
@@ -228,6 +232,11 @@ class Adapter(nn.Module):
         """Whether this adapter's update is :attr:`additive` (a per-instance answer for methods whose configuration
         decides it)."""
         return self.additive
+
+    def stacks(self) -> bool:
+        """Whether this adapter can run on another adapter's output (a later member of a ``Stack``): its delta reads
+        the host at most through ``base_out`` (:attr:`output_only`), or not at all (:attr:`additive`)."""
+        return self.is_additive() or self.output_only
 
     def reads_condition(self) -> bool:
         """Whether this layer's output depends on the per-sample condition (default: ``uses_condition``). Inside a

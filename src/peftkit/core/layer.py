@@ -69,6 +69,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.route: Route | None = None
+        self.block: Any = None  # the model's active composition (core.blocks) where it involves this layer
         self.condition: torch.Tensor | None = None  # per-sample condition rows of this forward (``condition``)
         self.merge_error: float | None = None  # quantised / half hosts: largest rounding error of the merged weight
         self._snapshot: tuple[Any, ...] | None = None  # quantised / half hosts: the weight before the first merge
@@ -89,6 +90,10 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.condition is not None and self.merged:
             self._check_unmerged_for_condition()
+        if self.block is not None and not self.merged:
+            from .blocks import forward as block_forward
+
+            return block_forward(self, self.block, x, *args, **kwargs)
         if self.route is not None:
             return self._forward_mixed(x, *args, **kwargs)
         live = [n for n in self.active if n in self.adapters and n not in self.merged]

@@ -181,13 +181,17 @@ def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
     for n, a in ml.model_adapters(model).items():
         if n in active:
             a.requires_grad_(True)
+    if "peftkit_block" in model.__dict__:
+        from . import blocks
+
+        blocks.set_trainable(model, trainable)
 
 
 def _bias_params(model: nn.Module, mode: str, layers: set[str]) -> list[tuple[str, nn.Parameter]]:
     """Host biases made trainable by ``bias="all"`` (every bias) or ``"adapter_only"`` (biases of ``layers``)."""
     out = []
     for n, p in model.named_parameters():
-        if not n.endswith("bias") or ".adapters." in n or ".copies." in n:
+        if not n.endswith("bias") or ".adapters." in n or ".copies." in n or ".fusions." in n:
             continue
         clean = n.replace(".base_layer", "").replace(".original_module", "")
         if mode == "all" or clean.rsplit(".", 1)[0] in layers:
@@ -219,8 +223,17 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, act
     return model
 
 
-def set_active(model: nn.Module, names: str | Sequence[str], *, trainable: bool = True) -> None:
-    """Make ``names`` the active adapters (their outputs add up); only active adapters are trainable."""
+def set_active(model: nn.Module, names: Any, *, trainable: bool = True) -> None:
+    """Make ``names`` the active adapters (their outputs add up); only active adapters are trainable. A composition
+    block (``peftkit.compose.Stack("a", "b")`` etc., :mod:`.blocks`) makes its adapters active composed that way."""
+    from . import blocks
+
+    block = names if isinstance(names, blocks.Block) else None
+    if model.__dict__.get("peftkit_block_merged") and block != blocks.active_block(model):
+        raise PeftkitError(f"set_active: the composition {blocks.active_block(model)!r} is merged; unmerge first")
+    if block is not None:
+        blocks.validate(model, block)
+        names = block.names()
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         get_config(model, n)
@@ -231,6 +244,7 @@ def set_active(model: nn.Module, names: str | Sequence[str], *, trainable: bool 
     ml.set_active(model, names)
     for _, sm in _saved_modules(model):
         sm.active = next((n for n in names if n in sm.copies), None)
+    blocks.activate(model, block)
     _refresh_trainable(model, trainable)
 
 
@@ -258,6 +272,8 @@ def set_rank(model: nn.Module, b: int, name: str | None = None) -> int:
 def delete(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` (unmerging it first if it was merged)."""
     get_config(model, name)
+    if model.__dict__.get("peftkit_block_merged"):  # a merged composition comes out as a whole
+        unmerge(model)
     for path, layer in list(adapted_layers(model)):
         if name in layer.adapters:
             if name in layer.merged:
@@ -273,6 +289,9 @@ def delete(model: nn.Module, name: str) -> None:
             if not len(sm.copies):
                 _set_submodule(model, path, sm.original_module)
     ml.remove(model, name)
+    from . import blocks
+
+    blocks.on_delete(model, name)
     del _configs(model)[name]
     model.__dict__.get("peftkit_ids", {}).pop(name, None)
     model.__dict__["peftkit_active"] = [n for n in active_adapters(model) if n != name]
@@ -306,7 +325,19 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     Every layer's merged weight is computed and checked (finite) before any layer is written: a refused merge
     leaves every weight bit-identical. While merged, an adapter's parameters are frozen (``requires_grad`` False,
     restored by :func:`unmerge`), and :func:`unmerge` subtracts exactly the update that was added, even if the
-    adapter's tensors were edited in place meanwhile (see :class:`~peftkit.core.layer.AdaptedLayer`)."""
+    adapter's tensors were edited in place meanwhile (see :class:`~peftkit.core.layer.AdaptedLayer`). An active
+    composition (:mod:`.blocks`) merges as a whole, or is refused naming the block that cannot merge."""
+    from . import blocks
+
+    block = blocks.active_block(model)
+    if block is not None:
+        if model.__dict__.get("peftkit_block_merged"):
+            return
+        if names is not None:
+            raise PeftkitError(f"merge: the composition {block!r} is active; it merges as a whole (merge(model)), "
+                               "not adapter by adapter")
+        blocks.merge(model, block)
+        return
     names = active_adapters(model) if names is None else _merge_args(model, names, "merge")
     _check_mergeable(model, names)
     layers = [layer for _, layer in adapted_layers(model)]
@@ -326,6 +357,14 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
 def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """Undo :func:`merge` for the named (default: all merged) adapters; an unknown name is an error."""
     names = _merge_args(model, names, "unmerge")
+    if model.__dict__.get("peftkit_block_merged"):
+        if names is not None and set(names) != set(n for _, la in adapted_layers(model) for n in la.merged):
+            raise PeftkitError("unmerge: the active composition was merged as a whole; unmerge it as a whole "
+                               "(unmerge(model))")
+        for _, layer in adapted_layers(model):
+            layer.unmerge()
+        del model.__dict__["peftkit_block_merged"]
+        return
     layers = [layer for _, layer in adapted_layers(model)]
     for layer in layers:  # an adapter left merged must not sit under an active non-additive one left unmerged
         layer.check_live([n for n in layer.merged if names is not None and n not in names], "unmerge")
@@ -365,6 +404,11 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, *, de
     for n in ml.model_adapters(model):  # inactive model-level adapters (an active one cannot merge) are dropped
         ml.remove(model, n)
     conventions.remove(model)
+    from . import blocks
+
+    blocks._set_replicate(model, None)
+    for k in ("peftkit_block", "peftkit_block_merged", "peftkit_fusions"):
+        model.__dict__.pop(k, None)
     model.__dict__.pop("peftkit_configs", None)
     model.__dict__.pop("peftkit_ids", None)
     model.__dict__.pop("peftkit_active", None)
@@ -543,6 +587,11 @@ def save(
     ``allow_nonfinite=True``."""
     if format not in SAVE_FORMATS:
         raise PeftkitError(f"unknown adapter format {format!r}; use one of {', '.join(SAVE_FORMATS)}")
+    from . import blocks
+
+    if name is not None and name in blocks.fusion_names(model) and format != "hf":
+        blocks.save_fusion(model, directory, name, overwrite=overwrite)  # an AdapterFusion's own layers (peftkit's)
+        return
     name = _single_name(model, name)
     cfg = get_config(model, name)
     for path, layer in adapted_layers(model):
@@ -699,6 +748,14 @@ def load(
 
     Every tensor's name, shape, dtype kind and values (finite, unless ``allow_nonfinite=True``) is checked before
     the model is touched: on any problem the error names the tensor and the model is left as it was."""
+    from . import blocks
+
+    try:  # the config alone (the weights are read once, by whichever reader this is)
+        head = io.read_json(os.path.join(directory, io.CONFIG_NAME))
+    except (OSError, PeftkitError):
+        head = {}
+    if blocks.is_fusion(head):
+        return blocks.load_fusion(model, directory, name)  # an AdapterFusion; activate it with a Fuse block
     config, tensors, default_name, ident = _read(model, directory)
     if config.inference_mode:  # what trains after a load is decided by `trainable` (PEFT: is_trainable), as always
         config = replace(config, inference_mode=False)

@@ -154,6 +154,9 @@ class SeriesAdapter(_Bottleneck):
             return host.d_out
         return host.module.in_channels if host.is_conv else host.d_in
 
+    def stacks(self) -> bool:  # after the layer it adapts whatever output it is given
+        return not self.before
+
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if not self.before:
             return self._channelwise(base_out)
@@ -176,6 +179,8 @@ class SeriesAdapter(_Bottleneck):
     lr_scale=0.1,  # bottleneck 256 on the MLPs: 2e-3 collapsed in 300-step runs
 )
 class ParallelAdapter(_Bottleneck):
+    output_only = True  # its delta reads only x: a branch added to whatever output it is given
+
     def __init__(self, host: Host, config: ParallelAdapterConfig) -> None:
         super().__init__(host, config)
         self._build(host.d_in, host.d_out)

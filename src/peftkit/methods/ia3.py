@@ -156,6 +156,9 @@ class IA3(Adapter):
         """l (or l − 1) shaped to broadcast over the host's output (output scaling) or input (input scaling)."""
         return self.host.out_view(self.ia3_l - 1 if minus_one else self.ia3_l)
 
+    def stacks(self) -> bool:  # on outputs it scales whatever output it is given
+        return not self.feedforward
+
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if not self.feedforward:
             return self._l(minus_one=True) * base_out
