@@ -90,6 +90,9 @@ class FourierFTConfig(AdapterConfig):
     init_is_identity=False,  # PEFT's (and the paper's) default: Gaussian coefficients; init="zeros" starts at W0
 )
 class FourierFT(DenseUpdate, Adapter):
+    #: in a Hugging Face file the layer shape goes into the weights' metadata (PEFT ignores it), so peftkit still
+    #: refuses to load the file into a base of another shape
+    hf_metadata_tensors = ("fourierft_shape",)
     def __init__(self, host: Host, config: FourierFTConfig) -> None:
         super().__init__(host, config)
         dev = host.weight.device
