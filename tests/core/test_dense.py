@@ -66,6 +66,32 @@ def test_weight_linear_keeps_no_copy_of_a_rebuildable_input(producer: str) -> No
     assert ptr in theirs and ptr not in ours
 
 
+
+@pytest.mark.parametrize("producer", ["layer_norm", "gelu"])
+def test_weight_linear_under_autocast_keeps_no_cast_of_a_rebuildable_input(producer: str) -> None:
+    """Under bf16 autocast a float32 LayerNorm / GELU output reaches the product as its bf16 cast: that cast is not
+    kept (F.linear keeps it), and the gradients are F.linear's under autocast within bf16 rounding (bit for bit for
+    the GELU, whose rebuild is the same kernel)."""
+    results, kept = [], []
+    for op in (F.linear, dense.weight_linear):
+        u, w0, p, b = _inputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = PRODUCERS[producer](u)
+            y = op(x, w0 + p, b)
+        assert y.dtype == torch.bfloat16
+        kept.append(sum(kept_storages(y.sum()).values()))
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        (y.float() * g).sum().backward()
+        results.append((y.detach(), u.grad, p.grad, b.grad))
+    assert kept[1] <= kept[0] - 3 * 7 * 12 * 2, kept  # at least the bf16 copy of x less
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for ref, got in zip(results[0][1:], results[1][1:]):
+        if producer == "gelu":
+            assert torch.equal(got, ref)
+        else:
+            torch.testing.assert_close(got, ref, rtol=0, atol=4 * torch.finfo(torch.bfloat16).eps * 21 ** 0.5
+                                       * float(ref.abs().max()))
+
 def test_weight_linear_gradcheck_float64() -> None:
     u, w0, p, b = _inputs(torch.float64)
     ln = nn.LayerNorm(12, dtype=torch.float64)

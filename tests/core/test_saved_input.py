@@ -234,3 +234,137 @@ def test_transformers_models_rebuild_inputs_and_match_the_unfused_gradients(
         assert seen.count("plain") == 3 + 2 and seen.count("rebuild") == 2 * 7 - 5, seen
     for n, g in grads[0].items():
         assert_near(g, grads[1][n], 64, layers=6, msg=n)
+
+
+# --- under torch.autocast: the fused kernel's input is a bfloat16 cast of a float32 producer's output -------------
+
+CAST_CASES = [n for n, (k, _) in PRODUCERS.items() if k != "plain"]
+
+
+@pytest.mark.parametrize("width", [4, 30], ids=["narrow_G", "wide_G"])
+@pytest.mark.parametrize("name", CAST_CASES)
+def test_cast_of_a_rebuildable_output_is_rebuilt_and_rounded_the_same_way(
+    name: str, width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """x = bf16(producer(u)) (what a fused kernel gets under autocast): packed as "cast" without x's storage; the
+    rebuilt x is the forward's bit for bit for the recomputed kinds (a LayerNorm, rebuilt by its formula rather than
+    its fused kernel, may move an element by one bfloat16 step), and so is ``Gᵀ·x``."""
+    kind, fn = PRODUCERS[name]
+    monkeypatch.setattr(saved_input, "_BLOCK_ELEMENTS", 12 * 5)
+    x = fn(_u(3, 7, 12)).to(torch.bfloat16)
+    got_kind, extra, kept = saved_input.pack(x)
+    assert got_kind == "cast" and extra[0] == kind and extra[2] == torch.bfloat16
+    assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in kept)
+    assert all(t.dtype == torch.float32 for t in kept)
+    g = torch.randn(21, width, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x2 = x.detach().reshape(-1, 12)
+    rebuilt = saved_input.unpack(got_kind, extra, kept)
+    got = saved_input.left_matmul(got_kind, extra, kept, g)
+    assert rebuilt.dtype == got.dtype == torch.bfloat16 and got.shape == (width, 12)
+    if kind == "rebuild":
+        assert torch.equal(rebuilt, x2)
+        assert torch.equal(got, g.t() @ x2)
+    else:
+        assert (rebuilt != x2).sum().item() <= 2
+        torch.testing.assert_close(got, g.t() @ x2, rtol=2e-2, atol=2e-2)
+    blocks = [b for _, b in saved_input._row_blocks(got_kind, extra, kept, 21)]
+    assert len(blocks) == 5 and torch.equal(torch.cat(blocks), rebuilt)  # column_dot's blocks: the same values
+
+
+def test_cast_of_a_half_or_unrebuildable_output_keeps_the_input() -> None:
+    """A cast whose source is not a float32/64 rebuildable output (a leaf, a ReLU, a bfloat16 GELU cast to float16)
+    keeps x itself; a float32 cast (widening, not what autocast does) is not treated as one."""
+    for x in (_u(5, 12).to(torch.bfloat16), F.relu(_u(5, 12)).to(torch.bfloat16),
+              F.gelu(_u(5, 12).to(torch.bfloat16)).to(torch.float16)):
+        assert saved_input.pack(x)[0] == "plain"
+    assert saved_input.pack(F.gelu(_u(5, 12).to(torch.bfloat16)).float())[0] == "plain"
+
+
+def _weight_copies(out: torch.Tensor, model: nn.Module) -> list[torch.Size]:
+    """Shapes of the weights that the fused LoRA nodes in ``out``'s graph keep as copies rather than as the
+    parameter itself."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    found, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_FusedLowRankLinearBackward":
+            w = node.saved_tensors[0]
+            if w.untyped_storage().data_ptr() not in params:
+                found.append(w.shape)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def test_autocast_keeps_no_bf16_weight_copy_nor_rebuildable_inputs_and_matches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under bf16 autocast over a float32 block: the fused nodes keep the float32 weight (the parameter) rather than
+    a bf16 copy, and no cast of the LayerNorm output; the kept bytes drop by at least those copies against the
+    kernel keeping every input; the gradients are those of the generic path within bf16 tolerance."""
+    u = _u(4, 64, 16, seed=4)
+    m = _adapted()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(u)
+    assert out.dtype == torch.bfloat16 and "FusedLowRankLinear" in type(out.grad_fn).__name__
+    assert _weight_copies(out, m) == []
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    kept = sum(n for ptr, n in kept_storages(out).items() if ptr not in params)
+    out.float().pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    with monkeypatch.context() as mp:  # the same kernel, every input kept as it arrives
+        mp.setattr(saved_input, "pack", lambda x: ("plain", None, (x,)))
+        m_plain = _adapted()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_plain = m_plain(u.detach().requires_grad_())
+        kept_plain = sum(n for ptr, n in kept_storages(out_plain).items()
+                         if ptr not in {p.untyped_storage().data_ptr() for p in m_plain.parameters()})
+        assert torch.equal(out_plain, out)
+    ln_cast = 4 * 64 * 16 * 2  # the bf16 cast of the LayerNorm output into `up`
+    assert kept <= kept_plain - ln_cast, (kept, kept_plain)
+
+    ref = _adapted()
+    for layer in (ref.up, ref.gate, ref.val, ref.down):
+        layer.adapters["default"].fused_forward = lambda x: None
+    u2 = u.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref(u2).float().pow(2).sum().backward()
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert_near(p.grad, grads[n], 16, dtype=torch.bfloat16, layers=6, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_transformers_models_under_autocast_rebuild_through_the_cast(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 autocast over float32 GPT-2 / Llama: the LayerNorm / RMSNorm outputs reach the fused kernels through
+    a cast and are rebuilt ("cast"); a Llama's gradients are bit for bit those of the same kernels keeping every
+    input (its rebuilds are recomputations), a GPT-2's within bf16 tolerance (its LayerNorm's is a formula); both
+    match the generic path within bf16 tolerance."""
+    ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(2))
+    seen: list[str] = []
+    pack = saved_input.pack
+    runs = {}
+    for name in ("rebuilt", "plain", "generic"):
+        with monkeypatch.context() as mp:
+            if name == "rebuilt":
+                mp.setattr(saved_input, "pack", lambda x: (lambda r: (seen.append(r[0]), r)[1])(pack(x)))
+            elif name == "plain":
+                mp.setattr(saved_input, "pack", lambda x: ("plain", None, (x,)))
+            model = _tiny_hf(kind, fused=name != "generic")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            runs[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert "cast" in seen, seen
+    assert torch.equal(runs["rebuilt"][0], runs["plain"][0])
+    for n, g in runs["rebuilt"][1].items():
+        if kind == "llama":
+            assert torch.equal(g, runs["plain"][1][n]), n
+        else:
+            assert_near(g, runs["plain"][1][n], 16, dtype=torch.bfloat16, layers=4, msg=n)
+        assert_near(g, runs["generic"][1][n], 16, dtype=torch.bfloat16, layers=4, msg=n)

@@ -164,15 +164,19 @@ class _FusedLowRankLinear(torch.autograd.Function):
 
     Backward, with ``G = g·B``: ∂x = g·W + s·G·A (for N ≥ d_out in float32/64 as one GEMM ``g·W_eff``, rebuilding
     ``W_eff``; else the r-wide GEMM writes ∂x and the base GEMM accumulates), ∂A = s·Gᵀ·x, ∂B = s·gᵀ·h (computed
-    as (hᵀ·g)ᵀ, the fast layout for a skinny GEMM), ∂bias = Σ_rows g. All operands arrive in one dtype
-    (:func:`~.precision.fused_dtype`); autocast is off inside (:func:`~.precision.kernel`)."""
+    as (hᵀ·g)ᵀ, the fast layout for a skinny GEMM), ∂bias = Σ_rows g. All operands but ``W`` arrive in one dtype
+    (:func:`~.precision.fused_dtype`); ``W`` arrives as stored and is cast to it inside, in forward and again in
+    backward, so what is kept is the parameter itself, not a half-precision copy of it (under autocast with a
+    float32 base, 2 bytes × d_out × d_in per adapted layer held from forward to backward, for a d_out×d_in cast
+    per layer per backward — a cast, not a GEMM, against the N-row GEMMs around it). Autocast is off inside
+    (:func:`~.precision.kernel`)."""
 
     @staticmethod
     @precision.kernel
     def forward(ctx, x, w, bias, a, b, s):  # type: ignore[override]
-        y, h = _lowrank_linear(x, w, bias, a, b, s, need_h=ctx.needs_input_grad[4])
+        y, h = _lowrank_linear(x, w.to(x.dtype), bias, a, b, s, need_h=ctx.needs_input_grad[4])
         kind, extra, kept = saved_input.pack(x) if ctx.needs_input_grad[3] else ("plain", None, ())
-        ctx.save_for_backward(w, a, b, h, *kept)
+        ctx.save_for_backward(w, a, b, h, *kept)  # w as stored: a float32 weight under autocast is cast again
         ctx.kind, ctx.extra = kind, extra
         ctx.s = s
         ctx.shape = x.shape
@@ -183,6 +187,7 @@ class _FusedLowRankLinear(torch.autograd.Function):
     def backward(ctx, gy):  # type: ignore[override]
         check_first_order()
         w, a, b, h, *kept = ctx.saved_tensors
+        w = w.to(a.dtype)
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
         fold = fold_pays(g2.shape[0], w.shape[0], w)
@@ -219,10 +224,11 @@ def fused_lowrank_forward(
     dt = precision.fused_dtype(x, w)
     if dt is None:
         return None
-    x, w2, bias, a, b = precision.cast(dt, x, host.weight_2d(), host.bias, a, b)
+    x, bias, a, b = precision.cast(dt, x, host.bias, a, b)
+    w2 = host.weight_2d()
     if not torch.is_grad_enabled() or not (x.requires_grad or a.requires_grad or b.requires_grad):
         with precision.autocast_off(x):
-            return _lowrank_linear(x, w2, bias, a, b, s, need_h=False)[0]
+            return _lowrank_linear(x, w2.to(dt), bias, a, b, s, need_h=False)[0]
     return _FusedLowRankLinear.apply(x, w2, bias, a, b, s)
 
 

@@ -17,6 +17,15 @@ the output of an op whose own backward already keeps everything needed to rebuil
   x is recomputed in row blocks of about 2 MiB, each folded into ``Gᵀ·x`` at once, so the block never grows to the
   layer's size. Factors are row-wise (x's shape, or rows × 1) or broadcast over the rows ((d,), a scalar).
 
+Under ``torch.autocast`` the input a fused kernel keeps is the half-precision cast of such an output (the
+LayerNorm and a Llama RMSNorm run in float32; ``ToCopyBackward0`` keeps nothing): the source is rebuilt as above in
+float32, row block by row block, and each block cast to the half dtype with the same conversion as the forward's
+cast, into one N×d_in half-precision buffer for the one ``Gᵀ·x`` GEMM the kept copy got before. For the recomputed
+kinds that buffer is the forward's bit for bit, so the gradient is too; a LayerNorm rebuilt from (u − μ)·ρ·γ + β
+differs from the fused LayerNorm kernel in the last float32 bit, which moves about 2 in 10⁵ elements by one bfloat16
+step. The buffer is transient (one layer's input during its backward), where the kept copy was held for all layers
+from forward to backward.
+
 Anything else (a plain input, a view, an op not listed, a producer that did not keep its tensors, saved-tensor hooks
 in force as under activation checkpointing or offloading, ``torch.compile`` tracing) saves ``x`` itself. The rebuilt
 values are the forward's bit for bit (same kernels on the same inputs) for the recomputed kinds; the LayerNorm
@@ -110,27 +119,50 @@ def _rebuild(plan: tuple[Any, ...], leaves: list[torch.Tensor]) -> torch.Tensor:
     return F.gelu(z, approximate=plan[1]) if op == "gelu" else F.silu(z)
 
 
+def _pack_node(node: Any, shape: torch.Size, dtype: torch.dtype | None) -> Packed | None:
+    """How to rebuild the output (shape ``shape``) of ``node`` from what it keeps, or None. ``dtype``: the dtype
+    the output must have; None accepts any float32/64 one (the source of a cast, rebuilt then cast)."""
+    kind = type(node).__name__
+    d = shape[-1]
+    wide = (torch.float32, torch.float64)
+    if kind == "NativeLayerNormBackward0":
+        if tuple(node._saved_normalized_shape) != (d,):
+            return None
+        t = _saved(node, "_saved_input", "_saved_result1", "_saved_result2")
+        if t is None or t[0].shape != shape or t[0].dtype not in wide or (dtype is not None and t[0].dtype != dtype):
+            return None  # half precision: μ and ρ are saved rounded to the half dtype, too coarse to rebuild from
+        w, b = node._saved_weight, node._saved_bias
+        affine = tuple(v for v in (w, b) if isinstance(v, torch.Tensor))
+        return "layer_norm", (isinstance(w, torch.Tensor), isinstance(b, torch.Tensor)), (*t, *affine)
+    leaves: list[torch.Tensor] = []
+    plan = _plan(node, shape, leaves, 0)
+    if plan is None or not leaves:
+        return None
+    dt = leaves[0].dtype
+    if any(t.dtype != dt for t in leaves) or (dtype is not None and dt != dtype) or (dtype is None and dt not in wide):
+        return None
+    return "rebuild", plan, tuple(leaves)
+
+
 def pack(x: torch.Tensor) -> Packed:
     """What to save for ``x`` (N-D, features last): ``(kind, extra, tensors)``; ``tensors`` go to
-    ``ctx.save_for_backward`` and come back in :func:`left_matmul`."""
+    ``ctx.save_for_backward`` and come back in :func:`left_matmul`.
+
+    A half-precision ``x`` that is a dtype cast of a rebuildable float32/64 output (under ``torch.autocast`` a
+    fused kernel casts its input to the autocast dtype, so a LayerNorm / RMSNorm / GELU / SiLU / gated product in
+    float32 reaches it through a ``ToCopyBackward0``) is packed as ``"cast"``: the source rebuilt, then cast to x's
+    dtype with the same conversion (round to nearest even) the forward's cast used."""
     node = x.grad_fn
     if node is None or torch.compiler.is_compiling() or getattr(x, "output_nr", 0) != 0 or _hooks_active():
         return "plain", None, (x,)
-    kind = type(node).__name__
-    d = x.shape[-1]
-    if (kind == "NativeLayerNormBackward0" and x.dtype in (torch.float32, torch.float64)
-            and tuple(node._saved_normalized_shape) == (d,)):
-        t = _saved(node, "_saved_input", "_saved_result1", "_saved_result2")
-        if t is not None and t[0].shape == x.shape and t[0].dtype == x.dtype:
-            w, b = node._saved_weight, node._saved_bias
-            affine = tuple(v for v in (w, b) if isinstance(v, torch.Tensor))
-            return "layer_norm", (isinstance(w, torch.Tensor), isinstance(b, torch.Tensor)), (*t, *affine)
-    else:
-        leaves: list[torch.Tensor] = []
-        plan = _plan(node, x.shape, leaves, 0)
-        if plan is not None and all(t.dtype == x.dtype for t in leaves):
-            return "rebuild", plan, tuple(leaves)
-    return "plain", None, (x,)
+    if type(node).__name__ == "ToCopyBackward0" and x.dtype in (torch.float16, torch.bfloat16):
+        src, nr = node.next_functions[0]
+        inner = None if src is None or nr != 0 else _pack_node(src, x.shape, None)
+        if inner is not None and all(t.device == x.device for t in inner[2]):
+            return "cast", (inner[0], inner[1], x.dtype, x.shape[-1]), inner[2]
+        return "plain", None, (x,)
+    packed = _pack_node(node, x.shape, x.dtype)
+    return ("plain", None, (x,)) if packed is None else packed
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -156,6 +188,8 @@ def unpack(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...]) -> torch.Te
         return _rows(tensors[0])
     if kind == "layer_norm":
         return _layer_norm_rows(tensors, extra, slice(None))
+    if kind == "cast":
+        return unpack(extra[0], extra[1], tensors).to(extra[2])
     return _rows(_rebuild(extra, list(tensors)))
 
 
@@ -168,6 +202,11 @@ def left_matmul(kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], g: tor
     the recomputed kinds are."""
     if kind == "plain":
         return torch.mm(g.t(), _rows(tensors[0]))
+    if kind == "cast":  # x rebuilt in its half dtype (row blocks of the source, each cast), then one GEMM as before
+        x = g.new_empty(g.shape[0], extra[3], dtype=extra[2])
+        for rows, xb in _row_blocks(kind, extra, tensors, g.shape[0]):
+            x[rows] = xb
+        return torch.mm(g.t(), x)
     if kind == "layer_norm" and g.shape[1] <= tensors[0].shape[-1]:
         u, mean, rstd, *affine = tensors
         has_w, has_b = extra
@@ -202,6 +241,10 @@ def _row_blocks(
     kind: str, extra: Any, tensors: tuple[torch.Tensor, ...], n: int,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(rows, x[rows])`` over row blocks of about 2 MiB of the packed input (N rows), rebuilt where not kept."""
+    if kind == "cast":
+        for rows, xb in _row_blocks(extra[0], extra[1], tensors, n):
+            yield rows, xb.to(extra[2])
+        return
     if kind == "plain":
         x = _rows(tensors[0])
         width = x.shape[-1]
