@@ -314,6 +314,18 @@ MODELS: dict[str, TinyModel] = {
 }
 
 
+def model_for(info: Any) -> str:
+    """The one tiny model a per-method check (precision, compile) runs a method on: GPT-2 for model-level methods,
+    the MLP for Linear hosts, the norm model for norm hosts, else the first model whose hosts the method adapts."""
+    if info.model_level:
+        return "gpt2"
+    if "linear" in info.hosts:
+        return "mlp"
+    if "norm" in info.hosts:
+        return "norm"
+    return next(name for name, spec in MODELS.items() if set(spec.hosts) <= set(info.hosts))
+
+
 def matrix_config_fields(method: str, model: TinyModel) -> dict[str, Any]:
     """The generic config of the matrix: the model's targets (+ its generic extras) and any declared override.
     Model-level methods target no layers: they get the declared overrides only."""

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import peftkit
-from conformance.models import MODELS, TinyModel, matrix_config_fields, perturb
+from conformance.models import MODELS, TinyModel, matrix_config_fields, model_for, perturb
 from peftkit.core.registry import MethodInfo, all_methods
 from tolerance import assert_near
 
@@ -63,9 +63,7 @@ def _fresh_dynamo():
 
 
 def _model_for(info: MethodInfo) -> str:
-    if info.model_level:
-        return "gpt2"
-    return "mlp" if "linear" in info.hosts else "norm"
+    return model_for(info)
 
 
 def _adapted(method: str, model_name: str, **extra) -> tuple[TinyModel, torch.nn.Module]:

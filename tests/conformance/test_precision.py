@@ -24,20 +24,14 @@ import pytest
 import torch
 
 import peftkit
-from conformance.models import MODELS, TinyModel, matrix_config_fields, perturb
+from conformance.models import MODELS, TinyModel, matrix_config_fields, model_for, perturb
 from peftkit.core import registry
 from peftkit.core.layer import AdaptedLayer
 from peftkit.core.registry import MethodInfo, all_methods
 
 
 def _model_for(info: MethodInfo) -> str:
-    if info.model_level:
-        return "gpt2"
-    if "linear" in info.hosts:
-        return "mlp"
-    if "norm" in info.hosts:
-        return "norm"
-    return next(name for name, spec in MODELS.items() if set(spec.hosts) <= set(info.hosts))  # e.g. embedding
+    return model_for(info)
 
 
 METHODS = all_methods()
