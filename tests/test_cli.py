@@ -13,7 +13,8 @@ import torch
 
 from peftkit import PeftkitError
 from peftkit import data as D
-from peftkit.cli import _parse_targets, main
+from peftkit.cli import main
+from peftkit.tasks.options import parse_targets as _parse_targets
 
 POS = ["good", "great", "fine", "nice", "love", "superb"]
 NEG = ["bad", "awful", "poor", "hate", "dull", "boring"]
@@ -364,7 +365,7 @@ def test_train_on_a_4bit_base_and_eval_rebuilds_it(tmp_path: Path, csv_file: Pat
 
 
 def test_reproduction_verdict_is_exact_for_float_bases_and_tolerant_only_for_quantised_ones() -> None:
-    from peftkit.cli import reproduction_verdict
+    from peftkit.tasks.record import reproduction_verdict
 
     assert reproduction_verdict(142, 142, 200, quantized=False) == "reproduced"
     assert reproduction_verdict(142, 143, 200, quantized=False) == "DIFFERENT"

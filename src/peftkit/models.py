@@ -305,3 +305,21 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cache
+
+
+def model_label(model: str | os.PathLike) -> str:
+    """How a run names its base model: the packaged ones by name (all-MiniLM-L6-v2, the cached SmolLM2-135M-Instruct,
+    a vision backbone), any other folder by its path."""
+    from .vision import BACKBONES
+
+    if isinstance(model, str) and model in BACKBONES:
+        return f"{model} ({BACKBONES[model][1]})"
+    path = Path(model)
+    if path == cache_root() / "smollm2":
+        return f"SmolLM2-135M-Instruct (packaged, cached at {path})"
+    try:
+        if path == default_model_dir():
+            return "all-MiniLM-L6-v2 (packaged)"
+    except PeftkitError:
+        pass
+    return str(path)
