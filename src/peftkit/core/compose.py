@@ -29,6 +29,7 @@ from torch import nn
 from . import model as m
 from .errors import PeftkitError
 from .lowrank import LowRankConfig, LowRankUpdate
+from .state import single_name
 
 _TARGETING = {"target_modules", "exclude_modules", "target_types", "layers_to_transform", "layers_pattern"}
 
@@ -41,7 +42,7 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str | None = N
     keeps working. Checked first, with nothing changed on any error: same method, same config (apart from the
     targeting fields, which must select the same layers), the same tensors with the same shapes, and the method's own
     ``check_loaded``. Returns the adapter's name."""
-    name = m._single_name(model, name)
+    name = single_name(model, name)
     old = m.get_config(model, name)
     source = str(directory)
     config, tensors, _ = m.read_adapter(model, directory)

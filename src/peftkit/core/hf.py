@@ -26,7 +26,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from torch import nn
 from . import io, registry
 from .config import AdapterConfig
 from .errors import PeftkitError
+from .hf_tensor import HFTensor as HFTensor  # re-exported: methods import it from here
 from .host import Host, host_kind
 from .model_level import CONTAINER
 from .peft_names import (
@@ -51,18 +52,6 @@ if TYPE_CHECKING:
 
 PREFIX = "base_model.model."
 DEFAULT_NAME = "default"
-
-
-class HFTensor(NamedTuple):
-    """Where one adapter tensor lives in a Hugging Face file: the key after ``<module path>.`` (adapter name
-    removed, as PEFT saves it), its shape there, and its shape in peftkit (the two differ only by a reshape).
-    ``base``: the file holds a trained *copy* of the host's own tensor of that name (e.g. LN tuning's γ) where
-    peftkit keeps the difference to it, so ``file = host.<base> + ours``."""
-
-    key: str
-    hf_shape: tuple[int, ...]
-    shape: tuple[int, ...]
-    base: str | None = None
 
 
 def _host_tensor(host: Host, name: str) -> torch.Tensor:
@@ -368,9 +357,9 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     """Write adapter ``name`` as a Hugging Face PEFT adapter (``PeftModel.from_pretrained`` reads it), as one unit
     (:func:`peftkit.core.io.write_adapter`, which takes ``opts``: ``metadata``, ``extra``, ``overwrite``, …)."""
     from .layer import AdaptedLayer
-    from .model import _saved_modules, _single_name, adapted_layers, adapter_state_dict, get_config
+    from .state import adapted_layers, adapter_state_dict, get_config, saved_modules, single_name
 
-    name = _single_name(model, name)
+    name = single_name(model, name)
     cfg = get_config(model, name)
     info = registry.get(cfg.method)
     if info.hf_peft_type is None:
@@ -404,7 +393,7 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
                 t = _host_tensor(layer.host, spec.base).reshape(t.shape).to(t.dtype) + t
             tensors[f"{PREFIX}{path}.{spec.key}"] = t.reshape(spec.hf_shape)
     adapted = {p for p, _ in layers}
-    saved = [p for p, sm in _saved_modules(model) if name in sm.copies]
+    saved = [p for p, sm in saved_modules(model) if name in sm.copies]
     for k, v in adapter_state_dict(model, name).items():
         kind, _, rest = k.partition(".")
         if kind == "saved":
@@ -463,8 +452,8 @@ def _import_model_level(
 
 def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: str, cfg: AdapterConfig,
                         info: MethodInfo, **opts: Any) -> None:
-    from .model import _saved_modules, adapter_state_dict
     from .model_level import model_adapters
+    from .state import adapter_state_dict, saved_modules
 
     adapter = model_adapters(model)[name]
     method_cfg = adapter.to_hf_config(model)
@@ -484,7 +473,7 @@ def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: st
         "task_type": next((t for suffix, t in _TASKS if cls.endswith(suffix)), "FEATURE_EXTRACTION"),
         "inference_mode": True,
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "modules_to_save": [p for p, sm in _saved_modules(model) if name in sm.copies] or None,
+        "modules_to_save": [p for p, sm in saved_modules(model) if name in sm.copies] or None,
         **method_cfg,
     }
     io.write_adapter(directory, meta, tensors, metadata={"format": "pt", **opts.pop("metadata", {})}, **opts)

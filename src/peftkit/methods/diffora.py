@@ -43,9 +43,8 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.lowrank import LowRankConfig, LowRankUpdate, init_down_, new_factors
 from peftkit.core.model import adapted_layers, adapter_names, get_config
-from peftkit.core.procedure import Procedure, find_adapters
+from peftkit.core.procedure import Procedure, batch_size, default_loss, find_adapters, sync_gradients, world_size
 from peftkit.core.registry import HOST_KINDS, QUANTIZED_HOSTS, register
-from peftkit.train.distributed import sync_gradients, world
 
 THETA_BETAS = (0.5, 0.999)
 THETA_WEIGHT_DECAY = 1e-3
@@ -149,9 +148,7 @@ class DifforaSearch(Procedure):
                  loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]] | None = None) -> None:
         self.config = config
         self.held_out = held_out
-        if loss_fn is None:
-            from peftkit.train.trainer import default_loss as loss_fn  # the trainer's task loss, the same definition
-        self.loss_fn = loss_fn
+        self.loss_fn = default_loss if loss_fn is None else loss_fn  # the trainer's task loss, the same definition
         self.optimizers: dict[str, torch.optim.Adam] = {}  # adapter name -> optimiser of its θ's
         self.train_optimizer: torch.optim.Optimizer | None = None
         self.theta_steps = 0
@@ -218,9 +215,7 @@ class DifforaSearch(Procedure):
                 p.requires_grad_(True)
         for t, g in zip(flat, grads):
             t.grad = torch.zeros_like(t) if g is None else g.detach()
-        if world()[1] > 1:  # data-parallel (torchrun): every process takes the same θ step, from the global batch
-            from peftkit.train.trainer import batch_size
-
+        if world_size() > 1:  # data-parallel (torchrun): every process takes the same θ step, from the global batch
             sync_gradients(flat, batch_size(batch))
         for n, ts in thetas.items():
             opt = self.optimizers.get(n)
@@ -265,6 +260,7 @@ class DifforaSearch(Procedure):
 @register(
     "diffora",
     config=DifforaConfig,
+    family="procedure",
     paper="Jiang, Wang, Yuan 2025, DiffoRA: Differential Low-Rank Matrix Adaptation / Module Selection "
           "(arXiv 2502.08905) — unconfirmed reading",
     description="LoRA on every candidate module gated by σ(θ); θ learned on held-out batches (alternating "

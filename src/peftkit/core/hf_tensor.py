@@ -1,0 +1,19 @@
+"""Where an adapter tensor lives in a Hugging Face PEFT file — the one name the adapter protocol
+(:meth:`~peftkit.core.adapter.Adapter.hf_layout`) shares with the PEFT format (:mod:`.hf`), kept apart so that the
+adapter module does not import the format."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class HFTensor(NamedTuple):
+    """Where one adapter tensor lives in a Hugging Face file: the key after ``<module path>.`` (adapter name
+    removed, as PEFT saves it), its shape there, and its shape in peftkit (the two differ only by a reshape).
+    ``base``: the file holds a trained *copy* of the host's own tensor of that name (e.g. LN tuning's γ) where
+    peftkit keeps the difference to it, so ``file = host.<base> + ours``."""
+
+    key: str
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    base: str | None = None
