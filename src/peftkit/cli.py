@@ -47,30 +47,18 @@ class _Parser(argparse.ArgumentParser):
 
 # -- commands -----------------------------------------------------------------------------------------------
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .core.registry import all_methods
+    """``peftkit methods``: every method and head grouped by family (:mod:`peftkit.catalog`); ``NAME``: one in full."""
+    from . import catalog
 
-    rows = [{"name": m.name, "paper": m.paper, "description": m.description, "params": m.params,
-             "mergeable": m.mergeable, "procedure": m.procedure.__name__ if m.procedure else None,
-             "lr_scale": m.lr_scale, "head_lr_scale": m.head_lr_scale}
-            for m in all_methods()]
+    if args.name is not None:
+        if args.json or args.markdown:
+            raise PeftkitError("'peftkit methods NAME' prints one method in full; --json / --markdown list them all")
+        print(catalog.detail(args.name))
+        return 0
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return 0
-    if args.markdown:
-        print("| method | paper | what it does | trainable params per layer | mergeable |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            proc = f" (procedure: `{r['procedure']}`)" if r["procedure"] else ""
-            print(f"| `{r['name']}` | {r['paper']} | {r['description']}{proc} | {r['params']} | "
-                  f"{'yes' if r['mergeable'] else 'no'} |")
-        return 0
-    head = ("METHOD", "MERGEABLE", "TRAINABLE PARAMS / LAYER", "PAPER")
-    table = [(r["name"], "yes" if r["mergeable"] else "no", r["params"], r["paper"]) for r in rows]
-    widths = [max(len(head[i]), *(len(t[i]) for t in table)) for i in range(3)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[3])
-    for t, r in zip(table, rows):
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths)) + "  " + t[3])
-        print(" " * 2 + r["description"] + (f" [procedure: {r['procedure']}]" if r["procedure"] else ""))
+        print(json.dumps(catalog.rows(), indent=2, ensure_ascii=False))
+    else:
+        print(catalog.markdown() if args.markdown else catalog.table())
     return 0
 
 
@@ -113,6 +101,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------------------
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` / ``--device`` of ``eval`` and ``generate``."""
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: as in training)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="auto (default: CUDA, else MPS, else the CPU), cpu, cuda, mps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning: train, evaluate, list methods.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,methods,bench}")
@@ -194,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-rank", type=positive_int, metavar="B",
                    help="evaluate at rank b (methods trained for every rank, e.g. dylora)")
     e.add_argument("--rank", type=positive_int, metavar="B", help="deprecated spelling of --eval-rank")
-    e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: as in training)")
-    e.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                   help="auto (default: CUDA, else MPS, else the CPU), cpu, cuda, mps")
+    _run_flags(e)
     e.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="answer questions with a causal-lm adapter",
@@ -211,12 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy (default); > 0: sampling")
     gen.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass when sampling (default 1)")
     gen.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
-    gen.add_argument("--threads", type=positive_int, help="torch CPU threads (default: as in training)")
-    gen.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                     help="auto (default: CUDA, else MPS, else the CPU), cpu, cuda, mps")
+    _run_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
-    m = sub.add_parser("methods", help="list the registered methods")
+    m = sub.add_parser("methods", help="list the registered methods by family, or show one in full",
+                       description="List every registered method and head, grouped by family (the PEFT survey's "
+                                   "taxonomy); with NAME, show that method in full: paper, formula, config fields "
+                                   "with defaults and meaning, hosts, procedure, PEFT type, learning-rate factor.")
+    m.add_argument("name", nargs="?", metavar="NAME", help="a method (or head) to show in full")
     fmt = m.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")

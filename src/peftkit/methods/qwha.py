@@ -121,6 +121,7 @@ def calibrate(
 @register(
     "qwha",
     config=QwhaConfig,
+    family="quantization",
     paper="Jeon et al., ICLR 2026, QWHA: Quantization-Aware Walsh-Hadamard Adaptation for Parameter-Efficient "
     "Fine-Tuning on Large Language Models (arXiv 2509.17428)",
     description="sparse Walsh–Hadamard-domain update α·F·Hᵀ on an RTN-quantised base, initialised to cancel the "

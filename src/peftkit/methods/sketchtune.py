@@ -163,6 +163,7 @@ def calibrate(
 @register(
     "sketchtune",
     config=SketchTuneConfig,
+    family="quantization",
     paper="Zhang et al., ICML 2025, Sketch to Adapt: Fine-Tunable Sketches for Efficient LLM Adaptation "
     "(arXiv 2410.06364)",
     description="the weight sketched into per-row-group lookup tables and frozen integer codes, Ŵ = T[C] (weighted "

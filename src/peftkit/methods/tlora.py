@@ -129,6 +129,7 @@ def _identity_core(n: int, rank: int, like: torch.Tensor) -> nn.Parameter:
 @register(
     "tlora",
     config=TloraConfig,
+    family="reparameterized",
     paper="Tao et al., ICCV 2025, Transformed Low-rank Adaptation via Tensor Decomposition (arXiv 2501.08727)",
     description="full-rank input transform T (Kronecker / tensor-ring cores, T = I at init) plus a LoRA, "
     "tensor-ring or TT-matrix residual: W' = W0·T + s·Δ",

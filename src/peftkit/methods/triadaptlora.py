@@ -265,6 +265,7 @@ class TriAdaptGrowth(Procedure):
 @register(
     "triadaptlora",
     config=TriAdaptLoraConfig,
+    family="procedure",
     paper="Liang, Wang, Zeng 2025, TriAdaptLoRA: Brain-Inspired Triangular Adaptive Low-Rank Adaptation "
           "(arXiv 2501.08008)",
     description="s·B·C·A with C split into block-lower/upper triangles; ranks grow in blocks during training where "

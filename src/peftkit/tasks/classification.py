@@ -18,15 +18,15 @@ from . import Task, register_task
 from .options import positive_int
 from .record import (
     acc_line,
+    accuracy_fields,
     check_train_info,
-    eval_model_dir,
     load_for_eval,
     not_reproduced,
     other_device,
     recorded_check,
     reproduction_verdict,
 )
-from .run import TrainRun, check_head_fits, check_max_length, eval_device, set_threads
+from .run import TrainRun, check_head_fits, check_max_length, eval_setup
 
 TASK = "classification"
 DEFAULTS = {"lr": 2e-3, "epochs": 1.0, "batch_size": 32, "max_length": 64, "eval_size": 1000,
@@ -94,10 +94,7 @@ def train(args: argparse.Namespace) -> int:
         "eval_size": len(eval_idx),
         "train_examples": len(train_idx),
         "eval_batch_size": DEFAULTS["eval_batch_size"],
-        "accuracy_before": acc_before[0],
-        "correct_before": acc_before[1],
-        "accuracy_after": acc_after[0],
-        "correct_after": acc_after[1],
+        **accuracy_fields(acc_before, acc_after),
         **{f"activation_density_{k}": round(d.density, 6) for k, d in density.items()},
         **{f"activation_density_smooth_{k}": round(d.smooth, 6) for k, d in density.items()},
     })
@@ -112,10 +109,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     from ..models import default_model_dir, load_classifier
     from ..train.trainer import accuracy
 
-    model_dir = eval_model_dir(info, default_model_dir)
-    names = list(info["label_names"])
-    device = eval_device(args)
-    set_threads(args.threads if args.threads is not None else info.get("threads"))
+    model_dir, names, device = eval_setup(args, info, default_model_dir)
     if args.data is not None:
         data = D.load_table(args.data, names) if args.data != D.ROTTEN_TOMATOES else D.load_data(args.data, names)
         subset, what = data, f"all of {data.source}"

@@ -16,17 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import PeftkitError
-from . import Task, register_task
+from . import Task, record, register_task
 from .options import positive_int
-from .record import (
-    acc_line,
-    check_train_info,
-    load_for_eval,
-    not_reproduced,
-    other_device,
-    recorded_check,
-    reproduction_verdict,
-)
 from .run import TrainRun, eval_device, set_threads
 
 TASK = "image-classification"
@@ -111,10 +102,10 @@ def train(args: argparse.Namespace) -> int:
     run.calibrate(model, lambda n: ({"images": x, "labels": y} for x, y in ImageBatches(
         train_set.subset(range(n)), DEFAULTS["eval_batch_size"], size, shuffle=False)), len(train_set))
     acc_before = accuracy(model, eval_batches)
-    print(f"held-out accuracy before: {acc_line(acc_before)}")
+    print(f"held-out accuracy before: {record.acc_line(acc_before)}")
     run.train(model, train_batches, steps, procedures, unit="images", inputs=f"{size}×{size} images")
     acc_after = accuracy(model, eval_batches)
-    print(f"held-out accuracy after:  {acc_line(acc_after)}")
+    print(f"held-out accuracy after:  {record.acc_line(acc_after)}")
     return run.finish(model, TASK, model_name, {
         "data": data.source,
         "label_names": data.label_names,
@@ -122,10 +113,7 @@ def train(args: argparse.Namespace) -> int:
         "train_examples": len(train_idx),
         "image_size": size,
         "eval_batch_size": DEFAULTS["eval_batch_size"],
-        "accuracy_before": acc_before[0],
-        "correct_before": acc_before[1],
-        "accuracy_after": acc_after[0],
-        "correct_after": acc_after[1],
+        **record.accuracy_fields(acc_before, acc_after),
     })
 
 
@@ -133,7 +121,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     """Held-out (or ``--data FILE.npz``) accuracy of an image-classification adapter, compared with the accuracy
     recorded after training."""
     adapter = Path(args.adapter)
-    check_train_info(adapter, info, need=("image_size",))
+    record.check_train_info(adapter, info, need=("image_size",))
     device = eval_device(args)
     set_threads(args.threads if args.threads is not None else info.get("threads"))
     from ..data.images import ImageBatches, load_image_data
@@ -156,17 +144,17 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
 
     torch.manual_seed(int(info["seed"]))
     model = build_backbone(model_name, len(names))
-    what = load_for_eval(model, adapter, args.eval_rank, what, device)
+    what = record.load_for_eval(model, adapter, args.eval_rank, what, device)
     batches = ImageBatches(subset, int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])),
                            int(info["image_size"]), shuffle=False)
     acc = accuracy(model, batches)
-    print(f"accuracy: {acc_line(acc)} on {what}")
-    if recorded_check(args, info, "correct_after"):
+    print(f"accuracy: {record.acc_line(acc)} on {what}")
+    if record.recorded_check(args, info, "correct_after"):
         rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=False,
-                                       other_device=other_device(info, device))
-        print(f"recorded after training: {acc_line(rec)} — {verdict}")
-        not_reproduced(verdict, f"accuracy {acc_line(acc)}", acc_line(rec))
+        verdict = record.reproduction_verdict(rec[1], acc[1], rec[2], quantized=False,
+                                              other_device=record.other_device(info, device))
+        print(f"recorded after training: {record.acc_line(rec)} — {verdict}")
+        record.not_reproduced(verdict, f"accuracy {record.acc_line(acc)}", record.acc_line(rec))
     return 0
 
 

@@ -80,6 +80,12 @@ def acc_line(acc: tuple[float, int, int]) -> str:
     return f"{acc[0]:.4f} ({acc[1]}/{acc[2]})"
 
 
+def accuracy_fields(before: tuple[float, int, int], after: tuple[float, int, int]) -> dict[str, Any]:
+    """The ``train_info.json`` fields of an accuracy measured before and after training (what ``eval`` compares)."""
+    return {"accuracy_before": before[0], "correct_before": before[1], "accuracy_after": after[0],
+            "correct_after": after[1]}
+
+
 
 def reproduction_verdict(recorded: int, measured: int, n: int, *, quantized: bool, other_device: bool = False
                          ) -> str:

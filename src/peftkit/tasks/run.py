@@ -176,10 +176,10 @@ class TrainRun:
         training examples in order, ``n`` = the task's ``calibration_size``."""
         if self.info.calibrate is None:
             return
-        from ..train.trainer import _to
+        from ..train.trainer import to_device
 
         n = min(self.defaults.get("calibration_size", 256), available)
-        self.calibration = calibrate_model(self.info, model, (_to(b, self.device) for b in make(n)), n)
+        self.calibration = calibrate_model(self.info, model, (to_device(b, self.device) for b in make(n)), n)
 
     # -- training -------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, batches: Iterable[Any], steps: int, procedures: Sequence[Any],
@@ -302,7 +302,7 @@ def trainable_estimate(model: nn.Module, info: Any, cfg: Any) -> int | None:
     building anything; None when the method has no formula. Every targeted layer's rank is checked first
     (:meth:`~peftkit.core.adapter.Adapter.check_ranks`: the error names the layer)."""
     from ..core.host import Host
-    from ..core.targeting import _matches, find_targets
+    from ..core.targeting import find_targets, matches
 
     resolved = cfg.resolve(model)
     hosts = [] if info.model_level else [(path, Host(module, path)) for path, module in find_targets(model, resolved)]
@@ -317,7 +317,7 @@ def trainable_estimate(model: nn.Module, info: Any, cfg: Any) -> int | None:
     except Exception:  # noqa: BLE001 - no formula (or not for these layers): adapt() reports real problems
         return None
     for target in resolved.modules_to_save or []:
-        n += sum(p.numel() for name, m in model.named_modules() if name and _matches(name, [target])
+        n += sum(p.numel() for name, m in model.named_modules() if name and matches(name, [target])
                  for p in m.parameters())
     return n
 
@@ -580,3 +580,14 @@ def _train_task(args: argparse.Namespace) -> int:
 def _processes(world_size: int) -> str:
     return f" per process × {world_size} processes (torchrun)" if world_size > 1 else ""
 
+
+def eval_setup(args: argparse.Namespace, info: dict[str, Any], default_model: Callable[[], Path]
+               ) -> tuple[Path, list[str], Any]:
+    """What ``eval`` of a labelled task starts with: the base model folder (:func:`~.record.eval_model_dir`), the
+    label names, the device (``--device``) and the threads (``--threads``, else the training's)."""
+    from .record import eval_model_dir
+
+    model_dir = eval_model_dir(info, default_model)
+    device = eval_device(args)
+    set_threads(args.threads if args.threads is not None else info.get("threads"))
+    return model_dir, list(info["label_names"]), device

@@ -19,14 +19,13 @@ from ..core.errors import PeftkitError
 from . import Task, register_task
 from .record import (
     check_train_info,
-    eval_model_dir,
     load_for_eval,
     not_reproduced,
     other_device,
     recorded_check,
     reproduction_verdict,
 )
-from .run import TrainRun, eval_device, set_threads
+from .run import TrainRun, eval_setup
 
 TASK = "token-classification"
 # the default run (3 epochs of the WNUT-16 training split, 375 steps) takes about 4 minutes at 1 thread (README);
@@ -127,10 +126,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     from ..data.text import split_indices
     from ..models import default_model_dir
 
-    model_dir = eval_model_dir(info, default_model_dir)
-    names = list(info["label_names"])
-    device = eval_device(args)
-    set_threads(args.threads if args.threads is not None else info.get("threads"))
+    model_dir, names, device = eval_setup(args, info, default_model_dir)
     if args.data is not None:
         data = load_token_data(args.data, names)
         idx, what = list(range(len(data))), f"all of {data.source}"
