@@ -51,13 +51,12 @@ from peftkit.core.model import adapter_names
 from peftkit.core.procedure import find_adapters
 from peftkit.core.registry import register
 from peftkit.core.replace import ReplacedWeight
-from peftkit.ops.hadamard import MAX_M as MAX_M
-from peftkit.ops.hadamard import hadamard_factor, paley_hadamard, wht
-from peftkit.ops.hadamard import hadamard_matrix as hadamard_matrix
+from peftkit.ops.hadamard import hadamard_factor, hadamard_matrix, paley_hadamard, wht  # re-exported (tests, users)
 from peftkit.quant import rtn
 
+__all__ = ["Qwha", "QwhaConfig", "allocate", "calibrate", "hadamard_factor", "hadamard_matrix", "paley_hadamard", "wht"]
 
-# -- the method -----------------------------------------------------------------------------------------------------
+
 @dataclass
 class QwhaConfig(AdapterConfig):
     """QWHA. ``r``: budget p = r·(d_in + d_out) coefficients per layer; ``alpha``: scale of F; ``bits`` /
