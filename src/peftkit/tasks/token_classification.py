@@ -16,15 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import PeftkitError
-from . import Task, register_task
-from .record import (
-    check_train_info,
-    load_for_eval,
-    not_reproduced,
-    other_device,
-    recorded_check,
-    reproduction_verdict,
-)
+from . import Task, record, register_task
 from .run import TrainRun, eval_setup
 
 TASK = "token-classification"
@@ -121,7 +113,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     """Held-out (or ``--data``) entity F1 and token accuracy of a token-classification adapter, compared with the
     scores recorded after training."""
     adapter = Path(args.adapter)
-    check_train_info(adapter, info)
+    record.check_train_info(adapter, info)
     from ..data.conll import align, load_token_data
     from ..data.text import split_indices
     from ..models import default_model_dir
@@ -140,19 +132,19 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
 
     model, tokenizer = load_token_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                              quantize=info.get("quantize"))
-    what = load_for_eval(model, adapter, args.eval_rank, what, device)
+    what = record.load_for_eval(model, adapter, args.eval_rank, what, device)
     aligned = align(tokenizer, [data.words[i] for i in idx], None, int(info["max_length"]))
     scores = evaluate_tags(model, tokenizer, aligned, [data.tag_names(i) for i in idx], names,
                            int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])))
     print(f"{_scores_line(scores)} on {what}")
-    if recorded_check(args, info, "after") and isinstance(info["after"], dict):
+    if record.recorded_check(args, info, "after") and isinstance(info["after"], dict):
         rec = info["after"]
         now = scores.to_dict()
         if info.get("data_sha256") and info["data_sha256"] != data.sha256:
             verdict = "DIFFERENT (the data file changed since training)"
         elif all(rec.get(k) == now[k] for k in _COUNTS):
             verdict = "reproduced"
-        elif (info.get("quantize") or other_device(info, device)) and reproduction_verdict(
+        elif (info.get("quantize") or record.other_device(info, device)) and record.reproduction_verdict(
                 int(rec["correct_tokens"]), now["correct_tokens"], now["tokens"], quantized=True) != "DIFFERENT":
             what = "the quantised base" if info.get("quantize") else "another device"
             verdict = f"reproduced within float rounding of {what} (a few tags differ)"
@@ -160,7 +152,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
             verdict = "DIFFERENT"
         print(f"recorded after training: entity F1 {rec['f1']:.4f}, token accuracy {rec['token_accuracy']:.4f} — "
               f"{verdict}")
-        not_reproduced(verdict, _scores_line(scores), f"entity F1 {rec['f1']:.4f}, token accuracy "
+        record.not_reproduced(verdict, _scores_line(scores), f"entity F1 {rec['f1']:.4f}, token accuracy "
                        f"{rec['token_accuracy']:.4f}")
     return 0
 
