@@ -432,9 +432,9 @@ def test_preflight_refuses_what_would_not_fit_in_memory(env: Env, monkeypatch: p
     """The trainable-parameter estimate equals what adapt creates; × 16 bytes above the available memory is an error
     naming both numbers, before anything is allocated."""
     import peftkit
-    from peftkit.tasks import run as cli_run
     from peftkit.core.registry import get
     from peftkit.models import load_classifier
+    from peftkit.tasks import run as cli_run
 
     for method, fields in (("lora", {"r": 8}), ("dora", {"r": 4}), ("ia3", {}), ("prompt_tuning", {})):
         model, _ = load_classifier(env.model, 2)
