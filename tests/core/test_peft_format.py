@@ -319,14 +319,14 @@ def test_folders_written_by_the_old_default_still_load(method: str, bert_dir: Pa
 
 
 def test_peft_type_peftkit_does_not_read_lists_the_ones_it_reads(bert_dir: Path, tmp_path: Path) -> None:
-    pm = _quiet(peft.get_peft_model, _bert(bert_dir), peft.VeraConfig(r=4, target_modules=["query", "value"]))
-    _quiet(pm.save_pretrained, str(tmp_path / "vera"))
+    pm = _quiet(peft.get_peft_model, _bert(bert_dir), peft.HRAConfig(r=4, target_modules=["query", "value"]))
+    _quiet(pm.save_pretrained, str(tmp_path / "hra"))
     model = _bert(bert_dir)
     with pytest.raises(peftkit.PeftkitError) as err:
-        peftkit.load(model, tmp_path / "vera")
+        peftkit.load(model, tmp_path / "hra")
     msg = str(err.value)
-    assert "'VERA' is not supported" in msg
-    for t in ("IA3", "LN_TUNING", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "RANDLORA"):
+    assert "'HRA' is not supported" in msg
+    for t in ("IA3", "LN_TUNING", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "RANDLORA", "VERA", "ADALORA"):
         assert t in msg.split("peftkit reads:")[1]
     assert peftkit.adapter_names(model) == []
 

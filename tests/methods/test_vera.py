@@ -51,7 +51,7 @@ def test_projections_are_peft_s_and_never_in_peftkit_saves(tmp_path) -> None:
     shared = next(iter(peftkit.adapted_layers(model)))[1].adapters["default"].shared
     assert torch.equal(shared.A, pm.base_model.vera_A["default"])  # same generator, same draws
     assert torch.equal(shared.B, pm.base_model.vera_B["default"])
-    peftkit.save(model, tmp_path / "ad")
+    peftkit.save(model, tmp_path / "ad", format="peftkit")
     keys = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     assert sorted(keys) == ["adapter.fc1.vera_lambda_b", "adapter.fc1.vera_lambda_d", "adapter.fc2.vera_lambda_b",
                             "adapter.fc2.vera_lambda_d"]
