@@ -417,8 +417,8 @@ def fake_gguf(tiny_lm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         for f in tiny_lm_dir.iterdir():
             (dest / f.name).write_bytes(f.read_bytes())
 
-    monkeypatch.setattr(M, "_smollm2_gguf", lambda: gguf)
-    monkeypatch.setattr(M, "convert_gguf", convert)
+    monkeypatch.setattr(M.gguf, "_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(M.gguf, "convert_gguf", convert)
     return calls
 
 
@@ -465,8 +465,8 @@ def test_failed_conversion_leaves_the_old_cache_and_no_temp(tmp_path: Path, monk
         (dest / "config.json").write_text("{}")
         raise RuntimeError("conversion interrupted")
 
-    monkeypatch.setattr(M, "_smollm2_gguf", lambda: gguf)
-    monkeypatch.setattr(M, "convert_gguf", broken)
+    monkeypatch.setattr(M.gguf, "_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(M.gguf, "convert_gguf", broken)
     with pytest.raises(RuntimeError):
         M.smollm2_folder(tmp_path / "c")
     assert list((tmp_path / "c").iterdir()) == []

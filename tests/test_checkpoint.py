@@ -162,14 +162,14 @@ def test_mismatched_shapes_change_nothing(tmp_path: Path) -> None:
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _run("lora", tmp_path / "run", stop=6)  # one checkpoint, step 4
-    real = C._atomic_write_bytes
+    real = C.atomic_write_bytes
 
     def broken(path: Path, data: bytes) -> None:
         if path.name == "state.safetensors":
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(C, "_atomic_write_bytes", broken)
+    monkeypatch.setattr(C, "atomic_write_bytes", broken)
     with pytest.raises(PeftkitError, match="cannot write checkpoint"):
         _run("lora", tmp_path / "run", resume=True)  # resumes at 4, fails writing the checkpoint of step 8
     monkeypatch.undo()

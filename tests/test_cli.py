@@ -13,7 +13,8 @@ import torch
 
 from peftkit import PeftkitError
 from peftkit import data as D
-from peftkit.cli import _parse_targets, main
+from peftkit.cli import main
+from peftkit.tasks.options import parse_targets as _parse_targets
 
 POS = ["good", "great", "fine", "nice", "love", "superb"]
 NEG = ["bad", "awful", "poor", "hate", "dull", "boring"]
@@ -239,11 +240,11 @@ def test_methods_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     names = [m.name for m in peftkit.all_methods()]
     assert {"lora", "dora"} <= set(names)
-    rows = [line.split()[0] for line in out.splitlines()[1:] if line and not line.startswith(" ")]
-    assert rows == names
+    rows = [line.split()[0] for line in out.splitlines()[1:] if line.startswith("  ")]  # under family headings
+    assert sorted(r for r in rows if r in names) == names and len(rows) == len(set(rows))
     assert main(["methods", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [d["name"] for d in data] == names
+    assert sorted(d["name"] for d in data if d["kind"] == "method") == names
     lora = next(d for d in data if d["name"] == "lora")
     assert lora["mergeable"] is True and lora["params"] == "r·(d_in + d_out)" and "2106.09685" in lora["paper"]
 
@@ -345,8 +346,10 @@ def test_methods_markdown_has_one_row_per_method(capsys: pytest.CaptureFixture[s
 
     assert main(["methods", "--markdown"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("| method |") and lines[1].startswith("|---")
-    assert [line.split("|")[1].strip(" `") for line in lines[2:]] == [m.name for m in peftkit.all_methods()]
+    assert lines[0].startswith("| family | method |") and lines[1].startswith("|---")
+    listed = [line.split("|")[2].strip(" `") for line in lines[2:]]
+    assert sorted(n for n in listed if n in {m.name for m in peftkit.all_methods()}) == [
+        m.name for m in peftkit.all_methods()]
 
 
 def test_train_on_a_4bit_base_and_eval_rebuilds_it(tmp_path: Path, csv_file: Path,
@@ -365,7 +368,7 @@ def test_train_on_a_4bit_base_and_eval_rebuilds_it(tmp_path: Path, csv_file: Pat
 
 
 def test_reproduction_verdict_is_exact_for_float_bases_and_tolerant_only_for_quantised_ones() -> None:
-    from peftkit.cli import reproduction_verdict
+    from peftkit.tasks.record import reproduction_verdict
 
     assert reproduction_verdict(142, 142, 200, quantized=False) == "reproduced"
     assert reproduction_verdict(142, 143, 200, quantized=False) == "DIFFERENT"
@@ -452,11 +455,12 @@ def test_train_without_lr_uses_the_methods_rate(method: str, extra: tuple[str, .
 def test_opt_takes_hugging_face_peft_field_names() -> None:
     """``--opt`` passes its names to the method's config, which reads PEFT's spellings (``lora_alpha``,
     ``lora_dropout``, ``use_rslora``, ``rank_pattern``) as its constructor does."""
-    from peftkit.cli import _check_train_args, build_parser
+    from peftkit.cli import build_parser
+    from peftkit.tasks.run import check_train_args
 
     args = build_parser().parse_args(["train", "--opt", "lora_alpha=16", "--opt", "lora_dropout=0.1", "--opt",
                                       "use_rslora=true", "--opt", 'rank_pattern={"query": 4}'])
-    info, cls, fields = _check_train_args(args)
+    info, cls, fields = check_train_args(args)
     cfg = cls.from_dict(fields)
     assert (cfg.alpha, cfg.dropout, cfg.rslora) == (16.0, 0.1, True)
     assert cfg.for_module("encoder.layer.0.attention.self.query").r == 4

@@ -1,7 +1,8 @@
 """Every method's CLI defaults work on every task that allows the method: ``peftkit train --task T --method M`` with
 nothing else builds the config the command builds and adapts the task's default model shape (the packaged models'
 widths — MiniLM-L6 384/1536, SmolLM2-135M 576/1536, EfficientNet-Lite0's 16…1280 channels — at one to three layers,
-random weights), through :class:`peftkit.cli_run.TrainRun` as the command does, then runs one training forward/backward.
+random weights), through :class:`peftkit.tasks.run.TrainRun` as the command does, then runs one training
+forward/backward.
 
 A method's default rank is a ceiling (:func:`peftkit.core.adapter.fit_ranks`): MTLoRA's r = 64 and LoCA's n = 1000
 exceed EfficientNet's first 32→16 convolution, which gets its limit instead; a rank the user gives above a layer's
@@ -20,13 +21,12 @@ from torch import nn
 
 import peftkit
 from peftkit import vision as V
-from peftkit.cli import DEFAULTS, build_parser
-from peftkit.cli_causal_lm import LM_DEFAULTS
-from peftkit.cli_run import TrainRun, release_run_locks
-from peftkit.cli_token import TOKEN_DEFAULTS
-from peftkit.cli_vision import IMG_DEFAULTS, _targets_for
+from peftkit.cli import build_parser
 from peftkit.core.errors import PeftkitError
 from peftkit.core.registry import all_methods
+from peftkit.tasks import get_task
+from peftkit.tasks.image_classification import _targets_for
+from peftkit.tasks.run import TrainRun, release_run_locks
 
 #: transformer layers of the stand-in models: one, except for the methods whose defaults need more (MoS shares its
 #: 4-rank pools over >= 3 layers; ExPLoRA unfreezes the last block and adapts the others)
@@ -53,10 +53,11 @@ def _ids(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 TASKS: dict[str, tuple[dict, Callable[[str], nn.Module], Callable[[nn.Module], dict], list[str] | None]] = {
-    "classification": (DEFAULTS, _minilm(tf.BertForSequenceClassification), _ids, None),
-    "token-classification": (TOKEN_DEFAULTS, _minilm(tf.BertForTokenClassification), _ids, None),
-    "causal-lm": (LM_DEFAULTS, _smollm, _ids, []),
-    "image-classification": (IMG_DEFAULTS, lambda method: V.EfficientNetLite(10).eval(),
+    "classification": (get_task("classification").defaults, _minilm(tf.BertForSequenceClassification), _ids, None),
+    "token-classification": (get_task("token-classification").defaults, _minilm(tf.BertForTokenClassification), _ids,
+                             None),
+    "causal-lm": (get_task("causal-lm").defaults, _smollm, _ids, []),
+    "image-classification": (get_task("image-classification").defaults, lambda method: V.EfficientNetLite(10).eval(),
                              lambda m: {"images": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
                                         }, [V.HEAD]),
 }
@@ -79,7 +80,7 @@ def _run(task: str, method: str, out: Path, *extra: str) -> tuple[TrainRun, nn.M
     defaults, build, _, heads = TASKS[task]
     args = build_parser().parse_args(["train", "--task", task, "--method", method, "--output", str(out),
                                       "--no-progress", *extra])
-    if task == "image-classification":  # what cmd_train_image does before and after TrainRun
+    if task == "image-classification":  # what the image task's train does before and after TrainRun
         args.targets = _targets_for(peftkit.get_method(method), args.targets)
     try:
         run = TrainRun(args, defaults, tag="t")

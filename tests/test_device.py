@@ -172,7 +172,7 @@ def test_epochs_count_optimiser_steps() -> None:
     from argparse import Namespace
     from types import SimpleNamespace
 
-    from peftkit.cli_run import TrainRun
+    from peftkit.tasks.run import TrainRun
 
     def steps(accum: int, epochs: float = 1.0, n_batches: int = 23) -> int:
         run = SimpleNamespace(args=Namespace(steps=None, epochs=epochs, grad_accum=accum))

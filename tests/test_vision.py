@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 import peftkit
 from peftkit import PeftkitError
-from peftkit import vision as V
 from peftkit.cli import main
 from peftkit.core.layer import SavedModule
 from peftkit.core.registry import all_methods
@@ -29,6 +28,7 @@ from peftkit.data.images import (
     load_npz,
     preprocess,
 )
+from peftkit.models import efficientnet as V
 from peftkit.train.trainer import method_procedures, train
 
 HAS_WEIGHTS = True

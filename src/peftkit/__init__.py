@@ -48,6 +48,7 @@ from .core.peft_api import PeftModel, TaskType, get_peft_model, print_trainable_
 from .core.procedure import Procedure
 from .core.registry import all_methods, from_peft_config
 from .core.registry import get as get_method
+from .quant import bnb as _bnb  # noqa: F401 - registers the quantised host kinds (bitsandbytes) with the core
 
 __version__ = "0.1.0"
 

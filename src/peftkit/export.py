@@ -65,7 +65,7 @@ def load_base(model_dir: Path, task_type: str | None, info: dict[str, Any]) -> t
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    from .models import _load_errors, _load_message, _quiet_transformers
+    from .models import load_errors, load_message, quiet_transformers
 
     config = io.read_json(model_dir / "config.json")
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -80,15 +80,15 @@ def load_base(model_dir: Path, task_type: str | None, info: dict[str, Any]) -> t
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
                       label2id={str(n): i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = cls.from_pretrained(str(model_dir), **kwargs)
-    except _load_errors() as e:
-        raise PeftkitError(_load_message("the base model", model_dir, e)) from None
+    except load_errors() as e:
+        raise PeftkitError(load_message("the base model", model_dir, e)) from None
     tokenizer = None
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (*_load_errors(), ImportError, TypeError):  # a model folder without a tokenizer: nothing to copy
+    except (*load_errors(), ImportError, TypeError):  # a model folder without a tokenizer: nothing to copy
         tokenizer = None
     return model.float().eval(), tokenizer
 
@@ -125,11 +125,11 @@ def export_adapter(
                "it has no Hugging Face PEFT counterpart either: serve it with peftkit (peftkit.load)"))
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise PeftkitError(f"{output} already exists and is not empty; pass --overwrite to replace it")
-    from .models import _quiet_transformers
+    from .models import quiet_transformers
 
     merge_and_unload(base, [name])
     with tempfile.TemporaryDirectory(prefix=".peftkit-export-") as tmp:
-        with _quiet_transformers():
+        with quiet_transformers():
             base.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

@@ -432,9 +432,9 @@ def test_preflight_refuses_what_would_not_fit_in_memory(env: Env, monkeypatch: p
     """The trainable-parameter estimate equals what adapt creates; × 16 bytes above the available memory is an error
     naming both numbers, before anything is allocated."""
     import peftkit
-    from peftkit import cli_run
     from peftkit.core.registry import get
     from peftkit.models import load_classifier
+    from peftkit.tasks import run as cli_run
 
     for method, fields in (("lora", {"r": 8}), ("dora", {"r": 4}), ("ia3", {}), ("prompt_tuning", {})):
         model, _ = load_classifier(env.model, 2)
@@ -466,7 +466,7 @@ def test_a_head_too_large_for_memory_is_refused_before_loading(env: Env, monkeyp
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """Past the class cap (--max-classes raised), a 200,001-class head is still checked against the memory
     available before the model is loaded."""
-    from peftkit import cli_run
+    from peftkit.tasks import run as cli_run
 
     n = 200_001 * (HIDDEN + 1)
     monkeypatch.setattr(cli_run, "available_memory", lambda: 20 * n - 1)
@@ -511,7 +511,7 @@ def test_default_max_length_is_lowered_to_the_models_positions(capsys: pytest.Ca
 
     from torch import nn
 
-    from peftkit.cli_run import TrainRun
+    from peftkit.tasks.run import TrainRun
 
     model = nn.Module()
     model.config = SimpleNamespace(max_position_embeddings=16)
@@ -534,7 +534,7 @@ def test_max_positions_of_roberta_style_models() -> None:
 
     from torch import nn
 
-    from peftkit.cli_run import max_positions
+    from peftkit.tasks.run import max_positions
 
     model = nn.Module()
     model.config = SimpleNamespace(model_type="roberta", max_position_embeddings=514, pad_token_id=1)

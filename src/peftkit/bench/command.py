@@ -30,10 +30,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--methods", metavar="A,B,C",
                    help="comma list of registered methods or name/variant entries of the bench's OPTIONS")
     b.add_argument("--steps", type=int, help=f"optimiser steps per method (default 300; --quick {_Q['steps']})")
+    from ..tasks import get_task
+    from .runner import TASK
+
+    d = get_task(TASK).defaults
     b.add_argument("--eval-size", type=int,
-                   help=f"held-out examples (default: peftkit train's, 1000; --quick {_Q['eval_size']})")
-    b.add_argument("--batch-size", type=int, help=f"default 32 (--quick {_Q['batch_size']})")
-    b.add_argument("--max-length", type=int, help=f"tokens (default 64; --quick {_Q['max_length']})")
+                   help=f"held-out examples (default: peftkit train's, {d['eval_size']}; --quick {_Q['eval_size']})")
+    b.add_argument("--batch-size", type=int, help=f"default {d['batch_size']} (--quick {_Q['batch_size']})")
+    b.add_argument("--max-length", type=int, help=f"tokens (default {d['max_length']}; --quick {_Q['max_length']})")
     b.add_argument("--seed", type=int, default=0, help="the same seed for every method (default 0)")
     b.add_argument("--quick", action="store_true", help="a few fast methods with a tiny budget (see above)")
     b.add_argument("--out", default="bench", help="output folder (default %(default)s/)")
@@ -51,8 +55,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .. import data as D
     from ..models import resolve_model_dir
+    from ..tasks import get_task
     from . import report
-    from .runner import BenchSettings, child_env, resolve_methods, run_bench
+    from .runner import TASK, BenchSettings, child_env, resolve_methods, run_bench
 
     wall_start = time.perf_counter()
     quick = args.quick
@@ -63,10 +68,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = args.methods.split(",") if args.methods is not None else (list(QUICK_METHODS) if quick else None)
     # ---- everything checked before anything runs or is written
     methods = resolve_methods(names)
+    d = get_task(TASK).defaults
     s = BenchSettings(steps=pick(args.steps, "steps", 300), eval_size=pick(args.eval_size, "eval_size", None),
-                      batch_size=pick(args.batch_size, "batch_size", 32),
-                      max_length=pick(args.max_length, "max_length", 64), seed=args.seed, threads=args.threads,
-                      model=args.model, data=args.data, timing=args.timing if args.timing is not None else not quick)
+                      batch_size=pick(args.batch_size, "batch_size", d["batch_size"]),
+                      max_length=pick(args.max_length, "max_length", d["max_length"]), seed=args.seed,
+                      threads=args.threads, model=args.model, data=args.data,
+                      timing=args.timing if args.timing is not None else not quick)
     s.check()
     model_dir = resolve_model_dir(args.model)
     data = D.load_data(args.data)
@@ -77,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise PeftkitError(f"--out {out} exists and is not a folder")
 
     settings: dict[str, Any] = {
-        "task": "classification", "methods": methods, "quick": quick, "model": str(model_dir),
+        "task": TASK, "methods": methods, "quick": quick, "model": str(model_dir),
         "data": data.source, "labels": data.label_names, **{k: v for k, v in vars(s).items() if k not in
                                                              ("model", "data")},
         "omp_wait_policy": child_env()["OMP_WAIT_POLICY"]}

@@ -158,11 +158,11 @@ def time_one(method: str, s: BenchSettings, labels: int, model_dir: str) -> dict
     """The fixed-batch timing pass of ``method`` in a fresh process: ``{"step_seconds", "step_peak_mib"}`` or
     ``{"error": ...}``."""
     opts = train_options(method, s.steps)
-    from ..cli import DEFAULTS  # the classification task's rate, which `peftkit train` scales the same way
     from ..core.registry import get as get_method
+    from ..tasks import get_task  # the task's rate, which `peftkit train` scales the same way
 
     lr = next((float(v) for f, v in zip(opts[::2], opts[1::2]) if f == "--lr"),
-              s.lr or DEFAULTS["lr"] * get_method(base_method(method)).lr_scale)
+              s.lr or get_task(TASK).defaults["lr"] * get_method(base_method(method)).lr_scale)
     spec = {"method": method, "model": model_dir, "labels": labels, "batch_size": s.batch_size,
             "max_length": s.max_length, "threads": s.threads, "steps": s.timing_steps, "seed": s.seed, "lr": lr,
             "opts": config_options(method, s.steps)}

@@ -18,8 +18,8 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.errors import PeftkitError
 from ..core.model import adapt, adapter_names, set_active
-from ..core.procedure import Procedure
-from ..train.trainer import _logits, train
+from ..core.procedure import Procedure, output_logits
+from ..train.trainer import train
 from .replay import ReplayMemory, replay_batches
 from .tasks import Collate, Task
 
@@ -36,7 +36,7 @@ def _inputs_labels(batch: Any) -> tuple[Any, torch.Tensor]:
 
 
 def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
-    return _logits(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
+    return output_logits(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
 
 
 class ContinualMethod(Procedure):

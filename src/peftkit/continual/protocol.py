@@ -21,7 +21,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.errors import PeftkitError
 from ..core.model import adapter_names
-from ..train.trainer import _device, _to
+from ..train.trainer import model_device, to_device
 from .base import ContinualMethod, _inputs_labels, forward_logits
 from .tasks import Collate, Task, check_tasks, default_collate
 
@@ -141,13 +141,13 @@ class ContinualLearner:
         own = within or untrained or not 0 <= j <= seen
         allowed = self.method.class_mask(self.tasks[j].classes if own else self.method.seen_classes())
         data = self.tasks[j].eval
-        device = _device(self.model)
+        device = model_device(self.model)
         was_training = self.model.training
         self.model.eval()
         correct = 0
         try:
             for s in range(0, len(data), self.eval_batch_size):
-                inputs, labels = _inputs_labels(_to(self.collate(data[s: s + self.eval_batch_size]), device))
+                inputs, labels = _inputs_labels(to_device(self.collate(data[s: s + self.eval_batch_size]), device))
                 if untrained or seen < 0:
                     scores = forward_logits(self.model, inputs)
                 else:

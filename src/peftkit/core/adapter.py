@@ -24,7 +24,7 @@ from .errors import PeftkitError
 from .host import Host
 
 if TYPE_CHECKING:
-    from .hf import HFTensor
+    from .hf_tensor import HFTensor
 
 
 _UNFUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("peftkit_unfused", default=False)

@@ -36,18 +36,32 @@ import torch
 from torch import nn
 
 from . import io
-from . import model as m
 from . import model_level as ml
+from . import state as m  # what is on a model; model.py's own API is bound below (no import circle)
 from .errors import PeftkitError
 from .host import CONV_KINDS
 
 FORMAT = "peftkit_fusion"
 
 
+#: model.py's functions this module calls (``set_active``, ``adapter_id``, ``check_mergeable``), bound by model.py
+#: when it is imported: model.py calls into the blocks, so the blocks must not import model.py back
+_MODEL_API: dict[str, Any] = {}
+
+
+def bind_model_api(**functions: Any) -> None:
+    _MODEL_API.update(functions)
+
+
 class Block:
     """A composition node: ordered children (adapter names or blocks)."""
 
     mergeable = True
+
+    def run_layer(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The adapted ``layer``'s output with this composition active (the layer calls it: no import of this
+        module from the layer, so the core has no import circle)."""
+        return forward(layer, self, x, *args, **kwargs)
 
     def __init__(self, *children: Any) -> None:
         if len(children) == 1 and isinstance(children[0], list | tuple):
@@ -239,7 +253,7 @@ def delete_fusion(model: nn.Module, name: str) -> None:
         raise PeftkitError(f"no fusion named {name!r}; fusions: {sorted(fusions) or '(none)'}")
     block = active_block(model)
     if block is not None and any(isinstance(b, Fuse) and b.name == name for b in block.walk()):
-        m.set_active(model, [])
+        _MODEL_API["set_active"](model, [])
     for _, layer in m.adapted_layers(model):
         if "fusions" in layer._modules and name in layer.fusions:
             del layer.fusions[name]
@@ -270,7 +284,7 @@ def save_fusion(model: nn.Module, directory: Any, name: str, *, overwrite: bool 
     tensors = fusion_state_dict(model, name)
     meta = {"format": FORMAT, "format_version": 1, "name": name, "adapters": model.__dict__["peftkit_fusions"][name],
             "base_model_class": type(model).__name__}
-    ident = m._adapter_id(model, "fusion:" + name)
+    ident = _MODEL_API["adapter_id"](model, "fusion:" + name)
     io.write_adapter(directory, meta, tensors, {"format": "pt", io.ID_KEY: ident}, overwrite=overwrite)
 
 
@@ -401,11 +415,11 @@ def on_delete(model: nn.Module, name: str) -> None:
 def active(model: nn.Module, block: Block | Sequence[str] | str) -> Iterator[nn.Module]:
     """``with active(model, Stack("a", "b")): model(x)`` — the composition for the block, then the previous one."""
     prev = active_block(model) or m.active_adapters(model)
-    m.set_active(model, block)
+    _MODEL_API["set_active"](model, block)
     try:
         yield model
     finally:
-        m.set_active(model, prev)
+        _MODEL_API["set_active"](model, prev)
 
 
 def _replicate(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -514,7 +528,7 @@ def _fold(layer: Any, node: Any, w: torch.Tensor, b: torch.Tensor | None) -> tup
 def merge(model: nn.Module, block: Block) -> None:
     """Fold the whole composition into the host weights (see the module docstring); all checked before any write."""
     check_merge(model, block)
-    m._check_mergeable(model, block.names())
+    _MODEL_API["check_mergeable"](model, block.names())
     plans = []
     for _, layer in m.adapted_layers(model):
         if layer.block is None:

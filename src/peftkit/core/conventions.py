@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,20 @@ import torch
 from torch import nn
 
 from .errors import PeftkitError
+from .state import adapter_names
 
 RESUME_INDEX = "model.safetensors.index.json"
 RESUME_FILE = "adapter_resume.safetensors"
 _STACK = "peftkit_adapter_names"  # per model: [call depth, [(depth, mixed_batch context), ...]]
+
+#: what the conventions call back in :mod:`.model` (``mixed_batch``, ``save``), handed over by :func:`bind` when that
+#: module loads: :mod:`.model` installs the conventions on ``adapt``, so importing it from here would be a circle
+_MODEL: dict[str, Callable[..., Any]] = {}
+
+
+def bind(*, mixed_batch: Callable[..., Any], save: Callable[..., Any]) -> None:
+    """Called once by :mod:`.model`: the functions the hooks and ``save_pretrained`` use."""
+    _MODEL.update(mixed_batch=mixed_batch, save=save)
 
 
 def _names_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -46,11 +57,9 @@ def _names_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     names = kwargs.pop("adapter_names")
     if names is None:
         return args, kwargs
-    from .model import mixed_batch
-
     if isinstance(names, str) or not hasattr(names, "__len__"):
         raise PeftkitError(f"adapter_names must be a list with one adapter name per sample, got {names!r}")
-    ctx = mixed_batch(module, list(names))
+    ctx = _MODEL["mixed_batch"](module, list(names))
     ctx.__enter__()
     state[1].append((state[0], ctx))
     return args, kwargs
@@ -95,14 +104,12 @@ def generate(model: nn.Module, *args: Any, adapter_names: Any = None, **kwargs: 
     own = type(model).generate
     if adapter_names is None:
         return own(model, *args, **kwargs)
-    from .model import mixed_batch
-
     if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
         raise PeftkitError(f"adapter_names must be a list with one adapter name per sequence, got {adapter_names!r}")
     gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
     returns = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
-    with mixed_batch(model, list(adapter_names), repeat=max(int(beams), int(returns))):
+    with _MODEL["mixed_batch"](model, list(adapter_names), repeat=max(int(beams), int(returns))):
         return own(model, *args, **kwargs)
 
 
@@ -133,8 +140,6 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
     weights. ``selected_adapters``: only these (default: all). ``state_dict`` (which ``transformers.Trainer`` passes)
     is not used: the adapters are read from the model. Other transformers keywords (``safe_serialization``,
     ``max_shard_size``, ...) have no meaning for an adapter folder and are ignored."""
-    from .model import adapter_names, save
-
     if push_to_hub:
         raise PeftkitError("save_pretrained(push_to_hub=True): save to a folder, then upload it with "
                            "huggingface_hub.upload_folder")
@@ -149,7 +154,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
         raise PeftkitError(f"save_pretrained: unknown adapter(s) {unknown}; loaded adapters: {names}")
     directory = Path(save_directory)
     for name, sub in _layout(chosen).items():
-        save(model, directory / sub if sub else directory, name, overwrite=True)
+        _MODEL["save"](model, directory / sub if sub else directory, name, overwrite=True)
     if re.fullmatch(r"checkpoint-\d+", directory.name):  # a transformers.Trainer checkpoint: make it resumable
         from safetensors.torch import save_file
 

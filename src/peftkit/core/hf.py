@@ -32,7 +32,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from torch import nn
 from . import io, registry
 from .config import AdapterConfig
 from .errors import PeftkitError
+from .hf_tensor import HFTensor as HFTensor  # re-exported: methods import it from here
 from .host import HOST_NAMES, Host, host_kind
 from .model_level import CONTAINER
 from .peft_names import (
@@ -132,21 +133,6 @@ def _meta_opts(opts: dict[str, Any], cfg: AdapterConfig, name: str) -> dict[str,
     (read back by :func:`restore`)."""
     return {"format": "pt", **opts.pop("metadata", {}), META_CONFIG: io.dumps(cfg.to_dict(), sort=False).decode(),
             META_NAME: name}
-
-
-class HFTensor(NamedTuple):
-    """Where one adapter tensor lives in a Hugging Face file: the key after ``<module path>.`` (adapter name
-    removed, as PEFT saves it), its shape there, and its shape in peftkit (the two differ only by a reshape).
-    ``base``: the file holds a trained *copy* of the host's own tensor of that name (e.g. LN tuning's γ) where
-    peftkit keeps the difference to it, so ``file = host.<base> + ours``. ``value``: a tensor of peftkit's own saves
-    that the Hugging Face file does not hold (e.g. a record of the layer's shape, checked at load): not written on
-    export, and ``value`` (what the layer gives it) on import; ``key`` and the shapes are then unused."""
-
-    key: str
-    hf_shape: tuple[int, ...]
-    shape: tuple[int, ...]
-    base: str | None = None
-    value: torch.Tensor | None = None
 
 
 def _host_tensor(host: Host, name: str) -> torch.Tensor:
@@ -593,9 +579,9 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     """Write adapter ``name`` as a Hugging Face PEFT adapter (``PeftModel.from_pretrained`` reads it), as one unit
     (:func:`peftkit.core.io.write_adapter`, which takes ``opts``: ``metadata``, ``extra``, ``overwrite``, …)."""
     from .layer import AdaptedLayer
-    from .model import _saved_modules, _single_name, adapted_layers, adapter_state_dict, get_config
+    from .state import adapted_layers, adapter_state_dict, get_config, saved_modules, single_name
 
-    name = _single_name(model, name)
+    name = single_name(model, name)
     cfg = get_config(model, name)
     info = registry.get(cfg.method)
     if info.hf_peft_type is None:
@@ -645,7 +631,7 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
             tensors[f"{PREFIX}{path}.{spec.key}"] = t.reshape(spec.hf_shape)
     tensors.update(info.adapter.hf_shared_tensors(cfg, [layer.adapters[name] for _, layer in layers]))
     adapted = {p for p, _ in layers}
-    saved = [p for p, sm in _saved_modules(model) if name in sm.copies]
+    saved = [p for p, sm in saved_modules(model) if name in sm.copies]
     for k, v in adapter_state_dict(model, name).items():
         kind, _, rest = k.partition(".")
         if kind == "saved":
@@ -710,8 +696,8 @@ def _import_model_level(
 
 def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: str, cfg: AdapterConfig,
                         info: MethodInfo, **opts: Any) -> None:
-    from .model import _saved_modules, adapter_state_dict
     from .model_level import model_adapters
+    from .state import adapter_state_dict, saved_modules
 
     adapter = model_adapters(model)[name]
     method_cfg = adapter.to_hf_config(model)
@@ -726,7 +712,7 @@ def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: st
         if kind == "saved":
             tensors[f"{_PROMPT_PREFIX}{rest}"] = v
     task = task_type_of(model, cfg.task_type) or "FEATURE_EXTRACTION"  # PEFT's prompt models need one
-    saved = [p for p, sm in _saved_modules(model) if name in sm.copies]
+    saved = [p for p, sm in saved_modules(model) if name in sm.copies]
     for path, state in _head_copies(model, task, saved).items():
         saved.append(path)
         tensors.update({f"{_PROMPT_PREFIX}{path}.{k}": v for k, v in state.items()})

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import bnb
 from . import precision
 from .errors import PeftkitError
 
@@ -29,6 +28,26 @@ except Exception:  # pragma: no cover - transformers is a dependency, but the co
 
 
 QUANTIZED_KINDS = ("bnb_4bit", "bnb_8bit")
+
+#: handlers of frozen quantised layers, registered by the package that knows them (:mod:`peftkit.quant.bnb` registers
+#: bitsandbytes' Linear4bit / Linear8bitLt); the core names none. A handler has ``kind(module)`` (one of
+#: :data:`QUANTIZED_KINDS` or None), ``dequantize``, ``requantize_``, ``snapshot``, ``restore``,
+#: ``keep_training_layout`` and ``to_float_linear``.
+_QUANTIZED_HANDLERS: list[Any] = []
+
+
+def register_quantized(handler: Any) -> None:
+    """Let the core treat the layers ``handler.kind`` recognises as quantised hosts."""
+    if handler not in _QUANTIZED_HANDLERS:
+        _QUANTIZED_HANDLERS.append(handler)
+
+
+def _quantized(module: nn.Module) -> tuple[str, Any] | None:
+    for handler in _QUANTIZED_HANDLERS:
+        kind = handler.kind(module)
+        if kind is not None:
+            return kind, handler
+    return None
 NORM_KINDS = ("norm",)
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 #: the layer types that can host an adapter, in words (for error messages)
@@ -47,9 +66,9 @@ def _is_norm(module: nn.Module) -> bool:
 
 def host_kind(module: nn.Module) -> str | None:
     """The host kind of ``module`` or None if it is not a supported host."""
-    qk = bnb.kind(module)  # before Linear: bitsandbytes layers subclass nn.Linear
-    if qk is not None:
-        return qk
+    q = _quantized(module)  # before Linear: bitsandbytes layers subclass nn.Linear
+    if q is not None:
+        return q[0]
     if isinstance(module, nn.Linear):
         return "linear"
     if _HFConv1D is not None and isinstance(module, _HFConv1D):
@@ -84,6 +103,7 @@ class Host:
         self.kind = kind
         w = module.weight
         self.quantized = kind in QUANTIZED_KINDS
+        self._quant = _quantized(module)[1] if self.quantized else None  # type: ignore[index]
         if self.quantized:
             self.d_out, self.d_in = module.out_features, module.in_features
         elif kind == "linear":
@@ -111,7 +131,7 @@ class Host:
         """The host weight (or ``w`` in the host's native layout) as a (d_out, d_in) view; a quantised host's
         weight is dequantised (a new float32 tensor); a norm's scale γ stays in its native shape."""
         if self.quantized:
-            return bnb.dequantize(self.module) if w is None else w
+            return self._quant.dequantize(self.module) if w is None else w
         w = self.module.weight if w is None else w
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w.t()
@@ -140,7 +160,7 @@ class Host:
         absolute rounding error; a half-precision host rounds it to its dtype (once) and returns the largest
         absolute rounding error too; a float32/64 host copies it (cast to its dtype) and returns None."""
         if self.quantized:
-            return bnb.requantize_(self.module, w2d)
+            return self._quant.requantize_(self.module, w2d)
         native = self.to_native(w2d)
         self.weight.data.copy_(native.to(self.weight.dtype))
         return precision.rounding_error(native, self.weight.dtype) if self.half else None
@@ -151,13 +171,13 @@ class Host:
         if not (self.quantized or self.half):
             return None
         bias = self.bias
-        state = bnb.snapshot(self.module) if self.quantized else self.module.weight.detach().clone()
+        state = self._quant.snapshot(self.module) if self.quantized else self.module.weight.detach().clone()
         return state, None if bias is None else bias.detach().clone()
 
     def restore(self, snap: tuple[Any, ...]) -> None:
         self.module.weight.requires_grad_(False)
         if self.quantized:
-            bnb.restore(self.module, snap[0])
+            self._quant.restore(self.module, snap[0])
         else:
             self.module.weight.data.copy_(snap[0])
         if snap[1] is None:
@@ -168,11 +188,11 @@ class Host:
     def prepare(self) -> None:
         """Called when a model is adapted, for every quantised layer in it (adapted or not)."""
         if self.quantized:
-            bnb.keep_training_layout(self.module)
+            self._quant.keep_training_layout(self.module)
 
     def float_module(self) -> nn.Module:
         """A quantised host as an equivalent float32 ``nn.Linear`` (dequantised weight); other hosts unchanged."""
-        return bnb.to_float_linear(self.module) if self.quantized else self.module
+        return self._quant.to_float_linear(self.module) if self.quantized else self.module
 
     def out_view(self, v: torch.Tensor) -> torch.Tensor:
         """A per-output-channel vector shaped to broadcast against the host output."""

@@ -196,11 +196,11 @@ def fold_projection(model: nn.Module, name: str | None = None) -> None:
     """Fold the projection MLP of key/value-prefix adapter ``name`` (default: the only / active one) into its
     prefix table, in place: outputs stay the same, the adapter then saves as a plain table
     (``prefix_projection=False``)."""
-    from .model import _configs, _single_name
+    from .state import configs, single_name
 
-    name = _single_name(model, name)
+    name = single_name(model, name)
     adapter = ml.model_adapters(model).get(name)
     if not isinstance(adapter, KVPrefix):
         raise PeftkitError(f"adapter {name!r} is not a key/value prefix adapter")
     adapter.fold()
-    _configs(model)[name] = adapter.config
+    configs(model)[name] = adapter.config

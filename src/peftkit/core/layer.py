@@ -91,9 +91,7 @@ class AdaptedLayer(nn.Module):
         if self.condition is not None and self.merged:
             self._check_unmerged_for_condition()
         if self.block is not None and not self.merged:
-            from .blocks import forward as block_forward
-
-            return block_forward(self, self.block, x, *args, **kwargs)
+            return self.block.run_layer(self, x, *args, **kwargs)
         if self.route is not None:
             return self._forward_mixed(x, *args, **kwargs)
         live = [n for n in self.active if n in self.adapters and n not in self.merged]

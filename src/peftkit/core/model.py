@@ -14,27 +14,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import conventions, io, precision, registry
+from . import blocks, conventions, io, precision, registry
 from . import model_level as ml
 from .adapter import Adapter, PlanContext, SharedStore, ranks_from_file
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import QUANTIZED_KINDS, Host, host_kind
 from .layer import AdaptedLayer, Route, SavedModule
+from .state import (  # what is on a model: shared with the PEFT format (hf) and the procedures, no circle
+    active_adapters,
+    adapted_layers,
+    adapter_names,
+    adapter_state_dict,
+    get_config,
+)
+from .state import adapter_bias_params as _adapter_bias_params
+from .state import bias_params as _bias_params
+from .state import configs as _configs
+from .state import saved_modules as _saved_modules
+from .state import single_name as _single_name
 from .targeting import _matches, find_targets
 
 FORMAT_VERSION = 2  # 2: the weights carry sha256 checksums of the unit (1: older files, still read)
 
 
 # -- bookkeeping on the model ---------------------------------------------------------------------------
-def _configs(model: nn.Module) -> dict[str, AdapterConfig]:
-    cfgs = model.__dict__.get("peftkit_configs")
-    if cfgs is None:
-        cfgs = {}
-        model.__dict__["peftkit_configs"] = cfgs
-    return cfgs
-
-
 def _adapter_id(model: nn.Module, name: str, new: str | None = None) -> str:
     """The identity of adapter ``name`` (random at creation, read from the file at load): saving over a folder that
     holds an adapter with another identity needs ``overwrite=True``; re-saving the same adapter does not."""
@@ -42,33 +46,6 @@ def _adapter_id(model: nn.Module, name: str, new: str | None = None) -> str:
     if new is not None:
         ids[name] = new
     return ids.setdefault(name, uuid.uuid4().hex)
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    return list(_configs(model))
-
-
-def get_config(model: nn.Module, name: str) -> AdapterConfig:
-    cfgs = _configs(model)
-    if name not in cfgs:
-        raise PeftkitError(f"no adapter named {name!r}; loaded adapters: {sorted(cfgs) or '(none)'}")
-    return cfgs[name]
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    return list(model.__dict__.get("peftkit_active", []))
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    for n, m in model.named_modules():
-        if isinstance(m, AdaptedLayer):
-            yield n, m
-
-
-def _saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
-    for n, m in model.named_modules():
-        if isinstance(m, SavedModule):
-            yield n, m
 
 
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -182,28 +159,7 @@ def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
         if n in active:
             a.requires_grad_(True)
     if "peftkit_block" in model.__dict__:
-        from . import blocks
-
         blocks.set_trainable(model, trainable)
-
-
-def _bias_params(model: nn.Module, mode: str, layers: set[str]) -> list[tuple[str, nn.Parameter]]:
-    """Host biases made trainable by ``bias="all"`` (every bias) or ``"adapter_only"`` (biases of ``layers``)."""
-    out = []
-    for n, p in model.named_parameters():
-        if not n.endswith("bias") or ".adapters." in n or ".copies." in n or ".fusions." in n:
-            continue
-        clean = n.replace(".base_layer", "").replace(".original_module", "")
-        if mode == "all" or clean.rsplit(".", 1)[0] in layers:
-            out.append((clean, p))
-    return out
-
-
-def _adapter_bias_params(model: nn.Module, name: str) -> list[tuple[str, nn.Parameter]]:
-    mode = _configs(model)[name].bias
-    if mode == "none":
-        return []
-    return _bias_params(model, mode, {path for path, layer in adapted_layers(model) if name in layer.adapters})
 
 
 # -- public API -----------------------------------------------------------------------------------------
@@ -226,8 +182,6 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, act
 def set_active(model: nn.Module, names: Any, *, trainable: bool = True) -> None:
     """Make ``names`` the active adapters (their outputs add up); only active adapters are trainable. A composition
     block (``peftkit.compose.Stack("a", "b")`` etc., :mod:`.blocks`) makes its adapters active composed that way."""
-    from . import blocks
-
     block = names if isinstance(names, blocks.Block) else None
     if model.__dict__.get("peftkit_block_merged") and block != blocks.active_block(model):
         raise PeftkitError(f"set_active: the composition {blocks.active_block(model)!r} is merged; unmerge first")
@@ -289,8 +243,6 @@ def delete(model: nn.Module, name: str) -> None:
             if not len(sm.copies):
                 _set_submodule(model, path, sm.original_module)
     ml.remove(model, name)
-    from . import blocks
-
     blocks.on_delete(model, name)
     del _configs(model)[name]
     model.__dict__.get("peftkit_ids", {}).pop(name, None)
@@ -327,8 +279,6 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     restored by :func:`unmerge`), and :func:`unmerge` subtracts exactly the update that was added, even if the
     adapter's tensors were edited in place meanwhile (see :class:`~peftkit.core.layer.AdaptedLayer`). An active
     composition (:mod:`.blocks`) merges as a whole, or is refused naming the block that cannot merge."""
-    from . import blocks
-
     block = blocks.active_block(model)
     if block is not None:
         if model.__dict__.get("peftkit_block_merged"):
@@ -404,8 +354,6 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None, *, de
     for n in ml.model_adapters(model):  # inactive model-level adapters (an active one cannot merge) are dropped
         ml.remove(model, n)
     conventions.remove(model)
-    from . import blocks
-
     blocks._set_replicate(model, None)
     for k in ("peftkit_block", "peftkit_block_merged", "peftkit_fusions"):
         model.__dict__.pop(k, None)
@@ -528,41 +476,6 @@ def condition(model: nn.Module, values: Sequence[Any] | torch.Tensor) -> Iterato
 
 
 # -- persistence ----------------------------------------------------------------------------------------
-def _single_name(model: nn.Module, name: str | None) -> str:
-    if name is not None:
-        get_config(model, name)
-        return name
-    act = active_adapters(model)
-    if len(act) == 1:
-        return act[0]
-    names = adapter_names(model)
-    if len(names) == 1:
-        return names[0]
-    raise PeftkitError(f"several adapters loaded ({names}); say which one with name=")
-
-
-def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors that make up adapter ``name``, keyed ``adapter.<module>.<tensor>``, ``saved.<module>.<tensor>``
-    and ``bias.<module>.bias`` (a model-level adapter's own tensors: ``model.<tensor>``)."""
-    name = _single_name(model, name)
-    out: dict[str, torch.Tensor] = {}
-    if name in ml.model_adapters(model):
-        out.update({f"model.{k}": v for k, v in ml.model_adapters(model)[name].state_dict().items()})
-    for path, layer in adapted_layers(model):
-        if name in layer.adapters:
-            a = layer.adapters[name]
-            for k, v in a.state_dict().items():
-                if k.split(".")[0] not in a.regenerated:
-                    out[f"adapter.{path}.{k}"] = v
-    for path, sm in _saved_modules(model):
-        if name in sm.copies:
-            for k, v in sm.copies[name].state_dict().items():
-                out[f"saved.{path}.{k}"] = v
-    for n, p in _adapter_bias_params(model, name):
-        out[f"bias.{n}"] = p
-    return out
-
-
 SAVE_FORMATS = ("auto", "hf", "peftkit")
 
 
@@ -587,8 +500,6 @@ def save(
     ``allow_nonfinite=True``."""
     if format not in SAVE_FORMATS:
         raise PeftkitError(f"unknown adapter format {format!r}; use one of {', '.join(SAVE_FORMATS)}")
-    from . import blocks
-
     if name is not None and name in blocks.fusion_names(model) and format != "hf":
         blocks.save_fusion(model, directory, name, overwrite=overwrite)  # an AdapterFusion's own layers (peftkit's)
         return
@@ -748,8 +659,6 @@ def load(
 
     Every tensor's name, shape, dtype kind and values (finite, unless ``allow_nonfinite=True``) is checked before
     the model is touched: on any problem the error names the tensor and the model is left as it was."""
-    from . import blocks
-
     try:  # the config alone (the weights are read once, by whichever reader this is)
         head = io.read_json(os.path.join(directory, io.CONFIG_NAME))
     except (OSError, PeftkitError):
@@ -832,3 +741,9 @@ def get_layer(model: nn.Module, path: str) -> Any:
     if not isinstance(m, AdaptedLayer):
         raise PeftkitError(f"{path!r} is not an adapted layer")
     return m
+
+
+conventions.bind(mixed_batch=mixed_batch, save=save)  # the callbacks of adapter_names= and save_pretrained
+
+
+blocks.bind_model_api(set_active=set_active, adapter_id=_adapter_id, check_mergeable=_check_mergeable)

@@ -3,17 +3,24 @@
 A procedure never changes what an adapter computes; it schedules (rank sampling, rank growth, location
 search), adds a loss term, or post-processes after the optimiser step. ``state_dict``/``load_state_dict`` let a
 checkpoint resume it. :func:`peftkit.train.hf.as_trainer_callback` wraps one for ``transformers.Trainer``.
+
+What a procedure may use of the run it is part of lives here too, so that a method's procedure depends on the core
+alone (never on :mod:`peftkit.train`): the task loss the trainer uses (:func:`default_loss`), a batch's size, and
+the data-parallel process group (:func:`world_size`, :func:`sync_gradients`, the trainer's own gradient sync).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from .model import adapted_layers, get_config
+from .errors import PeftkitError
+from .state import adapted_layers, get_config
 
 
 class Procedure:
@@ -69,3 +76,74 @@ def find_adapters(model: nn.Module, adapter_cls: type, config: Any = None) -> di
             n for n in found if get_config(model, n) == config}
         found = {n: v for n, v in found.items() if n in mine}
     return found
+
+
+# -- what a procedure may use of the run: the task loss, the batch size, the process group ---------------------------
+def batch_size(batch: Any) -> int:
+    """Leading dimension of the first tensor in the batch (1 if there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0])
+    return 1
+
+
+def output_logits(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, tuple | list) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise PeftkitError(f"cannot find logits in model output of type {type(outputs).__name__}")
+
+
+def default_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+    """``model(**batch).loss`` for a mapping batch (cross-entropy on its logits if the model returns no loss);
+    cross-entropy of ``model(inputs)`` against ``targets`` for an ``(inputs, targets)`` pair."""
+    if isinstance(batch, Mapping):
+        outputs = model(**batch)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+        if loss is None:
+            if "labels" not in batch:
+                raise PeftkitError("the model returned no loss and the batch has no 'labels'; pass loss_fn=")
+            loss = F.cross_entropy(output_logits(outputs), batch["labels"])
+        return loss, outputs
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        outputs = model(batch[0])
+        return F.cross_entropy(output_logits(outputs), batch[1]), outputs
+    raise PeftkitError(f"cannot compute a loss for a batch of type {type(batch).__name__}; pass loss_fn=")
+
+
+def world_size() -> int:
+    """Processes in the initialised data-parallel group (``torchrun``), 1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sync_gradients(params: Sequence[torch.Tensor], n_local: int) -> int:
+    """Replace every process's gradients by the example-weighted mean over all processes (one ``all_reduce``);
+    returns the global example count. A missing gradient counts as zero."""
+    if world_size() <= 1:
+        return n_local
+    ref = params[0]
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(ref.dtype) * n_local
+             for p in params]
+    flat = torch.cat([*parts, torch.tensor([float(n_local)], dtype=ref.dtype, device=ref.device)])
+    dist.all_reduce(flat)
+    total = int(round(float(flat[-1])))
+    flat = flat[:-1] / max(total, 1)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset: offset + n].view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+        offset += n
+    return total

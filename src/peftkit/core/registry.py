@@ -21,6 +21,21 @@ QUANTIZED_HOSTS = ("bnb_4bit", "bnb_8bit")
 NORM_HOSTS = ("norm",)
 #: 3-D convolutions (volumes, video); methods written against the host view opt in by listing them
 CONV3D_HOSTS = ("conv3d",)
+#: the families of the PEFT survey's taxonomy (Han et al. 2024, "Parameter-Efficient Fine-Tuning for Large Models: A
+#: Comprehensive Survey", arXiv 2403.14608: additive, selective, reparameterised, hybrid), plus what peftkit also
+#: registers: quantisation-aware methods, methods defined by their training procedure, and heads over a frozen model.
+#: ``peftkit methods`` groups by them, in this order.
+FAMILIES = {
+    "adapter": "additive — adapters: new trainable modules in the forward path",
+    "soft-prompt": "additive — soft prompts: virtual tokens or key/value prefixes",
+    "scaling": "additive — learned rescaling (and shift) of activations",
+    "selective": "selective — a chosen subset of the existing parameters trains",
+    "reparameterized": "reparameterised — ΔW as a structured low-rank / Kronecker / transform-domain matrix",
+    "hybrid": "hybrid / composition — several updates combined: multi-task, mixtures, gates, unfrozen blocks",
+    "quantization": "quantisation-aware — a low-bit base or update, trained with the quantiser in the loop",
+    "procedure": "procedures — defined by a training schedule: rank sampling, rank growth, module search",
+    "head": "heads — over a frozen model, outside its layers (peftkit.heads)",
+}
 
 
 @dataclass(frozen=True)
@@ -43,7 +58,8 @@ class MethodInfo:
     failing mid-training); every method registered today runs in half precision (see :mod:`.precision`).
     ``float32_params``: on a half-precision base the adapter's parameters are stored in float32 (the default);
     False keeps them in the base's dtype — for a method whose parameters are the layer's weights in another form
-    (SketchTune's tables), where the model's dtype is part of what the method claims in memory.
+    (SketchTune's tables), where the model's dtype is part of what the method claims in memory. ``family``: the
+    method's family in the PEFT survey's taxonomy (:data:`FAMILIES`), which ``peftkit methods`` groups by.
     ``compile_breaks``: empty for a method whose forward ``torch.compile`` traces without a graph break inside an
     adapted layer (``fullgraph=True`` works); otherwise why it cannot — the data-dependent control flow of its
     forward and when that runs (the conformance test ``tests/conformance/test_compile.py`` asserts the declared
@@ -69,6 +85,7 @@ class MethodInfo:
     half_precision_note: str = ""
     float32_params: bool = True
     compile_breaks: str = ""
+    family: str = "reparameterized"
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -95,6 +112,7 @@ def register(
     half_precision_note: str = "",
     float32_params: bool = True,
     compile_breaks: str = "",
+    family: str = "reparameterized",
 ) -> Any:
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
@@ -103,6 +121,8 @@ def register(
         bad = set(hosts) - set(known)
         if bad:
             raise ValueError(f"unknown host kinds {bad}; known: {known}")
+        if family not in FAMILIES:
+            raise ValueError(f"method {name!r}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
         if not lr_scale > 0 or (head_lr_scale is not None and not head_lr_scale > 0):
             raise ValueError(f"method {name!r}: learning-rate factors must be > 0")
         if model_level and (mergeable or hosts):
@@ -114,7 +134,7 @@ def register(
         _REGISTRY[name] = MethodInfo(
             name, config, adapter_cls, paper, description, params, mergeable, tuple(hosts), procedure,
             hf_peft_type, init_is_identity, calibrate, model_level, lr_scale, head_lr_scale, half_precision,
-            half_precision_note, float32_params, compile_breaks,
+            half_precision_note, float32_params, compile_breaks, family,
         )
         return adapter_cls
 
@@ -161,11 +181,12 @@ def from_peft_config(peft_config: Any) -> AdapterConfig:
     data = dict(peft_config.to_dict() if hasattr(peft_config, "to_dict") else peft_config)
     ptype = data.get("peft_type")
     ptype = getattr(ptype, "value", ptype)
-    from .peft_names import mirrored
+    def mirrored(cls: Any) -> str | None:  # the PEFT type a config class itself declares (peft_names.mirrored)
+        return cls.__dict__.get("peft_type")
 
-    found = [i for i in all_methods() if mirrored(i.config)[0] == ptype and ptype is not None]
+    found = [i for i in all_methods() if mirrored(i.config) == ptype and ptype is not None]
     if not found:
-        known = sorted({t for i in all_methods() if (t := mirrored(i.config)[0])})
+        known = sorted({t for i in all_methods() if (t := mirrored(i.config))})
         raise PeftkitError(f"Hugging Face PEFT type {ptype!r} has no peftkit counterpart here"
                            f"{did_you_mean(str(ptype), known)}; peftkit reads the configs of: {', '.join(known)}")
     # several methods mirror one PEFT type (LORA: lora, dora): the one named like it, which switches as PEFT does

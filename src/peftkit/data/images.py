@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import PeftkitError
+from ..models.efficientnet import INPUT_MEAN, INPUT_STD
 from .text import infer_label_names
 
 DIGITS = "digits"
 #: the per-channel mean/std the pretrained EfficientNet-Lite weights expect: RGB [0, 1] → [-1, 1] (TF's 127 / 128)
-LITE_MEAN = (127.0 / 255.0,) * 3
-LITE_STD = (128.0 / 255.0,) * 3
+LITE_MEAN, LITE_STD = INPUT_MEAN, INPUT_STD
 
 
 @dataclass

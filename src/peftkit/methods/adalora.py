@@ -274,6 +274,7 @@ class AdaLoraAllocator(Procedure):
 @register(
     "adalora",
     config=AdaLoraConfig,
+    family="reparameterized",
     paper="Zhang et al., ICLR 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning "
           "(arXiv 2303.10512)",
     description="LoRA in SVD form B·diag(E)·A with an orthogonality penalty; the rank budget falls from init_r to "

@@ -129,6 +129,7 @@ class _Bottleneck(Adapter):
 @register(
     "series_adapter",
     config=SeriesAdapterConfig,
+    family="adapter",
     paper="Hu et al. 2023, LLM-Adapters (arXiv 2304.01933); Houlsby et al. 2019 (arXiv 1902.00751)",
     description="bottleneck adapter s·U·σ(D·z) in series with the host: on its output (output_adapter) or on its "
                 "input, seen through the frozen weight (mh_adapter)",
@@ -171,6 +172,7 @@ class SeriesAdapter(_Bottleneck):
 @register(
     "parallel_adapter",
     config=ParallelAdapterConfig,
+    family="adapter",
     paper="Hu et al. 2023, LLM-Adapters (arXiv 2304.01933); He et al. 2022 (arXiv 2110.04366)",
     description="bottleneck adapter s·U·σ(D·x) in parallel with the host (added to its output)",
     params="m·(d_in + d_out), +1 with learned scaling",

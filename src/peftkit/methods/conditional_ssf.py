@@ -75,6 +75,7 @@ class ConditionalSSFConfig(AdapterConfig):
 @register(
     "conditional_ssf",
     config=ConditionalSSFConfig,
+    family="scaling",
     paper="Reza et al. 2023, Robust Multimodal Learning with Missing Modalities via Parameter-Efficient Adaptation "
           "(arXiv 2310.03986); SSF, Lian et al. 2022 (arXiv 2210.08823)",
     description="per-condition (e.g. modality pattern) scale and shift γ[c]⊙h + β[c] of layer outputs; the "

@@ -70,6 +70,7 @@ def split(host: Host, config: DivcontrolConfig) -> tuple[int, int]:
 @register(
     "divcontrol",
     config=DivcontrolConfig,
+    family="hybrid",
     paper="DivControl (2025, arXiv 2507.23620); KIND, Xie et al. (arXiv 2408.07337)",
     description="singular components of W: shared learngenes always on, tailor groups weighed per sample by a "
                 "soft gate g(c) (peftkit.condition); trains the tailors' singular values",

@@ -138,6 +138,7 @@ class DoraConfig(LowRankConfig):
 @register(
     "dora",
     config=DoraConfig,
+    family="reparameterized",
     paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv 2402.09353)",
     description="LoRA direction update with a learned per-output-row magnitude (weight decomposition)",
     params="r·(d_in + d_out) + d_out",

@@ -149,6 +149,7 @@ class DyLoRASampler(Procedure):
 @register(
     "dylora",
     config=DyloraConfig,
+    family="procedure",
     paper="Valipour et al., EACL 2023, DyLoRA: Dynamic Search-Free Low-Rank Adaptation (arXiv 2210.07558)",
     description="LoRA trained for every rank b ≤ r at once (b sampled per step, scale α/b); any b at inference; "
                 "mode auto: full in short runs, the official frozen mode from 250·r steps",

@@ -31,7 +31,7 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.host import NORM_KINDS, host_kind
 from peftkit.core.layer import SavedModule
 from peftkit.core.registry import HOST_KINDS, QUANTIZED_HOSTS, register
-from peftkit.core.targeting import _DEFAULT_LAYER_PATTERNS, _matches, find_targets
+from peftkit.core.targeting import DEFAULT_LAYER_PATTERNS, find_targets, matches
 from peftkit.methods.lora import Lora, LoraConfig
 
 _WRAPPER_PARTS = (".original_module", ".copies.", ".base_layer", ".adapters.")
@@ -64,7 +64,7 @@ class ExploraConfig(LoraConfig):
     def _blocks(self, modules: list[tuple[str, nn.Module]]) -> list[str]:
         """Full names of the blocks in U (model order), from ``unfreeze_layers`` and ``unfreeze_modules``."""
         pats = "|".join(re.escape(p) for p in ((self.layers_pattern,) if self.layers_pattern
-                                                else _DEFAULT_LAYER_PATTERNS))
+                                                else DEFAULT_LAYER_PATTERNS))
         stacks: dict[str, dict[int, str]] = {}
         for n, _ in modules:
             m = re.fullmatch(rf"((?:.*\.)?(?:{pats}))\.(\d+)", n)
@@ -80,7 +80,7 @@ class ExploraConfig(LoraConfig):
                 raise PeftkitError(f"ExploraConfig.unfreeze_layers: no block has index {i}; numbered blocks: {found}")
             chosen.update(hit)
         for entry in self.unfreeze_modules or []:
-            hit = [n for n, _ in modules if _matches(n, [entry])]
+            hit = [n for n, _ in modules if matches(n, [entry])]
             if not hit:
                 raise PeftkitError(f"ExploraConfig.unfreeze_modules entry {entry!r} matched no module")
             chosen.update(hit)
@@ -97,7 +97,7 @@ class ExploraConfig(LoraConfig):
             raise PeftkitError(f"ExploraConfig.target_modules={self.target_modules!r}: every match lies inside the "
                                f"unfrozen blocks {blocks}; LoRA needs targets outside them")
         saved = list(self.modules_to_save or [])
-        saved_paths = [n for n, _ in modules if saved and _matches(n, saved)]
+        saved_paths = [n for n, _ in modules if saved and matches(n, saved)]
         if self.unfreeze_norms:
             norms = [n for n, m in modules if host_kind(m) in NORM_KINDS and not _inside(n, blocks + saved_paths)]
         else:
@@ -110,6 +110,7 @@ class ExploraConfig(LoraConfig):
 @register(
     "explora",
     config=ExploraConfig,
+    family="hybrid",
     paper="Khanna et al. 2025, ExPLoRA (ICML 2025, arXiv 2406.10973)",
     description="extended pre-training: whole chosen blocks unfrozen (default: the last), LoRA on the rest, "
                 "all norms unfrozen; blocks and norms saved with the adapter",

@@ -81,6 +81,7 @@ class FourierFTConfig(AdapterConfig):
 @register(
     "fourierft",
     config=FourierFTConfig,
+    family="reparameterized",
     paper="Gao et al., ICML 2024, FourierFT: Parameter-Efficient Fine-Tuning with Discrete Fourier Transform "
           "(arXiv 2405.03003)",
     description="n trained spectral coefficients at seeded random frequencies; ΔW = α·Re(IDFT2(sparse spectrum))",

@@ -74,6 +74,7 @@ class _Branch(nn.Module):
 @register(
     "hydra",
     config=HydraConfig,
+    family="reparameterized",
     paper="Kim et al. 2023, Hydra: Multi-head Low-rank Adaptation for PEFT (github.com/extremebird/Hydra)",
     description="parallel low-rank branch on the input plus sequential low-rank branch on the base output",
     params="r_p·(d_in + d_out) + 2·r_s·d_out (+ r_p + r_s + 2·d_out with branch biases)",

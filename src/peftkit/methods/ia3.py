@@ -41,7 +41,7 @@ from peftkit.core.host import Host
 from peftkit.core.lowrank import fold_pays, linear_into
 from peftkit.core.peft_names import TARGETING, inert, names_list, or_default
 from peftkit.core.registry import register
-from peftkit.core.targeting import _matches
+from peftkit.core.targeting import matches
 
 #: BERT/RoBERTa: key, value, FFN output.dense (not attention.output.dense); LLaMA-style: k_proj, v_proj, down_proj
 DEFAULT_TARGETS = r"(.*\.)?(key|value|k_proj|v_proj|down_proj|layer\.\d+\.output\.dense)"
@@ -88,7 +88,7 @@ class IA3Config(AdapterConfig):
         ff = self.feedforward_modules
         if ff is None:
             return False
-        return re.fullmatch(ff, module_name) is not None if isinstance(ff, str) else _matches(module_name, list(ff))
+        return re.fullmatch(ff, module_name) is not None if isinstance(ff, str) else matches(module_name, list(ff))
 
 
 class _InputScaledLinear(torch.autograd.Function):
@@ -130,6 +130,7 @@ def _size(host: Host, feedforward: bool) -> int:
 @register(
     "ia3",
     config=IA3Config,
+    family="scaling",
     paper="Liu et al. 2022, (IA)³: Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context "
           "Learning (arXiv 2205.05638)",
     description="learned rescaling vectors: outputs of keys/values, input of the FFN down projection; init 1",

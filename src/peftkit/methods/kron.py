@@ -76,6 +76,7 @@ def kron_shape(host: Host, config: KronConfig) -> tuple[int, int, int, int]:
 @register(
     "kron",
     config=KronConfig,
+    family="reparameterized",
     paper="Marjit et al., WACV 2025, DiffuseKronA: Kronecker-product adaptation (github.com/IBM/DiffuseKronA)",
     description="additive Kronecker-product update c·A⊗B, applied by reshaping the input (never materialised)",
     params="a1·a2 + (d_out/a1)·(d_in/a2)",

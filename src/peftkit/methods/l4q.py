@@ -98,6 +98,7 @@ class _L4QLinear(torch.autograd.Function):
 @register(
     "l4q",
     config=L4qConfig,
+    family="quantization",
     paper="Jeon, Kim, Kim, ACL 2025, L4Q: Parameter Efficient Quantization-Aware Training on Large Language Models "
     "via LoRA-wise LSQ (arXiv 2402.04902)",
     description="quantisation-aware LoRA: LSQ fake quantisation of W0 + s·BA with a learned step and offset per "

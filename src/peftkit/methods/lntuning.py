@@ -187,6 +187,7 @@ _HF_META = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", 
 @register(
     "lntuning",
     config=LnTuningConfig,
+    family="selective",
     paper="GenD, Deepfake Detection that Generalizes Across Benchmarks (2025); Zhao et al. 2023 (arXiv 2312.11420)",
     description="only LayerNorm / RMSNorm scale and shift train (Δγ, Δβ); GenD's uniformity + alignment losses "
                 "on normalised head features as an option",

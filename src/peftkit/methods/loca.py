@@ -233,6 +233,7 @@ class LocaSchedule(Procedure):
 @register(
     "loca",
     config=LocaConfig,
+    family="reparameterized",
     paper="Du et al., ICLR 2025, LoCA: Location-Aware Cosine Adaptation for Parameter-Efficient Fine-Tuning "
     "(arXiv 2502.06820)",
     description="ΔW = α·iDCT-2D of n learnable coefficients at learnable locations (finite-difference location "

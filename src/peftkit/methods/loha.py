@@ -54,6 +54,7 @@ def tucker_weight(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.
 @register(
     "loha",
     config=LoHaConfig,
+    family="reparameterized",
     paper="Hyeon-Woo et al., ICLR 2022, FedPara (arXiv 2108.06098), as LyCORIS / Hugging Face PEFT's LoHa",
     description="Hadamard product of two low-rank products s·(W1a·W1b)⊙(W2a·W2b) (rank up to r²); Tucker cores "
                 "for conv kernels",

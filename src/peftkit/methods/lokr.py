@@ -87,6 +87,7 @@ def _plan(host: Host, config: LoKrConfig) -> tuple[int, int, int, int, bool, boo
 @register(
     "lokr",
     config=LoKrConfig,
+    family="reparameterized",
     paper="Yeh et al., ICLR 2024, LyCORIS (arXiv 2309.14859), as Hugging Face PEFT's LoKr",
     description="Kronecker product s·W1⊗W2 of a small and a (low-rank) large factor, PEFT / LyCORIS's LoKr",
     params="a·c (or r·(a + c)) + b·d·k (or r·(b + d·k), effective conv r²·k + r·(b + d)); d_out = a·b, c_in = c·d",

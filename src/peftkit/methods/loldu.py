@@ -63,6 +63,7 @@ def ldu(w: torch.Tensor, r: int, eps: float, name: str) -> tuple[torch.Tensor, .
 @register(
     "loldu",
     config=LolduConfig,
+    family="reparameterized",
     paper="LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition (2024, arXiv 2410.13618)",
     description="LU-decomposes W0 = P·L·D·U once and trains only the r kept diagonal entries (+ optional scale)",
     params="r (+1 with train_scale)",

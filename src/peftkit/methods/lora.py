@@ -68,6 +68,7 @@ class LoraConfig(LowRankConfig):
 @register(
     "lora",
     config=LoraConfig,
+    family="reparameterized",
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); rsLoRA (arXiv 2312.03732); PiSSA (arXiv 2404.02948)",
     description="additive low-rank update s·BA; α/r or rsLoRA α/√r scaling; kaiming, gaussian or PiSSA init",
     params="r·(d_in + d_out)",

@@ -73,6 +73,7 @@ def _pool_a(seed: int, group: str, n: int, width: int, bound: float, device: tor
 @register(
     "mos",
     config=MosConfig,
+    family="reparameterized",
     paper="Wang et al., ICLR 2025, MoS: Mixture of Shards (arXiv 2410.00938)",
     description="LoRA factors assembled from global shard pools shared across layers (private + public shards)",
     params="r_e·(d_in + d_out) per layer (pools shared per module type)",

@@ -58,7 +58,7 @@ from peftkit.core.lowrank import fused_lowrank_forward, init_down_, lowrank_delt
 from peftkit.core.model import active_adapters, get_config
 from peftkit.core.model import condition as run_under
 from peftkit.core.registry import HOST_KINDS, register
-from peftkit.core.targeting import _matches, find_targets
+from peftkit.core.targeting import find_targets, matches
 
 SHARED = "shared"
 
@@ -102,7 +102,7 @@ class MtloraConfig(AdapterConfig):
         targets = [n for n, _ in find_targets(model, self)]
         entries = [self.task_modules] if isinstance(self.task_modules, str) else self.task_modules
         for e in entries:
-            if not any(_matches(n, [e] if isinstance(self.task_modules, list) else e) for n in targets):
+            if not any(matches(n, [e] if isinstance(self.task_modules, list) else e) for n in targets):
                 raise PeftkitError(
                     f"MtloraConfig.task_modules entry {e!r} matches none of the targeted modules: {targets}"
                 )
@@ -110,12 +110,13 @@ class MtloraConfig(AdapterConfig):
 
 
 def _is_task_module(name: str, config: MtloraConfig) -> bool:
-    return bool(config.task_modules) and _matches(name, config.task_modules)
+    return bool(config.task_modules) and matches(name, config.task_modules)
 
 
 @register(
     "mtlora",
     config=MtloraConfig,
+    family="hybrid",
     paper="Agiza, Neseem & Reda 2024, MTLoRA (CVPR 2024, arXiv 2403.20320)",
     description="multi-task: task-agnostic LoRA everywhere + task-specific LoRA on chosen layers; forward_tasks runs "
                 "every task's stream in one forward (stream ids through peftkit.condition)",

@@ -127,6 +127,7 @@ def cayley(q: torch.Tensor, b: int, neumann_terms: int | None) -> torch.Tensor:
 @register(
     "oft",
     config=OFTConfig,
+    family="reparameterized",
     paper="Qiu et al., NeurIPS 2023, OFT (arXiv 2306.07280); Qiu et al. 2025, Orthogonal Finetuning Made "
           "Scalable — Hugging Face PEFT's OFT",
     description="multiplicative: the input rotated by a block-diagonal orthogonal R (Cayley / Cayley–Neumann of "

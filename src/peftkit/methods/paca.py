@@ -122,6 +122,7 @@ class _PacaLinear(torch.autograd.Function):
 @register(
     "paca",
     config=PacaConfig,
+    family="selective",
     paper="Woo et al., ICLR 2025, PaCA: Partial Connection Adaptation for Efficient Fine-Tuning (arXiv 2503.01905)",
     description="trains r randomly chosen input columns of W in place (W[:, idx] = s·P); the backward saves "
     "only those r input features",

@@ -69,6 +69,7 @@ class PetalfaceConfig(AdapterConfig):
 @register(
     "petalface",
     config=PetalfaceConfig,
+    family="hybrid",
     paper="Narayan et al. 2025, PETALface (WACV 2025, arXiv 2412.07771)",
     description="two LoRA branches (low-/high-quality) mixed per sample by a quality gate α ∈ [0, 1] "
                 "(peftkit.condition, or the QualityGate procedure from an image-quality score)",

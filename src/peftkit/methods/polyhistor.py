@@ -87,6 +87,7 @@ def _hyper_shapes(config: PolyhistorConfig, d0: int) -> dict[str, tuple[int, int
 @register(
     "polyhistor",
     config=PolyhistorConfig,
+    family="hybrid",
     paper="Liu, Ma, Wei & Kira 2022, Polyhistor (NeurIPS 2022, arXiv 2210.03265)",
     description="multi-task bottleneck adapters from decomposed hypernetworks (task embedding → low-rank template) "
                 "shared by tasks and layers, stretched per layer by Kronecker scaling kernels; task per sample",

@@ -61,6 +61,7 @@ class PrefixTuningConfig(KVPrefixConfig):
 @register(
     "prefix_tuning",
     config=PrefixTuningConfig,
+    family="soft-prompt",
     paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation (arXiv 2101.00190)",
     description="P learned key/value vectors in front of every attention layer's own, reparametrised by an MLP "
                 "(foldable into the table after training)",

@@ -114,6 +114,7 @@ def input_embedding(model: nn.Module, method: str) -> nn.Module:
 @register(
     "prompt_tuning",
     config=PromptTuningConfig,
+    family="soft-prompt",
     paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning (arXiv 2104.08691)",
     description="n trainable virtual token embeddings prepended to the input (model frozen, embeddings included)",
     params="n·d (for the whole model)",

@@ -35,6 +35,7 @@ class PTuningV2Config(KVPrefixConfig):
 @register(
     "ptuning_v2",
     config=PTuningV2Config,
+    family="soft-prompt",
     paper="Liu et al. 2022, P-Tuning v2 (arXiv 2110.07602)",
     description="deep prompts: a free P×2·L·d_kv key/value table in front of every attention layer, prefix dropout",
     params="P·2·L·d_kv (for the whole model)",

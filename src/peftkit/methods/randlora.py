@@ -124,6 +124,7 @@ def checksum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @register(
     "randlora",
     config=RandLoraConfig,
+    family="reparameterized",
     paper="Albert et al., ICLR 2025, RandLoRA: Full-rank parameter-efficient fine-tuning (arXiv 2502.00987)",
     description="full-rank update from shared seeded random bases; trains only per-basis scales λ, γ",
     params="N·(r + m), m = min(d_in, d_out), N = ⌈m/r⌉",

@@ -54,6 +54,7 @@ def svd_rank(host: Host, rho: float) -> int:
 @register(
     "svd",
     config=SvdConfig,
+    family="selective",
     paper="Koleilat, Rivaz, Xiao 2025, CLIP-SVD: Singular Value Few-shot Adaptation of Vision-Language Models",
     description="trains only the top-k singular values of each weight (U, V frozen); the residual is kept exact",
     params="k = min(max(⌊⌊min(d_out, d_in)·ρ⌋/4⌋·4, 1), min(d_out, d_in))",

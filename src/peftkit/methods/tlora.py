@@ -37,7 +37,6 @@ their unmerged sum; unmerging reverses the order exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +50,7 @@ from peftkit.core.host import Host
 from peftkit.core.lowrank import LowRankConfig, lowrank_delta, new_factors
 from peftkit.core.model import adapted_layers
 from peftkit.core.registry import register
+from peftkit.ops.tensor_ring import balanced_factors, ring_apply, ring_chain, ring_matrix
 
 # official code's TENSOR_SHAPE_DICT (three factors)
 FACTOR_TABLE: dict[int, tuple[int, ...]] = {
@@ -89,25 +89,7 @@ def factorize(n: int, num: int) -> list[int]:
     """``n`` as ``num`` ascending factors: the official table where it applies, else the fewest Σ f²."""
     if num == 3 and n in FACTOR_TABLE:
         return list(FACTOR_TABLE[n])
-    best: tuple[int, list[int]] | None = None
-
-    def walk(rest: int, k: int, lo: int, acc: list[int]) -> None:
-        nonlocal best
-        if k == 1:
-            cand = acc + [rest]
-            key = sum(f * f for f in cand)
-            if rest >= lo and (best is None or key < best[0]):
-                best = (key, cand)
-            return
-        f = lo
-        while f**k <= rest:
-            if rest % f == 0:
-                walk(rest // f, k - 1, f, acc + [f])
-            f += 1
-
-    walk(n, num, 1, [])
-    assert best is not None
-    return best[1]
+    return balanced_factors(n, num)
 
 
 def factor_shapes(host: Host, config: TloraConfig) -> tuple[list[int], list[int] | None]:
@@ -137,41 +119,6 @@ def factor_shapes(host: Host, config: TloraConfig) -> tuple[list[int], list[int]
     return f_in, f_out
 
 
-def ring_apply(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``x·Mᵀ`` for the tensor-ring matrix ``M[ō, ī] = tr(G¹[o₁,i₁]⋯Gᴰ[o_D,i_D])`` (big-endian multi-indices),
-    contracting the reshaped ``x`` with one core at a time (M is never built). Cores are (O_d, I_d, R, R), or
-    (O_d, I_d) Kronecker factors (R = 1: M = G¹ ⊗ ⋯ ⊗ Gᴰ)."""
-    lead = x.shape[:-1]
-    h = x.reshape(-1, *[c.shape[1] for c in cores])  # (N, I₁, …, I_D)
-    ring = cores[0].dim() == 4
-    for d, c in enumerate(cores):  # h: (N, O₁..O_d, I_{d+1}..I_D[, ρ₀, ρ_d])
-        c = c.to(h.dtype)  # under autocast the first contraction already gives the autocast dtype
-        if not ring:
-            h = torch.tensordot(h, c, dims=([1 + d], [1])).movedim(-1, 1 + d)
-        elif d == 0:
-            h = torch.tensordot(h, c, dims=([1], [1])).movedim(-3, 1)
-        else:
-            h = torch.tensordot(h, c, dims=([1 + d, h.dim() - 1], [1, 2])).movedim(-2, 1 + d)
-    if ring:
-        h = h.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return h.reshape(*lead, -1)
-
-
-def ring_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The dense (∏O_d, ∏I_d) matrix of :func:`ring_apply`'s cores."""
-    n_in = math.prod(c.shape[1] for c in cores)
-    eye = torch.eye(n_in, dtype=cores[0].dtype, device=cores[0].device)
-    return ring_apply(eye, cores).t()
-
-
-def ring_chain(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(∏K_d, R, R): the products G¹[k₁]⋯Gᴰ[k_D] of (K_d, R, R) vector cores (big-endian)."""
-    out = cores[0]
-    for c in cores[1:]:
-        out = torch.einsum("kab,lbc->klac", out, c).reshape(-1, c.shape[1], c.shape[2])
-    return out
-
-
 def _identity_core(n: int, rank: int, like: torch.Tensor) -> nn.Parameter:
     eye = torch.eye(n, dtype=like.dtype, device=like.device)
     if rank == 1:
@@ -182,6 +129,7 @@ def _identity_core(n: int, rank: int, like: torch.Tensor) -> nn.Parameter:
 @register(
     "tlora",
     config=TloraConfig,
+    family="reparameterized",
     paper="Tao et al., ICCV 2025, Transformed Low-rank Adaptation via Tensor Decomposition (arXiv 2501.08727)",
     description="full-rank input transform T (Kronecker / tensor-ring cores, T = I at init) plus a LoRA, "
     "tensor-ring or TT-matrix residual: W' = W0·T + s·Δ",

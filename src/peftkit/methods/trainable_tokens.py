@@ -70,6 +70,7 @@ class TrainableTokensConfig(AdapterConfig):
 @register(
     "trainable_tokens",
     config=TrainableTokensConfig,
+    family="selective",
     paper="Hugging Face PEFT's trainable tokens (TrainableTokensConfig; trainable_token_indices)",
     description="only the chosen token ids' embedding rows train (e.g. new special tokens); the rows are replaced",
     params="k·d for the k chosen token ids (d = embedding width)",

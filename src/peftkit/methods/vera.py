@@ -94,6 +94,7 @@ def _extent(hosts: list[Host]) -> tuple[int, int]:
 @register(
     "vera",
     config=VeraConfig,
+    family="reparameterized",
     paper="Kopiczko et al., ICLR 2024, VeRA: Vector-based Random Matrix Adaptation (arXiv 2310.11454)",
     description="one frozen seeded random pair A, B shared by all layers; trains only the scaling vectors d and b",
     params="r + d_out",

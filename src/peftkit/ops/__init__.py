@@ -1,2 +1,4 @@
-"""Maths that several methods or tasks use and that is not specific to one PEFT method (DESIGN.md: ops/): spectral
-transforms, task-vector merging, ..."""
+"""Maths several methods or tasks use and that is not PEFT-specific, each tested against a reference: the fast
+Walsh–Hadamard transform (:mod:`.hadamard`), weighted 1-D k-means codebooks (:mod:`.kmeans`), tensor-ring /
+tensor-train contractions (:mod:`.tensor_ring`), spectral transforms (:mod:`.spectral`: FourierFT's frequency draw
+and sparse inverse DFT), task-vector merging (:mod:`.merging`). ``ops`` imports nothing else of peftkit."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.errors import PeftkitError
+from ..core.host import register_quantized
 
 INSTALL_HINT = "quantised base weights need bitsandbytes: pip install 'peftkit[quant]' (or pip install bitsandbytes)"
 
@@ -229,3 +230,6 @@ def model_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+register_quantized(sys.modules[__name__])  # the core treats bitsandbytes layers as quantised hosts

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..core.errors import PeftkitError
-from ..core.io import _atomic_write_bytes, read_json, write_json
+from ..core.io import atomic_write_bytes, read_json, write_json
 from ..core.layer import AdaptedLayer, SavedModule
 from ..core.model_level import ModelAdapters
 from ..core.procedure import Procedure
@@ -177,8 +177,8 @@ def save_checkpoint(
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(folder / _MODEL, model_blob)
-        _atomic_write_bytes(folder / _STATE, save(tensors))
+        atomic_write_bytes(folder / _MODEL, model_blob)
+        atomic_write_bytes(folder / _STATE, save(tensors))
         write_json(folder / _STATE_JSON, state)
         write_json(d / LATEST, {"step": step, "folder": folder.name})
     except OSError as e:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import PeftkitError
+from ..core.procedure import sync_gradients as sync_gradients  # re-exported: the trainer's gradient sync
 
 
 def world() -> tuple[int, int]:
@@ -116,27 +117,3 @@ def broadcast_parameters(params: Sequence[torch.Tensor]) -> None:
             n = p.numel()
             p.copy_(flat[offset: offset + n].view_as(p))
             offset += n
-
-
-def sync_gradients(params: Sequence[torch.Tensor], n_local: int) -> int:
-    """Replace every process's gradients by the example-weighted mean over all processes (one ``all_reduce``);
-    returns the global example count. A missing gradient counts as zero."""
-    if world()[1] <= 1:
-        return n_local
-    ref = params[0]
-    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(ref.dtype) * n_local
-             for p in params]
-    flat = torch.cat([*parts, torch.tensor([float(n_local)], dtype=ref.dtype, device=ref.device)])
-    dist.all_reduce(flat)
-    total = int(round(float(flat[-1])))
-    flat = flat[:-1] / max(total, 1)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        g = flat[offset: offset + n].view_as(p).to(p.dtype)
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
-        offset += n
-    return total

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import PeftkitError
 from ..core.model import trainable_parameters
-from ..core.procedure import Procedure
+from ..core.procedure import Procedure, batch_size, default_loss  # re-exported: peftkit.train's API
+from ..core.procedure import output_logits as _logits
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
 
@@ -94,9 +94,13 @@ def peak_memory_since(rss_kib: int | None) -> float | None:
     return None if rss_kib is None or peak is None else max(0, peak - rss_kib) / 1024
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives (the CPU for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+_device = model_device
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -155,45 +159,9 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def batch_size(batch: Any) -> int:
-    """Leading dimension of the first tensor in the batch (1 if there is none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else ()
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dim():
-            return int(v.shape[0])
-    return 1
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    logits = getattr(outputs, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(outputs, tuple | list) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise PeftkitError(f"cannot find logits in model output of type {type(outputs).__name__}")
-
-
-def default_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
-    """``model(**batch).loss`` for a mapping batch (cross-entropy on its logits if the model returns no loss);
-    cross-entropy of ``model(inputs)`` against ``targets`` for an ``(inputs, targets)`` pair."""
-    if isinstance(batch, Mapping):
-        outputs = model(**batch)
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-        if loss is None:
-            if "labels" not in batch:
-                raise PeftkitError("the model returned no loss and the batch has no 'labels'; pass loss_fn=")
-            loss = F.cross_entropy(_logits(outputs), batch["labels"])
-        return loss, outputs
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        outputs = model(batch[0])
-        return F.cross_entropy(_logits(outputs), batch[1]), outputs
-    raise PeftkitError(f"cannot compute a loss for a batch of type {type(batch).__name__}; pass loss_fn=")
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or a mapping / tuple / list of them) moved to ``device``."""
+    return _to(batch, device)
 
 
 def linear_schedule(steps: int, warmup: float | int) -> Callable[[int], float]:
@@ -478,9 +446,9 @@ def head_param_groups(model: nn.Module, lr: float, head_lr: float) -> list[dict[
     """Two AdamW parameter groups: the adapters (and any other trainable tensor) at ``lr``, the fully trained copies
     of ``modules_to_save`` (e.g. a fresh classification head) at ``head_lr`` — for methods whose adapter needs a
     much smaller or larger learning rate than a fresh head (prefix tuning's reparametrising MLP, prompt tuning)."""
-    from ..core.model import _saved_modules
+    from ..core.state import saved_modules
 
-    head_ids = {id(p) for _, sm in _saved_modules(model) for p in sm.copies.parameters() if p.requires_grad}
+    head_ids = {id(p) for _, sm in saved_modules(model) for p in sm.copies.parameters() if p.requires_grad}
     params = trainable_parameters(model)
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
               {"params": [p for p in params if id(p) in head_ids], "lr": head_lr}]

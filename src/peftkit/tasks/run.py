@@ -1,22 +1,26 @@
-"""What every ``peftkit train`` task does around its own data, model and metrics — written once.
+"""The run machinery every task shares (DESIGN.md principle 8) — written once, never importing the CLI.
 
-A task module (classification in :mod:`peftkit.cli`, :mod:`peftkit.cli_causal_lm`, :mod:`peftkit.cli_token`,
-:mod:`peftkit.cli_vision`) loads its data and base model and measures its own metric; :class:`TrainRun` does the
-rest the same way for all of them:
+A task module (:mod:`peftkit.tasks.classification`, :mod:`~peftkit.tasks.causal_lm`,
+:mod:`~peftkit.tasks.token_classification`, :mod:`~peftkit.tasks.image_classification`) loads its data and base
+model and measures its own metric; :class:`TrainRun` does the rest the same way for all of them:
 
-    run = TrainRun(args, TASK_DEFAULTS, tag="ner")      # defaults, option checks, the output folder
+    run = TrainRun(args, task.defaults, tag="ner")      # defaults, option checks, the output folder
     cfg, procedures = run.adapt(model)                  # config (+ head in modules_to_save), adapter, procedures
     batches = run.batches(lambda b: make_batches(b))    # under torchrun: the global batch, this process's slice
     summ = run.describe(model, model_line, data_lines)  # model / base / data / method / parameter lines
     run.calibrate(model, calibration_batches, n)        # data-aware init, for methods that register one
     result = run.train(model, batches, steps, "sentences")   # progress bar, checkpoints, --resume
     return run.finish(model, {...task's own train_info...})  # adapter + train_info.json, checkpoints removed
+
+:func:`train_command` is ``peftkit train`` itself: ``--resume``, ``torchrun`` ranks, the other tasks' flags refused,
+then the task's ``train``.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,17 +29,15 @@ from typing import Any
 
 from torch import nn
 
-from .cli import (
-    _calibrate,
-    _check_train_args,
-    _processes,
-    checkpointing,
-    finish_checkpoints,
-    run_device,
-    run_record,
-)
-from .core.errors import PeftkitError
-from .core.io import RunLock
+from ..core.config import all_finite
+from ..core.errors import PeftkitError
+from ..core.io import RunLock
+from .options import parse_opts, parse_targets
+from .record import TRAIN_INFO
+
+#: the run options every task shares (a task's own defaults — lr, batch size, max length, ... — are in its Task)
+RUN_DEFAULTS: dict[str, Any] = {"method": "lora", "targets": "all-linear", "seed": 0, "split_seed": 0,
+                                "warmup": 0.06, "save_every": 50}
 
 _HELD: list[RunLock] = []
 
@@ -58,7 +60,7 @@ class TrainRun:
             if getattr(args, key, None) is None and key in defaults:
                 setattr(args, key, defaults[key])
         self.args, self.defaults = args, defaults
-        self.info, self.cfg_cls, self.cfg_fields = _check_train_args(args)
+        self.info, self.cfg_cls, self.cfg_fields = check_train_args(args)
         self.device = run_device(args)  # --device / --precision / --grad-accum
         if "lr" in defaults:  # no --lr / --head-lr: the task's rate × the method's factor (registry)
             if getattr(args, "lr", None) is None:
@@ -80,7 +82,7 @@ class TrainRun:
             if isinstance(value, str) and value and Path(value).exists():
                 setattr(args, key, str(Path(value).absolute()))
         args.output = str(self.output.absolute())
-        from .train.distributed import world
+        from ..train.distributed import world
 
         self.rank, self.world_size = world()
         self.cfg: Any = None
@@ -98,8 +100,8 @@ class TrainRun:
 
         import peftkit
 
-        from .models import classifier_head_names
-        from .train.trainer import method_procedures
+        from ..models import classifier_head_names
+        from ..train.trainer import method_procedures
 
         fields = dict(self.cfg_fields)
         if "modules_to_save" not in fields:
@@ -112,7 +114,7 @@ class TrainRun:
         model.to(self.device)
         procedures = method_procedures(self.info, model, self.cfg)
         if getattr(self.args, "density_loss", None) is not None:  # DEFT: any method + λ·(smooth L0 of MLP acts)
-            from .train.density import DensityLoss
+            from ..train.density import DensityLoss
 
             procedures.append(DensityLoss(model, self.args.density_loss))
         return self.cfg, procedures
@@ -130,7 +132,7 @@ class TrainRun:
     def batches(self, make: Callable[[int], Iterable[Any]]) -> Iterable[Any]:
         """``make(batch_size)`` with the global batch size (``world_size × --batch-size``); under ``torchrun`` this
         process's slice of every batch."""
-        from .train.distributed import Shard
+        from ..train.distributed import Shard
 
         batches = make(self.args.batch_size * self.world_size)
         return Shard(batches, self.rank, self.world_size) if self.world_size > 1 else batches
@@ -175,7 +177,7 @@ class TrainRun:
         self.summary = peftkit.summary(model)
         print(f"model: {model_line}")
         if self.args.quantize:
-            from .quant.bnb import linear_weight_bytes
+            from ..quant.bnb import linear_weight_bytes
 
             print(f"base: Linear layers in {self.args.quantize} (bitsandbytes, frozen) — linear weights "
                   f"{linear_weight_bytes(model) / 2**20:.1f} MiB")
@@ -191,10 +193,10 @@ class TrainRun:
         training examples in order, ``n`` = the task's ``calibration_size``."""
         if self.info.calibrate is None:
             return
-        from .train.trainer import _to
+        from ..train.trainer import to_device
 
         n = min(self.defaults.get("calibration_size", 256), available)
-        self.calibration = _calibrate(self.info, model, (_to(b, self.device) for b in make(n)), n)
+        self.calibration = calibrate_model(self.info, model, (to_device(b, self.device) for b in make(n)), n)
 
     # -- training -------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, batches: Iterable[Any], steps: int, procedures: Sequence[Any],
@@ -203,7 +205,7 @@ class TrainRun:
         (``inputs``: what one example is, default the max length) before and the speed after."""
         import torch
 
-        from .train.trainer import head_param_groups, train
+        from ..train.trainer import head_param_groups, train
 
         a = self.args
         inputs = inputs or f"max length {a.max_length}"
@@ -215,11 +217,11 @@ class TrainRun:
               + f", {torch.get_num_threads()} threads)", flush=True)
         self._ckpt = checkpointing(a, self.output)
         if a.resume is None:  # the data's sha256: --resume refuses when the file changed
-            from .train.checkpoint import file_fingerprints
+            from ..train.checkpoint import file_fingerprints
 
             self._ckpt["checkpoint_meta"]["files"] = file_fingerprints({"data": getattr(a, "data", None)})
         else:
-            from .train.checkpoint import latest_checkpoint
+            from ..train.checkpoint import latest_checkpoint
 
             self._ckpt["checkpoint_meta"]["files"] = latest_checkpoint(self._ckpt["checkpoint_dir"]).meta.get(
                 "files", {})
@@ -277,10 +279,10 @@ def fit_default_ranks(model: nn.Module, info: Any, cfg: Any, given: dict[str, An
     lowered."""
     if info.model_level:
         return cfg
-    from .core.adapter import fit_ranks
-    from .core.host import Host
-    from .core.peft_names import translate
-    from .core.targeting import find_targets
+    from ..core.adapter import fit_ranks
+    from ..core.host import Host
+    from ..core.peft_names import translate
+    from ..core.targeting import find_targets
 
     fixed = set(translate(type(cfg), dict(given))[1]) - {"target_modules"}
     targets = [(path, Host(module, path)) for path, module in find_targets(model, cfg.resolve(model))]
@@ -340,8 +342,8 @@ def trainable_estimate(model: nn.Module, info: Any, cfg: Any) -> int | None:
     (``expected_params`` per targeted layer + ``shared_params``) plus the ``modules_to_save`` copies, computed without
     building anything; None when the method has no formula. Every targeted layer's rank is checked first
     (:meth:`~peftkit.core.adapter.Adapter.check_ranks`: the error names the layer)."""
-    from .core.host import Host
-    from .core.targeting import _matches, find_targets
+    from ..core.host import Host
+    from ..core.targeting import find_targets, matches
 
     resolved = cfg.resolve(model)
     hosts = [] if info.model_level else [(path, Host(module, path)) for path, module in find_targets(model, resolved)]
@@ -356,7 +358,7 @@ def trainable_estimate(model: nn.Module, info: Any, cfg: Any) -> int | None:
     except Exception:  # noqa: BLE001 - no formula (or not for these layers): adapt() reports real problems
         return None
     for target in resolved.modules_to_save or []:
-        n += sum(p.numel() for name, m in model.named_modules() if name and _matches(name, [target])
+        n += sum(p.numel() for name, m in model.named_modules() if name and matches(name, [target])
                  for p in m.parameters())
     return n
 
@@ -418,42 +420,217 @@ def _check_writable(output: Path) -> None:
         raise PeftkitError(f"output {output} cannot be written: no write permission on {here}")
 
 
-def eval_model_dir(info: dict[str, Any], default: Callable[[], Path]) -> Path:
-    """The base model folder an adapter's ``train_info.json`` names; the task's packaged ``default()`` when the
-    run used it and the package has moved (a new environment: same model, new place)."""
-    from .models import resolve_model_dir
+def run_record(args: argparse.Namespace, result: Any) -> dict[str, Any]:
+    """The training budget and measured speed/memory that every task records in ``train_info.json``."""
+    import torch
 
-    model_dir = Path(info["model"])
-    if not (model_dir / "config.json").is_file() and info.get("model_is_default"):
-        model_dir = default()
-    return resolve_model_dir(model_dir)
+    from ..train.distributed import world
+
+    return {
+        "threads": torch.get_num_threads(),
+        "processes": world()[1],
+        "device": result.device,
+        "precision": result.precision,
+        "grad_accum": result.grad_accum,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "head_lr": getattr(args, "head_lr", None),
+        "warmup": args.warmup,
+        "steps": result.steps,
+        "examples_seen": result.examples,
+        "train_seconds": round(result.seconds, 3),
+        "examples_per_second": round(result.throughput, 2),
+        "step_seconds": round(result.seconds / max(result.steps, 1), 4),
+        "train_peak_mib": None if result.peak_mib is None else round(result.peak_mib, 1),
+        "final_loss": result.final_loss,
+    }
 
 
-def open_eval(args: argparse.Namespace, need: Sequence[str] = ()) -> tuple[Path, dict[str, Any], Any]:
-    """What every task's ``peftkit eval`` does first: (adapter folder, its ``train_info.json`` — ``need``: the
-    task's own keys, else an error —, the ``--device``), with ``--threads`` (else the run's) set."""
-    from .cli import _read_train_info, _set_threads, eval_device
+def set_threads(n: int | None) -> None:
+    import torch
 
-    adapter = Path(args.adapter)
-    info = _read_train_info(adapter)
-    missing = [k for k in need if k not in info]
-    if missing:
-        raise PeftkitError(f"{adapter / 'train_info.json'} lacks {missing}")
+    if n is not None:
+        if n < 1:
+            raise PeftkitError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def run_device(args: argparse.Namespace) -> Any:
+    """``--device`` / ``--precision`` / ``--grad-accum`` of ``peftkit train`` checked (before anything is loaded or
+    written); returns the ``torch.device`` to train on (``cuda:LOCAL_RANK`` under ``torchrun``)."""
+    from ..train.distributed import local_rank
+    from ..train.trainer import check_precision, pick_device
+
+    accum = getattr(args, "grad_accum", 1)
+    if accum is None or accum < 1:
+        raise PeftkitError(f"--grad-accum must be >= 1 (micro-batches per optimiser step), got {accum}")
+    device = pick_device(getattr(args, "device", "auto"), local_rank())
+    check_precision(getattr(args, "precision", "fp32"), device)
+    return device
+
+
+def eval_device(args: argparse.Namespace) -> Any:
+    """``--device`` of ``peftkit eval`` / ``generate``."""
+    from ..train.trainer import pick_device
+
+    return pick_device(getattr(args, "device", "auto"))
+
+
+
+def check_train_args(args: argparse.Namespace) -> tuple[Any, type, dict[str, Any]]:
+    """Validate every cheap ``train`` option (both tasks); returns (method info, config class, config fields)."""
+    from ..core.registry import get as get_method
+
+    info = get_method(args.method)
+    cfg_cls = info.config
+    fields = cfg_cls.field_names()
+    targets = args.targets  # default: the method's own default targets (e.g. all-norm for lntuning), else all-linear
+    if info.model_level and targets is not None:
+        raise PeftkitError(f"--targets: {info.name} is a model-level method (it adapts the model's inputs, no layers)")
+    if targets is None and not info.model_level:
+        own = next(f.default for f in dataclasses.fields(cfg_cls) if f.name == "target_modules")
+        targets = own if isinstance(own, str) else RUN_DEFAULTS["targets"]
+    cfg_fields: dict[str, Any] = {} if info.model_level else {"target_modules": parse_targets(targets)}
+    for flag, key, value in (("--rank", "r", args.rank), ("--alpha", "alpha", args.alpha)):
+        if key in fields:
+            if value is not None:
+                cfg_fields[key] = value
+        elif value is not None:
+            raise PeftkitError(f"{flag}: method {info.name!r} has no field {key!r}; valid fields: {', '.join(fields)}")
+    cfg_fields.update(parse_opts(args.opt or []))
+    cfg = cfg_cls.from_dict(cfg_fields)  # names and values checked now; modules_to_save filled once the model loads
+    if type(cfg) is not cfg_cls:  # a PEFT switch (use_dora=true) names another method
+        raise PeftkitError(f"--opt: these options describe method {cfg.method!r}, not {info.name!r}; use --method "
+                           f"{cfg.method}")
+    for flag, v in (("--lr", args.lr), ("--batch-size", args.batch_size), ("--max-length", args.max_length),
+                    ("--head-lr", args.head_lr)):
+        if v is not None and v <= 0:  # None: an option the task does not use (max length for images)
+            raise PeftkitError(f"{flag} must be > 0, got {v}")
+    if args.steps is not None and args.steps < 1:
+        raise PeftkitError(f"--steps must be >= 1, got {args.steps}")
+    if args.density_loss is not None and not args.density_loss > 0:
+        raise PeftkitError(f"--density-loss must be > 0, got {args.density_loss}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise PeftkitError(f"--epochs must be > 0, got {args.epochs}")
+    # argparse's types refuse these at parsing; checked again for options that come from elsewhere (--resume)
+    for flag, v in (("--lr", args.lr), ("--head-lr", args.head_lr), ("--epochs", args.epochs),
+                    ("--alpha", args.alpha), ("--density-loss", args.density_loss), ("--warmup", args.warmup)):
+        if v is not None and not all_finite(v):
+            raise PeftkitError(f"{flag} must be a finite number, got {v}")
+    if args.warmup is not None and args.warmup < 0:
+        raise PeftkitError(f"--warmup must be >= 0 (a fraction of the steps when < 1, else steps), got {args.warmup}")
+    set_threads(args.threads)
+    return info, cfg_cls, cfg_fields
+
+
+def calibrate_model(info: Any, model: Any, batches: Any, examples: int) -> dict[str, Any]:
+    """Data-aware init (e.g. QWHA) from ``batches`` (their labels dropped); prints and returns what it did."""
+    errors = info.calibrate(model, ({k: v for k, v in b.items() if k != "labels"} for b in batches))
+    before, after = (math.sqrt(sum(e[i] ** 2 for e in errors.values())) for i in (0, 1))
+    print(f"calibrated {len(errors)} modules on {examples} training examples: error on the calibration "
+          f"data {before:.4g} → {after:.4g} ({after / before:.1%} left)" if before > 0 else
+          f"calibrated {len(errors)} modules on {examples} training examples")
+    return {"examples": examples, "modules": len(errors), "error_before": before, "error_after": after}
+
+
+CHECKPOINTS = "checkpoints"
+_RESUME_KEEPS = ("resume", "threads", "no_progress", "func", "command")  # options a resumed run may set anew
+
+
+def resume_args(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
+    """The options of the interrupted run in ``--resume DIR`` (from its newest checkpoint), with the run's own
+    ``--threads`` / ``--no-progress``; any other option given with ``--resume`` (one that differs from the parser's
+    ``defaults``) is an error."""
+    from ..train.checkpoint import check_fingerprints, latest_checkpoint
+
+    folder = Path(args.resume)
+    if not folder.is_dir():
+        raise PeftkitError(f"--resume: {folder} is not a folder")
+    given = [k for k, v in vars(args).items() if k not in _RESUME_KEEPS and v != defaults.get(k)]
+    if given:
+        raise PeftkitError(f"--resume continues the run with its own options (stored in {folder / CHECKPOINTS}); "
+                           f"drop --{given[0].replace('_', '-')}")
+    if not (folder / CHECKPOINTS).is_dir() and (folder / TRAIN_INFO).is_file():
+        raise PeftkitError(f"--resume: the run in {folder} finished (it has its {TRAIN_INFO}); nothing to resume")
+    meta = latest_checkpoint(folder / CHECKPOINTS).meta
+    stored = meta.get("args")
+    if not isinstance(stored, dict):
+        raise PeftkitError(f"--resume: the checkpoint in {folder / CHECKPOINTS} was not written by 'peftkit train'")
+    check_fingerprints(meta.get("files", {}), f"--resume {folder}")  # the same data bytes, from any directory
+    resumed = argparse.Namespace(**{**defaults, **stored})
+    for k in _RESUME_KEEPS:
+        setattr(resumed, k, getattr(args, k))
+    if args.threads is None:
+        resumed.threads = stored.get("threads")
+    resumed.output, resumed.overwrite = str(folder), True
+    return resumed
+
+
+def checkpointing(args: argparse.Namespace, output: Path) -> dict[str, Any]:
+    """The checkpoint arguments of :func:`peftkit.train.train` for a ``peftkit train`` run (any task): a checkpoint
+    every ``--save-every`` steps in ``OUTPUT/checkpoints`` (holding the run's options for ``--resume``), and
+    resuming from the one in ``--resume DIR``."""
+    if args.save_every < 0:
+        raise PeftkitError(f"--save-every must be >= 0, got {args.save_every}")
+    folder = Path(args.resume) if args.resume is not None else output
+    stored = {k: v for k, v in vars(args).items() if k not in ("func", "resume")}
+    return {"checkpoint_dir": folder / CHECKPOINTS, "save_every": args.save_every, "resume": args.resume is not None,
+            "checkpoint_meta": {"args": stored}}
+
+
+def finish_checkpoints(kwargs: dict[str, Any]) -> None:
+    """After the adapter of a finished run is saved: its checkpoints are not needed any more."""
+    import shutil
+
+    shutil.rmtree(kwargs["checkpoint_dir"], ignore_errors=True)
+
+
+def train_command(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
+    """``peftkit train``: takes the options of a ``--resume`` run (``defaults``: the parser's, to tell which options
+    were given), joins the process group when started by ``torchrun``, then trains the task. Every process runs the
+    same code; only rank 0 prints and keeps its files."""
+    from ..train.distributed import init_from_env
+
+    if args.resume is not None:
+        args = resume_args(args, defaults)
+    rank, _ = init_from_env(device=run_device(args))  # nccl on CUDA, gloo otherwise
+    try:
+        if rank == 0:
+            return _train_task(args)
+        import contextlib
+        import io
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            args.output, args.overwrite, args.no_progress = str(Path(tmp) / "out"), True, True
+            return _train_task(args)
+    finally:
+        release_run_locks()
+
+
+def _train_task(args: argparse.Namespace) -> int:
+    """Refuse the flags of another task, then run ``--task``'s ``train``."""
+    from . import all_tasks, get_task
+
+    task = get_task(getattr(args, "task", None) or "classification")
+    for other in all_tasks():
+        for dest, flag in other.own_flags if other is not task else ():
+            if getattr(args, dest, None) is not None:
+                raise PeftkitError(f"{flag} applies only to --task {other.name}")
+    return task.train(args)
+
+
+def _processes(world_size: int) -> str:
+    return f" per process × {world_size} processes (torchrun)" if world_size > 1 else ""
+
+
+def eval_setup(args: argparse.Namespace, info: dict[str, Any], default_model: Callable[[], Path]
+               ) -> tuple[Path, list[str], Any]:
+    """What ``eval`` of a labelled task starts with: the base model folder (:func:`~.record.eval_model_dir`), the
+    label names, the device (``--device``) and the threads (``--threads``, else the training's)."""
+    from .record import eval_model_dir
+
+    model_dir = eval_model_dir(info, default_model)
     device = eval_device(args)
-    _set_threads(args.threads if args.threads is not None else info.get("threads"))
-    return adapter, info, device
-
-
-def load_for_eval(model: nn.Module, adapter: Path, rank: int | None, what: str, device: Any = None) -> str:
-    """Load the adapter saved in ``adapter`` into ``model`` (``peftkit eval``), at rank ``rank`` when given (methods
-    trained for every rank, e.g. DyLoRA), then move it to ``device`` when given; returns ``what`` (the evaluated
-    data's description) saying so."""
-    import peftkit
-
-    peftkit.load(model, adapter)
-    if device is not None:
-        model.to(device)
-    if rank is not None:
-        peftkit.set_rank(model, rank)
-        what += f", at rank {rank}"
-    return what
+    set_threads(args.threads if args.threads is not None else info.get("threads"))
+    return model_dir, list(info["label_names"]), device

@@ -14,50 +14,48 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import (
-    TRAIN_INFO,
-    _other_device,
-    _set_threads,
-    eval_device,
-    not_reproduced,
-)
-from .core.errors import PeftkitError
-from .core.io import read_json
+from ..core.errors import PeftkitError
+from . import Task, register_task
+from .options import nonnegative_int
+from .record import TRAIN_INFO, eval_model_dir, not_reproduced, other_device, recorded_check
+from .run import TrainRun, eval_device, set_threads
 
 TASK = "causal-lm"
 # chosen so that the default run takes < 5 minutes on 2 CPU cores (see the README for measured numbers)
-LM_DEFAULTS = {
+DEFAULTS = {
     "steps": 80, "lr": 2e-3, "batch_size": 8, "max_length": 96, "eval_size": 100, "eval_batch_size": 16,
     "examples": 3, "example_tokens": 32, "max_new_tokens": 64, "calibration_size": 64,
 }
 
 
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--examples", type=nonnegative_int, metavar="N",
+                        help=f"causal-lm: held-out questions answered before and after training (default "
+                             f"{DEFAULTS['examples']})")
+
+
 def _model_dir(model: str | None) -> Path:
-    from .models import resolve_model_dir, smollm2_folder
+    from ..models import resolve_model_dir, smollm2_folder
 
     return smollm2_folder() if model is None else resolve_model_dir(model)
 
 
-def _model_label(model_dir: Path, is_default: bool) -> str:
-    return "SmolLM2-135M-Instruct (packaged, cached at " + str(model_dir) + ")" if is_default else str(model_dir)
-
-
 def _split(data: Any, eval_size: int, split_seed: int) -> tuple[list[int], list[int]]:
-    from .data.chat import split_by_prompt
+    from ..data.chat import split_by_prompt
 
     return split_by_prompt(data, eval_size, split_seed)
 
 
 def _encode(tokenizer: Any, data: Any, idx: list[int], max_length: int) -> tuple[list, list, list[int]]:
     """Tokenised conversations ``idx`` of ``data``; returns (ids, labels, the indices kept after truncation)."""
-    from .data.chat import encode_chats
+    from ..data.chat import encode_chats
 
     ids, labels, kept = encode_chats(tokenizer, [data.conversations[i] for i in idx], max_length)
     return ids, labels, [idx[k] for k in kept]
 
 
 def _loss_line(loss: float, tokens: int) -> str:
-    from .train.causal_lm import perplexity
+    from ..train.causal_lm import perplexity
 
     return f"loss {loss:.4f}, perplexity {perplexity(loss):.2f} ({tokens:,} answer tokens)"
 
@@ -67,23 +65,21 @@ def _short(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def cmd_train_causal_lm(args: argparse.Namespace) -> int:
-    from .cli_run import TrainRun
-
-    run = TrainRun(args, LM_DEFAULTS, tag="lm")
-    n_examples = LM_DEFAULTS["examples"] if args.examples is None else args.examples
+def train(args: argparse.Namespace) -> int:
+    run = TrainRun(args, DEFAULTS, tag="lm")
+    n_examples = DEFAULTS["examples"] if args.examples is None else args.examples
     if n_examples < 0:
         raise PeftkitError(f"--examples must be >= 0, got {n_examples}")
     if args.max_length < 2:
         raise PeftkitError(f"--max-length must be at least 2 tokens, got {args.max_length}")
-    from .data.chat import load_chat_data
+    from ..data.chat import load_chat_data
 
     data = load_chat_data(args.data)  # every data error surfaces before the model loads
     train_idx, eval_idx = _split(data, run.eval_size(len(data)), args.split_seed)
     model_dir = _model_dir(args.model)
 
-    from .models import load_causal_lm
-    from .train.causal_lm import answer, chat_batches, heldout_loss, perplexity
+    from ..models import load_causal_lm, model_label
+    from ..train.causal_lm import answer, chat_batches, heldout_loss, perplexity
 
     model, tokenizer = load_causal_lm(model_dir, quantize=args.quantize)
     run.fit_max_length(model)
@@ -95,21 +91,21 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     _, procedures = run.adapt(model, heads=())
     train_batches = run.batches(lambda size: chat_batches(tokenizer, train_ids, train_labels, size, shuffle=True,
                                                           seed=args.seed))
-    eval_batches = chat_batches(tokenizer, eval_ids, eval_labels, LM_DEFAULTS["eval_batch_size"], shuffle=False)
-    steps = run.steps(len(train_batches), default_steps=LM_DEFAULTS["steps"])  # type: ignore[arg-type]
+    eval_batches = chat_batches(tokenizer, eval_ids, eval_labels, DEFAULTS["eval_batch_size"], shuffle=False)
+    steps = run.steps(len(train_batches), default_steps=DEFAULTS["steps"])  # type: ignore[arg-type]
     dropped = (len(train_idx) - len(train_kept)) + (len(eval_idx) - len(eval_kept))
-    run.describe(model, f"{_model_label(model_dir, args.model is None)} — {type(model).__name__}", [
+    run.describe(model, f"{model_label(model_dir)} — {type(model).__name__}", [
         f"data: {data.source} — {len(data):,} conversations"
         + (f" ({data.duplicates:,} exact duplicates dropped)" if data.duplicates else "")
         + f": {len(train_kept):,} train / {len(eval_kept):,} held-out, split by question (split seed "
         f"{args.split_seed})" + (f"; {dropped} with no answer token left at max length {args.max_length} skipped"
                                  if dropped else "")])
     run.calibrate(model, lambda n: chat_batches(tokenizer, train_ids[:n], train_labels[:n],
-                                                LM_DEFAULTS["eval_batch_size"], shuffle=False), len(train_ids))
+                                                DEFAULTS["eval_batch_size"], shuffle=False), len(train_ids))
 
     n_examples = min(n_examples, len(eval_kept))  # spread over the held-out split (the corpus is ordered by topic)
     shown = [eval_kept[j * len(eval_kept) // n_examples] for j in range(n_examples)] if n_examples else []
-    tokens = LM_DEFAULTS["example_tokens"]
+    tokens = DEFAULTS["example_tokens"]
 
     def answers() -> list[str]:
         return [answer(model, tokenizer, data.prompt(i), max_new_tokens=tokens) for i in shown]
@@ -137,7 +133,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
         "eval_examples": len(eval_kept),
         "eval_tokens": n_tokens,
         "train_examples": len(train_kept),
-        "eval_batch_size": LM_DEFAULTS["eval_batch_size"],
+        "eval_batch_size": DEFAULTS["eval_batch_size"],
         "loss_before": loss_before,
         "loss_after": loss_after,
         "perplexity_before": perplexity(loss_before),
@@ -147,39 +143,38 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     })
 
 
-def _adapted_model(adapter: Path, model: str | None, threads: int | None, device: Any = None
-                   ) -> tuple[Any, Any, dict[str, Any]]:
-    """The base model of ``adapter`` (``--model``, else the one its ``train_info.json`` names) with the adapter
-    loaded, on ``device`` when given; returns (model, tokenizer, train info or {})."""
+def _adapted_model(adapter: Path, model: str | None, info: dict[str, Any], threads: int | None, device: Any = None
+                   ) -> tuple[Any, Any]:
+    """The base model of ``adapter`` (``--model``, else the one its train ``info`` names) with the adapter loaded, on
+    ``device`` when given; returns (model, tokenizer)."""
     if not adapter.is_dir():
         raise PeftkitError(f"adapter folder not found: {adapter}")
-    info = read_json(adapter / TRAIN_INFO) if (adapter / TRAIN_INFO).is_file() else {}
     if info and info.get("task", "classification") != TASK:
         raise PeftkitError(f"{adapter} holds a {info.get('task', 'classification')} adapter; 'peftkit generate' "
                            f"needs one trained with --task {TASK}")
     if model is not None:
         model_dir = _model_dir(model)
     elif info:
-        from .cli_run import eval_model_dir
-
         model_dir = eval_model_dir(info, lambda: _model_dir(None))
     else:
         raise PeftkitError(f"{adapter} has no {TRAIN_INFO}; pass --model DIR, the base model the adapter was "
                            "trained on")
-    _set_threads(threads if threads is not None else info.get("threads"))
+    set_threads(threads if threads is not None else info.get("threads"))
 
     import peftkit
 
-    from .models import load_causal_lm
+    from ..models import load_causal_lm
 
     base, tokenizer = load_causal_lm(model_dir, quantize=info.get("quantize"))
     peftkit.load(base, adapter)
     if device is not None:
         base.to(device)
-    return base, tokenizer, info
+    return base, tokenizer
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def generate(args: argparse.Namespace, info: dict[str, Any]) -> int:
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DEFAULTS["max_new_tokens"]
     if args.max_new_tokens < 1:
         raise PeftkitError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -189,11 +184,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     questions = [q for q in args.question if q.strip()]
     if not questions:
         raise PeftkitError("give a question to answer")
-    model, tokenizer, _ = _adapted_model(Path(args.adapter), args.model, args.threads, eval_device(args))
+    model, tokenizer = _adapted_model(Path(args.adapter), args.model, info, args.threads, eval_device(args))
 
     import peftkit
 
-    from .train.causal_lm import answer
+    from ..train.causal_lm import answer
 
     def reply(q: str) -> str:
         return answer(model, tokenizer, q, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -211,15 +206,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_causal_lm(args: argparse.Namespace) -> int:
+def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     """Held-out (or ``--data``) answer loss of a causal-LM adapter, compared with the loss recorded after training."""
     adapter = Path(args.adapter)
     device = eval_device(args)
-    model, tokenizer, info = _adapted_model(adapter, None, args.threads, device)
+    model, tokenizer = _adapted_model(adapter, None, info, args.threads, device)
     import peftkit
 
-    from .data.chat import load_chat_data
-    from .train.causal_lm import chat_batches, heldout_loss
+    from ..data.chat import load_chat_data
+    from ..train.causal_lm import chat_batches, heldout_loss
 
     if args.data is not None:
         data = load_chat_data(args.data)
@@ -228,26 +223,30 @@ def cmd_eval_causal_lm(args: argparse.Namespace) -> int:
         data = load_chat_data(info["data"])
         _, idx = _split(data, int(info["eval_size"]), int(info["split_seed"]))
         what = f"the held-out split of {data.source}"
-    if args.rank is not None:
-        peftkit.set_rank(model, args.rank)
-        what += f", at rank {args.rank}"
+    if args.eval_rank is not None:
+        peftkit.set_rank(model, args.eval_rank)
+        what += f", at rank {args.eval_rank}"
     ids, labels, kept = _encode(tokenizer, data, idx, int(info["max_length"]))
     if not ids:
         raise PeftkitError(f"no conversation keeps an answer token at max length {info['max_length']}")
     loss, tokens = heldout_loss(model, chat_batches(tokenizer, ids, labels, int(info.get(
-        "eval_batch_size", LM_DEFAULTS["eval_batch_size"])), shuffle=False))
+        "eval_batch_size", DEFAULTS["eval_batch_size"])), shuffle=False))
     print(f"{_loss_line(loss, tokens)} on {what}")
-    if args.data is None and args.rank is None and "loss_after" in info:
+    if recorded_check(args, info, "loss_after"):
         rec = float(info["loss_after"])
         delta = abs(loss - rec)
         if delta <= 1e-4 * max(1.0, abs(rec)):
             verdict = "reproduced"
         elif info.get("quantize") and delta <= 1e-2 * max(1.0, abs(rec)):  # bitsandbytes' CPU kernels' rounding
             verdict = f"reproduced within float rounding of the quantised base (differs by {delta:.2g})"
-        elif _other_device(info, device) and delta <= 1e-2 * max(1.0, abs(rec)):  # other kernels, other rounding
+        elif other_device(info, device) and delta <= 1e-2 * max(1.0, abs(rec)):  # other kernels, other rounding
             verdict = f"reproduced within float rounding of another device (differs by {delta:.2g})"
         else:
             verdict = "DIFFERENT"
         print(f"recorded after training: loss {rec:.4f} — {verdict}")
         not_reproduced(verdict, f"loss {loss:.4f}", f"loss {rec:.4f}")
     return 0
+
+
+register_task(Task(TASK, "causal-lm: instruction tuning of a chat model, loss on the answers only", DEFAULTS, train,
+                   evaluate, generate, add_flags=add_flags, own_flags=(("examples", "--examples"),), order=1))

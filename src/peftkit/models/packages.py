@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .core.errors import PeftkitError
+from ..core.errors import PeftkitError
 
 
 def package_folder(module: str, package: str, needed_for: str, alternative: str = "") -> Path:

