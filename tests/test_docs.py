@@ -29,5 +29,7 @@ def test_site_builds_strictly_with_a_page_per_method(tmp_path: Path) -> None:
     for info in all_methods():
         page = site / "methods" / info.name / "index.html"
         assert page.is_file(), f"no page for method {info.name}"
-        assert html.escape(info.paper.split(",")[0], quote=False) in page.read_text(), info.name
+        text = page.read_text()
+        assert html.escape(info.paper[:15], quote=False) in text, info.name  # the paper (wrapped lines: its start)
+        assert html.escape(info.config.__name__, quote=False) in text, info.name  # the config fields are listed
     assert (site / "api" / "index.html").read_text().count("peftkit.adapt") > 0

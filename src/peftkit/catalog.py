@@ -67,6 +67,35 @@ def markdown(items: list[dict[str, Any]] | None = None) -> str:
     return "\n".join(out)
 
 
+#: AdapterHub's (the ``adapters`` library's) name for each method peftkit shares with it
+ADAPTERHUB = {
+    "series_adapter": "Bottleneck (Houlsby, Pfeiffer)", "parallel_adapter": "Parallel bottleneck", "lora": "LoRA",
+    "ia3": "(IA)³", "prefix_tuning": "Prefix tuning", "prompt_tuning": "Prompt tuning", "vera": "VeRA",
+}
+#: what the other two libraries have and peftkit does not (yet): name -> (Hugging Face PEFT type, AdapterHub name)
+NOT_YET = {
+    "Compacter (PHM adapters)": (None, "Compacter"), "LoReFT / ReFT": (None, "LoReFT"),
+    "UniPELT": (None, "UniPELT"), "Mix-and-Match (MAM)": (None, "MAM"), "HRA": ("HRA", None),
+    "C3A": ("C3A", None), "Bone / MiSS": ("MISS", None), "X-LoRA": ("XLORA", None), "Poly": ("POLY", None),
+    "CPT": ("CPT", None), "P-tuning (prompt encoder)": ("P_TUNING", None), "SHiRA": ("SHIRA", None),
+}
+
+
+def comparison(items: list[dict[str, Any]] | None = None) -> str:
+    """The README's feature table: what peftkit, Hugging Face PEFT and AdapterHub each have, row by row — the peftkit
+    and PEFT columns read from the registry (a PEFT type = files read and written in PEFT's format)."""
+    items = [r for r in (rows() if items is None else items) if r["kind"] == "method"]
+    out = ["| method | family | peftkit | Hugging Face PEFT | AdapterHub |", "|---|---|---|---|---|"]
+    for r in items:
+        peft = f"yes (`{r['hf_peft_type']}`, files both ways)" if r["hf_peft_type"] else "—"
+        out.append(f"| `{r['name']}` | {r['family']} | yes | {peft} | {ADAPTERHUB.get(r['name'], '—')} |")
+    for name, (peft, hub) in NOT_YET.items():
+        out.append(f"| {name} | — | not yet | {f'yes (`{peft}`)' if peft else '—'} | {hub or '—'} |")
+    out.append("| composition blocks (Stack, Parallel, Fuse, Split, BatchSplit, Average) | — | yes | — | yes |")
+    out.append("| weight-space merging (cat, SVD, linear, TIES, DARE, magnitude) | — | yes | yes | linear |")
+    return "\n".join(out)
+
+
 # -- one method in full ---------------------------------------------------------------------------------------------
 def formula(obj: Any) -> list[str]:
     """The math lines of a method's module docstring (``forward:`` / ``init:`` / ``merge:`` … and their
