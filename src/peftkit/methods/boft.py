@@ -128,6 +128,7 @@ def cayley_full(u: torch.Tensor) -> torch.Tensor:
 @register(
     "boft",
     config=BOFTConfig,
+    family="reparameterized",
     paper="Liu et al., ICLR 2024, Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization "
           "(arXiv 2311.06243)",
     description="multiplicative: the input rotated by a product of butterfly-permuted block-diagonal Cayley rotations, "

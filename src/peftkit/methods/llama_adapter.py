@@ -133,6 +133,7 @@ class _Prompt(nn.Module):
 @register(
     "llama_adapter",
     config=LlamaAdapterConfig,
+    family="soft-prompt",
     paper="Zhang et al., ICLR 2024, LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention "
           "(arXiv 2303.16199)",
     description="learned prompts attended by the real tokens' queries in the top L attention layers, through a "

@@ -97,6 +97,7 @@ def _check_divisible(host: Host, config: VBLoRAConfig) -> None:
 @register(
     "vblora",
     config=VBLoRAConfig,
+    family="reparameterized",
     paper="Li et al., NeurIPS 2024, VB-LoRA: Extreme Parameter Efficient Fine-Tuning with Vector Banks "
           "(arXiv 2405.15179)",
     description="LoRA factors whose sub-vectors are top-k softmax mixtures of one trained vector bank shared by all "
