@@ -76,8 +76,13 @@ def _allowed(task: str, info) -> bool:
 CASES = [(t, i.name) for t in TASKS for i in all_methods() if _allowed(t, i)]
 
 
+#: methods that have no meaningful default for a field the user must give (which tokens train)
+REQUIRED = {"trainable_tokens": ("--opt", "token_indices=[1,2,3]")}
+
+
 def _run(task: str, method: str, out: Path, *extra: str) -> tuple[TrainRun, nn.Module]:
     defaults, build, _, heads = TASKS[task]
+    extra = (*REQUIRED.get(method, ()), *extra)
     args = build_parser().parse_args(["train", "--task", task, "--method", method, "--output", str(out),
                                       "--no-progress", *extra])
     if task == "image-classification":  # what the image task's train does before and after TrainRun

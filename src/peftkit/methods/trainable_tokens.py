@@ -42,7 +42,8 @@ class TrainableTokensConfig(AdapterConfig):
     vocabulary size); ``init_weights``: start from the current rows (True) or from N(0, 1) draws (False, PEFT's
     option). Accepts Hugging Face PEFT ``TrainableTokensConfig``'s field names."""
 
-    target_modules: list[str] | str | None = "embed_tokens"
+    #: the input embeddings of Llama-style, BERT-style, GPT-2 / GPT-NeoX and T5 models
+    target_modules: list[str] | str | None = r"(.*\.)?(embed_tokens|word_embeddings|wte|embed_in|shared)"
     token_indices: list[int] = field(default_factory=list)
     init_weights: bool = True
 
@@ -53,8 +54,8 @@ class TrainableTokensConfig(AdapterConfig):
         super().validate()
         idx = self.token_indices
         if not isinstance(idx, list | tuple) or not idx:
-            raise PeftkitError(f"TrainableTokensConfig.token_indices must be a non-empty list of token ids, "
-                               f"got {idx!r}")
+            raise PeftkitError(f"TrainableTokensConfig.token_indices must be a non-empty list of token ids (CLI: "
+                               f"--opt token_indices=[5,17]), got {idx!r}")
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in idx):
             raise PeftkitError(f"TrainableTokensConfig.token_indices must be token ids (integers >= 0), got {idx!r}")
         if len(set(idx)) != len(idx):
