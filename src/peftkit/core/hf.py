@@ -608,13 +608,13 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
     for path, layer in layers:
         adapter = layer.adapters[name]
         layout = info.adapter.hf_layout(layer.host, adapter.config) or {}
-        state = {k: v for k, v in adapter.state_dict().items()  # the shared store: through hf_shared_tensors
-                 if k.split(".")[0] not in (*adapter.regenerated, "shared_store")}
-        for k in info.adapter.hf_metadata_tensors:
+        state = {k: v for k, v in adapter.state_dict().items() if k.split(".")[0] not in adapter.regenerated}
+        for k in info.adapter.hf_metadata_tensors:  # first: they may live in the shared store (RandLoRA's checksum)
             if k in state:
                 t = state.pop(k).detach().cpu()
                 kept[f"adapter.{path}.{k}"] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
                                                "values": t.flatten().tolist()}
+        state = {k: v for k, v in state.items() if k.split(".")[0] != "shared_store"}  # via hf_shared_tensors
         state = info.adapter.to_hf_state(adapter.config, state)
         missing = sorted(set(state) - set(layout))
         if missing:
