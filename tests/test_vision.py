@@ -50,6 +50,7 @@ METHOD_FIELDS = {
     "triadaptlora": {"total_steps": 4},
     "explora": {"layers_pattern": V.LAYERS_PATTERN, "unfreeze_layers": [2]},
     "sketchtune": {"bits": 2},
+    "adalora": {"init_r": 6, "target_r": 4},  # the default init_r = 12 exceeds the 8-channel layers
     "mtlora": {"r": 8},  # the official r = 64 exceeds the 8-channel layers (a rank above min(d_in, d_out) is refused)
 }
 

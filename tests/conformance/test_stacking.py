@@ -57,7 +57,8 @@ def _host_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert_near(actual, expected, 64, layers=4)
+    # a merged rotation (OFT/BOFT: W·Rᵀ, R from a solve) under a merged update adds rounding layers of its own
+    assert_near(actual, expected, 64, layers=6)
 
 
 def _refused_cleanly(model: torch.nn.Module, action, which: list[str] | None, *names: str) -> bool:
