@@ -89,7 +89,8 @@ class DynamicConPET(ContinualMethod):
                 out = forward_logits(model, inputs)
             full = torch.full_like(out, NEG) if full is None else full
             full = torch.where(owner[None, :] == picks[:, j:j + 1], out, full)
-        assert full is not None
+        if full is None:
+            raise PeftkitError("DynamicConPET: top-k selection picked no expert (topk must be >= 1)")
         return full
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:

@@ -515,7 +515,8 @@ def _fold(layer: Any, node: Any, w: torch.Tensor, b: torch.Tensor | None) -> tup
         for c in node.children:
             w, b = _fold(layer, c, w, b)
         return w, b
-    assert isinstance(node, Average)
+    if not isinstance(node, Average):
+        raise PeftkitError(f"merge: the composition block {node!r} cannot merge")
     parts = [_fold(layer, c, w.clone(), None if b is None else b.clone()) for c in node.children]
     w_new = sum(wt * pw for wt, (pw, _) in zip(node.weights, parts))
     if all(pb is None for _, pb in parts):

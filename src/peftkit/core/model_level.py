@@ -123,7 +123,8 @@ class ModelAdapter(nn.Module):
         the prompt-learning ``prompt_embeddings``."""
         if "prompt_embeddings" not in tensors:
             raise PeftkitError("tensor 'prompt_embeddings' is missing from the file")
-        assert cls.hf_state_key is not None
+        if cls.hf_state_key is None:
+            raise PeftkitError(f"{cls.__name__} has no Hugging Face PEFT state key; it cannot read a PEFT file")
         return {cls.hf_state_key: tensors.pop("prompt_embeddings")}
 
     def extra_repr(self) -> str:

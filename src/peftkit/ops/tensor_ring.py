@@ -29,7 +29,8 @@ def balanced_factors(n: int, num: int) -> list[int]:
             f += 1
 
     walk(n, num, 1, [])
-    assert best is not None
+    if best is None:
+        raise ValueError(f"{n} cannot be written as a product of {num} factors")
     return best[1]
 
 
