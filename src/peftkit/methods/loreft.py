@@ -1,34 +1,22 @@
-"""LoReFT — Wu, Arora, Wang, Geiger, Jurafsky, Manning & Potts, NeurIPS 2024, "ReFT: Representation Finetuning for
-Language Models" (arXiv 2404.03592); with its NoReFT and DiReFT variants, configured as AdapterHub's ``LoReftConfig`` /
-``NoReftConfig`` / ``DiReftConfig`` (same field names and defaults).
+"""LoReFT — Wu et al., NeurIPS 2024, "ReFT: Representation Finetuning for Language Models" (arXiv 2404.03592), with
+its NoReFT and DiReFT variants, configured as AdapterHub's ``LoReftConfig`` / ``NoReftConfig`` / ``DiReftConfig``.
 
-    forward:  at the chosen positions of each chosen layer's output h ∈ R^d (the residual stream), per sample:
-              Φ(h) = h + Rᵀ(σ(W·h + b) − R·h), R ∈ R^{r×d} with orthonormal rows, W ∈ R^{r×d}, b ∈ R^r, σ = identity
-              by default; every other position is left exactly as it was. NoReFT: R unconstrained; DiReFT: R
-              unconstrained and no −R·h term (Φ(h) = h + Rᵀσ(W·h + b))
-    init:     R a random orthonormal frame (pyreft: ``torch.nn.init.orthogonal_``), W and b as ``nn.Linear`` — the
-              intervention is not the identity at init (as in pyreft and AdapterHub)
-    merge:    none — Φ edits hidden states at positions, it is no weight change (``merge`` refuses)
+    forward:  at the chosen positions of each chosen layer's output h ∈ R^d (residual stream), per sample:
+              Φ(h) = h + Rᵀ(σ(W·h + b) − R·h), R ∈ R^{r×d} orthonormal rows, W ∈ R^{r×d}, b ∈ R^r, σ = identity by
+              default; other positions stay exactly as they were. NoReFT: R unconstrained; DiReFT: also no −R·h
+    init:     R random orthonormal (pyreft's ``orthogonal_``), W, b as ``nn.Linear``: not the identity (as pyreft)
+    merge:    none — Φ edits hidden states at positions, no weight (``merge`` refuses)
 
 Positions (pyreft's "f<p>+l<s>", AdapterHub's ``prefix_positions`` / ``suffix_positions``): the first p and last s
-*real* tokens of each sample, read from the call's attention mask (left or right padding; no mask: every token is
-real). With both sides set, a sample of n tokens gets at most ⌊n/2⌋ on each side (pyreft's rule: the two never
-overlap); with one side, at most n. ``tied_weights``: one (R, W, b) for both sides; otherwise the prefix and the
-suffix each have their own (only a side with positions gets one — AdapterHub also builds an unused suffix unit).
-Dropout (p = ``dropout``, AdapterHub's default 0.05) applies to Φ(h) at the chosen positions, as pyreft and AdapterHub.
-
-R's orthonormality: torch's orthogonal parametrisation with its "householder" map (what
-``torch.nn.utils.parametrizations.orthogonal`` picks for pyreft's d×r weight), computed here as a function of the
-stored reflectors without torch's trivialisation (no d×d base buffer) and without ``parametrize`` (whose modules
-cannot be pickled); the reflectors are stored r×d (d·r values, the count pyreft and AdapterHub report; the
-r(r+1)/2 on and above the diagonal do not enter R, the signs ±1 are a buffer).
-
-Layers: the model's decoder / encoder layer list (found from its config's ``num_hidden_layers``, or named with
-``layer_module``), every one (``layers="all"``) or those indexed. A model-level method: at most one active at a
-time, none in a mixed batch. ``generate``: the prompt's positions are chosen in the first (prompt) call; later cached
-steps (one new token each) are not intervened on, as pyreft's ``intervene_on_prompt`` (with ``use_cache=False`` every
-step is a fresh call over the whole sequence, whose last s positions then move with it). Trainable per layer and side:
-2·r·d + r.
+real tokens of each sample, from the call's attention mask (left or right padding; no mask: all real); with both
+sides, at most ⌊n/2⌋ each of n tokens (pyreft: no overlap). ``tied_weights``: one (R, W, b) for both sides, else one
+per side with positions (AdapterHub also builds an unused suffix unit). Dropout (AdapterHub's default 0.05) acts on
+Φ(h), as in both libraries. R: torch's orthogonal "householder" map (``parametrizations.orthogonal``'s pick for
+pyreft's d×r weight) on stored reflectors, without trivialisation (no d×d buffer) or ``parametrize`` (unpicklable):
+d·r values, the count both libraries report (those on/above the diagonal do not enter R; the signs are a buffer).
+Layers: the model's layer list (by ``num_hidden_layers``, or ``layer_module``). Model-level: one active at a time, none
+in a mixed batch. ``generate``: cached steps (new tokens) are not intervened on, as pyreft's ``intervene_on_prompt``
+(``use_cache=False``: each step is a fresh call, its last s positions move with the sequence).
 """
 
 from __future__ import annotations
@@ -44,11 +32,7 @@ from peftkit.core import model_level as ml
 from peftkit.core.errors import PeftkitError
 from peftkit.core.registry import register
 
-def identity(z: torch.Tensor) -> torch.Tensor:
-    return z
-
-
-ACTIVATIONS = {"identity": identity, "linear": identity, "tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu,
+ACTIVATIONS = {"identity": nn.Identity(), "linear": nn.Identity(), "tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu,
                "silu": F.silu, "swish": F.silu, "sigmoid": torch.sigmoid}
 
 
@@ -72,31 +56,26 @@ class LoReftConfig(ml.ModelLevelConfig):
 
     def validate(self) -> None:
         super().validate()
-        name = type(self).__name__
+        name, p, s = type(self).__name__, self.prefix_positions, self.suffix_positions
         self.positive(f"{name}.r", self.r)
-        p, s = self.prefix_positions, self.suffix_positions
         if p < 0 or s < 0 or p + s == 0:
-            raise PeftkitError(f"{name}: prefix_positions and suffix_positions must be >= 0 and not both 0 (got {p}, "
-                               f"{s})")
-        if self.layers != "all" and (not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(
-                self.layers)):
+            raise PeftkitError(f"{name}: prefix_positions, suffix_positions must be >= 0, not both 0 (got {p}, {s})")
+        layers = [] if self.layers == "all" else self.layers
+        if self.layers != "all" and (not layers or min(layers) < 0 or len(set(layers)) < len(layers)):
             raise PeftkitError(f"{name}.layers: 'all' or distinct layer indices >= 0 (got {self.layers})")
         if self.non_linearity is not None and self.non_linearity not in ACTIVATIONS:
-            raise PeftkitError(f"{name}.non_linearity {self.non_linearity!r}: use None or one of "
-                               f"{', '.join(ACTIVATIONS)}")
+            raise PeftkitError(f"{name}.non_linearity {self.non_linearity!r}: None or one of {', '.join(ACTIVATIONS)}")
 
 
 @dataclass
 class NoReftConfig(LoReftConfig):
     """LoReFT without the orthogonality constraint (AdapterHub's ``NoReftConfig``)."""
-
     orthogonality: bool = False
 
 
 @dataclass
 class DiReftConfig(LoReftConfig):
     """LoReFT without the orthogonality constraint and without the −R·h term (AdapterHub's ``DiReftConfig``)."""
-
     orthogonality: bool = False
     subtract_projection: bool = False
 
@@ -123,20 +102,18 @@ class Intervention(nn.Module):
 
     def __init__(self, d: int, config: LoReftConfig, device: Any) -> None:
         super().__init__()
-        r = config.r
-        self.source = nn.Linear(d, r, device=device)  # W, b
-        if config.orthogonality:
-            x, signs = reflectors(nn.init.orthogonal_(torch.empty(r, d, device=device)))
-            self.rotate = nn.Parameter(x)
+        self.source = nn.Linear(d, config.r, device=device)  # W, b
+        if config.orthogonality:  # reflectors of a random orthonormal frame, and their signs
+            x, signs = reflectors(nn.init.orthogonal_(torch.empty(config.r, d, device=device)))
             self.register_buffer("signs", signs)
-        else:
-            self.rotate = nn.Parameter(nn.Linear(d, r, bias=False, device=device).weight.detach().clone())
+        else:  # AdapterHub's unconstrained projection: an nn.Linear(d, r) weight
+            x = nn.Linear(d, config.r, bias=False, device=device).weight.detach()
+        self.rotate = nn.Parameter(x.clone())
         self.subtract = config.subtract_projection
         self.act = config.non_linearity or "identity"  # a name: the module stays picklable
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def frame(self) -> torch.Tensor:
-        """R (r×d)."""
+    def frame(self) -> torch.Tensor:  # R (r×d)
         return orthonormal_rows(self.rotate, self.signs) if hasattr(self, "signs") else self.rotate
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -156,29 +133,25 @@ class _Site(nn.Module):
         object.__setattr__(self, "owner", owner)  # plain attribute: no module cycle
 
     def hook(self, layer: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if not self.owner.live() or self.owner.chosen is None:
+        """The layer output h with Φ at the positions the call chose (1 prefix, 2 suffix, 0 none); others untouched."""
+        chosen = self.owner.chosen
+        if not self.owner.live() or chosen is None:
             return None
         h = output if isinstance(output, torch.Tensor) else output[0]
-        new = self.edit(h, self.owner.chosen)
-        return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-
-    def edit(self, h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """h with Φ at the positions ``chosen`` marks (B, T: 1 prefix, 2 suffix, 0 none); the others untouched."""
         if h.dim() != 3 or tuple(h.shape[:2]) != tuple(chosen.shape):
-            raise PeftkitError(f"loreft: a layer output of shape {tuple(h.shape)} does not match the call's "
-                               f"(batch, length) {tuple(chosen.shape)}; call the adapted model itself")
-        dtype = self.units[0].rotate.dtype
-        out = h
+            raise PeftkitError(f"{self.owner.method}: a layer output {tuple(h.shape)} does not match the call's "
+                               f"{tuple(chosen.shape)}; call the adapted model itself")
+        dtype, out = self.units[0].rotate.dtype, h
         for i, unit in enumerate(self.units):
             where = chosen == i + 1 if len(self.units) == 2 else chosen > 0
             out = torch.where(where.unsqueeze(-1), unit(h.to(dtype)).to(h.dtype), out)
-        return out
+        return out if isinstance(output, torch.Tensor) else (out, *output[1:])
 
 
 def layer_list(model: nn.Module, config: LoReftConfig, method: str) -> list[tuple[str, nn.Module]]:
     """(path, layer) of the chosen layers, in model order."""
     cfg = ml.hf_config(model, method)
-    mods = [(p, m) for p, m in model.named_modules() if not p.startswith(ml.CONTAINER)]
+    mods = [(p, m) for p, m in model.named_modules() if not p.startswith(ml.CONTAINER)]  # not our own lists
     if config.layer_module is not None:
         found = [(p, m) for p, m in mods if p == config.layer_module or p.endswith("." + config.layer_module)]
         what = f"layer_module={config.layer_module!r}"
@@ -193,27 +166,33 @@ def layer_list(model: nn.Module, config: LoReftConfig, method: str) -> list[tupl
     path, layers = lists[0]
     index = range(len(layers)) if config.layers == "all" else config.layers
     if max(index) >= len(layers):
-        raise PeftkitError(f"{method}: layers={config.layers} but {path} has {len(layers)} layers (0…"
-                           f"{len(layers) - 1})")
+        raise PeftkitError(f"{method}: layers={config.layers} but {path} has {len(layers)} layers")
     return [(f"{path}.{i}", layers[i]) for i in sorted(index)]
 
 
 def sides(config: LoReftConfig) -> int:
     """Interventions per layer: two for untied prefix and suffix, else one."""
-    both = config.prefix_positions > 0 and config.suffix_positions > 0
-    return 2 if both and not config.tied_weights else 1
+    return 2 if config.prefix_positions > 0 and config.suffix_positions > 0 and not config.tied_weights else 1
 
 
 def choose(real: torch.Tensor, p: int, s: int) -> torch.Tensor:
     """Per position of ``real`` (B, T bool: a real token, not padding): 1 among the first p real tokens, 2 among the
     last s, else 0 — with both sides at most ⌊n/2⌋ each (n real tokens), with one at most n."""
-    rank = real.long().cumsum(1) - 1
-    n = real.sum(1, keepdim=True)
+    rank, n = real.long().cumsum(1) - 1, real.sum(1, keepdim=True)
     cap = n // 2 if p > 0 and s > 0 else n
     first, last = cap.clamp(max=p), cap.clamp(max=s)
     return ((real & (rank < first)).to(torch.int8) + 2 * (real & (rank >= n - last)).to(torch.int8))
 
 
+_COMMON: dict[str, Any] = dict(
+    family="adapter", params="layers·sides·(2·r·d + r) (for the whole model; sides = 2 for untied prefix + suffix)",
+    hosts=(), mergeable=False, model_level=True, init_is_identity=False,
+    paper="Wu et al., NeurIPS 2024, ReFT: Representation Finetuning for Language Models (arXiv 2404.03592)")
+
+
+@register("loreft", config=LoReftConfig, **_COMMON,
+          description="low-rank edit h + Rᵀ(Wh + b − Rh) (R orthonormal rows) of chosen layers' hidden states at the "
+                      "first / last token positions")
 class LoReft(ml.ModelAdapter):
     def __init__(self, model: nn.Module, config: LoReftConfig) -> None:
         super().__init__(model, config)
@@ -232,11 +211,9 @@ class LoReft(ml.ModelAdapter):
         also after the adapter was deleted, when they remove themselves)."""
         c = ml.container(self.model)
         if c is None or not any(a is self for a in c.adapters.values()):
-            for path in self.paths:
-                layer = self.model.get_submodule(path)
-                for k, fn in list(layer._forward_hooks.items()):
-                    if getattr(fn, "__self__", None) in list(self.sites):
-                        del layer._forward_hooks[k]
+            for layer in map(self.model.get_submodule, self.paths):
+                for k in [k for k, fn in layer._forward_hooks.items() if getattr(fn, "__self__", None) in self.sites]:
+                    del layer._forward_hooks[k]
             return False
         return not c.disabled and any(c.adapters[n] is self for n in c.active if n in c.adapters)
 
@@ -249,8 +226,7 @@ class LoReft(ml.ModelAdapter):
             return inputs
         mask = inputs.get("attention_mask")
         if mask is not None and tuple(mask.shape) != (batch, length):
-            raise PeftkitError(f"{self.method}: attention_mask of shape {tuple(mask.shape)}; positions are read from a "
-                               f"(batch, length) = ({batch}, {length}) mask of 1 (token) / 0 (padding)")
+            raise PeftkitError(f"{self.method}: attention_mask {tuple(mask.shape)}; give a ({batch}, {length}) mask")
         real = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.to(device) != 0
         self.chosen = choose(real, self.config.prefix_positions, self.config.suffix_positions)
         return inputs
@@ -261,22 +237,13 @@ class LoReft(ml.ModelAdapter):
         return len(layer_list(model, config, cls.method)) * sides(config) * (2 * config.r * d + config.r)
 
 
-_COMMON: dict[str, Any] = dict(
-    family="adapter", params="layers·sides·(2·r·d + r) (for the whole model; sides = 2 for untied prefix + suffix)",
-    hosts=(), mergeable=False, model_level=True, init_is_identity=False)
-_PAPER = "Wu et al., NeurIPS 2024, ReFT: Representation Finetuning for Language Models (arXiv 2404.03592)"
-register("loreft", config=LoReftConfig, paper=_PAPER, **_COMMON,
-         description="low-rank edit h + Rᵀ(Wh + b − Rh) (R orthonormal rows) of chosen layers' hidden states at the "
-                     "first / last token positions")(LoReft)
-
-
-@register("noreft", config=NoReftConfig, paper=_PAPER, **_COMMON,
+@register("noreft", config=NoReftConfig, **_COMMON,
           description="LoReFT with an unconstrained R: h + Rᵀ(Wh + b − Rh) at the first / last token positions")
 class NoReft(LoReft):
     pass
 
 
-@register("direft", config=DiReftConfig, paper=_PAPER, **_COMMON,
+@register("direft", config=DiReftConfig, **_COMMON,
           description="LoReFT without orthogonality or the −Rh term: h + Rᵀ(Wh + b) at the first / last token "
                       "positions")
 class DiReft(LoReft):
