@@ -38,10 +38,10 @@ ACTIVATIONS = {"identity": nn.Identity(), "linear": nn.Identity(), "tanh": torch
 
 @dataclass
 class LoReftConfig(ml.ModelLevelConfig):
-    """AdapterHub's fields: ``layers`` ("all" or layer indices), ``prefix_positions`` p, ``suffix_positions`` s, ``r``,
-    ``orthogonality`` (R with orthonormal rows), ``tied_weights`` (one intervention for prefix and suffix),
-    ``subtract_projection`` (the −R·h term), ``dropout``, ``non_linearity`` σ (None: identity). peftkit's own:
-    ``layer_module``, the path (or last names) of the model's layer list when its config does not reveal it."""
+    """AdapterHub's fields. ``layers``: "all" or layer indices; ``prefix_positions``: p, the first real tokens;
+    ``suffix_positions``: s, the last real tokens; ``r``: rank of R and W; ``orthogonality``: the rows of R orthonormal;
+    ``tied_weights``: one intervention for prefix and suffix; ``subtract_projection``: the −R·h term;
+    ``non_linearity``: σ on W·h + b (None: identity); ``layer_module``: (peftkit's) the layer list's path."""
 
     layers: Literal["all"] | list[int] = "all"
     prefix_positions: int = 3
