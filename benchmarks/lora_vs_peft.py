@@ -86,8 +86,11 @@ TARGETS = ["query", "key", "value", "dense"]  # every nn.Linear in BertModel (at
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IA3_FF = r".*layer\.\d+\.output\.dense"  # the FFN's down projection (input scaling)
 IA3_TARGETS = r".*\.(key|value)|" + IA3_FF
-METHODS = ("lora", "dora", "ia3", "lntuning", "prompt_tuning", "prefix_tuning", "randlora")
-LLAMA_METHODS = ("lora", "dora")
+# methods configured through PEFT's own config, converted by peftkit.from_peft_config (the same fields both sides)
+CONVERTED = ("vera", "loha", "lokr", "oft", "boft", "fourierft", "vblora", "adalora", "trainable_tokens",
+             "llama_adapter")
+METHODS = ("lora", "dora", "ia3", "lntuning", "prompt_tuning", "prefix_tuning", "randlora") + CONVERTED
+LLAMA_METHODS = ("lora", "dora", "llama_adapter")
 RESULTS = Path(__file__).parent / "results" / "lora_vs_peft"
 
 
@@ -169,6 +172,8 @@ def our_config(setup: Setup = DEFAULT) -> Any:
     s, t, m = setup.shape, setup.targets(), setup.method
     if m in ("lora", "dora"):
         return peftkit.config(m, target_modules=t, r=s.rank, alpha=s.alpha)
+    if m in CONVERTED:
+        return peftkit.from_peft_config(peft_config(setup))
     return {
         "ia3": lambda: peftkit.config("ia3", target_modules=IA3_TARGETS, feedforward_modules=IA3_FF),
         "lntuning": lambda: peftkit.config("lntuning"),
@@ -193,6 +198,20 @@ def peft_config(setup: Setup = DEFAULT) -> Any:
         "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=10,
                                                          prefix_projection=True, encoder_hidden_size=512),
         "randlora": lambda: peft.RandLoraConfig(target_modules=t),
+        # the PEFT types both libraries have since 2026-12: each PEFT's defaults, but ranks comparable to LoRA's
+        "vera": lambda: peft.VeraConfig(r=256, target_modules=t, **task),
+        "loha": lambda: peft.LoHaConfig(r=s.rank, alpha=s.alpha, target_modules=t, **task),
+        "lokr": lambda: peft.LoKrConfig(r=s.rank, alpha=s.alpha, target_modules=t, **task),
+        "oft": lambda: peft.OFTConfig(r=0, oft_block_size=32, target_modules=t, **task),
+        "boft": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=t, **task),
+        "fourierft": lambda: peft.FourierFTConfig(n_frequency=1000, scaling=300.0, target_modules=t, **task),
+        "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=128, target_modules=t, **task),
+        "adalora": lambda: peft.AdaLoraConfig(init_r=12, target_r=s.rank, total_step=10_000, lora_alpha=s.alpha,
+                                              target_modules=t, **task),
+        "trainable_tokens": lambda: peft.TrainableTokensConfig(
+            target_modules=["embed_tokens" if setup.causal else "word_embeddings"], token_indices=list(range(100))),
+        "llama_adapter": lambda: peft.AdaptionPromptConfig(adapter_len=10, adapter_layers=min(8, s.layers),
+                                                          task_type="CAUSAL_LM"),
     }[m]()
 
 

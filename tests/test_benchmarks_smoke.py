@@ -139,3 +139,19 @@ def test_accelerator_without_cuda_says_so_and_writes_nothing(tmp_path: Path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA device" in err and "--device cpu" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", lora_vs_peft.CONVERTED)
+def test_every_shared_method_is_configured_alike_in_both_libraries(method: str) -> None:
+    """``--method NAME`` for the PEFT types both libraries have: peftkit's config is converted from PEFT's, so the
+    two models train the same number of parameters, and one training step of each runs (tiny shapes)."""
+    setup = lora_vs_peft.Setup(model="smollm2" if method == "llama_adapter" else "minilm", method=method, tiny=True,
+                               threads=1, rounds=1, steps=1)
+    models = {k: lora_vs_peft.build(k, setup) for k in ("peftkit", "peft")}
+    counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    assert counts["peftkit"] == counts["peft"] > 0, counts
+    for m in models.values():
+        before = [p.detach().clone() for p in m.parameters() if p.requires_grad]
+        lora_vs_peft.trainer(m, setup)()
+        after = [p for p in m.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)), "the step changed nothing"

@@ -183,3 +183,11 @@ def test_needs_a_run_length_and_a_budgeting_phase() -> None:
     proc.run_steps = 40  # what peftkit's trainer tells its procedures: the run's length is enough
     proc.on_train_start(model, None)
     assert copy.deepcopy(model) is not None
+
+
+def test_a_peft_adalora_config_object_converts() -> None:
+    # PEFT's AdaLoraConfig inherits every LoraConfig field; at their defaults they are accepted, set they are refused
+    cfg = peftkit.from_peft_config(peft.AdaLoraConfig(target_modules=TARGETS, init_r=6, target_r=3, total_step=30))
+    assert (cfg.method, cfg.init_r, cfg.target_r, cfg.total_step) == ("adalora", 6, 3, 30)
+    with pytest.raises(peftkit.PeftkitError, match="lora_bias"):
+        peftkit.from_peft_config(peft.AdaLoraConfig(target_modules=TARGETS, total_step=30, lora_bias=True))

@@ -88,6 +88,14 @@ class AdaLoraConfig(AdapterConfig):
         "init_lora_weights": inert(True, "AdaLoRA starts from E = 0 (the base model)"),
         "use_rslora": inert(False), "use_dora": inert(False, "AdaLoRA has no DoRA variant"),
         "alpha_pattern": inert({}),
+        # LoraConfig's fields that PEFT's AdaLoraConfig inherits: accepted at their defaults (as PEFT's to_dict()
+        # writes them), refused when set
+        **{k: inert() for k in ("fan_in_fan_out", "megatron_core", "megatron_config", "qalora_group_size",
+                                "runtime_config")},
+        **{k: inert(None, "not a field of AdaLoRA in peftkit") for k in (
+            "loftq_config", "eva_config", "corda_config", "lora_ga_config", "layer_replication", "use_qalora",
+            "target_parameters", "lora_bias", "ensure_weight_tying", "trainable_token_indices", "arrow_config",
+            "alora_invocation_tokens", "use_bdlora", "kasa_config", "monteclora_config", "velora_config")},
     }
 
     def validate(self) -> None:
