@@ -38,11 +38,9 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.registry import register
-from peftkit.methods.bottleneck import ACTIVATIONS, SERIES_TARGETS
+from peftkit.methods.bottleneck import ACTIVATIONS, FFN_OUTPUT
 from peftkit.ops.kronecker import kron_sum, low_rank
 
-#: after the FFN: the bottleneck adapters' FFN output projections, and GPT-2's ``mlp.c_proj``
-FFN_OUTPUT = SERIES_TARGETS[:-1] + r"|mlp\.c_proj)"
 #: after the attention: its output projection (Llama/Mistral ``o_proj``, OPT ``out_proj``, GPT-2 ``attn.c_proj``,
 #: BERT ``attention.output.dense``, BLOOM / GPT-NeoX ``dense``)
 ATTENTION_OUTPUT = r"(.*\.)?(o_proj|out_proj|attn\.c_proj|attention\.output\.dense|self_attention\.dense|attention\.dense)"
