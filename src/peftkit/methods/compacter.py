@@ -6,6 +6,7 @@ Layers" (arXiv 2106.04647), as AdapterHub's ``adapters`` library defines it (``C
               layer is z ↦ z·H + b with H = Σ_{i=1..n} A_i ⊗ B_i (n = phm_dim; ops/kronecker.kron_sum);
               A ∈ R^{n×n×n} the rule, shared by every layer and both projections; B_i = L_i·R_i of rank phm_rank
               (down: L_i ∈ R^{(c/n)×r}, R_i ∈ R^{r×(m/n)}; up: m/n and c/n swapped), m = ⌊c / reduction_factor⌋
+              rounded down to a multiple of n (at least n)
     init:     A ~ N(0, phm_init_range²) (or U(±phm_init_range)); L, R glorot-normal per i; biases 0. "mam": the up
               projection's R = 0 ⇒ H_up = 0, the base model bit for bit ("phm": every factor glorot-normal, as
               AdapterHub, a small nonzero update at init)
@@ -21,7 +22,8 @@ Compacter with Houlsby's placement (AdapterHub's ``compacter``).
 Deviations from AdapterHub: peftkit defaults to ``init="mam"`` (identity at init, as its bottleneck adapters do);
 AdapterHub's ``PHMLayer`` draws every factor (``"phm"`` here). ``learn_phm=False``, a shared W and a factorised
 rule (AdapterHub options off by default) are not offered. The adapter runs after the host's own output, before the
-model's residual and LayerNorm (AdapterHub's ``original_ln_before=True`` reads the post-LayerNorm sum instead).
+model's residual and LayerNorm (AdapterHub's ``original_ln_before=True`` reads the post-LayerNorm sum instead). A
+bottleneck that is not a multiple of n is rounded down to one (AdapterHub refuses it).
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ class CompacterConfig(AdapterConfig):
     ``factorized_phm_W``: B_i = L_i·R_i (else a full block); ``shared_phm_rule``: one rule A for all layers;
     ``phm_bias``: a bias on both PHM layers; ``phm_c_init`` ``"normal"`` or ``"uniform"`` with ``phm_init_range``;
     ``scaling`` s; ``init`` ``"mam"`` (identity at init) or ``"phm"`` (AdapterHub's draw); ``mh_adapter`` /
-    ``output_adapter``: adapt the attention output / the FFN output (when ``target_modules`` is unset)."""
+    ``output_adapter``: adapt the attention output / the FFN output (while ``target_modules`` is its default, the
+    FFN output projections)."""
 
+    target_modules: list[str] | str | None = FFN_OUTPUT
     reduction_factor: float = 32.0
     non_linearity: Literal["gelu", "relu", "tanh", "silu", "sigmoid", "identity"] = "gelu"
     phm_dim: int = 4
@@ -73,13 +77,14 @@ class CompacterConfig(AdapterConfig):
         super().validate()
         for name in ("reduction_factor", "phm_dim", "phm_rank", "phm_init_range"):
             self.positive(f"CompacterConfig.{name}", getattr(self, name))
-        if self.target_modules is None and not (self.mh_adapter or self.output_adapter):
-            raise PeftkitError("CompacterConfig: mh_adapter and output_adapter are both off and no target_modules "
-                               "given; turn one on (output_adapter: Compacter++) or name the modules")
+        if self.target_modules == FFN_OUTPUT and not (self.mh_adapter or self.output_adapter):
+            raise PeftkitError("CompacterConfig: mh_adapter and output_adapter are both off and target_modules is the "
+                               "default; turn one on (output_adapter: Compacter++) or name the modules")
 
     def resolve(self, model: Any) -> CompacterConfig:
-        """``target_modules`` unset: the modules ``mh_adapter`` / ``output_adapter`` select (idempotent)."""
-        if self.target_modules is not None:
+        """``target_modules`` left at its default (the FFN outputs): the modules ``mh_adapter`` / ``output_adapter``
+        select (idempotent)."""
+        if self.target_modules != FFN_OUTPUT or (self.output_adapter and not self.mh_adapter):
             return self
         parts = ([ATTENTION_OUTPUT] if self.mh_adapter else []) + ([FFN_OUTPUT] if self.output_adapter else [])
         return dataclasses.replace(self, target_modules="|".join(f"(?:{p})" for p in parts))
@@ -88,12 +93,10 @@ class CompacterConfig(AdapterConfig):
 def _shape(host: Host, config: CompacterConfig) -> tuple[int, int, int]:
     """(c, m, n) with the divisibility the Kronecker blocks need, or a clear error."""
     c, n = host.d_out, config.phm_dim
-    m = int(c // config.reduction_factor)
-    if m < 1 or c % n or m % n:
-        raise PeftkitError(
-            f"compacter on {host.name!r}: c = {c} output channels and m = ⌊c / reduction_factor⌋ = {m} must both be "
-            f"positive multiples of phm_dim = {n}; choose reduction_factor / phm_dim so that they are"
-        )
+    m = max(n, int(c // config.reduction_factor) // n * n)
+    if c % n:
+        raise PeftkitError(f"compacter on {host.name!r}: its c = {c} output channels are not a multiple of "
+                           f"phm_dim = {n}; choose a phm_dim that divides {c}")
     return c, m, n
 
 
