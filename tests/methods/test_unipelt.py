@@ -13,6 +13,7 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.model_level import model_adapters
 from tolerance import assert_near
 
+
 def tiny_gpt2(_width: int = 16):
     return MODELS["gpt2"].build()  # seeded: two builds have the same base weights
 

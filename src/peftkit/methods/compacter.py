@@ -45,7 +45,8 @@ from peftkit.ops.kronecker import kron_sum, low_rank
 
 #: after the attention: its output projection (Llama/Mistral ``o_proj``, OPT ``out_proj``, GPT-2 ``attn.c_proj``,
 #: BERT ``attention.output.dense``, BLOOM / GPT-NeoX ``dense``)
-ATTENTION_OUTPUT = r"(.*\.)?(o_proj|out_proj|attn\.c_proj|attention\.output\.dense|self_attention\.dense|attention\.dense)"
+ATTENTION_OUTPUT = (r"(.*\.)?(o_proj|out_proj|attn\.c_proj|attention\.output\.dense|self_attention\.dense"
+                    r"|attention\.dense)")
 
 
 @dataclass
@@ -139,7 +140,9 @@ class Compacter(Adapter):
                 setattr(self, f"W_{pos}_right", nn.Parameter(right))
             else:
                 block = self._glorot(n, a // n, b // n, dev)
-                setattr(self, f"W_{pos}", nn.Parameter(block.zero_() if pos == "up" and config.init == "mam" else block))
+                if pos == "up" and config.init == "mam":
+                    block.zero_()
+                setattr(self, f"W_{pos}", nn.Parameter(block))
             if config.phm_bias:
                 setattr(self, f"b_{pos}", nn.Parameter(torch.zeros(b, device=dev)))
         self.dropout = make_dropout(config.dropout)
