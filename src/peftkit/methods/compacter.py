@@ -51,13 +51,15 @@ ATTENTION_OUTPUT = (r"(.*\.)?(o_proj|out_proj|attn\.c_proj|attention\.output\.de
 
 @dataclass
 class CompacterConfig(AdapterConfig):
-    """Compacter (AdapterHub's field names). ``reduction_factor``: bottleneck m = ⌊c / reduction_factor⌋ of the c
-    adapted channels; ``non_linearity`` σ; ``phm_dim`` n (divides c and m); ``phm_rank`` r of each B_i;
-    ``factorized_phm_W``: B_i = L_i·R_i (else a full block); ``shared_phm_rule``: one rule A for all layers;
-    ``phm_bias``: a bias on both PHM layers; ``phm_c_init`` ``"normal"`` or ``"uniform"`` with ``phm_init_range``;
-    ``scaling`` s; ``init`` ``"mam"`` (identity at init) or ``"phm"`` (AdapterHub's draw); ``mh_adapter`` /
-    ``output_adapter``: adapt the attention output / the FFN output (while ``target_modules`` is its default, the
-    FFN output projections)."""
+    """Compacter (AdapterHub's field names). ``reduction_factor``: the bottleneck is m = ⌊c / reduction_factor⌋ of
+    the c adapted channels; ``non_linearity``: the activation σ; ``phm_dim``: n, which must divide c; ``phm_rank``:
+    the rank r of each B_i; ``factorized_phm_W``: each B_i is L_i·R_i (else a full block); ``shared_phm_rule``: one
+    rule A for all layers (else one per projection and layer); ``phm_bias``: a bias on both PHM layers;
+    ``phm_c_init``: the rule's draw, "normal" or "uniform"; ``phm_init_range``: its standard deviation (or bound);
+    ``scaling``: the output scale s; ``init``: "mam" (the base model at init) or "phm" (AdapterHub's draw);
+    ``mh_adapter``: also adapt the attention's output projection (Houlsby's placement: Compacter);
+    ``output_adapter``: adapt the FFN's output projection (alone: Compacter++). Both act while ``target_modules`` is
+    its default (the FFN output projections)."""
 
     target_modules: list[str] | str | None = FFN_OUTPUT
     reduction_factor: float = 32.0

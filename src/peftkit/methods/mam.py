@@ -2,8 +2,8 @@
 Learning" (arXiv 2110.04366), as AdapterHub's ``MAMConfig`` (prefix tuning + a scaled parallel bottleneck adapter,
 ``ParBnConfig``), assembled from peftkit's own ``prefix_tuning`` and ``parallel_adapter`` (see methods/_hybrid.py).
 
-    forward:  attention (prefix):  K = [P_K; X·W_k], V = [P_V; X·W_v] per layer, P = MLP(E) (prefix tuning)
-              FFN (parallel):      y = W·x + b + s·U·σ(D·x) on the FFN's output projection, s = 4
+    forward:  · prefix on every attention layer:  K = [P_K; X·W_k],  V = [P_V; X·W_v],  P = MLP(E) (prefix tuning)
+              · parallel adapter on the FFN's output projection:  y = W·x + b + s·U·σ(D·x),  s = 4
     init:     the adapter's U = 0 ("mam" init, D kaiming-uniform); the prefix as prefix tuning draws it ⇒ at init
               the model differs from the base by the prefix only
     merge:    none (the prefix is extra attention context)
@@ -34,10 +34,10 @@ from peftkit.methods.prefix_tuning import PrefixTuningConfig
 
 @dataclass
 class MAMConfig(ModelLevelConfig):
-    """MAM. ``prefix_length`` P and ``prefix_bottleneck_size`` (the reparametrising MLP's width) of the prefix;
-    ``reduction_factor``: the parallel adapter's bottleneck ⌊d / reduction_factor⌋; ``non_linearity`` σ;
-    ``scaling`` s (a number or ``"learned"``); ``adapter_modules``: where the parallel adapter goes (the FFN output
-    projections); ``dropout`` on the adapter's input and on the prefix."""
+    """MAM (AdapterHub's defaults). ``prefix_length``: the prefix's length P; ``prefix_bottleneck_size``: the width of
+    its reparametrising MLP; ``reduction_factor``: the parallel adapter's bottleneck is ⌊d / reduction_factor⌋;
+    ``non_linearity``: its activation σ; ``scaling``: its scale s, a number or "learned"; ``adapter_modules``: where
+    it goes (the FFN output projections); ``dropout``: on the adapter's input and on the prefix."""
 
     prefix_length: int = 30
     prefix_bottleneck_size: int = 800

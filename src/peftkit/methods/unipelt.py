@@ -2,10 +2,10 @@
 (arXiv 2110.07577), as AdapterHub's ``UniPELTConfig`` (a union of LoRA, prefix tuning and a sequential bottleneck
 adapter, each with ``use_gating=True``), assembled from peftkit's own pieces (see methods/_hybrid.py).
 
-    forward:  q/v projections (LoRA):   y = W·x + g_L(x) · (α/r)·B·A·x
-              FFN output (adapter):     y = h + g_A(h) · U·σ(D·h),  h = the FFN output projection's output
-              attention (prefix):       K = [g_P(X)·P_K; X·W_k], V = [g_P(X)·P_V; X·W_v]  per layer, P = MLP(E)
-              gates:  g(z) = mean_t σ(z_t·wᵀ + b), one per sample, component and layer
+    forward:  · LoRA on the q/v projections:  y = W·x + g_L(x)·(α/r)·B·A·x
+              · adapter after the FFN output projection:  y = h + g_A(h)·U·σ(D·h),  h = that projection's output
+              · prefix on every attention layer:  K = [g_P(X)·P_K; X·W_k],  V = [g_P(X)·P_V; X·W_v],  P = MLP(E)
+              · gates:  g(z) = mean_t σ(z_t·wᵀ + b), one per sample, component and layer
     init:     LoRA B = 0, adapter U = 0 ("mam" init), gates w ~ N(0, 0.02²), b = 0 (g = ½ at init); the prefix as
               prefix tuning draws it ⇒ at init the model differs from the base by the (half-gated) prefix only
     merge:    none (the gates depend on the input; the prefix is extra attention context)
@@ -42,10 +42,12 @@ QUERY_VALUE = ["q_proj", "v_proj", "query", "value", "c_attn"]
 
 @dataclass
 class UniPELTConfig(ModelLevelConfig):
-    """UniPELT. ``prefix_tuning``: the gated prefix (``prefix_length`` P, reparametrising MLP of width
-    ``prefix_bottleneck_size``); ``adapter``: the gated bottleneck adapter on ``adapter_modules`` (bottleneck
-    ⌊d / ``reduction_factor``⌋, activation ``non_linearity``); ``lora``: gated LoRA of rank ``r``, scale ``alpha``/r
-    on ``lora_modules``; ``dropout`` on every component's input and on the prefix."""
+    """UniPELT (AdapterHub's defaults). ``prefix_tuning``: use the gated prefix; ``prefix_length``: its length P;
+    ``prefix_bottleneck_size``: the width of its reparametrising MLP; ``adapter``: use the gated bottleneck adapter;
+    ``reduction_factor``: its bottleneck is ⌊d / reduction_factor⌋; ``non_linearity``: its activation σ;
+    ``adapter_modules``: where it goes (the FFN output projections); ``lora``: use gated LoRA; ``r``: the rank of LoRA;
+    ``alpha``: the scale of LoRA is alpha / r; ``lora_modules``: where LoRA goes (the attention's query and value
+    projections); ``dropout``: on every component's input and on the prefix."""
 
     prefix_tuning: bool = True
     prefix_length: int = 10
