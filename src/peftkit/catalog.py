@@ -72,11 +72,11 @@ ADAPTERHUB = {
     "series_adapter": "Bottleneck (Houlsby, Pfeiffer)", "parallel_adapter": "Parallel bottleneck", "lora": "LoRA",
     "ia3": "(IA)³", "prefix_tuning": "Prefix tuning", "prompt_tuning": "Prompt tuning", "vera": "VeRA",
     "loreft": "LoReFT", "noreft": "NoReFT", "direft": "DiReFT",
+    "compacter": "Compacter / Compacter++", "unipelt": "UniPELT", "mam": "MAM",
 }
 #: what the other two libraries have and peftkit does not (yet): name -> (Hugging Face PEFT type, AdapterHub name)
 NOT_YET = {
-    "Compacter (PHM adapters)": (None, "Compacter"),
-    "UniPELT": (None, "UniPELT"), "Mix-and-Match (MAM)": (None, "MAM"), "HRA": ("HRA", None),
+    "HRA": ("HRA", None),
     "C3A": ("C3A", None), "Bone / MiSS": ("MISS", None), "X-LoRA": ("XLORA", None), "Poly": ("POLY", None),
     "CPT": ("CPT", None), "P-tuning (prompt encoder)": ("P_TUNING", None), "SHiRA": ("SHIRA", None),
 }

@@ -51,6 +51,11 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "loreft": {"r": 2, "prefix_positions": 2, "suffix_positions": 2},
     "noreft": {"r": 2, "prefix_positions": 2, "suffix_positions": 2},
     "direft": {"r": 2, "prefix_positions": 2, "suffix_positions": 2, "tied_weights": True},
+    # Compacter: m = c / reduction_factor and c must be multiples of phm_dim on the 16-wide layers (32 / 4 give m = 0)
+    "compacter": {"reduction_factor": 4.0, "phm_dim": 2},
+    # UniPELT / MAM: prefixes as prefix tuning's (4 tokens, a small MLP); adapters d/4 on the 16-wide GPT-2
+    "unipelt": {"prefix_length": 4, "prefix_bottleneck_size": 8, "reduction_factor": 4.0},
+    "mam": {"prefix_length": 4, "prefix_bottleneck_size": 8, "reduction_factor": 4.0},
     # AdaLoRA: the tiny layers are 16 wide (init_r 12 fits); a total_step so the allocator could run
     "adalora": {"init_r": 6, "target_r": 4, "total_step": 20},
     # trainable tokens: half of the tiny vocabulary (40 ids), so the random inputs hit chosen and unchosen rows

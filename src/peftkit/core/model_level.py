@@ -191,6 +191,16 @@ def install(model: nn.Module, name: str, adapter: ModelAdapter) -> None:
     c.adapters[name] = adapter.train(model.training)
 
 
+def live(model: nn.Module, adapter: ModelAdapter) -> bool | None:
+    """For a model-level adapter that works through hooks on the model's modules: None when ``adapter`` is no longer
+    installed on ``model`` (its hooks should remove themselves), else whether it is the active one now (and the model's
+    adapters are not disabled)."""
+    c = container(model)
+    if c is None or not any(a is adapter for a in c.adapters.values()):
+        return None
+    return not c.disabled and any(c.adapters[n] is adapter for n in c.active if n in c.adapters)
+
+
 def check_active(model: nn.Module, names: list[str]) -> None:
     level = [n for n in names if n in model_adapters(model)]
     if len(level) > 1:

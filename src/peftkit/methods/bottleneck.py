@@ -65,6 +65,9 @@ class BottleneckConfig(AdapterConfig):
 #: the MLP's down projection — LLaMA/Mistral/Qwen, GPT-J, OPT/CLIP/ViT, BLOOM/GPT-NeoX, BERT/RoBERTa (not the
 #: attention's output.dense)
 SERIES_TARGETS = r"(.*\.)?(down_proj|fc_out|fc2|dense_4h_to_h|layer\.\d+\.output\.dense)"
+#: the FFN's output projection of the same families and GPT-2 (``mlp.c_proj``): where Compacter, UniPELT and MAM put
+#: their adapter
+FFN_OUTPUT = SERIES_TARGETS[:-1] + r"|mlp\.c_proj)"
 #: both MLP projections (up and down) of the same families
 PARALLEL_TARGETS = (r"(.*\.)?(up_proj|down_proj|fc_in|fc_out|fc1|fc2|dense_h_to_4h|dense_4h_to_h|intermediate\.dense"
                     r"|layer\.\d+\.output\.dense)")

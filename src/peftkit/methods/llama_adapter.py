@@ -158,11 +158,10 @@ class LlamaAdapter(ml.ModelAdapter):
     def live(self) -> bool:
         """Whether this adapter is the model's active model-level adapter now (the attention hooks do nothing
         otherwise — also after the adapter was deleted, when they remove themselves)."""
-        c = ml.container(self.model)
-        if c is None or not any(a is self for a in c.adapters.values()):
+        state = ml.live(self.model, self)
+        if state is None:
             self._detach()
-            return False
-        return not c.disabled and any(c.adapters[n] is self for n in c.active if n in c.adapters)
+        return bool(state)
 
     def _detach(self) -> None:
         for path in self.paths:
