@@ -69,6 +69,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if s["train_type"] not in QUERY_TYPES:
         raise PeftkitError(f"--opt train_type must be one of {', '.join(QUERY_TYPES)}, got {s['train_type']!r}")
     s["adapt"] = str(s["adapt"])
+    if not s["adapt"] or set(s["adapt"]) - set("spo") or len(set(s["adapt"])) != len(s["adapt"]):
+        raise PeftkitError(f"--opt adapt must be a non-empty subset of 'spo' (the embeddings α, β are computed from), "
+                           f"got {s['adapt']!r}")
     s.update(kg=args.kg or "nations", rank=args.rank or DEFAULTS["rank"], steps=args.steps or DEFAULTS["steps"],
              lr=args.lr or DEFAULTS["lr"], batch_size=args.batch_size or DEFAULTS["batch_size"], seed=args.seed,
              split_seed=args.split_seed)
@@ -175,10 +178,32 @@ def _run(kg: Any, s: dict[str, Any], predictor: Any, out: Path, *, train: bool, 
     return {"train_queries": len(train_q), "test_queries": {q: len(v) for q, v in test.items()}, "t_norms": results}
 
 
+def _threads(n: int | None) -> Any:
+    """``--threads``, default 1 (tiny tensors: one thread is the fastest); the caller's count comes back after."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def scope() -> Any:
+        before = torch.get_num_threads()
+        set_threads(n or 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return scope()
+
+
 def train(args: argparse.Namespace) -> int:
     s = _settings(args)
     out = _output(args)
-    set_threads(args.threads or 1)  # tiny tensors: one thread is the fastest (and 2 oversubscribe a loaded box)
+    with _threads(args.threads):
+        return _train(args, s, out)
+
+
+def _train(args: argparse.Namespace, s: dict[str, Any], out: Path) -> int:
     from ..core.io import write_json
     from ..data.kg import load_kg
     from ..heads.complex_kge import link_prediction
@@ -210,7 +235,11 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     for key in ("kg", "kg_fingerprint", "settings", "results"):
         if key not in info:
             raise PeftkitError(f"{adapter / 'train_info.json'} lacks {key!r}")
-    set_threads(args.threads or 1)  # tiny tensors: one thread is the fastest (and 2 oversubscribe a loaded box)
+    with _threads(args.threads):
+        return _evaluate(adapter, info)
+
+
+def _evaluate(adapter: Path, info: dict[str, Any]) -> int:
     from ..data.kg import load_kg
 
     s = info["settings"]
