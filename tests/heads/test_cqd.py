@@ -211,6 +211,29 @@ def test_cqda_trains_only_the_calibration_and_lowers_the_loss(tmp_path: Path) ->
     assert all(0 < r["mrr"] <= 1 and r["hits@1"] <= r["hits@3"] <= r["hits@10"] for r in res.values())
 
 
+def test_validation_keeps_the_best_calibration(tmp_path: Path) -> None:
+    """``validate`` is called at init and every ``eval_every`` steps; the best-scoring calibration is the one kept."""
+    kg = load_kg(write_kg(tmp_path / "kg", n=80))
+    m = random_complex(kg.num_entities, kg.num_relations, rank=4)
+    tr = split_queries(kg, "train", ("2p",), 30, 0)["2p"]
+    model = CQD(m, k=3, adapt="sp").double()
+    init = {k: v.clone() for k, v in model.calibration.state_dict().items()}
+    calls: list[int] = []
+
+    def prefer_init() -> float:  # the score falls with every call: step 0 wins
+        calls.append(len(calls))
+        return -float(len(calls))
+
+    fit = train_adaptation(model, tr, steps=20, lr=0.1, batch_size=8, validate=prefer_init, eval_every=5)
+    assert len(calls) == 5 and fit["best_step"] == 0  # steps 0, 5, 10, 15, 20
+    assert all(torch.equal(v, init[k]) for k, v in model.calibration.state_dict().items())
+    rising = iter(range(100))
+    fit = train_adaptation(model, tr, steps=20, lr=0.1, batch_size=8, validate=lambda: float(next(rising)),
+                           eval_every=5)
+    assert fit["best_step"] == 20  # rising scores: the last calibration is kept, and it moved
+    assert not all(torch.equal(v, init[k]) for k, v in model.calibration.state_dict().items())
+
+
 # -- KG reader and query generation --------------------------------------------------------------------------
 def test_reader_ids_and_malformed_lines(tmp_path: Path) -> None:
     folder = write_kg(tmp_path / "kg")

@@ -13,7 +13,8 @@ Query Answering" (arXiv 2301.12313; code EdinburghNLP/adaptive-cqd, ``cqda/cqd/b
             keeps a beam of the top-k entities of its atom, paths multiply out (3p keeps k² paths, as the official
             ``query_3p``) and the answer score is the max over the beam's paths.
     train:  CQD^A only: the calibration's α/β Linears on complex (e.g. 2p) training queries, 1-vs-all cross-entropy of
-            the query scores against one answer per query (the official default loss), predictor frozen.
+            the query scores against one answer per query (the official default loss), predictor frozen; optionally
+            the calibration with the best validation score (checked every ``eval_every`` steps, and at init) is kept.
 """
 
 from __future__ import annotations
@@ -135,10 +136,14 @@ def adapter_parameters(model: CQD) -> int:
 
 def train_adaptation(
     model: CQD, queries: QuerySet, *, steps: int, lr: float = 1e-2, batch_size: int = 64, seed: int = 0,
-    on_step: Callable[[int, float], None] | None = None,
-) -> float:
+    on_step: Callable[[int, float], None] | None = None, validate: Callable[[], float] | None = None,
+    eval_every: int = 50,
+) -> dict[str, float]:
     """Train the CQD^A calibration through the query answering of ``queries`` (Adam, 1-vs-all cross-entropy of the
-    query scores against one answer drawn per query per step); returns the mean loss of the last 10 steps."""
+    query scores against one answer drawn per query per step). With ``validate`` (a score, higher is better, e.g.
+    the mean validation MRR), it is called before training and every ``eval_every`` steps and the best calibration
+    is kept (step 0: the near-identity init). Returns ``loss`` (mean of the last 10 steps), ``best_step`` and
+    ``best_score``."""
     if model.calibration is None:
         raise PeftkitError("train_adaptation needs a CQD with adapt='...' (the CQD^A calibration)")
     if len(queries) == 0:
@@ -146,6 +151,19 @@ def train_adaptation(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    best = {"best_step": 0.0, "best_score": float("-inf")}
+    best_state = None
+
+    def check(step: int) -> None:
+        nonlocal best_state
+        if validate is None:
+            return
+        score = validate()
+        if score > best["best_score"]:
+            best.update(best_step=float(step), best_score=score)
+            best_state = {k: v.detach().clone() for k, v in model.calibration.state_dict().items()}  # type: ignore
+
+    check(0)
     model.train()
     losses: list[float] = []
     for step in range(steps):
@@ -160,9 +178,15 @@ def train_adaptation(
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, losses[-1])
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            model.eval()
+            check(step + 1)
+            model.train()
     model.eval()
+    if best_state is not None:
+        model.calibration.load_state_dict(best_state)  # type: ignore[union-attr]
     tail = losses[-10:]
-    return sum(tail) / len(tail) if tail else float("nan")
+    return {"loss": sum(tail) / len(tail) if tail else float("nan"), **best}
 
 
 @torch.no_grad()

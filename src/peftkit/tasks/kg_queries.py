@@ -29,7 +29,8 @@ DEFAULTS = {"steps": 300, "lr": 1e-2, "batch_size": 64, "rank": 100}
 # --opt keys: ComplEx (epochs, lr, N3 weight, batch), CQD (beam k, t-norms), CQD^A (adapt inputs, training queries,
 # training query type), the test queries per type
 OPTS: dict[str, Any] = {"kge_epochs": 50, "kge_lr": 0.1, "reg": 1e-2, "kge_batch": 128, "k": 5, "t_norms": "prod,min",
-                        "adapt": "spo", "train_queries": 500, "train_type": "2p", "test_queries": 200}
+                        "adapt": "spo", "train_queries": 500, "train_type": "2p", "test_queries": 200,
+                        "valid_queries": 50, "eval_every": 50}
 _NOT_HERE = (("data", "--data (use --kg)"), ("model", "--model"), ("quantize", "--quantize"), ("alpha", "--alpha"),
              ("targets", "--targets"), ("max_length", "--max-length"), ("density_loss", "--density-loss"),
              ("epochs", "--epochs"), ("head_lr", "--head-lr"), ("eval_size", "--eval-size"), ("resume", "--resume"))
@@ -54,9 +55,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if key not in OPTS:
             raise PeftkitError(f"--opt {key}: not a {TASK} setting{did_you_mean(key, OPTS)}; known: {', '.join(OPTS)}")
     s = {**OPTS, **opts}
-    for key in ("kge_epochs", "kge_batch", "k", "train_queries", "test_queries"):
+    for key in ("kge_epochs", "kge_batch", "k", "train_queries", "test_queries", "eval_every"):
         if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
             raise PeftkitError(f"--opt {key} must be a positive integer, got {s[key]!r}")
+    if not isinstance(s["valid_queries"], int) or isinstance(s["valid_queries"], bool) or s["valid_queries"] < 0:
+        raise PeftkitError(f"--opt valid_queries must be an integer >= 0 (0: no validation), got "
+                           f"{s['valid_queries']!r}")
     for key in ("kge_lr", "reg"):
         if not isinstance(s[key], int | float) or s[key] < 0 or (key == "kge_lr" and s[key] == 0):
             raise PeftkitError(f"--opt {key} must be a {'positive' if key == 'kge_lr' else 'non-negative'} number, "
@@ -150,6 +154,8 @@ def _run(kg: Any, s: dict[str, Any], predictor: Any, out: Path, *, train: bool, 
     predictor = predictor.double()
     test = split_queries(kg, "test", QUERY_TYPES, s["test_queries"], s["split_seed"])
     train_q = split_queries(kg, "train", (s["train_type"],), s["train_queries"], s["split_seed"])[s["train_type"]]
+    valid = split_queries(kg, "valid", QUERY_TYPES, s["valid_queries"], s["split_seed"]) \
+        if s["valid_queries"] and train else {}
     results: dict[str, Any] = {}
     for kind in s["t_norms"]:
         base = evaluate(CQD(predictor, k=s["k"], tnorm=kind), test)
@@ -160,10 +166,15 @@ def _run(kg: Any, s: dict[str, Any], predictor: Any, out: Path, *, train: bool, 
             from tqdm.auto import tqdm
 
             bar = tqdm(total=s["steps"], desc=f"CQD^A {kind}", unit="step", disable=not progress, dynamic_ncols=True)
-            train_adaptation(adapted, train_q, steps=s["steps"], lr=s["lr"], batch_size=s["batch_size"],
-                             seed=s["seed"], on_step=lambda i, loss, bar=bar: (bar.update(1), bar.set_postfix(
-                                 loss=f"{loss:.3f}")))
+            fit = train_adaptation(
+                adapted, train_q, steps=s["steps"], lr=s["lr"], batch_size=s["batch_size"], seed=s["seed"],
+                on_step=lambda i, loss, bar=bar: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+                validate=(lambda m=adapted: _mean_mrr(evaluate(m, valid))) if valid else None,
+                eval_every=s["eval_every"])
             bar.close()
+            if valid:
+                print(f"CQD^A {kind}: kept step {int(fit['best_step'])} of {s['steps']} (mean validation MRR "
+                      f"{fit['best_score']:.4f} over the nine types, {s['valid_queries']} queries each)")
             state = {k: v.detach().contiguous() for k, v in adapted.calibration.state_dict().items()}  # type: ignore
             atomic_write_bytes(path, save(state))
         else:
@@ -175,6 +186,8 @@ def _run(kg: Any, s: dict[str, Any], predictor: Any, out: Path, *, train: bool, 
         print(f"  mean MRR over types: CQD {_mean_mrr(base):.4f} → CQD^A {_mean_mrr(after):.4f} "
               f"({adapter_parameters(adapted):,} adapter parameters)")
         results[kind] = {"cqd": base, "cqda": after, "adapter_parameters": adapter_parameters(adapted)}
+        if train and valid:
+            results[kind]["best_step"] = int(fit["best_step"])
     return {"train_queries": len(train_q), "test_queries": {q: len(v) for q, v in test.items()}, "t_norms": results}
 
 
