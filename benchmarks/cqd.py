@@ -34,10 +34,10 @@ def run(kg: str, seed: int, runs: Path, extra: list[str]) -> dict[str, Any]:
     return res
 
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(kg: str, results: list[dict[str, Any]]) -> str:
@@ -49,7 +49,7 @@ def table(kg: str, results: list[dict[str, Any]]) -> str:
              f"ComplEx rank {s['rank']}, {s['kge_epochs']} epochs, N3 {s['reg']}: filtered link-prediction test MRR "
              f"{_ms(lp)}. CQD^A: adapt={s['adapt']}, {first['train_queries']} {s['train_type']} training queries, "
              f"{s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}; beam k={s['k']}; "
-             f"wall per run {_ms([r['wall_s'] for r in results])} s.", ""]
+             f"wall per run {_ms([r['wall_s'] for r in results], 0)} s (2 shared cores).", ""]
     for kind, block in first["t_norms"].items():
         n_par = block["adapter_parameters"]
         lines += [f"t-norm **{kind}** ({n_par:,} CQD^A parameters)", "",
@@ -76,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=Path("/tmp/cqd-runs"))
     p.add_argument("--adapt", nargs="+", default=["spo"], help="CQD^A variants (--opt adapt=...), one table each")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cqd")
+    p.add_argument("--render", action="store_true", help="only rewrite the .md tables from the .json records")
     p.add_argument("extra", nargs="*", help="after --: more peftkit train arguments")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.render:
+        for f in sorted(a.out.glob("*.json")):
+            f.with_suffix(".md").write_text(table(f.stem.split("-")[0], json.loads(f.read_text())) + "\n")
+        return 0
     record: dict[str, Any] = {}
     md = []
     for kg in a.kg:
