@@ -17,7 +17,7 @@ from peftkit.heads import all_heads
 def test_every_method_and_head_has_a_family() -> None:
     for m in peftkit.all_methods():
         assert m.family in FAMILIES, m.name
-    assert {h.name for h in all_heads()} == {"calibration", "crema", "crosstune", "pyra"}
+    assert {h.name for h in all_heads()} == {"calibration", "cqd", "crema", "crosstune", "pyra"}
     assert all(h.family == "head" for h in all_heads())
     families = {m.name: m.family for m in peftkit.all_methods()}
     assert families["lora"] == "reparameterized" and families["prompt_tuning"] == "soft-prompt"

@@ -108,6 +108,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     f["unsafe_bin"] = _model_copy(model, root / "m-unsafe", drop=("model.safetensors",))
     (f["unsafe_bin"] / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _NotAWeight()}))
     f["a_file"] = _write(root / "a-file", "x")
+    f["kg_bad_line"] = d / "kg-bad"  # a KG folder whose train file has a two-field line 2
+    _write(f["kg_bad_line"] / "train.txt", "a\tr\tb\nb\tr\n")
+    _write(f["kg_bad_line"] / "valid.txt", "a\tr\tb\n")
+    _write(f["kg_bad_line"] / "test.txt", "b\tr\ta\n")
+    f["kg_no_test"] = d / "kg-no-test"
+    _write(f["kg_no_test"] / "train.txt", "a\tr\tb\n")
+    _write(f["kg_no_test"] / "valid.txt", "a\tr\tb\n")
     # a trained adapter: eval's inputs
     adapter = root / "adapter"
     with redirect_stdout(StringIO()):
@@ -120,6 +127,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 def _train(e: Env, *extra: str, data: Path | None = None, model: Path | None = None) -> list[str]:
     return ["train", "--model", str(model or e.model), "--data", str(data or e.csv), "--output", str(e.out),
             "--eval-size", "20", "--batch-size", "16", "--no-progress", "--save-every", "0", *extra]
+
+
+def _kg(e: Env, *extra: str) -> list[str]:
+    return ["train", "--task", "kg-queries", "--output", str(e.out), "--no-progress", *extra]
 
 
 def _tampered(e: Env, change: Callable[[dict], object]) -> Path:
@@ -268,6 +279,17 @@ CASES: list[Case] = [
     ("unknown-task", lambda e: _train(e, "--task", "poetry"), "argument --task: invalid choice"),
     ("no-command", lambda e: [], "required"),
     ("methods-two-formats", lambda e: ["methods", "--json", "--markdown"], "not allowed with"),
+    # -- kg-queries (CQD / CQD^A) ---------------------------------------------------------------------------
+    ("kg-malformed-line", lambda e: _kg(e, "--kg", str(e.files["kg_bad_line"])),
+     "train.txt:2: expected head<TAB>relation<TAB>tail"),
+    ("kg-no-test-file", lambda e: _kg(e, "--kg", str(e.files["kg_no_test"])), "no test file"),
+    ("kg-missing", lambda e: _kg(e, "--kg", str(e.root / "no-kg")), "knowledge graph"),
+    ("kg-opt-unknown", lambda e: _kg(e, "--opt", "beam=3"), "--opt beam: not a kg-queries setting"),
+    ("kg-opt-bad-t-norm", lambda e: _kg(e, "--opt", "t_norms=prod,luk"), "--opt t_norms must list prod"),
+    ("kg-opt-k-zero", lambda e: _kg(e, "--opt", "k=0"), "--opt k must be a positive integer"),
+    ("kg-opt-adapt-bad", lambda e: _kg(e, "--opt", "adapt=sx"), "adapt must be a non-empty subset of 'spo'"),
+    ("kg-data-flag", lambda e: _kg(e, "--data", str(e.csv)), "--data (use --kg) does not apply"),
+    ("kg-flag-on-classification", lambda e: _train(e, "--kg", "nations"), "--kg applies only to --task kg-queries"),
     # -- eval --------------------------------------------------------------------------------------------------
     ("eval-adapter-missing", lambda e: _eval(e.root / "none"), "adapter folder not found"),
     ("eval-no-train-info", lambda e: _eval(e.files["folder"]), "has no train_info.json"),

@@ -6,6 +6,8 @@ Complex Query Answering" (NeurIPS 2023, arXiv 2301.12313; official code Edinburg
                 per class  [α_c, β_c] (a column per class/candidate, broadcast [1, C]),
                 per relation [α_p, β_p] (a row per sample's relation id, broadcast [B, 1]),
                 from features  [α, β] = init_size·(W e + b), W ∈ R^{2×d}  (broadcast [B, 1]),
+                from candidates [α_o, β_o] = init_size·(W_o e_o + b_o) per candidate o (broadcast [1, C]) — CQD^A's
+                               object-side projection of the candidate entity's embedding,
                 score-only  [α, β] = init_size·(w φ + b), w ∈ R^{2×1}  (elementwise, [B, C])
     init:     per-class / per-relation tables are 0 (exact identity); the Linear sources have weight and bias
               scaled by ``init_size`` = 1e-3 as in CQD^A, so the transform starts within ~1e-3·|φ| of the identity
@@ -14,7 +16,9 @@ Complex Query Answering" (NeurIPS 2023, arXiv 2301.12313; official code Edinburg
 :class:`CalibratedModel` wraps any frozen model (its output, or its ``.logits``, is the score tensor) and freezes it.
 :func:`expected_calibration_error` (equal-width confidence bins) and :func:`fit_calibration` (full-batch LBFGS on
 cached scores) support the usual recalibration on a held-out split. The CQD query-answering helpers
-:func:`atom_truth`, :func:`t_norm`, :func:`t_conorm` give the product t-norm logic CQD^A trains through.
+:func:`atom_truth`, :func:`t_norm`, :func:`t_conorm` give the fuzzy logic (product or Gödel) CQD^A trains through;
+:mod:`peftkit.heads.cqd` is CQD^A itself (a frozen ComplEx, beam search over complex queries, and this calibration
+with s, p as ``features`` and o as ``candidates``).
 """
 
 from __future__ import annotations
@@ -34,26 +38,31 @@ class AffineCalibration(nn.Module):
 
     ``num_classes``: per-class/per-candidate table (scores' last dim must equal it). ``num_relations``: per-relation
     table indexed by ``relation`` ids at call time. ``d_features``: α, β predicted from a feature vector per sample
-    (e.g. the query entity's embedding). ``score_only``: α, β predicted elementwise from φ itself."""
+    (e.g. the query entity's embedding). ``d_candidates``: α, β predicted from a feature vector per candidate (the
+    object entity's embedding in CQD^A). ``score_only``: α, β predicted elementwise from φ itself."""
 
     def __init__(
         self, num_classes: int | None = None, *, num_relations: int | None = None, d_features: int | None = None,
-        score_only: bool = False, init_size: float = 1e-3,
+        score_only: bool = False, init_size: float = 1e-3, d_candidates: int | None = None,
     ) -> None:
         super().__init__()
-        for field, v in (("num_classes", num_classes), ("num_relations", num_relations), ("d_features", d_features)):
+        for field, v in (("num_classes", num_classes), ("num_relations", num_relations), ("d_features", d_features),
+                         ("d_candidates", d_candidates)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise PeftkitError(f"AffineCalibration.{field} must be a positive integer or None, got {v!r}")
-        if num_classes is None and num_relations is None and d_features is None and not score_only:
+        if num_classes is None and num_relations is None and d_features is None and d_candidates is None \
+                and not score_only:
             raise PeftkitError("AffineCalibration needs at least one of num_classes, num_relations, d_features, "
-                               "score_only")
+                               "d_candidates, score_only")
         if not init_size > 0:
             raise PeftkitError(f"AffineCalibration.init_size must be > 0, got {init_size}")
         self.num_classes, self.num_relations, self.d_features = num_classes, num_relations, d_features
+        self.d_candidates = d_candidates
         self.per_class = nn.Parameter(torch.zeros(2, num_classes)) if num_classes else None
         self.per_relation = nn.Parameter(torch.zeros(num_relations, 2)) if num_relations else None
         self.from_features = self._small_linear(d_features, init_size) if d_features else None
         self.from_score = self._small_linear(1, init_size) if score_only else None
+        self.from_candidates = self._small_linear(d_candidates, init_size) if d_candidates else None
 
     @staticmethod
     def _small_linear(d: int, init_size: float) -> nn.Linear:
@@ -64,7 +73,8 @@ class AffineCalibration(nn.Module):
         return lin
 
     def alpha_beta(
-        self, scores: torch.Tensor, relation: torch.Tensor | None = None, features: torch.Tensor | None = None
+        self, scores: torch.Tensor, relation: torch.Tensor | None = None, features: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """α and β, each broadcastable to ``scores`` ([B, C])."""
         if scores.dim() != 2:
@@ -90,15 +100,23 @@ class AffineCalibration(nn.Module):
                                    f"got {None if features is None else tuple(features.shape)}")
             ab = self.from_features(features.to(scores.dtype))
             alpha, beta = alpha + ab[:, :1], beta + ab[:, 1:]
+        if self.from_candidates is not None:
+            if candidates is None or candidates.shape != (c, self.d_candidates):
+                got = None if candidates is None else tuple(candidates.shape)
+                raise PeftkitError(f"AffineCalibration: candidates must be [classes, d_candidates]=({c}, "
+                                   f"{self.d_candidates}), got {got}")
+            ab = self.from_candidates(candidates.to(scores.dtype))
+            alpha, beta = alpha + ab[:, 0][None], beta + ab[:, 1][None]
         if self.from_score is not None:
             ab = self.from_score(scores.unsqueeze(-1))
             alpha, beta = alpha + ab[..., 0], beta + ab[..., 1]
         return alpha, beta
 
     def forward(
-        self, scores: torch.Tensor, relation: torch.Tensor | None = None, features: torch.Tensor | None = None
+        self, scores: torch.Tensor, relation: torch.Tensor | None = None, features: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        alpha, beta = self.alpha_beta(scores, relation, features)
+        alpha, beta = self.alpha_beta(scores, relation, features, candidates)
         return scores * (1 + alpha) + beta
 
 
@@ -174,11 +192,21 @@ def atom_truth(scores: torch.Tensor, negated: bool = False) -> torch.Tensor:
     return 1 - t if negated else t
 
 
-def t_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Conjunction: the product t-norm a·b."""
-    return a * b
+T_NORMS = ("prod", "min")
 
 
-def t_conorm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Disjunction: the probabilistic sum a + b − a·b."""
-    return a + b - a * b
+def _check_kind(kind: str) -> None:
+    if kind not in T_NORMS:
+        raise PeftkitError(f"unknown t-norm {kind!r}; known: prod (product), min (Gödel)")
+
+
+def t_norm(a: torch.Tensor, b: torch.Tensor, kind: str = "prod") -> torch.Tensor:
+    """Conjunction: the product t-norm a·b (``kind="prod"``) or the Gödel t-norm min(a, b) (``"min"``)."""
+    _check_kind(kind)
+    return a * b if kind == "prod" else torch.minimum(a, b)
+
+
+def t_conorm(a: torch.Tensor, b: torch.Tensor, kind: str = "prod") -> torch.Tensor:
+    """Disjunction, dual of :func:`t_norm`: the probabilistic sum a + b − a·b, or max(a, b) for Gödel."""
+    _check_kind(kind)
+    return a + b - a * b if kind == "prod" else torch.maximum(a, b)
