@@ -157,7 +157,7 @@ def test_eva_matches_peft_rank_redistribution_and_components(tmp_path) -> None:
 
     batches = data()
     cfg = peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="eva", target_modules=T,
-                          eva_config=peft.EvaConfig(rho=2.0, tau=0.9999))
+                          eva_config=peft.EvaConfig(rho=2.0, tau=0.99))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(mlp(), cfg)

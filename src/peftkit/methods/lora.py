@@ -62,9 +62,9 @@ class LoraConfig(LowRankConfig):
     tests — PEFT's ``init_lora_weights=False``), ``"pissa"``, ``"pissa_niter_K"`` (randomised SVD with K subspace
     iterations), ``"olora"``, ``"loftq"`` / ``"loftq_iter_T"`` (NF4 base, T alternations, default 1), ``"eva"`` /
     ``"eva_rho_X"`` (activation SVD with rank redistribution up to ρ·r per layer, default ρ = 2; needs
-    :func:`calibrate`), ``"corda"`` (IPM) or ``"corda_kpm"`` (needs :func:`calibrate`). Accepts Hugging Face PEFT ``LoraConfig``'s field names (``lora_alpha``,
-    ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's
-    config."""
+    :func:`calibrate`), ``"corda"`` (IPM) or ``"corda_kpm"`` (needs :func:`calibrate`). Accepts Hugging Face PEFT
+    ``LoraConfig``'s field names (``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``,
+    ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's config."""
 
     init: str = "kaiming"
 
@@ -88,7 +88,7 @@ class LoraConfig(LowRankConfig):
     params="r·(d_in + d_out)",
     hosts=HOST_KINDS + CONV3D_HOSTS + QUANTIZED_HOSTS,
     hf_peft_type="LORA",
-    calibrate=lambda model, batches, name=None: inits.calibrate_lora(model, Lora, batches, name),
+    calibrate=lambda model, batches, name=None: calibrate(model, batches, name),
 )
 class Lora(LowRankUpdate, Adapter):
     def __init__(self, host: Host, config: LoraConfig) -> None:
@@ -105,8 +105,8 @@ class Lora(LowRankUpdate, Adapter):
             if config.init == "olora":
                 self._olora_init()
             elif config.init.startswith("corda"):  # C = I until calibrate()
-                w = host.weight_2d()
-                self.keep_init(*inits.corda_factors(w, torch.eye(host.d_in), self.r, "kpm" if config.init.endswith("kpm") else "ipm", self.s))
+                mode, eye = inits.corda_mode(config.init), torch.eye(host.d_in)
+                self.keep_init(*inits.corda_factors(host.weight_2d(), eye, self.r, mode, self.s))
             else:
                 self._pissa_init(int(config.init.rsplit("_", 1)[1]) if "niter" in config.init else None)
         elif config.init.startswith("loftq"):
@@ -232,3 +232,9 @@ class Lora(LowRankUpdate, Adapter):
 def _keeps_init(config: LoraConfig) -> bool:
     """PiSSA / OLoRA / CorDA: the initial factors are kept next to the trained ones."""
     return config.init.startswith(("pissa", "corda")) or config.init == "olora"
+
+
+def calibrate(model: Any, batches: Any, name: str | None = None) -> dict[str, tuple[float, float]]:
+    """EVA / CorDA init of LoRA adapter ``name`` from ``batches`` (tensors, tuples or dicts as ``model`` takes them;
+    run with adapters disabled): see :func:`peftkit.methods.lora_inits.calibrate_lora`. ``{}`` for other inits."""
+    return inits.calibrate_lora(model, Lora, batches, name)

@@ -147,8 +147,7 @@ def calibrate_lora(model: Any, adapter_cls: type, batches: Iterable[Any], name: 
         if kinds[p] == "corda":
             w = a.host.weight_2d()
             cov = corda_cov(acc[p])
-            mode = "kpm" if a.config.init.endswith("kpm") else "ipm"
-            fa, fb = corda_factors(w, cov, a.r, mode, a.s)
+            fa, fb = corda_factors(w, cov, a.r, corda_mode(a.config.init), a.s)
             a.keep_init(fa, fb)
             out[p] = moments_error([acc[p][0], cov], w, a.s * (fb @ fa))
     return out
@@ -197,6 +196,10 @@ def corda_factors(w: torch.Tensor, cov: torch.Tensor, r: int, mode: str, s: floa
     keep = slice(0, r) if mode == "ipm" else slice(sv.shape[0] - r, None)
     root = (sv[keep] / s).sqrt()
     return v[:, keep].t() * root[:, None], u[:, keep] * root[None, :]
+
+
+def corda_mode(init: str) -> str:
+    return "kpm" if init.endswith("kpm") else "ipm"
 
 
 def corda_cov(acc: list[Any]) -> torch.Tensor:
