@@ -82,7 +82,8 @@ class LoraConfig(LowRankConfig):
     "lora",
     config=LoraConfig,
     family="reparameterized",
-    paper="Hu et al. 2021, LoRA (arXiv 2106.09685); rsLoRA (arXiv 2312.03732); PiSSA (arXiv 2404.02948)",
+    paper="Hu et al. 2021, LoRA (arXiv 2106.09685); rsLoRA (arXiv 2312.03732); PiSSA (arXiv 2404.02948); LoftQ (arXiv "
+    "2310.08659); EVA (arXiv 2410.07170); CorDA (arXiv 2406.05223)",
     description="additive low-rank update s·BA; α/r or rsLoRA α/√r scaling; init kaiming, gaussian, PiSSA, OLoRA, "
     "LoftQ (NF4 base), EVA or CorDA (calibrate() from data)",
     params="r·(d_in + d_out)",
@@ -105,7 +106,7 @@ class Lora(LowRankUpdate, Adapter):
             if config.init == "olora":
                 self._olora_init()
             elif config.init.startswith("corda"):  # C = I until calibrate()
-                mode, eye = inits.corda_mode(config.init), torch.eye(host.d_in)
+                mode, eye = inits.corda_mode(config.init), torch.eye(host.d_in, device=host.weight.device)
                 self.keep_init(*inits.corda_factors(host.weight_2d(), eye, self.r, mode, self.s))
             else:
                 self._pissa_init(int(config.init.rsplit("_", 1)[1]) if "niter" in config.init else None)
