@@ -137,6 +137,18 @@ def test_loftq_matches_peft_and_moves_both_ways(tmp_path) -> None:
         assert_near(back(x), ref, 128)
 
 
+def test_loftq_failed_load_leaves_the_base_alone(tmp_path) -> None:
+    model = mlp()
+    peftkit.adapt(model, peftkit.config("lora", r=4, init="loftq", target_modules=T))
+    peftkit.save(model, tmp_path / "a")
+    other = mlp()
+    other[4] = nn.Linear(64, 9)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(PeftkitError, match="another base model"):
+        peftkit.load(other, tmp_path / "a")
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
 # -- EVA -------------------------------------------------------------------------------------------------------
 def test_eva_rows_are_top_right_singular_vectors_of_the_inputs() -> None:
     model, batches = mlp(), data()

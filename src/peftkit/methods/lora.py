@@ -138,10 +138,15 @@ class Lora(LowRankUpdate, Adapter):
     @torch.no_grad()
     def _loftq_init(self, iters: int) -> None:
         q, a, b = inits.loftq(self.host.weight_2d(), self.r, iters)
-        self.host.write_weight_2d(q)
+        self._loftq_base: torch.Tensor | None = q  # written into the host on install (a failed load changes nothing)
         root = math.sqrt(self.s)  # s·B·A = L·R (PEFT copies L, R as they are: the same when α = r)
         self.lora_A.copy_(a / root)
         self.lora_B.copy_(b / root)
+
+    def on_install(self) -> None:
+        if getattr(self, "_loftq_base", None) is not None:
+            self.host.write_weight_2d(self._loftq_base)
+            self._loftq_base = None
 
     @torch.no_grad()
     def keep_init(self, a: torch.Tensor, b: torch.Tensor) -> None:
