@@ -232,6 +232,17 @@ def test_eva_rank_zero_drops_the_layer(tmp_path) -> None:
     assert torch.equal(fresh(x), model(x)) and not hasattr(fresh.iso, "adapters")
 
 
+def test_eva_rank_redistribution_by_hand() -> None:
+    from peftkit.methods.lora_inits import eva_ranks
+
+    ratios = {"a": torch.tensor([0.5, 0.3, 0.1, 0.05]), "b": torch.tensor([0.4, 0.2, 0.15, 0.1]),
+              "c": torch.tensor([0.9, 0.05, 0.03, 0.01])}
+    two = dict.fromkeys(ratios, 2)
+    assert eva_ranks(ratios, two, 2.0) == {"a": 2, "b": 3, "c": 1}  # the 6 largest of the top-4 of each
+    assert eva_ranks(ratios, two, 1.0) == two  # ρ = 1: no redistribution
+    assert eva_ranks(ratios, two, 2.0, {"b": 2}) == {"a": 3, "b": 2, "c": 1}  # b's rank capped at its width
+
+
 def test_eva_needs_calibration_data() -> None:
     model = mlp()
     peftkit.adapt(model, peftkit.config("lora", r=4, init="eva", target_modules=T))

@@ -132,7 +132,8 @@ def calibrate_lora(model: Any, adapter_cls: type, batches: Iterable[Any], name: 
         init = next(layers[p].config.init for p in eva)
         rho = float(init.rsplit("_", 1)[1]) if "_rho_" in init else 2.0
         ratios = {p: vals / vals.sum().clamp_min(1e-300) for p, (vals, _) in eva.items()}
-        ranks = eva_ranks(ratios, {p: layers[p].r for p in eva}, rho)
+        ranks = eva_ranks(ratios, {p: layers[p].r for p in eva}, rho,
+                          {p: min(layers[p].host.d_in, layers[p].host.d_out) for p in eva})
         config = get_config(model, name)
         for p, (vals, comps) in eva.items():
             k, n = ranks[p], acc[p][0]
@@ -164,9 +165,13 @@ def eva_spectrum(n: int, total: torch.Tensor, gram: torch.Tensor) -> tuple[torch
     return vals.flip(0).clamp_min(0), vecs.flip(1).t()
 
 
-def eva_ranks(ratios: dict[str, torch.Tensor], ranks: dict[str, int], rho: float) -> dict[str, int]:
-    """EVA's redistribution: each layer offers its top round(ρ·r) explained-variance ratios, the Σr largest win."""
-    pool = [(float(v), i, p) for i, p in enumerate(ratios) for v in ratios[p][: round(ranks[p] * rho)]]
+def eva_ranks(ratios: dict[str, torch.Tensor], ranks: dict[str, int], rho: float,
+              limits: dict[str, int] | None = None) -> dict[str, int]:
+    """EVA's redistribution: each layer offers its top round(ρ·r) explained-variance ratios (at most ``limits``, the
+    layer's min(d_in, d_out), which a LoRA rank may not exceed), the Σr largest win."""
+    cap = limits or {}
+    pool = [(float(v), i, p) for i, p in enumerate(ratios)
+            for v in ratios[p][: min(round(ranks[p] * rho), cap.get(p, len(ratios[p])))]]
     pool.sort(key=lambda t: (-t[0], t[1]))
     counts = dict.fromkeys(ratios, 0)
     for _, _, p in pool[: sum(ranks.values())]:
