@@ -9,7 +9,7 @@ embeddings: the one-hot tokens, i.e. a diagonal of token counts), in float64. Me
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -52,12 +52,14 @@ def input_columns(host: Host, x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, host.d_in).double()
 
 
-def input_grams(
-    model: nn.Module, adapter_cls: type, batches: Iterable[Any], name: str | None = None, *, who: str = "calibrate"
-) -> dict[str, torch.Tensor]:
-    """Module path -> ``G = Σ xᵀx`` (d_in×d_in, float64) for every layer where adapter ``name`` (default: the only
-    adapter) is an ``adapter_cls``. Batches run under ``no_grad`` with every adapter disabled; ``who`` prefixes the
-    errors (no such adapter, merged adapter, a layer that no batch reached)."""
+def visit_inputs(
+    model: nn.Module, adapter_cls: type, batches: Iterable[Any], visit: Callable[[str, Host, torch.Tensor, Any], None],
+    name: str | None = None, *, who: str = "calibrate",
+) -> list[str]:
+    """Run ``batches`` through the model (``no_grad``, every adapter disabled) and call ``visit(path, host, x, batch)``
+    with the input ``x`` (as it reaches the layer, detached) of every layer where adapter ``name`` (default: the
+    only adapter) is an ``adapter_cls``, and the batch it came from. Returns those layers' paths; ``who`` prefixes
+    the errors (no such adapter, merged adapter, a layer that no batch reached)."""
     names = adapter_names(model)
     if name is None:
         if len(names) != 1:
@@ -69,23 +71,40 @@ def input_grams(
     merged = [p for p, _ in layers if name in get_layer(model, p).merged]
     if merged:
         raise PeftkitError(f"{who}: adapter {name!r} is merged into {merged}; unmerge before calibrating")
-    grams: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    current: list[Any] = [None]
 
     def hook(path: str, host: Host) -> Any:
         def fn(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = input_columns(host, args[0].detach())
-            grams[path] = grams[path] + x.t() @ x if path in grams else x.t() @ x
+            seen.add(path)
+            visit(path, host, args[0].detach(), current[0])
         return fn
 
     handles = [get_layer(model, p).register_forward_pre_hook(hook(p, a.host)) for p, a in layers]
     try:
         with torch.no_grad(), disable(model):
             for batch in batches:
+                current[0] = batch
                 run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
-    missing = [p for p, _ in layers if p not in grams]
+    missing = [p for p, _ in layers if p not in seen]
     if missing:
         raise PeftkitError(f"{who}: no calibration batch reached {missing} (was any batch given?)")
+    return [p for p, _ in layers]
+
+
+def input_grams(
+    model: nn.Module, adapter_cls: type, batches: Iterable[Any], name: str | None = None, *, who: str = "calibrate"
+) -> dict[str, torch.Tensor]:
+    """Module path -> ``G = Σ xᵀx`` (d_in×d_in, float64) for every layer where adapter ``name`` (default: the only
+    adapter) is an ``adapter_cls`` (:func:`visit_inputs`, ``x`` as :func:`input_columns`)."""
+    grams: dict[str, torch.Tensor] = {}
+
+    def add(path: str, host: Host, x: torch.Tensor, _batch: Any) -> None:
+        x = input_columns(host, x)
+        grams[path] = grams[path] + x.t() @ x if path in grams else x.t() @ x
+
+    visit_inputs(model, adapter_cls, batches, add, name, who=who)
     return grams

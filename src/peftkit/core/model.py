@@ -230,13 +230,7 @@ def delete(model: nn.Module, name: str) -> None:
         unmerge(model)
     for path, layer in list(adapted_layers(model)):
         if name in layer.adapters:
-            if name in layer.merged:
-                layer.unmerge([name])
-            layer.adapters[name].on_remove()
-            del layer.adapters[name]
-            layer.active = [n for n in layer.active if n != name]
-            if not len(layer.adapters):
-                _set_submodule(model, path, layer.base_layer)
+            remove_from_layer(model, path, name)
     for path, sm in list(_saved_modules(model)):
         if name in sm.copies:
             del sm.copies[name]
@@ -250,6 +244,20 @@ def delete(model: nn.Module, name: str) -> None:
     set_active(model, active_adapters(model))
     if not _configs(model):
         conventions.remove(model)
+
+
+def remove_from_layer(model: nn.Module, path: str, name: str) -> None:
+    """Take adapter ``name`` off the one layer at ``path`` (unmerged first); the layer goes back to its base module
+    when no adapter is left. The adapter's config is left as is (e.g. a data-driven init that gives a layer rank 0
+    also excludes it there)."""
+    layer = get_layer(model, path)
+    if name in layer.merged:
+        layer.unmerge([name])
+    layer.adapters[name].on_remove()
+    del layer.adapters[name]
+    layer.active = [n for n in layer.active if n != name]
+    if not len(layer.adapters):
+        _set_submodule(model, path, layer.base_layer)
 
 
 def _check_mergeable(model: nn.Module, names: Sequence[str]) -> None:

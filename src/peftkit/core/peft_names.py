@@ -230,11 +230,10 @@ _LORA_INSTEAD = {
 }
 #: PEFT init_lora_weights values without a peftkit counterpart, and what to use instead
 _INIT_REFUSED = {
-    "eva": "EVA initialises A from activation SVDs of data; peftkit has no data-driven LoRA init — use "
-           "init_lora_weights='pissa' (weight SVD) or True",
-    "corda": "CorDA needs a covariance pass over data; use init_lora_weights='pissa' (weight SVD) or True",
-    "loftq": "LoftQ alternates quantisation and SVD; put a frozen quantised base under plain LoRA "
-             "(peftkit.quant) with init_lora_weights=True, or use 'pissa'",
+    "eva": "EVA is an init of peftkit's lora: init='eva' or 'eva_rho_X' (ρ), then peftkit.methods.lora calibrate "
+           "(no eva_config)",
+    "corda": "CorDA is an init of peftkit's lora: init='corda' (IPM) or 'corda_kpm', then calibrate (no corda_config)",
+    "loftq": "LoftQ is an init of peftkit's lora: init='loftq' or 'loftq_iter_T' (4-bit NF4; no loftq_config)",
     "lora_ga": "LoRA-GA initialises from gradients of data; use init_lora_weights=True or 'pissa'",
     "orthogonal": "use init_lora_weights='olora' (orthonormal B from the weight's QR) or True",
     "mica": "use init_lora_weights='pissa' (the leading singular vectors) or True",

@@ -523,9 +523,12 @@ def check_train_args(args: argparse.Namespace) -> tuple[Any, type, dict[str, Any
     return info, cfg_cls, cfg_fields
 
 
-def calibrate_model(info: Any, model: Any, batches: Any, examples: int) -> dict[str, Any]:
-    """Data-aware init (e.g. QWHA) from ``batches`` (their labels dropped); prints and returns what it did."""
+def calibrate_model(info: Any, model: Any, batches: Any, examples: int) -> dict[str, Any] | None:
+    """Data-aware init (e.g. QWHA) from ``batches`` (their labels dropped); prints and returns what it did (None,
+    silently, when the adapter's init needs no data, e.g. LoRA without init=eva / corda)."""
     errors = info.calibrate(model, ({k: v for k, v in b.items() if k != "labels"} for b in batches))
+    if not errors:
+        return None
     before, after = (math.sqrt(sum(e[i] ** 2 for e in errors.values())) for i in (0, 1))
     print(f"calibrated {len(errors)} modules on {examples} training examples: error on the calibration "
           f"data {before:.4g} → {after:.4g} ({after / before:.1%} left)" if before > 0 else
