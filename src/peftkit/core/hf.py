@@ -181,8 +181,9 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
 
     Raises :class:`PeftkitError` naming the option when the file uses one that changes the math and that peftkit
     does not reproduce, or an option this peftkit does not know."""
+    own = {f.name for f in dataclasses.fields(config_cls)}  # options the config implements under PEFT's name
     for key, what in LORA_UNSUPPORTED.items():
-        if not _is_unset(hf.get(key)):
+        if key not in own and not _is_unset(hf.get(key)):
             raise PeftkitError(
                 f"Hugging Face PEFT option {key}={hf[key]!r} ({what}) is not supported by peftkit; "
                 f"the adapter cannot be loaded without changing its outputs"
@@ -222,7 +223,7 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
     if bias not in BIAS_IN:
         raise PeftkitError(f"Hugging Face PEFT option bias={bias!r} is not one of {sorted(BIAS_IN)}")
     # names and values translated by the config constructor, as for peftkit.config("lora", lora_alpha=..., ...)
-    fields = {k: hf[k] for k in _LORA_USED if hf.get(k) is not None}
+    fields = {k: hf[k] for k in _LORA_USED | (own & set(LORA_UNSUPPORTED)) if hf.get(k) is not None}
     fields.update(init_lora_weights=init, modules_to_save=hf.get("modules_to_save") or None)
     return config_cls.from_dict(fields)
 

@@ -234,15 +234,24 @@ def fused_lowrank_forward(
 
 class LowRankUpdate:
     """Mixin for adapters whose update is ``s·B·A``: define ``factors() -> (A, B)``, ``self.s`` and
-    ``self.dropout``; this supplies the activation path, the fused path and ΔW."""
+    ``self.dropout``; this supplies the activation path, the fused path and ΔW. An adapter whose up-projection
+    has a bias ``c`` (update ``s·(B·A·x + c)``) returns it from :meth:`out_bias`: merge adds ``s·c`` to the host's
+    bias (and refuses on a host without one)."""
+
+    def out_bias(self) -> torch.Tensor | None:
+        """The up-projection's bias ``c`` (d_out), or None."""
+        return None
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
         k = self.undropped_rank() if self.training and self.config.dropout > 0 else 0
         if not k:
-            return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
-        return (lowrank_delta(self.host, self.dropout(x), a[:-k], b[:, :-k], self.s)
-                + lowrank_delta(self.host, x, a[-k:], b[:, -k:], self.s))
+            out = lowrank_delta(self.host, self.dropout(x), a, b, self.s)
+        else:
+            out = (lowrank_delta(self.host, self.dropout(x), a[:-k], b[:, :-k], self.s)
+                   + lowrank_delta(self.host, x, a[-k:], b[:, -k:], self.s))
+        c = self.out_bias()
+        return out if c is None else out + self.host.out_view(c * self.s).to(out.dtype)
 
     def undropped_rank(self) -> int:
         """Trailing rank of ``factors()`` that the input dropout does not reach: a frozen part of the update that
@@ -250,7 +259,7 @@ class LowRankUpdate:
         return 0
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        if drops(self, self.host):
+        if drops(self, self.host) or self.out_bias() is not None:
             return None
         a, b = self.factors()
         return fused_lowrank_forward(self.host, x, a, b, self.s)
@@ -258,6 +267,21 @@ class LowRankUpdate:
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
         return self.s * (b @ a)
+
+    def _moved_bias(self, bias: torch.Tensor | None, sign: int) -> torch.Tensor | None:
+        c = self.out_bias()
+        if c is None:
+            return bias
+        if bias is None:
+            raise PeftkitError(f"{type(self).__name__} on {self.host.name!r}: the update's bias (on B) cannot be "
+                               f"merged into a layer without a bias; keep the adapter unmerged")
+        return bias + sign * self.s * c.detach().to(bias.dtype)
+
+    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weight + self.delta_weight().to(weight.dtype), self._moved_bias(bias, 1)
+
+    def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weight - self.delta_weight().to(weight.dtype), self._moved_bias(bias, -1)
 
     @classmethod
     def batched_delta(
@@ -274,7 +298,8 @@ class LowRankUpdate:
         if host.kind == "embedding" or host.is_conv or x.dim() < 2:
             return None
         for ad in adapters:
-            if type(ad).delta is not LowRankUpdate.delta or (ad.training and ad.config.dropout > 0):
+            if (type(ad).delta is not LowRankUpdate.delta or (ad.training and ad.config.dropout > 0)
+                    or ad.out_bias() is not None):
                 return None
         pairs = [ad.factors() for ad in adapters]
         dt = pairs[0][0].dtype

@@ -309,10 +309,11 @@ def lora_init(v: Any, allowed: tuple[str, ...], method: str = "lora") -> str:
                        + (f": {instead}" if instead else f"; supported: {', '.join(allowed)}"))
 
 
-def lora_names(*, inits: tuple[str, ...], dora: bool) -> dict[str, PeftName]:
+def lora_names(*, inits: tuple[str, ...], dora: bool, own: tuple[str, ...] = ()) -> dict[str, PeftName]:
     """PEFT ``LoraConfig``'s fields for a peftkit config with fields r, alpha, rslora, init and the shared ones.
     ``inits``: the regexes of the init names the method implements; ``dora``: the method is DoRA (``use_dora``
-    must then be True) rather than plain LoRA (``use_dora=True`` builds DoRA's config)."""
+    must then be True) rather than plain LoRA (``use_dora=True`` builds DoRA's config); ``own``: options of
+    :data:`LORA_UNSUPPORTED` that the config implements as fields of the same name (read as they are)."""
 
     def use_dora(v: Any, _: Mapping[str, Any]) -> str:
         if dora and not v:
@@ -346,6 +347,8 @@ def lora_names(*, inits: tuple[str, ...], dora: bool) -> dict[str, PeftName]:
         "lora_ga_config": inert(None, _INIT_REFUSED["lora_ga"]),
     }
     for key, what in LORA_UNSUPPORTED.items():
+        if key in own:
+            continue
         table[key] = inert(None, f"{what} — " + _LORA_INSTEAD.get(key, "peftkit has no counterpart"))
     for key, (what, _) in LORA_TRAINING_ONLY.items():
         table[key] = inert(None, f"{what} — peftkit trains plain LoRA (a saved adapter with it loads as such)")

@@ -6,6 +6,7 @@ with rsLoRA scaling (Kalajdzievski 2023), PiSSA init (Meng et al. 2024) and OLoR
               PiSSA: U,S,Vᵀ = svd(W0); A = diag(√(S_r/s))·Vᵀ_r, B = U_r·diag(√(S_r/s)); base = W_res = W0 − s·B0·A0
               OLoRA: Q,R = qr(W0); A = R[:r], B = Q[:, :r]; base = W_res = W0 − s·B0·A0.  "random": B ~ U(±1/√r) too
     merge:    W ← W0 + s·B·A  (ΔW = s·B·A, rank ≤ r);  PiSSA: W ← W_res + s·B·A = W0 + s·(B·A − B0·A0)
+    lora_bias (PEFT's option): B gets a bias c, update s·(B·A·x + c), init c = 0; merge adds s·c to the host bias
 
 Trainable: A, B — r·(d_in + d_out) per layer. PiSSA (and OLoRA likewise) keeps its initial factors (A0, B0) as
 saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x
@@ -50,12 +51,13 @@ class LoraConfig(LowRankConfig):
     tests — PEFT's ``init_lora_weights=False``), ``"pissa"``, ``"pissa_niter_K"`` (randomised SVD with K subspace
     iterations) or ``"olora"``. Accepts Hugging Face PEFT ``LoraConfig``'s field names (``lora_alpha``,
     ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's
-    config."""
+    config. ``lora_bias``: B gets a trainable bias (PEFT's option of that name)."""
 
     init: str = "kaiming"
+    lora_bias: bool = False
 
     peft_type = "LORA"
-    peft_names = lora_names(inits=_INITS, dora=False)
+    peft_names = lora_names(inits=_INITS, dora=False, own=("lora_bias",))
 
     def validate(self) -> None:
         super().validate()
@@ -93,6 +95,13 @@ class Lora(LowRankUpdate, Adapter):
             init_down_(self.lora_A, config.init, config.r)
             if config.init == "random":  # nn.Linear's default init of B (fan_in r), as PEFT leaves it
                 torch.nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        self.lora_B_bias = None
+        if config.lora_bias:
+            if host.kind == "embedding":  # an embedding's lookup has no bias to fold it into (PEFT refuses it too)
+                raise PeftkitError(f"lora_bias=True on {host.name!r}: not supported on Embedding layers")
+            self.lora_B_bias = torch.nn.Parameter(self.lora_B.new_zeros(host.d_out))
+            if config.init == "random":
+                torch.nn.init.uniform_(self.lora_B_bias, -1 / math.sqrt(config.r), 1 / math.sqrt(config.r))
 
     @torch.no_grad()
     def _pissa_init(self, niter: int | None) -> None:
@@ -124,6 +133,9 @@ class Lora(LowRankUpdate, Adapter):
             return self.lora_A, self.lora_B
         return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
 
+    def out_bias(self) -> torch.Tensor | None:
+        return self.lora_B_bias
+
     def pad_rank(self, r: int, scaling: float | None = None) -> None:
         if self.pissa:  # the kept A0/B0 are part of the update: their rank is the trained one
             super().pad_rank(r, scaling)
@@ -136,7 +148,7 @@ class Lora(LowRankUpdate, Adapter):
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
-        return config.r * (host.d_in + host.d_out)
+        return config.r * (host.d_in + host.d_out) + (host.d_out if config.lora_bias else 0)
 
     # Hugging Face PEFT: peft_type LORA without use_dora. PiSSA / OLoRA are written as PEFT converts them
     # (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with
@@ -149,23 +161,27 @@ class Lora(LowRankUpdate, Adapter):
     @classmethod
     def to_hf_config(cls, config: LoraConfig, hosts: list[Host]) -> dict[str, Any]:
         if not _keeps_init(config):
-            return {**lowrank_config_to_hf(config, hosts), "use_dora": False}
+            return {**lowrank_config_to_hf(config, hosts), "use_dora": False, "lora_bias": config.lora_bias}
         out = lowrank_config_to_hf(dataclasses.replace(config, init="kaiming"), hosts)
         grow = math.sqrt(2) if config.rslora else 2  # α/r (rsLoRA α/√r) unchanged at rank 2r
         out.update(r=2 * out["r"], lora_alpha=plain_number(out["lora_alpha"] * grow),
                    rank_pattern={k: 2 * v for k, v in out["rank_pattern"].items()},
                    alpha_pattern={k: plain_number(v * grow) for k, v in out["alpha_pattern"].items()})
-        return {**out, "use_dora": False}
+        return {**out, "use_dora": False, "lora_bias": config.lora_bias}
 
     @classmethod
     def hf_layout(cls, host: Host, config: LoraConfig) -> dict[str, HFTensor]:
-        return lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r)
+        out = lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r)
+        if config.lora_bias:
+            out["lora_B_bias"] = HFTensor("lora_B.bias", (host.d_out,), (host.d_out,))
+        return out
 
     @classmethod
     def to_hf_state(cls, config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not _keeps_init(config):
             return state
-        return {"lora_A": torch.cat([state["lora_A"], state["pissa_A0"]]),
+        return {**{k: v for k, v in state.items() if k.startswith("lora_B_bias")},
+                "lora_A": torch.cat([state["lora_A"], state["pissa_A0"]]),
                 "lora_B": torch.cat([state["lora_B"], -state["pissa_B0"]], dim=1)}
 
     @classmethod
