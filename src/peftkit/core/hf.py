@@ -257,11 +257,11 @@ def lowrank_layout(host: Host, r: int) -> dict[str, HFTensor]:
     a, b = (r, host.d_in), (host.d_out, r)
     if host.kind == "embedding":
         return {"lora_A": HFTensor("lora_embedding_A", a, a), "lora_B": HFTensor("lora_embedding_B", b, b)}
-    if host.is_conv:
-        w = host.weight.shape
+    if host.is_conv:  # a grouped convolution's B is grouped: (d_out, r/G) (see Host.dense_up)
+        w, rb = host.weight.shape, r // host.groups
         return {
-            "lora_A": HFTensor("lora_A.weight", (r, *w[1:]), a),
-            "lora_B": HFTensor("lora_B.weight", (host.d_out, r, *(1,) * (len(w) - 2)), b),
+            "lora_A": HFTensor("lora_A.weight", (r, *host.filter_shape), a),
+            "lora_B": HFTensor("lora_B.weight", (host.d_out, rb, *(1,) * (len(w) - 2)), (host.d_out, rb)),
         }
     return {"lora_A": HFTensor("lora_A.weight", a, a), "lora_B": HFTensor("lora_B.weight", b, b)}
 

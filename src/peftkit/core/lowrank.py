@@ -66,11 +66,15 @@ def init_down_(a: torch.Tensor, how: str, r: int) -> None:
 
 
 def new_factors(host: Host, r: int, dtype: torch.dtype | None = None) -> tuple[nn.Parameter, nn.Parameter]:
-    """Empty ``A ∈ R^{r×d_in}`` and zero ``B ∈ R^{d_out×r}`` on the host's device."""
+    """Empty ``A ∈ R^{r×d_in}`` and zero ``B ∈ R^{d_out×r}`` on the host's device; on a grouped convolution (G
+    groups) B is grouped, ``R^{d_out×r/G}`` (:meth:`Host.dense_up`), so r must be a multiple of G."""
     w = host.weight
+    if r % host.groups:
+        raise PeftkitError(f"module {host.name!r} is a grouped convolution (groups={host.groups}): the rank must be "
+                           f"a multiple of the groups, got r={r}")
     dt = dtype or (w.dtype if w.is_floating_point() else torch.float32)
     a = nn.Parameter(torch.empty(r, host.d_in, device=w.device, dtype=dt))
-    b = nn.Parameter(torch.zeros(host.d_out, r, device=w.device, dtype=dt))
+    b = nn.Parameter(torch.zeros(host.d_out, r // host.groups, device=w.device, dtype=dt))
     return a, b
 
 
@@ -80,6 +84,9 @@ def pad_factors_(owner: nn.Module, a: nn.Parameter, b: nn.Parameter, r: int, sca
     (``.data`` replaced: the same Parameter objects), and with ``scaling`` B multiplied by ``owner.s / scaling`` and
     ``owner.s`` set to it — ``s·B·A`` unchanged either way. ``owner.r`` follows."""
     r0 = a.shape[0]
+    if owner.host.groups > 1 and r != r0:
+        raise PeftkitError(f"{type(owner).__name__} on {owner.host.name!r}: cannot pad the rank of an update on a "
+                           f"grouped convolution (its up-projection is grouped)")
     if r < r0:
         raise PeftkitError(f"{type(owner).__name__} on {owner.host.name!r}: cannot pad rank {r0} down to {r}")
     if r > r0:
@@ -266,7 +273,7 @@ class LowRankUpdate:
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
-        return self.s * (b @ a)
+        return self.s * (self.host.dense_up(b) @ a)
 
     def _moved_bias(self, bias: torch.Tensor | None, sign: int) -> torch.Tensor | None:
         c = self.out_bias()

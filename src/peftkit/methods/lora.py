@@ -40,7 +40,7 @@ from peftkit.core.lowrank import (
     pad_factors_,
 )
 from peftkit.core.peft_names import lora_names, plain_number
-from peftkit.core.registry import CONV3D_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
+from peftkit.core.registry import CONV3D_HOSTS, GROUPED_CONV_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
 
 _INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora")
 
@@ -74,7 +74,7 @@ class LoraConfig(LowRankConfig):
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); rsLoRA (arXiv 2312.03732); PiSSA (arXiv 2404.02948)",
     description="additive low-rank update s·BA; α/r or rsLoRA α/√r scaling; kaiming, gaussian or PiSSA init",
     params="r·(d_in + d_out)",
-    hosts=HOST_KINDS + CONV3D_HOSTS + QUANTIZED_HOSTS,
+    hosts=HOST_KINDS + CONV3D_HOSTS + GROUPED_CONV_HOSTS + QUANTIZED_HOSTS,
     hf_peft_type="LORA",
 )
 class Lora(LowRankUpdate, Adapter):
@@ -86,6 +86,8 @@ class Lora(LowRankUpdate, Adapter):
         # PiSSA and OLoRA start from factors of W0 and keep them (buffers pissa_A0 / pissa_B0): see the docstring
         self.pissa = config.init.startswith("pissa") or config.init == "olora"
         if self.pissa:
+            if host.groups > 1:  # B is grouped there: no SVD / QR factor of the weight fits it
+                raise PeftkitError(f"init={config.init!r} on {host.name!r}: not supported on grouped convolutions")
             check_rank(host, config.r)
             if config.init == "olora":
                 self._olora_init()
@@ -148,7 +150,7 @@ class Lora(LowRankUpdate, Adapter):
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
-        return config.r * (host.d_in + host.d_out) + (host.d_out if config.lora_bias else 0)
+        return config.r * host.d_in + host.d_out * config.r // host.groups + (host.d_out if config.lora_bias else 0)
 
     # Hugging Face PEFT: peft_type LORA without use_dora. PiSSA / OLoRA are written as PEFT converts them
     # (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with
