@@ -51,7 +51,8 @@ class DoraConfig(LowRankConfig):
     paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv 2402.09353)",
     description="LoRA direction update with a learned per-output-row magnitude (weight decomposition)",
     params="r·(d_in + d_out) + d_out",
-    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "conv3d", "grouped_conv", "bnb_4bit", "bnb_8bit"),
+    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "conv3d", "grouped_conv", "embedding", "bnb_4bit",
+           "bnb_8bit"),
     hf_peft_type="LORA",
 )
 class Dora(Adapter):
