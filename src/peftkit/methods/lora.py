@@ -7,6 +7,7 @@ with rsLoRA scaling (Kalajdzievski 2023), PiSSA init (Meng et al. 2024) and OLoR
               OLoRA: Q,R = qr(W0); A = R[:r], B = Q[:, :r]; base = W_res = W0 − s·B0·A0.  "random": B ~ U(±1/√r) too
     merge:    W ← W0 + s·B·A  (ΔW = s·B·A, rank ≤ r);  PiSSA: W ← W_res + s·B·A = W0 + s·(B·A − B0·A0)
     lora_bias (PEFT's option): B gets a bias c, update s·(B·A·x + c), init c = 0; merge adds s·c to the host bias
+    trainable_token_indices (PEFT's option): chosen embedding rows train too (see methods/_lora_tokens.py)
 
 Trainable: A, B — r·(d_in + d_out) per layer. PiSSA (and OLoRA likewise) keeps its initial factors (A0, B0) as
 saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x
@@ -41,6 +42,7 @@ from peftkit.core.lowrank import (
 )
 from peftkit.core.peft_names import lora_names, plain_number
 from peftkit.core.registry import CONV3D_HOSTS, GROUPED_CONV_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
+from peftkit.methods import _lora_tokens as _tokens
 
 _INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora")
 
@@ -51,16 +53,26 @@ class LoraConfig(LowRankConfig):
     tests — PEFT's ``init_lora_weights=False``), ``"pissa"``, ``"pissa_niter_K"`` (randomised SVD with K subspace
     iterations) or ``"olora"``. Accepts Hugging Face PEFT ``LoraConfig``'s field names (``lora_alpha``,
     ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's
-    config. ``lora_bias``: B gets a trainable bias (PEFT's option of that name)."""
+    config. ``lora_bias``: B gets a trainable bias; ``trainable_token_indices``: token ids (or {embedding name:
+    ids}) whose embedding rows train too — both PEFT's options of those names."""
 
     init: str = "kaiming"
     lora_bias: bool = False
+    trainable_token_indices: dict[str, list[int]] | list[int] | None = None
 
     peft_type = "LORA"
-    peft_names = lora_names(inits=_INITS, dora=False, own=("lora_bias",))
+    peft_names = lora_names(inits=_INITS, dora=False, own=("lora_bias", "trainable_token_indices"))
+
+    def resolve(self, model: torch.nn.Module) -> LoraConfig:
+        return _tokens.resolve(self, model)
+
+    def extra_targets(self) -> list[str]:
+        spec = self.trainable_token_indices
+        return list(spec) if isinstance(spec, dict) else []
 
     def validate(self) -> None:
         super().validate()
+        _tokens.check(self.trainable_token_indices)
         if not re.fullmatch("|".join(_INITS), self.init):
             raise PeftkitError(
                 f"LoraConfig.init must be kaiming, gaussian, random, pissa, pissa_niter_K or olora, got {self.init!r}"
@@ -78,6 +90,11 @@ class LoraConfig(LowRankConfig):
     hf_peft_type="LORA",
 )
 class Lora(LowRankUpdate, Adapter):
+    @classmethod
+    def create(cls, host: Host, config: LoraConfig, context: Any = None) -> Adapter:
+        ids = _tokens.token_ids(config, host.name)
+        return cls(host, config) if ids is None else _tokens.token_adapter(host, config, ids)
+
     def __init__(self, host: Host, config: LoraConfig) -> None:
         super().__init__(host, config)
         self.r, self.s = config.r, config.scaling
@@ -150,6 +167,8 @@ class Lora(LowRankUpdate, Adapter):
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
+        if _tokens.token_ids(config, host.name) is not None:
+            return len(_tokens.token_ids(config, host.name)) * host.d_out
         return config.r * host.d_in + host.d_out * config.r // host.groups + (host.d_out if config.lora_bias else 0)
 
     # Hugging Face PEFT: peft_type LORA without use_dora. PiSSA / OLoRA are written as PEFT converts them
@@ -163,16 +182,18 @@ class Lora(LowRankUpdate, Adapter):
     @classmethod
     def to_hf_config(cls, config: LoraConfig, hosts: list[Host]) -> dict[str, Any]:
         if not _keeps_init(config):
-            return {**lowrank_config_to_hf(config, hosts), "use_dora": False, "lora_bias": config.lora_bias}
+            return {**lowrank_config_to_hf(config, hosts), "use_dora": False, **_tokens.hf_fields(config, hosts)}
         out = lowrank_config_to_hf(dataclasses.replace(config, init="kaiming"), hosts)
         grow = math.sqrt(2) if config.rslora else 2  # α/r (rsLoRA α/√r) unchanged at rank 2r
         out.update(r=2 * out["r"], lora_alpha=plain_number(out["lora_alpha"] * grow),
                    rank_pattern={k: 2 * v for k, v in out["rank_pattern"].items()},
                    alpha_pattern={k: plain_number(v * grow) for k, v in out["alpha_pattern"].items()})
-        return {**out, "use_dora": False, "lora_bias": config.lora_bias}
+        return {**out, "use_dora": False, **_tokens.hf_fields(config, hosts)}
 
     @classmethod
     def hf_layout(cls, host: Host, config: LoraConfig) -> dict[str, HFTensor]:
+        if _tokens.token_ids(config, host.name) is not None:
+            return _tokens.token_layout(host, _tokens.token_ids(config, host.name))
         out = lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r)
         if config.lora_bias:
             out["lora_B_bias"] = HFTensor("lora_B.bias", (host.d_out,), (host.d_out,))
