@@ -71,7 +71,7 @@ def resolve(config: Any, model: nn.Module) -> Any:
         if not found:
             raise PeftkitError(f"trainable_token_indices: {key!r} names no nn.Embedding layer of this model")
         out.update({n: list(ids) for n in found})
-    return config if out == spec else dataclasses.replace(config, trainable_token_indices=out)
+    return config if out == config.trainable_token_indices else dataclasses.replace(config, trainable_token_indices=out)
 
 
 def token_adapter(host: Host, config: Any, ids: list[int]) -> TrainableTokens:
