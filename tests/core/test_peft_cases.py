@@ -170,10 +170,14 @@ def test_embedding_options_move_both_ways(kind: str, tmp_path: Path) -> None:
     _both_ways(Tokens, config, tmp_path)
 
 
+def test_ln_tuning_of_a_linear_layer_moves_both_ways(tmp_path: Path) -> None:
+    """PEFT's LN_TUNING trains a copy of any layer it targets, not only norms."""
+    _both_ways(Narrow, peft.LNTuningConfig(target_modules=["down", "norm"]), tmp_path)
+
+
 @pytest.mark.parametrize("targets,config,pattern", [
     (["mha"], "lora", r"'mha', a MultiheadAttention layer.*cannot adapt nn.MultiheadAttention"),
     (["out_proj"], "lora", r"'mha.out_proj' is a projection of an nn.MultiheadAttention"),
-    (["down"], "ln_tuning", r"'down', a Linear layer; peftkit's lntuning supports norm layers only"),
 ])
 def test_refusals_name_the_layer_type(targets: list[str], config: str, pattern: str, tmp_path: Path) -> None:
     if config == "ln_tuning":
