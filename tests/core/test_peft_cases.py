@@ -122,23 +122,29 @@ def test_rank_above_the_layer_limit_loads_from_a_file(tmp_path: Path) -> None:
         peftkit.adapt(Narrow(), peftkit.config("lora", target_modules=["down"], r=8))
 
 
-@pytest.mark.parametrize("option", ["velora_config", "monteclora_config", "use_bdlora"])
+@pytest.mark.parametrize("option", ["velora_config", "monteclora_config"])
 def test_training_only_options_load_as_plain_lora_with_a_warning(option: str, tmp_path: Path) -> None:
     value = {"velora_config": lambda: peft.VeloraConfig(num_groups=2),
-             "monteclora_config": lambda: peft.MontecloraConfig(num_samples=2),
-             "use_bdlora": lambda: peft.tuners.lora.config.BdLoraConfig(target_modules_bd_a=["down"],
-                                                                         match_strict=False)}[option]()
+             "monteclora_config": lambda: peft.MontecloraConfig(num_samples=2)}[option]()
     config = peft.LoraConfig(target_modules=["down", "up"], r=2, init_lora_weights=False, **{option: value})
     with pytest.warns(UserWarning, match=option):
         _both_ways(Narrow, config, tmp_path)
 
 
-def test_two_block_bdlora_is_refused_naming_the_option(tmp_path: Path) -> None:
-    bd = peft.tuners.lora.config.BdLoraConfig(target_modules_bd_b=["up"], nblocks=2, match_strict=False)
-    config = peft.LoraConfig(target_modules=["down", "up"], r=2, use_bdlora=bd)
-    _peft_saved(Narrow(), config, tmp_path)
-    with pytest.raises(peftkit.PeftkitError, match="use_bdlora.*2 blocks"):
-        peftkit.load(Narrow(), tmp_path)
+@pytest.mark.parametrize("blocks", [
+    {"target_modules_bd_b": ["up"], "nblocks": 3, "match_strict": False},
+    {"target_modules_bd_a": ["up"], "target_modules_bd_b": ["down"], "nblocks": 3},
+    {"target_modules_bd_a": ["down"], "nblocks": 1, "match_strict": False},
+])
+def test_block_diagonal_lora_moves_both_ways(blocks: dict, tmp_path: Path) -> None:
+    bd = peft.tuners.lora.config.BdLoraConfig(**blocks)
+    config = peft.LoraConfig(target_modules=["down", "up"], r=6, use_bdlora=bd, init_lora_weights=False)
+    _both_ways(Narrow, config, tmp_path)
+    ours = Narrow()
+    peftkit.load(ours, tmp_path / "peft")
+    nb = blocks["nblocks"]
+    if "target_modules_bd_a" in blocks and nb > 1:  # A of 'up' (d_in 3) is kept as its 3 stacked 2×1 blocks
+        assert ours.up.adapters["default"].lora_A.shape == (6, 1)
 
 
 def test_lora_bias_moves_both_ways(tmp_path: Path) -> None:

@@ -193,7 +193,7 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
             warnings.warn(f"Hugging Face PEFT option {key}: loaded as plain LoRA, which computes the same outputs; "
                           f"training differs: {what}", stacklevel=2)
     bd = hf.get(LORA_BLOCK_DIAGONAL)
-    if not _is_unset(bd):
+    if not _is_unset(bd) and LORA_BLOCK_DIAGONAL not in own:
         blocks = bd.get("nblocks", 1) if isinstance(bd, dict) else getattr(bd, "nblocks", None)
         if blocks != 1:
             raise PeftkitError(
@@ -223,7 +223,7 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
     if bias not in BIAS_IN:
         raise PeftkitError(f"Hugging Face PEFT option bias={bias!r} is not one of {sorted(BIAS_IN)}")
     # names and values translated by the config constructor, as for peftkit.config("lora", lora_alpha=..., ...)
-    fields = {k: hf[k] for k in _LORA_USED | (own & set(LORA_UNSUPPORTED)) if hf.get(k) is not None}
+    fields = {k: hf[k] for k in _LORA_USED | (own & {*LORA_UNSUPPORTED, LORA_BLOCK_DIAGONAL}) if hf.get(k) is not None}
     fields.update(init_lora_weights=init, modules_to_save=hf.get("modules_to_save") or None)
     return config_cls.from_dict(fields)
 

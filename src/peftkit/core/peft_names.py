@@ -185,7 +185,13 @@ def translate(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if method is not None and method != getattr(cls, "method", None):
         from .registry import get
 
-        return get(method).config, out
+        target = get(method).config
+        have = {f.name for f in dataclasses.fields(target) if f.init}
+        for k in [k for k in out if k not in have]:  # an option of this class that the switched-to one lacks
+            if not unset(plain(out[k])):
+                raise PeftkitError(f"field {source[k]}={plain(out[k])!r} is not supported by peftkit's {method}")
+            del out[k]
+        return target, out
     return cls, out
 
 
@@ -346,14 +352,17 @@ def lora_names(*, inits: tuple[str, ...], dora: bool, own: tuple[str, ...] = ())
         "corda_config": inert(None, _INIT_REFUSED["corda"]),
         "lora_ga_config": inert(None, _INIT_REFUSED["lora_ga"]),
     }
+    for key in own:  # read as they are (a PEFT sub-config object as its dict)
+        table[key] = alias(key, plain)
     for key, what in LORA_UNSUPPORTED.items():
         if key in own:
             continue
         table[key] = inert(None, f"{what} — " + _LORA_INSTEAD.get(key, "peftkit has no counterpart"))
     for key, (what, _) in LORA_TRAINING_ONLY.items():
         table[key] = inert(None, f"{what} — peftkit trains plain LoRA (a saved adapter with it loads as such)")
-    table[LORA_BLOCK_DIAGONAL] = inert(None, "block-diagonal LoRA — peftkit has no counterpart (a saved adapter with "
-                                             "one block loads as plain LoRA)")
+    if LORA_BLOCK_DIAGONAL not in own:
+        table[LORA_BLOCK_DIAGONAL] = inert(None, "block-diagonal LoRA — peftkit has it for plain LoRA only (a saved "
+                                                 "adapter with one block loads as plain LoRA)")
     return table
 
 

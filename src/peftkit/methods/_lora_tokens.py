@@ -88,9 +88,10 @@ def token_layout(host: Host, ids: list[int]) -> dict[str, HFTensor]:
 
 
 def hf_fields(config: Any, hosts: list[Host]) -> dict[str, Any]:
-    """PEFT's ``lora_bias`` / ``trainable_token_indices`` fields, and the low-rank layers alone as its
+    """PEFT's ``lora_bias`` / ``trainable_token_indices`` / ``use_bdlora`` fields, and the low-rank layers alone as its
     ``target_modules`` (PEFT refuses a low-rank update on a token layer)."""
-    out = {"lora_bias": config.lora_bias, "trainable_token_indices": config.trainable_token_indices}
+    out = {"lora_bias": config.lora_bias, "trainable_token_indices": config.trainable_token_indices,
+           "use_bdlora": config.use_bdlora}
     if config.trainable_token_indices:
         out["target_modules"] = [h.name for h in hosts if token_ids(config, h.name) is None]
     return out

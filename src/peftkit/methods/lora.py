@@ -8,6 +8,7 @@ with rsLoRA scaling (Kalajdzievski 2023), PiSSA init (Meng et al. 2024) and OLoR
     merge:    W ← W0 + s·B·A  (ΔW = s·B·A, rank ≤ r);  PiSSA: W ← W_res + s·B·A = W0 + s·(B·A − B0·A0)
     lora_bias (PEFT's option): B gets a bias c, update s·(B·A·x + c), init c = 0; merge adds s·c to the host bias
     trainable_token_indices (PEFT's option): chosen embedding rows train too (see methods/_lora_tokens.py)
+    use_bdlora (PEFT's option): A or B block-diagonal on chosen layers (BD-LoRA, see methods/_lora_blocks.py)
 
 Trainable: A, B — r·(d_in + d_out) per layer. PiSSA (and OLoRA likewise) keeps its initial factors (A0, B0) as
 saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x
@@ -42,6 +43,7 @@ from peftkit.core.lowrank import (
 )
 from peftkit.core.peft_names import lora_names, plain_number
 from peftkit.core.registry import CONV3D_HOSTS, GROUPED_CONV_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
+from peftkit.methods import _lora_blocks as _blocks
 from peftkit.methods import _lora_tokens as _tokens
 
 _INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora")
@@ -54,14 +56,16 @@ class LoraConfig(LowRankConfig):
     iterations) or ``"olora"``. Accepts Hugging Face PEFT ``LoraConfig``'s field names (``lora_alpha``,
     ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's
     config. ``lora_bias``: B gets a trainable bias; ``trainable_token_indices``: token ids (or {embedding name:
-    ids}) whose embedding rows train too — both PEFT's options of those names."""
+    ids}) whose embedding rows train too; ``use_bdlora``: block-diagonal A or B (PEFT's BdLoraConfig fields) —
+    PEFT's options of those names."""
 
     init: str = "kaiming"
     lora_bias: bool = False
     trainable_token_indices: dict[str, list[int]] | list[int] | None = None
+    use_bdlora: dict[str, Any] | None = None
 
     peft_type = "LORA"
-    peft_names = lora_names(inits=_INITS, dora=False, own=("lora_bias", "trainable_token_indices"))
+    peft_names = lora_names(inits=_INITS, dora=False, own=("lora_bias", "trainable_token_indices", "use_bdlora"))
 
     def resolve(self, model: torch.nn.Module) -> LoraConfig:
         return _tokens.resolve(self, model)
@@ -73,6 +77,7 @@ class LoraConfig(LowRankConfig):
     def validate(self) -> None:
         super().validate()
         _tokens.check(self.trainable_token_indices)
+        _blocks.check(self.use_bdlora)
         if not re.fullmatch("|".join(_INITS), self.init):
             raise PeftkitError(
                 f"LoraConfig.init must be kaiming, gaussian, random, pissa, pissa_niter_K or olora, got {self.init!r}"
@@ -102,6 +107,9 @@ class Lora(LowRankUpdate, Adapter):
         self.dropout = make_dropout(config.dropout)
         # PiSSA and OLoRA start from factors of W0 and keep them (buffers pissa_A0 / pissa_B0): see the docstring
         self.pissa = config.init.startswith("pissa") or config.init == "olora"
+        self.bd, self.nb = _blocks.side(config, host)
+        if self.bd and self.pissa:
+            raise PeftkitError(f"init={config.init!r} with use_bdlora on {host.name!r}: not supported together")
         if self.pissa:
             if host.groups > 1:  # B is grouped there: no SVD / QR factor of the weight fits it
                 raise PeftkitError(f"init={config.init!r} on {host.name!r}: not supported on grouped convolutions")
@@ -114,6 +122,8 @@ class Lora(LowRankUpdate, Adapter):
             init_down_(self.lora_A, config.init, config.r)
             if config.init == "random":  # nn.Linear's default init of B (fan_in r), as PEFT leaves it
                 torch.nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        if self.bd:
+            _blocks.compact_(self, self.bd, self.nb)
         self.lora_B_bias = None
         if config.lora_bias:
             if host.kind == "embedding":  # an embedding's lookup has no bias to fold it into (PEFT refuses it too)
@@ -149,13 +159,15 @@ class Lora(LowRankUpdate, Adapter):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the update; for PiSSA the rank-2r pair [A; A0], [B, −B0] (ΔW relative to the true W0)."""
         if not self.pissa:
-            return self.lora_A, self.lora_B
+            return _blocks.factors(self) if self.bd else (self.lora_A, self.lora_B)
         return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
 
     def out_bias(self) -> torch.Tensor | None:
         return self.lora_B_bias
 
     def pad_rank(self, r: int, scaling: float | None = None) -> None:
+        if self.bd:
+            raise PeftkitError(f"LoRA on {self.host.name!r}: cannot pad the rank of a block-diagonal factor")
         if self.pissa:  # the kept A0/B0 are part of the update: their rank is the trained one
             super().pad_rank(r, scaling)
         pad_factors_(self, self.lora_A, self.lora_B, r, scaling)
@@ -169,7 +181,8 @@ class Lora(LowRankUpdate, Adapter):
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
         if _tokens.token_ids(config, host.name) is not None:
             return len(_tokens.token_ids(config, host.name)) * host.d_out
-        return config.r * host.d_in + host.d_out * config.r // host.groups + (host.d_out if config.lora_bias else 0)
+        n = _blocks.params(host, config) or config.r * host.d_in + host.d_out * config.r // host.groups
+        return n + (host.d_out if config.lora_bias else 0)
 
     # Hugging Face PEFT: peft_type LORA without use_dora. PiSSA / OLoRA are written as PEFT converts them
     # (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with
@@ -194,7 +207,7 @@ class Lora(LowRankUpdate, Adapter):
     def hf_layout(cls, host: Host, config: LoraConfig) -> dict[str, HFTensor]:
         if _tokens.token_ids(config, host.name) is not None:
             return _tokens.token_layout(host, _tokens.token_ids(config, host.name))
-        out = lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r)
+        out = _blocks.layout(lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r), host, config)
         if config.lora_bias:
             out["lora_B_bias"] = HFTensor("lora_B.bias", (host.d_out,), (host.d_out,))
         return out
