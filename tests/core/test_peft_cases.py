@@ -147,6 +147,15 @@ def test_block_diagonal_lora_moves_both_ways(blocks: dict, tmp_path: Path) -> No
         assert ours.up.adapters["default"].lora_A.shape == (6, 1)
 
 
+def test_kasa_moves_both_ways(tmp_path: Path) -> None:
+    """PEFT truncates the base weight's 2 smallest singular directions when it builds (or loads) the adapter; peftkit
+    keeps them as a frozen factor pair: the same outputs, and merged."""
+    kasa = peft.tuners.lora.config.KasaConfig()
+    config = peft.LoraConfig(target_modules=["down", "up"], r=2, kasa_config=kasa, init_lora_weights=False)
+    with pytest.warns(UserWarning, match="kasa_config"):
+        _both_ways(Narrow, config, tmp_path)
+
+
 def test_lora_bias_moves_both_ways(tmp_path: Path) -> None:
     config = peft.LoraConfig(target_modules=["down", "up"], r=2, lora_bias=True, init_lora_weights=False)
     _both_ways(Narrow, config, tmp_path)

@@ -184,3 +184,58 @@ def test_trainable_token_indices_refusals() -> None:
     with pytest.raises(peftkit.PeftkitError, match="outside the embedding's vocabulary"):
         peftkit.adapt(Net(), peftkit.config("lora", target_modules=["fc"], trainable_token_indices=[20]))
     assert math.isclose(peftkit.config("lora", r=4, lora_alpha=8).scaling, 2.0)
+
+
+# -- KaSA (kasa_config) --------------------------------------------------------------------------------------------
+def test_kasa_drops_the_smallest_singular_directions_and_trains_a_diagonal(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="regularisers"):
+        cfg = peftkit.config("lora", target_modules=["fc"], r=2, lora_alpha=4, kasa_config={"beta": 1e-4})
+    model = peftkit.adapt(Net(), cfg)
+    ad = model.fc.adapters["default"]
+    assert "kasa_A0" not in ad.state_dict() and ad.lora_diag.shape == (2,)  # recomputed from the base, not saved
+    assert sum(p.numel() for p in peftkit.trainable_parameters(model)) == 2 * 16 + 2
+    _perturb(model)
+    with pytest.warns(UserWarning, match="regularisers"):
+        for fmt in ("hf", "peftkit"):
+            _own_round_trip(model, tmp_path, fmt)
+    w, b = model.fc.base_layer.weight.detach(), model.fc.base_layer.bias.detach()
+    u, s, vh = torch.linalg.svd(w)
+    w_t = (u[:, :6] * s[:6]) @ vh[:6]  # the 6 largest of 8 singular directions kept
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = x @ w_t.t() + b + 2.0 * (x @ ad.lora_A.t()) * ad.lora_diag @ ad.lora_B.t()
+        assert_near(model.fc(x), expected, 8, layers=2)
+        y = model(_ids())
+        peftkit.merge(model)
+        assert_near(model.fc.base_layer.weight, w_t + 2.0 * (ad.lora_B * ad.lora_diag) @ ad.lora_A, 8)
+        assert_near(model(_ids()), y, 8, layers=3)
+
+
+def test_kasa_refusals() -> None:
+    with pytest.raises(peftkit.PeftkitError, match="r = 8 must be below min"):
+        peftkit.adapt(Net(), peftkit.config("lora", target_modules=["fc"], r=8, kasa_config={}))
+    with pytest.raises(peftkit.PeftkitError, match="KaSA adapts Linear layers only"):
+        peftkit.adapt(Net(), peftkit.config("lora", target_modules=["grouped"], r=2, kasa_config={}))
+    with pytest.raises(peftkit.PeftkitError, match="kasa_config must be a dict"):
+        peftkit.config("lora", kasa_config={"alpha": 1.0})
+
+
+# -- BD-LoRA (use_bdlora) --------------------------------------------------------------------------------------------
+def test_block_diagonal_factors(tmp_path: Path) -> None:
+    bd = {"target_modules_bd_a": ["fc"], "target_modules_bd_b": ["nobias"], "nblocks": 2}
+    model = peftkit.adapt(Net(), peftkit.config("lora", target_modules=["fc", "nobias"], r=4, use_bdlora=bd))
+    a_side, b_side = model.fc.adapters["default"], model.nobias.adapters["default"]
+    assert a_side.lora_A.shape == (4, 4) and b_side.lora_B.shape == (8, 2)  # stacked blocks, as PEFT stores them
+    _perturb(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        a = torch.block_diag(a_side.lora_A[:2], a_side.lora_A[2:])  # (4, 8): rank rows 0-1 read inputs 0-3
+        assert_near(model.fc(x), model.fc.base_layer(x) + a_side.s * x @ a.t() @ a_side.lora_B.t(), 8, layers=2)
+        bb = torch.block_diag(b_side.lora_B[:4], b_side.lora_B[4:])
+        assert_near(model.nobias(x), x @ (model.nobias.base_layer.weight + b_side.s * bb @ b_side.lora_A).t(), 8)
+    for fmt in ("hf", "peftkit"):
+        _own_round_trip(model, tmp_path, fmt)
+    with pytest.raises(peftkit.PeftkitError, match="matches neither"):
+        peftkit.adapt(Net(), peftkit.config("lora", target_modules=["fc", "emb"], use_bdlora=bd))
+    with pytest.raises(peftkit.PeftkitError, match="multiples of nblocks = 3"):
+        peftkit.adapt(Net(), peftkit.config("lora", target_modules=["fc"], r=3, use_bdlora={**bd, "nblocks": 3}))

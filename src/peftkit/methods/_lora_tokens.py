@@ -87,11 +87,14 @@ def token_layout(host: Host, ids: list[int]) -> dict[str, HFTensor]:
     return {"trainable_tokens_delta": HFTensor("token_adapter.trainable_tokens_delta", shape, shape)}
 
 
+#: LoRA's fields that are Hugging Face PEFT options of the same name (read and written as they are)
+OPTIONS = ("lora_bias", "trainable_token_indices", "use_bdlora", "kasa_config")
+
+
 def hf_fields(config: Any, hosts: list[Host]) -> dict[str, Any]:
-    """PEFT's ``lora_bias`` / ``trainable_token_indices`` / ``use_bdlora`` fields, and the low-rank layers alone as its
-    ``target_modules`` (PEFT refuses a low-rank update on a token layer)."""
-    out = {"lora_bias": config.lora_bias, "trainable_token_indices": config.trainable_token_indices,
-           "use_bdlora": config.use_bdlora}
+    """PEFT's ``lora_bias`` / ``trainable_token_indices`` / ``use_bdlora`` / ``kasa_config`` fields, and the
+    low-rank layers alone as its ``target_modules`` (PEFT refuses a low-rank update on a token layer)."""
+    out = {k: getattr(config, k) for k in OPTIONS}
     if config.trainable_token_indices:
         out["target_modules"] = [h.name for h in hosts if token_ids(config, h.name) is None]
     return out

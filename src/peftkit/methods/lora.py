@@ -9,6 +9,7 @@ with rsLoRA scaling (Kalajdzievski 2023), PiSSA init (Meng et al. 2024) and OLoR
     lora_bias (PEFT's option): B gets a bias c, update s·(B·A·x + c), init c = 0; merge adds s·c to the host bias
     trainable_token_indices (PEFT's option): chosen embedding rows train too (see methods/_lora_tokens.py)
     use_bdlora (PEFT's option): A or B block-diagonal on chosen layers (BD-LoRA, see methods/_lora_blocks.py)
+    kasa_config (PEFT's option): KaSA — base's r smallest singular directions dropped, ΔW = s·B·diag(d)·A (_lora_kasa)
 
 Trainable: A, B — r·(d_in + d_out) per layer. PiSSA (and OLoRA likewise) keeps its initial factors (A0, B0) as
 saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x
@@ -44,6 +45,7 @@ from peftkit.core.lowrank import (
 from peftkit.core.peft_names import lora_names, plain_number
 from peftkit.core.registry import CONV3D_HOSTS, GROUPED_CONV_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
 from peftkit.methods import _lora_blocks as _blocks
+from peftkit.methods import _lora_kasa as _kasa
 from peftkit.methods import _lora_tokens as _tokens
 
 _INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora")
@@ -55,17 +57,16 @@ class LoraConfig(LowRankConfig):
     tests — PEFT's ``init_lora_weights=False``), ``"pissa"``, ``"pissa_niter_K"`` (randomised SVD with K subspace
     iterations) or ``"olora"``. Accepts Hugging Face PEFT ``LoraConfig``'s field names (``lora_alpha``,
     ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's
-    config. ``lora_bias``: B gets a trainable bias; ``trainable_token_indices``: token ids (or {embedding name:
-    ids}) whose embedding rows train too; ``use_bdlora``: block-diagonal A or B (PEFT's BdLoraConfig fields) —
-    PEFT's options of those names."""
+    config. ``lora_bias``, ``trainable_token_indices``, ``use_bdlora``, ``kasa_config``: PEFT's options (above)."""
 
     init: str = "kaiming"
     lora_bias: bool = False
     trainable_token_indices: dict[str, list[int]] | list[int] | None = None
     use_bdlora: dict[str, Any] | None = None
+    kasa_config: dict[str, float] | None = None
 
     peft_type = "LORA"
-    peft_names = lora_names(inits=_INITS, dora=False, own=("lora_bias", "trainable_token_indices", "use_bdlora"))
+    peft_names = lora_names(inits=_INITS, dora=False, own=tuple(_tokens.OPTIONS))
 
     def resolve(self, model: torch.nn.Module) -> LoraConfig:
         return _tokens.resolve(self, model)
@@ -78,6 +79,7 @@ class LoraConfig(LowRankConfig):
         super().validate()
         _tokens.check(self.trainable_token_indices)
         _blocks.check(self.use_bdlora)
+        _kasa.check(self.kasa_config)
         if not re.fullmatch("|".join(_INITS), self.init):
             raise PeftkitError(
                 f"LoraConfig.init must be kaiming, gaussian, random, pissa, pissa_niter_K or olora, got {self.init!r}"
@@ -108,8 +110,9 @@ class Lora(LowRankUpdate, Adapter):
         # PiSSA and OLoRA start from factors of W0 and keep them (buffers pissa_A0 / pissa_B0): see the docstring
         self.pissa = config.init.startswith("pissa") or config.init == "olora"
         self.bd, self.nb = _blocks.side(config, host)
-        if self.bd and self.pissa:
-            raise PeftkitError(f"init={config.init!r} with use_bdlora on {host.name!r}: not supported together")
+        self.kasa = config.kasa_config is not None
+        if (self.bd or self.kasa) and (self.pissa or self.bd and self.kasa):
+            raise PeftkitError(f"{host.name!r}: init={config.init!r}, use_bdlora and kasa_config do not combine")
         if self.pissa:
             if host.groups > 1:  # B is grouped there: no SVD / QR factor of the weight fits it
                 raise PeftkitError(f"init={config.init!r} on {host.name!r}: not supported on grouped convolutions")
@@ -124,6 +127,8 @@ class Lora(LowRankUpdate, Adapter):
                 torch.nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         if self.bd:
             _blocks.compact_(self, self.bd, self.nb)
+        if self.kasa:
+            _kasa.init_(self, host, config.r)
         self.lora_B_bias = None
         if config.lora_bias:
             if host.kind == "embedding":  # an embedding's lookup has no bias to fold it into (PEFT refuses it too)
@@ -158,6 +163,8 @@ class Lora(LowRankUpdate, Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the update; for PiSSA the rank-2r pair [A; A0], [B, −B0] (ΔW relative to the true W0)."""
+        if self.kasa:
+            return _kasa.factors(self)
         if not self.pissa:
             return _blocks.factors(self) if self.bd else (self.lora_A, self.lora_B)
         return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
@@ -166,8 +173,8 @@ class Lora(LowRankUpdate, Adapter):
         return self.lora_B_bias
 
     def pad_rank(self, r: int, scaling: float | None = None) -> None:
-        if self.bd:
-            raise PeftkitError(f"LoRA on {self.host.name!r}: cannot pad the rank of a block-diagonal factor")
+        if self.bd or self.kasa:
+            raise PeftkitError(f"LoRA on {self.host.name!r}: cannot pad the rank of a block-diagonal / KaSA update")
         if self.pissa:  # the kept A0/B0 are part of the update: their rank is the trained one
             super().pad_rank(r, scaling)
         pad_factors_(self, self.lora_A, self.lora_B, r, scaling)
@@ -175,14 +182,14 @@ class Lora(LowRankUpdate, Adapter):
     def undropped_rank(self) -> int:
         """PiSSA / OLoRA: the −B0·A0 term stands for the residual base weight, which sees x undropped (the paper's
         W_res·x + s·B·A·dropout(x), Hugging Face PEFT's output too)."""
-        return self.r if self.pissa else 0
+        return self.r if self.pissa or self.kasa else 0
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
         if _tokens.token_ids(config, host.name) is not None:
             return len(_tokens.token_ids(config, host.name)) * host.d_out
         n = _blocks.params(host, config) or config.r * host.d_in + host.d_out * config.r // host.groups
-        return n + (host.d_out if config.lora_bias else 0)
+        return n + (host.d_out if config.lora_bias else 0) + (config.r if config.kasa_config is not None else 0)
 
     # Hugging Face PEFT: peft_type LORA without use_dora. PiSSA / OLoRA are written as PEFT converts them
     # (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with
@@ -208,6 +215,7 @@ class Lora(LowRankUpdate, Adapter):
         if _tokens.token_ids(config, host.name) is not None:
             return _tokens.token_layout(host, _tokens.token_ids(config, host.name))
         out = _blocks.layout(lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r), host, config)
+        out = _kasa.layout(out, config.r) if config.kasa_config is not None else out
         if config.lora_bias:
             out["lora_B_bias"] = HFTensor("lora_B.bias", (host.d_out,), (host.d_out,))
         return out
