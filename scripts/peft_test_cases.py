@@ -7,7 +7,8 @@ the cases whose config class peftkit reads (LoRA/DoRA, IA3, LN tuning), and for 
 the config with PEFT (non-identity init, then seeded noise on every trained tensor), saves it, and checks
 
   1. PEFT -> peftkit: ``peftkit.load`` into a fresh base gives PEFT's output (fp32, 1e-5 relative);
-  2. merged: ``peftkit.merge`` gives the same output;
+  2. merged: ``peftkit.merge`` gives the same output — where PEFT merges the case; where PEFT cannot (grouped
+     convolutions, ``lora_bias`` on a layer without a bias), ``peftkit.merge`` must refuse too, changing nothing;
   3. peftkit -> PEFT: ``peftkit.save(format="hf")`` loaded by ``PeftModel.from_pretrained`` gives it too.
 
 Each case ends as ``match`` (all three), ``mismatch``, ``refused`` (a PeftkitError: the message is printed), or
@@ -83,6 +84,11 @@ def run_case(ns: dict[str, Any], model_id: str, cls: type, kwargs: dict[str, Any
             p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
     model.eval()
     y = model(**x)
+    try:
+        copy.deepcopy(model).merge_and_unload()
+        peft_merges = True
+    except Exception:  # noqa: BLE001 - PEFT refuses to merge this case (NotImplementedError, RuntimeError, ...)
+        peft_merges = False
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         try:
@@ -90,7 +96,14 @@ def run_case(ns: dict[str, Any], model_id: str, cls: type, kwargs: dict[str, Any
             peftkit.load(ours, d)
             if not _close(ours(**x), y):
                 return "mismatch", "PEFT -> peftkit"
-            if peftkit.get_method(peftkit.get_config(ours, peftkit.adapter_names(ours)[0]).method).mergeable:
+            if not peft_merges:
+                try:
+                    peftkit.merge(ours)
+                    return "mismatch", "peftkit merges a case PEFT cannot merge"
+                except peftkit.PeftkitError:
+                    if not _close(ours(**x), y):
+                        return "mismatch", "a refused merge changed the outputs"
+            elif peftkit.get_method(peftkit.get_config(ours, peftkit.adapter_names(ours)[0]).method).mergeable:
                 peftkit.merge(ours)
                 if not _close(ours(**x), y):
                     return "mismatch", "merged"
@@ -104,7 +117,7 @@ def run_case(ns: dict[str, Any], model_id: str, cls: type, kwargs: dict[str, Any
             return "refused", str(e).replace(d, "DIR")
         except Exception as e:  # noqa: BLE001 - a crash is what this script counts
             return "crash", f"{type(e).__name__}: {e}"
-    return "match", ""
+    return "match", "" if peft_merges else "(PEFT cannot merge it; peftkit refuses too)"
 
 
 def main() -> None:

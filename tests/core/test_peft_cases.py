@@ -1,6 +1,7 @@
 """Hugging Face PEFT adapters of the kinds its own custom-model tests build (``tests/test_custom_models.py``:
-``scripts/peft_test_cases.py`` runs that whole list): Conv3d hosts, ranks above a layer's min(d_in, d_out), options that
-change only training (VeLoRA, MonteCLoRA, one-block BD-LoRA), and refusals that name the layer type or option."""
+``scripts/peft_test_cases.py`` runs that whole list): Conv3d and grouped-convolution hosts, ranks above a layer's
+min(d_in, d_out), ``lora_bias``, DoRA on an Embedding, LoRA's ``trainable_token_indices``, options that change only
+training (VeLoRA, MonteCLoRA, one-block BD-LoRA), and refusals that name the layer type or option."""
 
 from __future__ import annotations
 
@@ -46,6 +47,19 @@ class Narrow(nn.Module):
         return h + self.mha(h, h, h)[0] + self.grouped(h.view(-1, 4, 3)).view_as(h)
 
 
+class Tokens(nn.Module):
+    """Embedding (30 × 12) → Linear 12 → 12."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(30, 12)
+        self.lin = nn.Linear(12, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(x))
+
+
 def _peft_saved(model: nn.Module, config: Any, directory: Path) -> torch.Tensor:
     """Adapt ``model`` with PEFT, randomise the trained tensors, save; returns its output on the fixed input."""
     pm = peft.get_peft_model(model, config)
@@ -62,19 +76,28 @@ def _peft_saved(model: nn.Module, config: Any, directory: Path) -> torch.Tensor:
 
 def _input(model: nn.Module) -> torch.Tensor:
     g = torch.Generator().manual_seed(2)
+    if isinstance(model, Tokens):
+        return torch.randint(0, 30, (4, 7), generator=g)
     return torch.randn(4, 2, 3, 4, 4, generator=g) if isinstance(model, Volume) else torch.randn(4, 5, 12, generator=g)
 
 
-def _both_ways(fresh, config: Any, tmp_path: Path) -> None:
+def _both_ways(fresh, config: Any, tmp_path: Path, merges: bool = True) -> None:
+    """PEFT → peftkit, merged (``merges``: PEFT merges it; else peftkit's merge must refuse and change nothing),
+    peftkit → PEFT: the same outputs (fp32, 1e-5)."""
     y = _peft_saved(fresh(), config, tmp_path / "peft")
     ours = fresh().eval()
     peftkit.load(ours, tmp_path / "peft")
     x = _input(ours)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
-        peftkit.merge(ours)
-        torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
-        peftkit.unmerge(ours)
+        if merges:
+            peftkit.merge(ours)
+            torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
+            peftkit.unmerge(ours)
+        else:
+            with pytest.raises(peftkit.PeftkitError, match="cannot"):
+                peftkit.merge(ours)
+            torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
     peftkit.save(ours, tmp_path / "back", format="hf")
     back = peft.PeftModel.from_pretrained(fresh(), tmp_path / "back").eval()
     with torch.no_grad():
@@ -99,30 +122,77 @@ def test_rank_above_the_layer_limit_loads_from_a_file(tmp_path: Path) -> None:
         peftkit.adapt(Narrow(), peftkit.config("lora", target_modules=["down"], r=8))
 
 
-@pytest.mark.parametrize("option", ["velora_config", "monteclora_config", "use_bdlora"])
+@pytest.mark.parametrize("option", ["velora_config", "monteclora_config"])
 def test_training_only_options_load_as_plain_lora_with_a_warning(option: str, tmp_path: Path) -> None:
     value = {"velora_config": lambda: peft.VeloraConfig(num_groups=2),
-             "monteclora_config": lambda: peft.MontecloraConfig(num_samples=2),
-             "use_bdlora": lambda: peft.tuners.lora.config.BdLoraConfig(target_modules_bd_a=["down"],
-                                                                         match_strict=False)}[option]()
+             "monteclora_config": lambda: peft.MontecloraConfig(num_samples=2)}[option]()
     config = peft.LoraConfig(target_modules=["down", "up"], r=2, init_lora_weights=False, **{option: value})
     with pytest.warns(UserWarning, match=option):
         _both_ways(Narrow, config, tmp_path)
 
 
-def test_two_block_bdlora_is_refused_naming_the_option(tmp_path: Path) -> None:
-    bd = peft.tuners.lora.config.BdLoraConfig(target_modules_bd_b=["up"], nblocks=2, match_strict=False)
-    config = peft.LoraConfig(target_modules=["down", "up"], r=2, use_bdlora=bd)
-    _peft_saved(Narrow(), config, tmp_path)
-    with pytest.raises(peftkit.PeftkitError, match="use_bdlora.*2 blocks"):
+@pytest.mark.parametrize("blocks", [
+    {"target_modules_bd_b": ["up"], "nblocks": 3, "match_strict": False},
+    {"target_modules_bd_a": ["up"], "target_modules_bd_b": ["down"], "nblocks": 3},
+    {"target_modules_bd_a": ["down"], "nblocks": 1, "match_strict": False},
+])
+def test_block_diagonal_lora_moves_both_ways(blocks: dict, tmp_path: Path) -> None:
+    bd = peft.tuners.lora.config.BdLoraConfig(**blocks)
+    config = peft.LoraConfig(target_modules=["down", "up"], r=6, use_bdlora=bd, init_lora_weights=False)
+    _both_ways(Narrow, config, tmp_path)
+    ours = Narrow()
+    peftkit.load(ours, tmp_path / "peft")
+    nb = blocks["nblocks"]
+    if "target_modules_bd_a" in blocks and nb > 1:  # A of 'up' (d_in 3) is kept as its 3 stacked 2×1 blocks
+        assert ours.up.adapters["default"].lora_A.shape == (6, 1)
+
+
+def test_kasa_moves_both_ways(tmp_path: Path) -> None:
+    """PEFT truncates the base weight's 2 smallest singular directions when it builds (or loads) the adapter; peftkit
+    keeps them as a frozen factor pair: the same outputs, and merged."""
+    kasa = peft.tuners.lora.config.KasaConfig()
+    config = peft.LoraConfig(target_modules=["down", "up"], r=2, kasa_config=kasa, init_lora_weights=False)
+    with pytest.warns(UserWarning, match="kasa_config"):
+        _both_ways(Narrow, config, tmp_path)
+
+
+def test_lora_bias_moves_both_ways(tmp_path: Path) -> None:
+    config = peft.LoraConfig(target_modules=["down", "up"], r=2, lora_bias=True, init_lora_weights=False)
+    _both_ways(Narrow, config, tmp_path)
+    ours = Narrow()
+    peftkit.load(ours, tmp_path / "peft")
+    assert peftkit.get_config(ours, peftkit.adapter_names(ours)[0]).lora_bias
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_grouped_convolutions_load_unmerged_as_in_peft(use_dora: bool, tmp_path: Path) -> None:
+    config = peft.LoraConfig(target_modules=["grouped", "up"], r=2, init_lora_weights=False, use_dora=use_dora)
+    if not use_dora:
+        _both_ways(Narrow, config, tmp_path, merges=False)  # PEFT cannot merge grouped convolutions either
+        return
+    _peft_saved(Narrow(), config, tmp_path)  # PEFT's DoRA norm mixes the groups' output channels: refused, named
+    with pytest.raises(peftkit.PeftkitError, match="DoRA on 'grouped', a grouped convolution.*mixes the groups"):
         peftkit.load(Narrow(), tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["dora", "lora_tokens"])
+def test_embedding_options_move_both_ways(kind: str, tmp_path: Path) -> None:
+    if kind == "dora":
+        config = peft.LoraConfig(target_modules=["emb", "lin"], r=4, use_dora=True, init_lora_weights=False)
+    else:
+        config = peft.LoraConfig(target_modules=["lin"], r=4, trainable_token_indices={"emb": [0, 3, 7]},
+                                 init_lora_weights=False)
+    _both_ways(Tokens, config, tmp_path)
+
+
+def test_ln_tuning_of_a_linear_layer_moves_both_ways(tmp_path: Path) -> None:
+    """PEFT's LN_TUNING trains a copy of any layer it targets, not only norms."""
+    _both_ways(Narrow, peft.LNTuningConfig(target_modules=["down", "norm"]), tmp_path)
+
+
 @pytest.mark.parametrize("targets,config,pattern", [
-    (["grouped"], "lora", r"'grouped', a Conv1d layer: grouped convolutions \(groups=2\)"),
     (["mha"], "lora", r"'mha', a MultiheadAttention layer.*cannot adapt nn.MultiheadAttention"),
     (["out_proj"], "lora", r"'mha.out_proj' is a projection of an nn.MultiheadAttention"),
-    (["down"], "ln_tuning", r"'down', a Linear layer; peftkit's lntuning supports norm layers only"),
 ])
 def test_refusals_name_the_layer_type(targets: list[str], config: str, pattern: str, tmp_path: Path) -> None:
     if config == "ln_tuning":

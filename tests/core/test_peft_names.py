@@ -200,11 +200,13 @@ def test_every_alias_sets_its_field(method: str, fields: dict[str, Any], attr: s
 
 # (method, keywords, what the error must say)
 REFUSED = [
-    ("lora", {"lora_bias": True}, "lora_bias"),
+    ("dora", {"lora_bias": True}, "lora_bias"),
+    ("lora", {"use_dora": True, "lora_bias": True}, "lora_bias=True is not supported by peftkit's dora"),
+    ("lora", {"use_dora": True, "use_bdlora": {"nblocks": 2}}, "use_bdlora"),
     ("lora", {"use_qalora": True}, "use_qalora"),
     ("lora", {"layer_replication": [[0, 1]]}, "layer_replication"),
     ("lora", {"target_parameters": ["experts.w"]}, "target_parameters"),
-    ("lora", {"trainable_token_indices": [1, 2]}, "modules_to_save"),
+    ("dora", {"trainable_token_indices": [1, 2]}, "modules_to_save"),
     ("dora", {"init_lora_weights": "eva"}, "init='eva'"),
     ("dora", {"init_lora_weights": "corda"}, "init='corda'"),
     ("dora", {"init_lora_weights": "loftq"}, "init='loftq'"),

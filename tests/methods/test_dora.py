@@ -28,8 +28,8 @@ def _adapt(spec: TinyModel, **fields) -> nn.Module:
     return model
 
 
-def test_dora_covers_every_host_but_embedding() -> None:
-    assert DORA_MODELS == ["block", "conv1d", "conv2d", "conv3d", "gpt2", "mlp"]
+def test_dora_covers_every_host() -> None:
+    assert DORA_MODELS == ["block", "conv1d", "conv2d", "conv3d", "embedding", "gpt2", "mlp"]
 
 
 @pytest.mark.parametrize("model_name", DORA_MODELS)
@@ -134,11 +134,19 @@ def test_conv2d_dora_trains_and_merges() -> None:
         _rel_close(spec.run(model, x), y)
 
 
-def test_dora_rejects_embedding_hosts() -> None:
-    model = MODELS["embedding"].build()
-    with pytest.raises(peftkit.PeftkitError, match="'emb'"):
-        peftkit.adapt(model, peftkit.config("dora", target_modules=["emb"]))
-    assert isinstance(model.emb, nn.Embedding)
+def test_dora_on_an_embedding_rescales_each_embedding_dimension() -> None:
+    """On an Embedding (W = weightᵀ: rows are embedding dimensions) the lookup uses W' = diag(m/n)·(W + s·B·A)."""
+    spec = MODELS["embedding"]
+    model = _adapt(spec, r=4, alpha=8)
+    perturb(model, seed=3)
+    layer = dict(peftkit.adapted_layers(model))["emb"]
+    ad = layer.adapters["default"]
+    with torch.no_grad():
+        ad.magnitude.mul_(torch.linspace(0.5, 1.5, ad.magnitude.numel()))
+        v = layer.host.weight_2d() + ad.s * ad.lora_B @ ad.lora_A
+        w_eff = (ad.magnitude / v.norm(dim=1))[:, None] * v
+        ids = torch.tensor([[0, 3, 5, 1]])
+        _rel_close(model.emb(ids), F.embedding(ids, w_eff.t()))
 
 
 # -- the fused path ---------------------------------------------------------------------------------------

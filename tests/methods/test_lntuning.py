@@ -87,12 +87,26 @@ def test_all_linear_stays_linear_and_lora_refuses_norms() -> None:
     assert same_state(before, state_copy(other)) and not peftkit.adapter_names(other)
 
 
-def test_lntuning_refuses_linear_layers_and_bad_fields() -> None:
-    model = _bert()
-    before = state_copy(model)
-    with pytest.raises(peftkit.PeftkitError, match="does not support Linear layers"):
-        peftkit.adapt(model, LnTuningConfig(target_modules=["query"]))
-    assert same_state(before, state_copy(model))
+def test_lntuning_of_other_layers_shifts_their_weight_and_bias() -> None:
+    """As PEFT's LN_TUNING: a targeted Linear / Embedding trains Δ on its own weight (and bias); merge adds it."""
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 4))
+    peftkit.adapt(model, LnTuningConfig(target_modules=["0", "1"]))
+    emb, lin = model[0].adapters["default"], model[1].adapters["default"]
+    assert emb.d_beta is None and lin.d_gamma.shape == (4, 6) and lin.d_beta.shape == (4,)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (emb.d_gamma, lin.d_gamma, lin.d_beta):
+            p.copy_(torch.randn(p.shape, generator=g))
+        ids = torch.tensor([[1, 4, 9]])
+        e = F.embedding(ids, model[0].base_layer.weight + emb.d_gamma)
+        expected = F.linear(e, model[1].base_layer.weight + lin.d_gamma, model[1].base_layer.bias + lin.d_beta)
+        y = model(ids)
+        assert_near(y, expected, 6)
+        peftkit.merge(model)
+        assert_near(model(ids), expected, 6)
+
+
+def test_lntuning_refuses_bad_fields() -> None:
     with pytest.raises(peftkit.PeftkitError, match="dropout must be 0"):
         LnTuningConfig(dropout=0.1)
     with pytest.raises(peftkit.PeftkitError, match="unif_weight must be >= 0"):

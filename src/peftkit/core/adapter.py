@@ -170,6 +170,13 @@ class Adapter(nn.Module):
         object.__setattr__(self, "shared", context.shared if context is not None else None)
 
     @classmethod
+    def create(cls, host: Host, config: AdapterConfig, context: PlanContext | None = None) -> Adapter:
+        """The adapter the core puts on one targeted layer: ``cls(host, config)``. A method whose config also puts
+        another kind of update on some layers (e.g. trainable token rows on an embedding, named by the config)
+        returns that adapter there instead."""
+        return cls(host, config) if context is None else cls(host, config, context=context)
+
+    @classmethod
     def require_context(cls, context: PlanContext | None) -> PlanContext:
         """``context``, or :class:`PeftkitError` when the adapter is built by hand (``uses_context`` adapters whose
         layers cannot exist without the others call this first)."""

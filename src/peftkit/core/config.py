@@ -210,6 +210,11 @@ class AdapterConfig(metaclass=_ConfigType):
         add = [h for h in heads if h not in have and any(n == h or n.endswith("." + h) for n in names)]
         return dataclasses.replace(self, modules_to_save=have + add) if add else self
 
+    def extra_targets(self) -> list[str]:
+        """Full module names the config adapts besides ``target_modules`` (after :meth:`resolve`; none here): they
+        are targeted as named, whatever the other targeting fields say."""
+        return []
+
     # -- per-module view ----------------------------------------------------------------------------
     def for_module(self, module_name: str) -> AdapterConfig:
         """This config with the ``overrides`` whose pattern matches ``module_name`` applied (last match wins)."""

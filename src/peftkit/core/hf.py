@@ -181,8 +181,9 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
 
     Raises :class:`PeftkitError` naming the option when the file uses one that changes the math and that peftkit
     does not reproduce, or an option this peftkit does not know."""
+    own = {f.name for f in dataclasses.fields(config_cls)}  # options the config implements under PEFT's name
     for key, what in LORA_UNSUPPORTED.items():
-        if not _is_unset(hf.get(key)):
+        if key not in own and not _is_unset(hf.get(key)):
             raise PeftkitError(
                 f"Hugging Face PEFT option {key}={hf[key]!r} ({what}) is not supported by peftkit; "
                 f"the adapter cannot be loaded without changing its outputs"
@@ -192,7 +193,7 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
             warnings.warn(f"Hugging Face PEFT option {key}: loaded as plain LoRA, which computes the same outputs; "
                           f"training differs: {what}", stacklevel=2)
     bd = hf.get(LORA_BLOCK_DIAGONAL)
-    if not _is_unset(bd):
+    if not _is_unset(bd) and LORA_BLOCK_DIAGONAL not in own:
         blocks = bd.get("nblocks", 1) if isinstance(bd, dict) else getattr(bd, "nblocks", None)
         if blocks != 1:
             raise PeftkitError(
@@ -222,7 +223,7 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
     if bias not in BIAS_IN:
         raise PeftkitError(f"Hugging Face PEFT option bias={bias!r} is not one of {sorted(BIAS_IN)}")
     # names and values translated by the config constructor, as for peftkit.config("lora", lora_alpha=..., ...)
-    fields = {k: hf[k] for k in _LORA_USED if hf.get(k) is not None}
+    fields = {k: hf[k] for k in _LORA_USED | (own & {*LORA_UNSUPPORTED, LORA_BLOCK_DIAGONAL}) if hf.get(k) is not None}
     fields.update(init_lora_weights=init, modules_to_save=hf.get("modules_to_save") or None)
     return config_cls.from_dict(fields)
 
@@ -256,11 +257,11 @@ def lowrank_layout(host: Host, r: int) -> dict[str, HFTensor]:
     a, b = (r, host.d_in), (host.d_out, r)
     if host.kind == "embedding":
         return {"lora_A": HFTensor("lora_embedding_A", a, a), "lora_B": HFTensor("lora_embedding_B", b, b)}
-    if host.is_conv:
-        w = host.weight.shape
+    if host.is_conv:  # a grouped convolution's B is grouped: (d_out, r/G) (see Host.dense_up)
+        w, rb = host.weight.shape, r // host.groups
         return {
-            "lora_A": HFTensor("lora_A.weight", (r, *w[1:]), a),
-            "lora_B": HFTensor("lora_B.weight", (host.d_out, r, *(1,) * (len(w) - 2)), b),
+            "lora_A": HFTensor("lora_A.weight", (r, *host.filter_shape), a),
+            "lora_B": HFTensor("lora_B.weight", (host.d_out, rb, *(1,) * (len(w) - 2)), (host.d_out, rb)),
         }
     return {"lora_A": HFTensor("lora_A.weight", a, a), "lora_B": HFTensor("lora_B.weight", b, b)}
 

@@ -5,6 +5,12 @@ convolutions; for ``nn.Embedding`` d_in = vocabulary size, d_out = embedding dim
 for transformers' GPT-2 ``Conv1D`` ``W = weightᵀ``). Methods write their math against this view and call
 ``project_in`` / ``project_out`` for the activation path, so one method file serves every host type.
 
+A grouped convolution (kind ``"grouped_conv"``, groups G > 1) is seen through its dense equivalent: W is the
+block-diagonal (d_out, C_in·k) matrix (d_in counts every input channel), ``project_in`` convolves over all input
+channels, a low-rank up-projection on it is grouped too — (d_out, r/G), output channel o reading the r/G rank
+channels of its group (:meth:`Host.dense_up`) — and a weight that leaves the blocks cannot be written back
+(:meth:`Host.check_writable`: such a merge is refused).
+
 Normalisation layers (kind ``"norm"``: LayerNorm / RMSNorm with a learned scale) are hosts of their own kind: their
 "weight" is the scale γ in its native shape (d_in = d_out = γ.numel()) and the bias β is the shift, if any. Only
 methods that list ``"norm"`` in their registered hosts adapt them; the matrix helpers below do not apply to them.
@@ -49,9 +55,9 @@ def _quantized(module: nn.Module) -> tuple[str, Any] | None:
             return kind, handler
     return None
 NORM_KINDS = ("norm",)
-CONV_KINDS = ("conv1d", "conv2d", "conv3d")
+CONV_KINDS = ("conv1d", "conv2d", "conv3d", "grouped_conv")
 #: the layer types that can host an adapter, in words (for error messages)
-HOST_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "transformers' Conv1D",
+HOST_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "grouped Conv1d/2d/3d", "Embedding", "transformers' Conv1D",
               "bitsandbytes Linear4bit / Linear8bitLt", "LayerNorm / RMSNorm with a learned scale")
 
 
@@ -73,6 +79,8 @@ def host_kind(module: nn.Module) -> str | None:
         return "linear"
     if _HFConv1D is not None and isinstance(module, _HFConv1D):
         return "gpt2_conv1d"
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups > 1:
+        return "grouped_conv"
     if isinstance(module, nn.Conv3d):
         return "conv3d"
     if isinstance(module, nn.Conv2d):
@@ -96,12 +104,11 @@ class Host:
                 f"module {name!r} is a {type(module).__name__}; supported host layers are "
                 f"{', '.join(HOST_NAMES[:-1])} and {HOST_NAMES[-1]}"
             )
-        if kind in CONV_KINDS and module.groups != 1:
-            raise PeftkitError(f"module {name!r}: grouped convolutions (groups={module.groups}) are not supported")
         self.module = module
         self.name = name
         self.kind = kind
         w = module.weight
+        self.groups = module.groups if kind == "grouped_conv" else 1
         self.quantized = kind in QUANTIZED_KINDS
         self._quant = _quantized(module)[1] if self.quantized else None  # type: ignore[index]
         if self.quantized:
@@ -114,7 +121,7 @@ class Host:
             self.d_in = self.d_out = w.numel()
         else:
             self.d_out = w.shape[0]
-            self.d_in = w[0].numel()
+            self.d_in = w[0].numel() * self.groups
         self.is_conv = kind in CONV_KINDS
 
     # -- weights --------------------------------------------------------------------------------------
@@ -135,16 +142,46 @@ class Host:
         w = self.module.weight if w is None else w
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w.t()
+        if self.groups > 1:
+            return torch.block_diag(*w.reshape(self.groups, self.d_out // self.groups, -1))
         if self.is_conv:
             return w.reshape(self.d_out, self.d_in)
         return w
 
-    def to_native(self, w2d: torch.Tensor) -> torch.Tensor:
-        """A (d_out, d_in) matrix in the host's native weight layout."""
+    @property
+    def filter_shape(self) -> tuple[int, ...]:
+        """A convolution's dense filter shape (C_in, *kernel): the native shape of one row of the 2-D view."""
+        return (self.module.in_channels, *self.module.kernel_size)
+
+    def dense_up(self, b: torch.Tensor) -> torch.Tensor:
+        """A (d_out, r) up-projection matrix from an up-projection as stored: grouped (d_out, r/G) on a grouped
+        convolution (block-diagonal: output channel o reads the r/G rank channels of its group), else ``b``."""
+        if self.groups == 1:
+            return b
+        return torch.block_diag(*b.reshape(self.groups, self.d_out // self.groups, -1))
+
+    def check_writable(self, w2d: torch.Tensor) -> None:
+        """Raise unless :meth:`write_weight_2d` can hold ``w2d`` exactly (a grouped convolution: only within its
+        diagonal blocks)."""
+        if self.groups > 1 and not torch.equal(self.weight_2d(self.to_native(w2d, check=False)), w2d):
+            raise PeftkitError(
+                f"module {self.name!r} is a grouped convolution (groups={self.groups}): the merged update reaches "
+                f"across its groups, which its weight cannot hold; keep the adapter unmerged (Hugging Face PEFT "
+                f"cannot merge it either)")
+
+    def to_native(self, w2d: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """A (d_out, d_in) matrix in the host's native weight layout (a grouped convolution's diagonal blocks:
+        ``check`` raises when anything lies outside them)."""
         if self.quantized:
             return w2d
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w2d.t()
+        if self.groups > 1:
+            if check:
+                self.check_writable(w2d)
+            g, o = self.groups, self.d_out // self.groups
+            i = torch.arange(g, device=w2d.device)
+            return w2d.reshape(g, o, g, -1)[i, :, i].reshape(self.module.weight.shape)
         if self.is_conv:
             return w2d.reshape(self.module.weight.shape)
         return w2d
@@ -215,11 +252,27 @@ class Host:
         if self.kind == "embedding":
             return F.embedding(x, a.t(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
         if self.is_conv:
-            return m._conv_forward(x, a.reshape(a.shape[0], *m.weight.shape[1:]), None)
+            return self._conv(x, a.reshape(a.shape[0], *self.filter_shape), None)
         return x.matmul(a.t()) if x.dim() != 2 else torch.mm(x, a.t())
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The host's convolution (stride, padding, dilation) with a dense weight ``w`` (groups = 1)."""
+        m = self.module
+        if self.groups == 1:
+            return m._conv_forward(x, w, bias)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
+        if m.padding_mode != "zeros":
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            return conv(x, w, bias, m.stride, 0, m.dilation)
+        return conv(x, w, bias, m.stride, m.padding, m.dilation)
 
     def project_out(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """A (d_out, k) matrix applied channel-wise to ``h`` from :meth:`project_in` (1×1 conv for conv hosts)."""
+        if self.is_conv and b.shape[1] != h.shape[1]:  # a grouped up-projection (d_out, k/G): per group
+            g = self.groups
+            hg = h.reshape(h.shape[0], g, h.shape[1] // g, *h.shape[2:])
+            out = torch.einsum("bgk...,gok->bgo...", hg, b.reshape(g, self.d_out // g, b.shape[1]))
+            return out.reshape(h.shape[0], self.d_out, *h.shape[2:])
         if self.is_conv:  # channels at dim 1, any number of spatial dims after them
             return torch.einsum("bk...,ok->bo...", h, b)
         return h.matmul(b.t())
@@ -230,7 +283,7 @@ class Host:
         if self.kind == "embedding":
             return F.embedding(x, w2d.t(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
         if self.is_conv:
-            return m._conv_forward(x, self.to_native(w2d), bias)
+            return self._conv(x, w2d.reshape(self.d_out, *self.filter_shape), bias)
         return F.linear(x, w2d, bias)
 
     def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:

@@ -324,6 +324,7 @@ class AdaptedLayer(nn.Module):
             w, b = self._fold(union if refold else new, w, b)
         if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
             raise PeftkitError(f"merging {new} into {host.name!r} gives non-finite weights; nothing was changed")
+        host.check_writable(w)
         return new, w, b, snap
 
     @torch.no_grad()

@@ -66,11 +66,15 @@ def init_down_(a: torch.Tensor, how: str, r: int) -> None:
 
 
 def new_factors(host: Host, r: int, dtype: torch.dtype | None = None) -> tuple[nn.Parameter, nn.Parameter]:
-    """Empty ``A ∈ R^{r×d_in}`` and zero ``B ∈ R^{d_out×r}`` on the host's device."""
+    """Empty ``A ∈ R^{r×d_in}`` and zero ``B ∈ R^{d_out×r}`` on the host's device; on a grouped convolution (G
+    groups) B is grouped, ``R^{d_out×r/G}`` (:meth:`Host.dense_up`), so r must be a multiple of G."""
     w = host.weight
+    if r % host.groups:
+        raise PeftkitError(f"module {host.name!r} is a grouped convolution (groups={host.groups}): the rank must be "
+                           f"a multiple of the groups, got r={r}")
     dt = dtype or (w.dtype if w.is_floating_point() else torch.float32)
     a = nn.Parameter(torch.empty(r, host.d_in, device=w.device, dtype=dt))
-    b = nn.Parameter(torch.zeros(host.d_out, r, device=w.device, dtype=dt))
+    b = nn.Parameter(torch.zeros(host.d_out, r // host.groups, device=w.device, dtype=dt))
     return a, b
 
 
@@ -80,6 +84,9 @@ def pad_factors_(owner: nn.Module, a: nn.Parameter, b: nn.Parameter, r: int, sca
     (``.data`` replaced: the same Parameter objects), and with ``scaling`` B multiplied by ``owner.s / scaling`` and
     ``owner.s`` set to it — ``s·B·A`` unchanged either way. ``owner.r`` follows."""
     r0 = a.shape[0]
+    if owner.host.groups > 1 and r != r0:
+        raise PeftkitError(f"{type(owner).__name__} on {owner.host.name!r}: cannot pad the rank of an update on a "
+                           f"grouped convolution (its up-projection is grouped)")
     if r < r0:
         raise PeftkitError(f"{type(owner).__name__} on {owner.host.name!r}: cannot pad rank {r0} down to {r}")
     if r > r0:
@@ -234,15 +241,24 @@ def fused_lowrank_forward(
 
 class LowRankUpdate:
     """Mixin for adapters whose update is ``s·B·A``: define ``factors() -> (A, B)``, ``self.s`` and
-    ``self.dropout``; this supplies the activation path, the fused path and ΔW."""
+    ``self.dropout``; this supplies the activation path, the fused path and ΔW. An adapter whose up-projection
+    has a bias ``c`` (update ``s·(B·A·x + c)``) returns it from :meth:`out_bias`: merge adds ``s·c`` to the host's
+    bias (and refuses on a host without one)."""
+
+    def out_bias(self) -> torch.Tensor | None:
+        """The up-projection's bias ``c`` (d_out), or None."""
+        return None
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
         k = self.undropped_rank() if self.training and self.config.dropout > 0 else 0
         if not k:
-            return lowrank_delta(self.host, self.dropout(x), a, b, self.s)
-        return (lowrank_delta(self.host, self.dropout(x), a[:-k], b[:, :-k], self.s)
-                + lowrank_delta(self.host, x, a[-k:], b[:, -k:], self.s))
+            out = lowrank_delta(self.host, self.dropout(x), a, b, self.s)
+        else:
+            out = (lowrank_delta(self.host, self.dropout(x), a[:-k], b[:, :-k], self.s)
+                   + lowrank_delta(self.host, x, a[-k:], b[:, -k:], self.s))
+        c = self.out_bias()
+        return out if c is None else out + self.host.out_view(c * self.s).to(out.dtype)
 
     def undropped_rank(self) -> int:
         """Trailing rank of ``factors()`` that the input dropout does not reach: a frozen part of the update that
@@ -250,14 +266,29 @@ class LowRankUpdate:
         return 0
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        if drops(self, self.host):
+        if drops(self, self.host) or self.out_bias() is not None:
             return None
         a, b = self.factors()
         return fused_lowrank_forward(self.host, x, a, b, self.s)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
-        return self.s * (b @ a)
+        return self.s * (self.host.dense_up(b) @ a)
+
+    def _moved_bias(self, bias: torch.Tensor | None, sign: int) -> torch.Tensor | None:
+        c = self.out_bias()
+        if c is None:
+            return bias
+        if bias is None:
+            raise PeftkitError(f"{type(self).__name__} on {self.host.name!r}: the update's bias (on B) cannot be "
+                               f"merged into a layer without a bias; keep the adapter unmerged")
+        return bias + sign * self.s * c.detach().to(bias.dtype)
+
+    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weight + self.delta_weight().to(weight.dtype), self._moved_bias(bias, 1)
+
+    def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weight - self.delta_weight().to(weight.dtype), self._moved_bias(bias, -1)
 
     @classmethod
     def batched_delta(
@@ -274,7 +305,8 @@ class LowRankUpdate:
         if host.kind == "embedding" or host.is_conv or x.dim() < 2:
             return None
         for ad in adapters:
-            if type(ad).delta is not LowRankUpdate.delta or (ad.training and ad.config.dropout > 0):
+            if (type(ad).delta is not LowRankUpdate.delta or (ad.training and ad.config.dropout > 0)
+                    or ad.out_bias() is not None):
                 return None
         pairs = [ad.factors() for ad in adapters]
         dt = pairs[0][0].dtype

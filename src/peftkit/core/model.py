@@ -93,12 +93,12 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
         hosts = [(p, h) for p, _, h in targets]
         for i, (path, module, host) in enumerate(targets):
             ctx = PlanContext(name, hosts, i, plan.shared)
-            plan.layers.append((path, module, host, info.adapter(host, config.for_module(path), context=ctx)))
+            plan.layers.append((path, module, host, info.adapter.create(host, config.for_module(path), ctx)))
         # the first layer's adapter owns the store: saved, trained and copied once, through that adapter
         plan.layers[0][3].add_module("shared_store", plan.shared)
     else:
         for path, module, host in targets:
-            plan.layers.append((path, module, host, info.adapter(host, config.for_module(path))))
+            plan.layers.append((path, module, host, info.adapter.create(host, config.for_module(path))))
     precision.prepare_adapters(info, model, [h for *_, h, _ in plan.layers], [a for *_, a in plan.layers]
                                + ([plan.model_adapter] if plan.model_adapter is not None else []))
     for target in config.modules_to_save or []:

@@ -185,7 +185,13 @@ def translate(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if method is not None and method != getattr(cls, "method", None):
         from .registry import get
 
-        return get(method).config, out
+        target = get(method).config
+        have = {f.name for f in dataclasses.fields(target) if f.init}
+        for k in [k for k in out if k not in have]:  # an option of this class that the switched-to one lacks
+            if not unset(plain(out[k])):
+                raise PeftkitError(f"field {source[k]}={plain(out[k])!r} is not supported by peftkit's {method}")
+            del out[k]
+        return target, out
     return cls, out
 
 
@@ -308,10 +314,11 @@ def lora_init(v: Any, allowed: tuple[str, ...], method: str = "lora") -> str:
                        + (f": {instead}" if instead else f"; supported: {', '.join(allowed)}"))
 
 
-def lora_names(*, inits: tuple[str, ...], dora: bool) -> dict[str, PeftName]:
+def lora_names(*, inits: tuple[str, ...], dora: bool, own: tuple[str, ...] = ()) -> dict[str, PeftName]:
     """PEFT ``LoraConfig``'s fields for a peftkit config with fields r, alpha, rslora, init and the shared ones.
     ``inits``: the regexes of the init names the method implements; ``dora``: the method is DoRA (``use_dora``
-    must then be True) rather than plain LoRA (``use_dora=True`` builds DoRA's config)."""
+    must then be True) rather than plain LoRA (``use_dora=True`` builds DoRA's config); ``own``: options of
+    :data:`LORA_UNSUPPORTED` that the config implements as fields of the same name (read as they are)."""
 
     def use_dora(v: Any, _: Mapping[str, Any]) -> str:
         if dora and not v:
@@ -344,12 +351,17 @@ def lora_names(*, inits: tuple[str, ...], dora: bool) -> dict[str, PeftName]:
         "corda_config": inert(None, _INIT_REFUSED["corda"]),
         "lora_ga_config": inert(None, _INIT_REFUSED["lora_ga"]),
     }
+    for key in own:  # read as they are (a PEFT sub-config object as its dict)
+        table[key] = alias(key, plain)
     for key, what in LORA_UNSUPPORTED.items():
+        if key in own:
+            continue
         table[key] = inert(None, f"{what} — " + _LORA_INSTEAD.get(key, "peftkit has no counterpart"))
     for key, (what, _) in LORA_TRAINING_ONLY.items():
         table[key] = inert(None, f"{what} — peftkit trains plain LoRA (a saved adapter with it loads as such)")
-    table[LORA_BLOCK_DIAGONAL] = inert(None, "block-diagonal LoRA — peftkit has no counterpart (a saved adapter with "
-                                             "one block loads as plain LoRA)")
+    if LORA_BLOCK_DIAGONAL not in own:
+        table[LORA_BLOCK_DIAGONAL] = inert(None, "block-diagonal LoRA — peftkit has it for plain LoRA only (a saved "
+                                                 "adapter with one block loads as plain LoRA)")
     return table
 
 

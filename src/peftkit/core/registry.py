@@ -21,6 +21,9 @@ QUANTIZED_HOSTS = ("bnb_4bit", "bnb_8bit")
 NORM_HOSTS = ("norm",)
 #: 3-D convolutions (volumes, video); methods written against the host view opt in by listing them
 CONV3D_HOSTS = ("conv3d",)
+#: grouped convolutions (any dimension, groups > 1), seen through their dense block-diagonal weight; methods whose
+#: update keeps that view honest (and that refuse a merge leaving the blocks) opt in by listing them
+GROUPED_CONV_HOSTS = ("grouped_conv",)
 #: the families of the PEFT survey's taxonomy (Han et al. 2024, "Parameter-Efficient Fine-Tuning for Large Models: A
 #: Comprehensive Survey", arXiv 2403.14608: additive, selective, reparameterised, hybrid), plus what peftkit also
 #: registers: quantisation-aware methods, methods defined by their training procedure, and heads over a frozen model.
@@ -117,7 +120,7 @@ def register(
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
     def deco(adapter_cls: type[Adapter]) -> type[Adapter]:
-        known = HOST_KINDS + QUANTIZED_HOSTS + NORM_HOSTS + CONV3D_HOSTS
+        known = HOST_KINDS + QUANTIZED_HOSTS + NORM_HOSTS + CONV3D_HOSTS + GROUPED_CONV_HOSTS
         bad = set(hosts) - set(known)
         if bad:
             raise ValueError(f"unknown host kinds {bad}; known: {known}")

@@ -72,7 +72,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     from .layer import AdaptedLayer  # local import: layer imports nothing from here
 
     spec = config.target_modules
-    if spec is None and not config.target_types:
+    extra = set(config.extra_targets())
+    if spec is None and not config.target_types and not extra:
         raise PeftkitError(
             f"{type(config).__name__}.target_modules is not set; give module names, a regex, or 'all-linear'. "
             f"Candidates: {', '.join(_short_list(candidate_names(model)))}"
@@ -84,6 +85,11 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         if ".modules_to_save." in name or name.endswith(".original_module") or ".original_module." in name:
             continue
         target = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if name in extra:
+            out.append((name, module))
+            continue
+        if spec is None and not config.target_types:
+            continue
         if isinstance(spec, str) and spec in ALL_KINDS:
             if host_kind(target) not in ALL_KINDS[spec] or _is_head(model, name, target, config):
                 continue

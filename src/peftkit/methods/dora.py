@@ -10,18 +10,8 @@ Dropout (training only) applies to the low-rank branch; the magnitude term uses 
 official NVlabs code (Hugging Face PEFT instead feeds the dropped x to that term when dropout > 0).
 The norm needs V (d_out×d_in) every forward — inherent to the method.
 
-Fused path (sole active adapter on a frozen float32/64 Linear or GPT-2 Conv1D, no dropout while training): since V is
-built anyway, the output is one GEMM through ``W' = diag(c)·V`` (c = m/n) and one autograd function computes, with
-``g`` the output gradient, ``G = g·(c ⊙ B)`` (rows of B scaled, no N×d_out pass) and n held constant:
-
-    ∂x = g·W',   ∂A = s·Gᵀ·x,   ∂B = s·diag(c)·(gᵀ·h),   ∂m = Σ_rows g ⊙ (y − b0) / m,   ∂b0 = Σ_rows g
-
-(h = x·Aᵀ; ``∂m`` uses y − b0 = c ⊙ x·Vᵀ, so it keeps the layer output — which the next op usually keeps anyway —
-instead of x·W0ᵀ and the low-rank branch separately; magnitudes with a zero entry take the generic path). The input
-is kept through ``core.saved_input`` like LoRA's; W' is rebuilt in backward rather than kept. Code that changes the
-layer's output in place before backward (legal for a Linear, whose output autograd does not save) makes backward
-recompute ``x·W'ᵀ`` for ``∂m`` instead of failing: the output is kept through an alias with its own version counter
-and a probe sharing the output's counter says whether it still holds the forward's values.
+Fused path (sole active adapter on a frozen float32/64 Linear or GPT-2 Conv1D): one GEMM through W' and one
+autograd function, in :mod:`peftkit.methods._dora_fused`.
 """
 
 from __future__ import annotations
@@ -31,97 +21,16 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from peftkit.core import precision, saved_input
-from peftkit.core.adapter import Adapter, check_first_order, make_dropout
+from peftkit.core import precision
+from peftkit.core.adapter import Adapter, make_dropout
+from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
 from peftkit.core.host import Host
-from peftkit.core.lowrank import (
-    LowRankConfig,
-    folded_weight,
-    init_down_,
-    linear_into,
-    lowrank_delta,
-    new_factors,
-    pad_factors_,
-)
+from peftkit.core.lowrank import LowRankConfig, init_down_, lowrank_delta, new_factors, pad_factors_
 from peftkit.core.peft_names import lora_names
 from peftkit.core.registry import register
-
-
-def _scaled_direction(
-    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, c: torch.Tensor | None, m: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', c): ``V = W + s·B·A`` (laid out like W), scaled in place to ``W' = diag(c)·V``; ``c = m/‖V‖_row`` when
-    not given."""
-    v = folded_weight(w, a, b, s)
-    if c is None:
-        assert m is not None
-        c = m / torch.linalg.vector_norm(v, dim=1)
-    return v.mul_(c[:, None]), c
-
-
-def _dora_linear(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-    m: torch.Tensor, s: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, c): ``y = x·W'ᵀ + b0`` in x's shape (a fresh tensor, not a view: ``linear_into``) and ``c = m/n`` — the
-    output of the fused path, with or without autograd."""
-    w_eff, c = _scaled_direction(w, a, b, s, None, m)
-    return linear_into(x, w_eff, bias), c
-
-
-class _FusedDora(torch.autograd.Function):
-    """``y = x·W'ᵀ + b0``, ``W' = diag(m/n)·(W + s·B·A)``, n detached; gradients in the module docstring."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias, a, b, m, s):  # type: ignore[override]
-        shape = x.shape
-        y, c = _dora_linear(x, w, bias, a, b, m, s)
-        h = torch.mm(x.reshape(-1, shape[-1]), a.t()) if ctx.needs_input_grad[4] else None
-        need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[5]
-        kind, extra, kept = saved_input.pack(x) if need_x else ("plain", None, ())
-        y_kept = None
-        if ctx.needs_input_grad[5]:
-            # ∂m reads the output. Kept through an alias with its own version counter, so that code changing the
-            # output in place before backward (allowed for a Linear's output, which autograd does not save) does
-            # not void this node; the probe shares the output's counter and tells backward whether to recompute.
-            y_kept = torch.empty(0, dtype=y.dtype, device=y.device).set_(
-                y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
-            ctx.y_probe, ctx.y_version = y.detach(), y._version
-        ctx.save_for_backward(w, bias, a, b, m, c, h, y_kept, *kept)
-        ctx.kind, ctx.extra, ctx.s, ctx.shape = kind, extra, s, shape
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):  # type: ignore[override]
-        check_first_order()
-        w, bias, a, b, m, c, h, y, *kept = ctx.saved_tensors
-        probe, ctx.y_probe = getattr(ctx, "y_probe", None), None  # released here, like the saved tensors
-        s = ctx.s
-        g2 = gy.reshape(-1, gy.shape[-1])
-        grad_x = grad_bias = grad_a = grad_b = grad_m = None
-        recompute = ctx.needs_input_grad[5] and (probe is None or probe._version != ctx.y_version)
-        w_eff = _scaled_direction(w, a, b, s, c)[0] if ctx.needs_input_grad[0] or recompute else None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g2, w_eff).view(ctx.shape)
-        g_sum = g2.sum(0) if ctx.needs_input_grad[2] or (ctx.needs_input_grad[5] and bias is not None) else None
-        if ctx.needs_input_grad[2]:
-            grad_bias = g_sum
-        if ctx.needs_input_grad[3]:
-            gh = torch.mm(g2, b * c[:, None])  # (g ⊙ c)·B without an N×d_out pass
-            grad_a = saved_input.left_matmul(ctx.kind, ctx.extra, tuple(kept), gh).mul_(s)
-        if ctx.needs_input_grad[4]:
-            grad_b = torch.mm(h.t(), g2).t().mul_((s * c)[:, None])
-        if ctx.needs_input_grad[5]:
-            if recompute:  # the output changed in place after forward (or a second backward): y − b0 = x·W'ᵀ
-                gy_y = (g2 * F.linear(saved_input.unpack(ctx.kind, ctx.extra, tuple(kept)), w_eff)).sum(0)
-            else:
-                gy_y = (g2 * y.view(-1, y.shape[-1])).sum(0)
-                gy_y = gy_y if bias is None else gy_y.sub_(g_sum * bias)
-            grad_m = gy_y.div_(m)
-        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None
+from peftkit.methods._dora_fused import _dora_linear, _FusedDora
 
 
 @dataclass
@@ -142,7 +51,8 @@ class DoraConfig(LowRankConfig):
     paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv 2402.09353)",
     description="LoRA direction update with a learned per-output-row magnitude (weight decomposition)",
     params="r·(d_in + d_out) + d_out",
-    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "conv3d", "bnb_4bit", "bnb_8bit"),
+    hosts=("linear", "gpt2_conv1d", "conv1d", "conv2d", "conv3d", "grouped_conv", "embedding", "bnb_4bit",
+           "bnb_8bit"),
     hf_peft_type="LORA",
 )
 class Dora(Adapter):
@@ -158,8 +68,11 @@ class Dora(Adapter):
         self._m_checked: tuple[int, int] | None = None  # (storage, version) of m when _m_nonzero was read
         self._m_nonzero = True
 
+    def _ba(self) -> torch.Tensor:
+        return self.host.dense_up(self.lora_B) @ self.lora_A  # B grouped on a grouped convolution
+
     def _norm(self, w2d: torch.Tensor) -> torch.Tensor:
-        return (w2d.to(self.lora_A.dtype) + self.s * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
+        return (w2d.to(self.lora_A.dtype) + self.s * (self._ba())).norm(dim=1).detach()
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole output through ``W' = diag(m/n)·(W + s·B·A)`` (see the module docstring), or None."""
@@ -199,7 +112,7 @@ class Dora(Adapter):
         return h.out_view(scale - 1) * xw + h.out_view(scale) * lora
 
     def _merged(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        v = weight.to(self.lora_A.dtype) + self.s * (self.lora_B @ self.lora_A)
+        v = weight.to(self.lora_A.dtype) + self.s * (self._ba())
         n = v.norm(dim=1)
         return ((self.magnitude / n)[:, None] * v).to(weight.dtype), n
 
@@ -210,7 +123,7 @@ class Dora(Adapter):
     def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = self._merge_norm if self._merge_norm is not None else self.magnitude
         v = weight.to(self.lora_A.dtype) * (n / self.magnitude)[:, None]
-        return (v - self.s * (self.lora_B @ self.lora_A)).to(weight.dtype), bias
+        return (v - self.s * (self._ba())).to(weight.dtype), bias
 
     def pad_rank(self, r: int, scaling: float | None = None) -> None:
         pad_factors_(self, self.lora_A, self.lora_B, r, scaling)  # V = W + s·B·A, m: unchanged
@@ -221,7 +134,7 @@ class Dora(Adapter):
 
     @classmethod
     def expected_params(cls, host: Host, config: DoraConfig) -> int:
-        return config.r * (host.d_in + host.d_out) + host.d_out
+        return config.r * host.d_in + host.d_out * config.r // host.groups + host.d_out
 
     # Hugging Face PEFT: peft_type LORA with use_dora; the magnitude is saved as `lora_magnitude_vector`,
     # shaped (1, d_out, 1[, 1]) for convolutions
@@ -231,10 +144,26 @@ class Dora(Adapter):
 
     @classmethod
     def to_hf_config(cls, config: DoraConfig, hosts: list[Host]) -> dict[str, Any]:
+        _peft_grouped(hosts, "written for")
         return {**lowrank_config_to_hf(config, hosts), "use_dora": True}
+
+    @classmethod
+    def from_hf_state(cls, config: DoraConfig, tensors: dict[str, torch.Tensor], hosts: list[Host]) -> Any:
+        _peft_grouped(hosts, "read from")
+        return tensors
 
     @classmethod
     def hf_layout(cls, host: Host, config: DoraConfig) -> dict[str, HFTensor]:
         hf_shape = (1, host.d_out, *(1,) * (host.weight.dim() - 2)) if host.is_conv else (host.d_out,)
         magnitude = HFTensor("lora_magnitude_vector", hf_shape, (host.d_out,))
         return {**lowrank_layout(host, config.r), "magnitude": magnitude}
+
+
+def _peft_grouped(hosts: list[Host], how: str) -> None:
+    """Hugging Face PEFT's DoRA on a grouped convolution normalises ``B.view(-1, r) @ A.view(r, -1)`` reshaped to
+    the kernel (rows mixing the groups' output channels), not the adapted weight: refused both ways."""
+    if any(h.groups > 1 for h in hosts):
+        h = next(h for h in hosts if h.groups > 1)
+        raise PeftkitError(f"DoRA on {h.name!r}, a grouped convolution (groups={h.groups}), cannot be {how} Hugging "
+                           f"Face PEFT: PEFT normalises a reshaped B·A that mixes the groups' output channels, not the "
+                           f"layer's adapted weight, so the outputs differ")

@@ -6,6 +6,8 @@ et al. 2023, "Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM F
     init:     Δγ = 0, Δβ = 0  ⇒  y = norm(x; γ, β) exactly
     merge:    γ ← γ + Δγ, β ← β + Δβ  (unmerge subtracts them again)
 
+Other layers (Linear, convolutions, Embedding, GPT-2 Conv1D), as Hugging Face PEFT's LN_TUNING targets any layer it is
+given: the same with γ, β = the layer's weight and bias (a full trainable copy's worth of Δ, as in PEFT).
 Trainable: Δγ, Δβ — d (+ d when the norm has a shift β) per norm layer. A norm's output is affine in (γ, β) (also
 for Gemma-style x̂·(1+γ)), so the delta norm(x; γ+Δγ, β+Δβ) − norm(x; γ, β) adds up exactly across adapters and
 over a merged base; it is computed by calling the host norm itself with the shifted parameters, so every
@@ -42,7 +44,7 @@ from peftkit.core.hf import HFTensor
 from peftkit.core.host import Host
 from peftkit.core.peft_names import alias, names_list, or_default
 from peftkit.core.procedure import Procedure
-from peftkit.core.registry import NORM_HOSTS, register
+from peftkit.core.registry import CONV3D_HOSTS, HOST_KINDS, NORM_HOSTS, register
 
 
 @dataclass
@@ -191,8 +193,8 @@ _HF_META = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", 
     paper="GenD, Deepfake Detection that Generalizes Across Benchmarks (2025); Zhao et al. 2023 (arXiv 2312.11420)",
     description="only LayerNorm / RMSNorm scale and shift train (Δγ, Δβ); GenD's uniformity + alignment losses "
                 "on normalised head features as an option",
-    params="d_norm (+ d_norm with a shift β) per norm layer",
-    hosts=NORM_HOSTS,
+    params="d_norm (+ d_norm with a shift β) per norm layer; another targeted layer: its weight (+ bias) size",
+    hosts=NORM_HOSTS + HOST_KINDS + CONV3D_HOSTS,
     procedure=GenDLoss,
     hf_peft_type="LN_TUNING",
     lr_scale=5.0,
@@ -226,12 +228,12 @@ class LnTuning(Adapter):
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.d_beta is not None:
             bias = bias + self.d_beta.to(bias.dtype)
-        return weight + self.d_gamma.to(weight.dtype), bias
+        return weight + self.host.weight_2d(self.d_gamma).to(weight.dtype), bias
 
     def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.d_beta is not None:
             bias = bias - self.d_beta.to(bias.dtype)
-        return weight - self.d_gamma.to(weight.dtype), bias
+        return weight - self.host.weight_2d(self.d_gamma).to(weight.dtype), bias
 
     @classmethod
     def expected_params(cls, host: Host, config: LnTuningConfig) -> int:
@@ -251,8 +253,6 @@ class LnTuning(Adapter):
 
     @classmethod
     def hf_layout(cls, host: Host, config: LnTuningConfig) -> dict[str, HFTensor] | None:
-        if host.kind not in NORM_HOSTS:
-            return None
         shape = tuple(host.weight.shape)
         out = {"d_gamma": HFTensor("ln_tuning_layers.weight", shape, shape, base="weight")}
         if isinstance(host.bias, torch.Tensor):

@@ -11,6 +11,10 @@ LoftQ (Li et al. 2023), EVA (Paischer et al. 2024) and CorDA (Yang et al. 2024),
               EVA (calibrate): A = top right-singular vectors of the layer's centred inputs, B = 0, ranks redistributed
               CorDA (calibrate): SVD of W0·C (C = input covariance); IPM top / KPM bottom r; kept as PiSSA's (A0, B0)
     merge:    W ← W0 + s·B·A  (ΔW = s·B·A, rank ≤ r);  PiSSA: W ← W_res + s·B·A = W0 + s·(B·A − B0·A0)
+    lora_bias (PEFT's option): B gets a bias c, update s·(B·A·x + c), init c = 0; merge adds s·c to the host bias
+    trainable_token_indices (PEFT's option): chosen embedding rows train too (see methods/_lora_tokens.py)
+    use_bdlora (PEFT's option): A or B block-diagonal on chosen layers (BD-LoRA, see methods/_lora_blocks.py)
+    kasa_config (PEFT's option): KaSA — base's r smallest singular directions dropped, ΔW = s·B·diag(d)·A (_lora_kasa)
 
 Trainable: A, B — r·(d_in + d_out) per layer. PiSSA (and OLoRA likewise) keeps its initial factors (A0, B0) as
 saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x
@@ -41,13 +45,14 @@ from peftkit.core.host import Host
 from peftkit.core.lowrank import (
     LowRankConfig,
     LowRankUpdate,
-    check_rank,
-    init_down_,
     new_factors,
     pad_factors_,
 )
 from peftkit.core.peft_names import INIT_TO_PEFT, lora_names, plain_number
-from peftkit.core.registry import CONV3D_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
+from peftkit.core.registry import CONV3D_HOSTS, GROUPED_CONV_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
+from peftkit.methods import _lora_blocks as _blocks
+from peftkit.methods import _lora_kasa as _kasa
+from peftkit.methods import _lora_tokens as _tokens
 from peftkit.methods import lora_inits as inits
 
 _INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora", "loftq", r"loftq_iter_\d+", "eva",
@@ -64,15 +69,30 @@ class LoraConfig(LowRankConfig):
     ``"eva_rho_X"`` (activation SVD with rank redistribution up to ρ·r per layer, default ρ = 2; needs
     :func:`calibrate`), ``"corda"`` (IPM) or ``"corda_kpm"`` (needs :func:`calibrate`). Accepts Hugging Face PEFT
     ``LoraConfig``'s field names (``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``,
-    ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's config."""
+    ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's config. ``lora_bias``,
+    ``trainable_token_indices``, ``use_bdlora``, ``kasa_config``: PEFT's options (above)."""
 
     init: str = "kaiming"
+    lora_bias: bool = False
+    trainable_token_indices: dict[str, list[int]] | list[int] | None = None
+    use_bdlora: dict[str, Any] | None = None
+    kasa_config: dict[str, float] | None = None
 
     peft_type = "LORA"
-    peft_names = lora_names(inits=_INITS, dora=False)
+    peft_names = lora_names(inits=_INITS, dora=False, own=tuple(_tokens.OPTIONS))
+
+    def resolve(self, model: torch.nn.Module) -> LoraConfig:
+        return _tokens.resolve(self, model)
+
+    def extra_targets(self) -> list[str]:
+        spec = self.trainable_token_indices
+        return list(spec) if isinstance(spec, dict) else []
 
     def validate(self) -> None:
         super().validate()
+        _tokens.check(self.trainable_token_indices)
+        _blocks.check(self.use_bdlora)
+        _kasa.check(self.kasa_config)
         if not re.fullmatch("|".join(_INITS), self.init):
             raise PeftkitError(f"LoraConfig.init must be one of {', '.join(_INIT_NAMES)}, got {self.init!r}"
                                f"{did_you_mean(self.init, _INIT_NAMES)}")
@@ -87,11 +107,16 @@ class LoraConfig(LowRankConfig):
     description="additive low-rank update s·BA; α/r or rsLoRA α/√r scaling; init kaiming, gaussian, PiSSA, OLoRA, "
     "LoftQ (NF4 base), EVA or CorDA (calibrate() from data)",
     params="r·(d_in + d_out)",
-    hosts=HOST_KINDS + CONV3D_HOSTS + QUANTIZED_HOSTS,
+    hosts=HOST_KINDS + CONV3D_HOSTS + GROUPED_CONV_HOSTS + QUANTIZED_HOSTS,
     hf_peft_type="LORA",
     calibrate=lambda model, batches, name=None: calibrate(model, batches, name),
 )
 class Lora(LowRankUpdate, Adapter):
+    @classmethod
+    def create(cls, host: Host, config: LoraConfig, context: Any = None) -> Adapter:
+        ids = _tokens.token_ids(config, host.name)
+        return cls(host, config) if ids is None else _tokens.token_adapter(host, config, ids)
+
     def __init__(self, host: Host, config: LoraConfig) -> None:
         super().__init__(host, config)
         self.r, self.s = config.r, config.scaling
@@ -101,47 +126,23 @@ class Lora(LowRankUpdate, Adapter):
         self.pissa = _keeps_init(config)
         if config.init.startswith(("loftq", "eva", "corda")):
             inits.check_host(host, config.init)
-        if self.pissa:
-            check_rank(host, config.r)
-            if config.init == "olora":
-                self._olora_init()
-            elif config.init.startswith("corda"):  # C = I until calibrate()
-                mode, eye = inits.corda_mode(config.init), torch.eye(host.d_in, device=host.weight.device)
-                self.keep_init(*inits.corda_factors(host.weight_2d(), eye, self.r, mode, self.s))
-            else:
-                self._pissa_init(int(config.init.rsplit("_", 1)[1]) if "niter" in config.init else None)
-        elif config.init.startswith("loftq"):
-            check_rank(host, config.r)
-            self._loftq_init(int(config.init.rsplit("_", 1)[1]) if "iter" in config.init else 1)
-        else:
-            init_down_(self.lora_A, config.init, config.r)
-            if config.init == "random":  # nn.Linear's default init of B (fan_in r), as PEFT leaves it
-                torch.nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-
-    @torch.no_grad()
-    def _pissa_init(self, niter: int | None) -> None:
-        w = self.host.weight_2d().detach().float()
-        r = self.r
-        if niter is None:
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        else:
-            u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
-            vh = v.t()
-        sr = (s[:r] / self.s).sqrt()
-        self.keep_init(sr[:, None] * vh[:r], u[:, :r] * sr[None, :])
-
-    @torch.no_grad()
-    def _olora_init(self) -> None:
-        q, r_ = torch.linalg.qr(self.host.weight_2d().detach().float())
-        self.keep_init(r_[:self.r], q[:, :self.r])
-
-    @torch.no_grad()
-    def _loftq_init(self, iters: int) -> None:
-        q, a, b = inits.loftq(self.host.weight_2d(), self.r, iters)
-        self._loftq_base: torch.Tensor | None = q  # written into the host on install (a failed load changes nothing)
-        root = math.sqrt(self.s)  # s·B·A = L·R (PEFT copies L, R as they are: the same when α = r)
-        self.lora_A.copy_(a / root)
-        self.lora_B.copy_(b / root)
+        self.bd, self.nb = _blocks.side(config, host)
+        self.kasa = config.kasa_config is not None
+        plain_init = config.init in ("kaiming", "gaussian", "random")
+        if (self.bd or self.kasa) and (not plain_init or self.bd and self.kasa):
+            raise PeftkitError(f"{host.name!r}: init={config.init!r}, use_bdlora and kasa_config do not combine")
+        inits.init_factors_(self, host, config)
+        if self.bd:
+            _blocks.compact_(self, self.bd, self.nb)
+        if self.kasa:
+            _kasa.init_(self, host, config.r)
+        self.lora_B_bias = None
+        if config.lora_bias:
+            if host.kind == "embedding":  # an embedding's lookup has no bias to fold it into (PEFT refuses it too)
+                raise PeftkitError(f"lora_bias=True on {host.name!r}: not supported on Embedding layers")
+            self.lora_B_bias = torch.nn.Parameter(self.lora_B.new_zeros(host.d_out))
+            if config.init == "random":
+                torch.nn.init.uniform_(self.lora_B_bias, -1 / math.sqrt(config.r), 1 / math.sqrt(config.r))
 
     def on_install(self) -> None:
         if getattr(self, "_loftq_base", None) is not None:
@@ -156,24 +157,20 @@ class Lora(LowRankUpdate, Adapter):
         self.register_buffer("pissa_A0", self.lora_A.detach().clone())
         self.register_buffer("pissa_B0", self.lora_B.detach().clone())
 
-    @torch.no_grad()
-    def set_eva(self, a: torch.Tensor, config: LoraConfig) -> None:
-        """EVA: rank k = len(a), A = a, B = 0, α ← α·k/r; the model's ``config`` records the new rank and α."""
-        k, r, alpha = a.shape[0], self.r, self.config.alpha
-        self.lora_A.data = a.to(self.lora_A)
-        self.lora_B.data = self.lora_B.new_zeros(self.lora_B.shape[0], k)
-        if k != r:
-            self.config = dataclasses.replace(self.config, r=k, alpha=alpha * k / r)
-            config.overrides[re.escape(self.host.name)] = {"r": k, "alpha": alpha * k / r}
-        self.r, self.s = k, self.config.scaling
-
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the update; for PiSSA the rank-2r pair [A; A0], [B, −B0] (ΔW relative to the true W0)."""
+        if self.kasa:
+            return _kasa.factors(self)
         if not self.pissa:
-            return self.lora_A, self.lora_B
+            return _blocks.factors(self) if self.bd else (self.lora_A, self.lora_B)
         return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
 
+    def out_bias(self) -> torch.Tensor | None:
+        return self.lora_B_bias
+
     def pad_rank(self, r: int, scaling: float | None = None) -> None:
+        if self.bd or self.kasa:
+            raise PeftkitError(f"LoRA on {self.host.name!r}: cannot pad the rank of a block-diagonal / KaSA update")
         if self.pissa:  # the kept A0/B0 are part of the update: their rank is the trained one
             super().pad_rank(r, scaling)
         pad_factors_(self, self.lora_A, self.lora_B, r, scaling)
@@ -181,11 +178,14 @@ class Lora(LowRankUpdate, Adapter):
     def undropped_rank(self) -> int:
         """PiSSA / OLoRA: the −B0·A0 term stands for the residual base weight, which sees x undropped (the paper's
         W_res·x + s·B·A·dropout(x), Hugging Face PEFT's output too)."""
-        return self.r if self.pissa else 0
+        return self.r if self.pissa or self.kasa else 0
 
     @classmethod
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
-        return config.r * (host.d_in + host.d_out)
+        if _tokens.token_ids(config, host.name) is not None:
+            return len(_tokens.token_ids(config, host.name)) * host.d_out
+        n = _blocks.params(host, config) or config.r * host.d_in + host.d_out * config.r // host.groups
+        return n + (host.d_out if config.lora_bias else 0) + (config.r if config.kasa_config is not None else 0)
 
     # Hugging Face PEFT: peft_type LORA without use_dora. PiSSA / OLoRA are written as PEFT converts them
     # (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with
@@ -199,41 +199,32 @@ class Lora(LowRankUpdate, Adapter):
     def to_hf_config(cls, config: LoraConfig, hosts: list[Host]) -> dict[str, Any]:
         plain = config if config.init in INIT_TO_PEFT else dataclasses.replace(config, init="kaiming")
         if not _keeps_init(config):  # EVA / LoftQ: plain factors (LoftQ: its base is the rewritten Q)
-            return {**lowrank_config_to_hf(plain, hosts), "use_dora": False}
+            return {**lowrank_config_to_hf(plain, hosts), "use_dora": False, **_tokens.hf_fields(config, hosts)}
         out = lowrank_config_to_hf(plain, hosts)
         grow = math.sqrt(2) if config.rslora else 2  # α/r (rsLoRA α/√r) unchanged at rank 2r
         out.update(r=2 * out["r"], lora_alpha=plain_number(out["lora_alpha"] * grow),
                    rank_pattern={k: 2 * v for k, v in out["rank_pattern"].items()},
                    alpha_pattern={k: plain_number(v * grow) for k, v in out["alpha_pattern"].items()})
-        return {**out, "use_dora": False}
+        return {**out, "use_dora": False, **_tokens.hf_fields(config, hosts)}
 
     @classmethod
     def hf_layout(cls, host: Host, config: LoraConfig) -> dict[str, HFTensor]:
-        return lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r)
+        if _tokens.token_ids(config, host.name) is not None:
+            return _tokens.token_layout(host, _tokens.token_ids(config, host.name))
+        out = _blocks.layout(lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r), host, config)
+        out = _kasa.layout(out, config.r) if config.kasa_config is not None else out
+        if config.lora_bias:
+            out["lora_B_bias"] = HFTensor("lora_B.bias", (host.d_out,), (host.d_out,))
+        return out
 
     @classmethod
     def to_hf_state(cls, config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not _keeps_init(config):
-            return state
-        return {"lora_A": torch.cat([state["lora_A"], state["pissa_A0"]]),
-                "lora_B": torch.cat([state["lora_B"], -state["pissa_B0"]], dim=1)}
+        return inits.kept_to_hf(state) if _keeps_init(config) else state
 
     @classmethod
     def from_hf_state(cls, config: LoraConfig, tensors: dict[str, torch.Tensor], hosts: list[Host]
                       ) -> dict[str, torch.Tensor]:
-        if not _keeps_init(config):
-            return tensors
-        out = dict(tensors)
-        for host in hosts:
-            key = f"adapter.{host.name}."
-            r = config.for_module(host.name).r
-            a, b = out.get(key + "lora_A"), out.get(key + "lora_B")
-            if a is None or b is None or a.shape[0] != 2 * r or key + "pissa_A0" in out:
-                continue
-            out.update({key + "lora_A": a[:r], key + "pissa_A0": a[r:], key + "lora_B": b[:, :r],
-                        key + "pissa_B0": -b[:, r:]})
-        return out
-
+        return inits.kept_from_hf(config, tensors, hosts) if _keeps_init(config) else tensors
 
 def _keeps_init(config: LoraConfig) -> bool:
     """PiSSA / OLoRA / CorDA: the initial factors are kept next to the trained ones."""
