@@ -23,8 +23,8 @@ computed: gathered (5n of them while ℓ trains, n otherwise) or from the dense 
 
 Training: :class:`LocaSchedule` (:mod:`.loca_schedule`, attached by the trainer) alternates per optimiser step t:
 t = 0 coefficients only; 0 < t < t_loc: in each cycle of b_a + b_l steps, b_a steps train a alone (ℓ frozen) then
-b_l steps train ℓ alone; t ≥ t_loc: ℓ frozen for good, a trains. The locations learn at ``location_lr`` (paper 1e-4) under the same
-warmup/decay multiplier as the coefficients: the procedure rescales their optimiser step (see the class).
+b_l steps train ℓ alone; t ≥ t_loc: ℓ frozen for good, a trains. The locations learn at ``location_lr`` (paper
+1e-4) under the same warmup/decay multiplier as the coefficients: the procedure rescales their optimiser step.
 Resolved: the schedule counts optimiser steps of the procedure (the official layer counts its own training forwards,
 which is the same in a plain loop, not under gradient accumulation); the DCT matrices are built once per size and
 shared by all layers of an adapter (non-persistent: regenerated at load); a persistent ``loca_shape`` buffer records
