@@ -68,7 +68,7 @@ def init_down_(a: torch.Tensor, how: str, r: int) -> None:
 def new_factors(host: Host, r: int, dtype: torch.dtype | None = None) -> tuple[nn.Parameter, nn.Parameter]:
     """Empty ``A ∈ R^{r×d_in}`` and zero ``B ∈ R^{d_out×r}`` on the host's device."""
     w = host.weight
-    dt = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+    dt = dtype or host.param_dtype
     a = nn.Parameter(torch.empty(r, host.d_in, device=w.device, dtype=dt))
     b = nn.Parameter(torch.zeros(host.d_out, r, device=w.device, dtype=dt))
     return a, b

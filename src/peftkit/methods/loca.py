@@ -148,7 +148,7 @@ class Loca(Adapter):
         super().__init__(host, config, context)
         d_out, d_in = host.d_out, host.d_in
         w = host.weight
-        dev, dt = w.device, (w.dtype if w.is_floating_point() else torch.float32)
+        dev, dt = w.device, host.param_dtype
         if self.shared is None:  # built outside peftkit.adapt: own the matrices
             self.shared_store = SharedStore()
             object.__setattr__(self, "shared", self.shared_store)

@@ -140,7 +140,7 @@ class Qwha(ReplacedWeight, Adapter):
                                f"d_out·d_in = {d_out * d_in} entries of F; use r <= {d_out * d_in // (d_in + d_out)}")
         self.alpha, self.bits, self.group_size = config.alpha, config.bits, config.group_size
         w0 = host.weight_2d().detach()
-        dt = w0.dtype if w0.is_floating_point() else torch.float32
+        dt = host.param_dtype
         q = rtn.rtn(w0.float(), config.bits, config.group_size)
         self.register_buffer("qwha_codes", q.codes, persistent=False)
         self.register_buffer("qwha_qstep", q.step, persistent=False)

@@ -170,7 +170,7 @@ class SketchTune(ReplacedWeight, Adapter):
                                f"row of d_in = {d_in} weights into equal groups; use a divisor of {d_in}")
         self.bits, self.groups, self.k = config.bits, g, 1 << config.bits
         w0 = host.weight_2d().detach()
-        dt = w0.dtype if w0.is_floating_point() else torch.float32
+        dt = host.param_dtype
         self.sketch_tables = nn.Parameter(torch.zeros(d_out, g, self.k, dtype=dt, device=w0.device))
         self.register_buffer("sketch_codes", torch.zeros(d_out, d_in, dtype=torch.uint8, device=w0.device))
         self.register_buffer("sketch_w0_norms", _row_norms(w0))
