@@ -28,6 +28,9 @@ from .errors import PeftkitError, did_you_mean
 
 ANY = object()   #: inert default: every value is accepted (metadata, or something peftkit reads from the model)
 DROP = object()  #: returned by a converter: leave the peftkit field at its default
+#: adapter_config.json fields that are metadata, not settings of the method
+PEFT_METADATA = frozenset({"peft_type", "task_type", "inference_mode", "auto_mapping", "peft_version",
+                           "base_model_name_or_path", "revision"})
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor
 from peftkit.core.host import Host
-from peftkit.core.peft_names import alias, names_list, or_default
+from peftkit.core.peft_names import PEFT_METADATA, alias, names_list, or_default
 from peftkit.core.registry import NORM_HOSTS, register
 from peftkit.methods.lntuning_gend import (  # GenD's losses, head and procedure: their own module
     GenDLoss,
@@ -81,8 +81,7 @@ class LnTuningConfig(AdapterConfig):
 
 
 # -- the adapter -----------------------------------------------------------------------------------------------------
-_HF_META = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-                      "revision", "inference_mode", "target_modules", "exclude_modules", "modules_to_save"})
+_HF_META = PEFT_METADATA | {"target_modules", "exclude_modules", "modules_to_save"}
 
 
 @register(
