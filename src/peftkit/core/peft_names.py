@@ -63,6 +63,16 @@ def or_default(field: str, convert: Callable[[Any], Any] | None = None) -> PeftN
     return alias(field, lambda v: DROP if v is None else (convert(v) if convert else v))
 
 
+def bias_alias(only: str) -> PeftName:
+    """PEFT's ``bias`` of a method whose adapter-only mode is named ``only`` (``"boft_only"``, …): that mode reads
+    as peftkit's ``"adapter_only"``, other values as they are."""
+    return alias("bias", lambda v: "adapter_only" if plain(v) == only else plain(v))
+
+
+#: PEFT's boolean ``init_weights`` of the orthogonal methods: True = the identity rotation, False = a random one
+INIT_IDENTITY = alias("init", lambda v: "identity" if v else "random")
+
+
 def submodules(v: Any, _: Mapping[str, Any]) -> Any:
     """``num_transformer_submodules``: PEFT sets 2 for encoder-decoder models, which peftkit's prompt methods refuse."""
     if v in (None, 1):
