@@ -11,29 +11,10 @@ from torch import nn
 
 import peftkit
 from conformance.models import MODELS, perturb, same_state, state_copy
+from one_linear import one as _one
+from one_linear import randn as _x
+from one_linear import rel_close as _rel_close
 from peftkit.methods.loldu import Loldu
-
-
-class One(nn.Module):
-    def __init__(self, d_in: int = 24, d_out: int = 16) -> None:
-        super().__init__()
-        self.fc = nn.Linear(d_in, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-
-def _one(d_in: int = 24, d_out: int = 16, seed: int = 0) -> One:
-    torch.manual_seed(seed)
-    return One(d_in, d_out).eval()
-
-
-def _x(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * float(expected.abs().max()))
 
 
 def _cfg(**kw):

@@ -2,7 +2,7 @@
 
 :mod:`.options` holds the per-method settings (data, one place), :mod:`.runner` runs each method's ``peftkit
 train`` (and the fixed-batch timing pass, :mod:`.timing`) in a fresh process, :mod:`.report` writes the JSON, the
-Markdown table and the PNG plot, :mod:`.command` is the ``bench`` subcommand.
+Markdown table and the PNG plot (:mod:`.chart`), :mod:`.command` is the ``bench`` subcommand.
 """
 
 from .options import OPTIONS, QUICK_METHODS, QUICK_SETTINGS

@@ -2,8 +2,9 @@
 
 Table columns: method, its extra options, trainable parameters, their share of the adapted model, step time and
 peak memory of a training step relative to LoRA (from the fixed-batch timing pass when both rows have it, else from
-the training runs), and the held-out accuracy. A failed method's row says why. The plot is held-out accuracy
-against trainable parameters (log scale), one labelled point per method that ran.
+the training runs), and the held-out accuracy. A failed method's row says why. The plot (:mod:`.chart`) is held-out
+accuracy against trainable parameters (log scale): each method's default-rate run, coloured by family, the Pareto
+front, labels that do not overlap.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.io import write_json
+from .chart import plot  # re-exported: the plot has its own module
 
 REFERENCE = "lora"
 TIME_KEYS = (("timing_step_seconds", "timing_peak_mib"), ("step_seconds", "train_peak_mib"))
@@ -83,51 +85,6 @@ def table(rows: Sequence[dict[str, Any]], reference: str = REFERENCE, majority: 
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
-def plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", majority: float | None = None) -> Path:
-    """Held-out accuracy against trainable parameters (log x-axis), one labelled point per method that ran, the
-    accuracy before training (the reference's) and the majority-label accuracy as lines; a PNG (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    ok = [r for r in _ok(rows) if r.get("trainable_params")]
-    fig = Figure(figsize=(8, 5.5), dpi=120)
-    ax = fig.add_subplot()
-    ys = [r["accuracy_after"] for r in ok]
-    span = (max(ys) - min(ys)) if ys else 0.0
-    placed: list[tuple[float, float]] = []
-    for r in sorted(ok, key=lambda r: r["trainable_params"]):
-        x, y = r["trainable_params"], r["accuracy_after"]
-        ax.scatter(x, y, s=28, color="C3" if r["method"] == REFERENCE else "C0", zorder=3)
-        # labels of near-coincident points are stacked downwards instead of printed over each other
-        near = sum(abs(math.log10(x) - px) < 0.25 and abs(y - py) <= 0.04 * span + 1e-9 for px, py in placed)
-        placed.append((math.log10(x), y))
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4 - 11 * near), fontsize=8)
-    ax.margins(x=0.08, y=0.08)
-    ref = next((r for r in ok if r["method"] == REFERENCE), None)
-    if ref is not None and ref.get("accuracy_before") is not None:
-        ax.axhline(ref["accuracy_before"], color="grey", linestyle=":", linewidth=1,
-                   label=f"{REFERENCE} before training")
-    if majority is not None:
-        ax.axhline(majority, color="C2", linestyle="--", linewidth=1, label="majority label")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("held-out accuracy")
-    ax.grid(True, which="both", alpha=0.3)
-    if not ok:
-        ax.text(0.5, 0.5, "no method completed", transform=ax.transAxes, ha="center", va="center")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
-
-
 def write(out: str | Path, rows: Sequence[dict[str, Any]], settings: dict[str, Any], *, stem: str = "results",
           title: str = "", final: bool = True) -> dict[str, Path]:
     """``<out>/<stem>.json`` ({"settings", "rows"}); when ``final`` also ``<stem>.md`` (a heading line, the table)
@@ -143,5 +100,6 @@ def write(out: str | Path, rows: Sequence[dict[str, Any]], settings: dict[str, A
         tmp = paths["md"].with_name(paths["md"].name + ".tmp")
         tmp.write_text((f"{title}\n\n" if title else "") + table(rows, majority=majority) + "\n")
         tmp.replace(paths["md"])
-        paths["png"] = plot(rows, out / f"{stem}.png", title, majority=majority)
+        paths["png"] = plot(rows, out / f"{stem}.png", title, majority=majority, lr=settings.get("lr"),
+                            steps=int(settings.get("steps") or 1))
     return paths

@@ -154,15 +154,21 @@ def train_one(method: str, s: BenchSettings, workdir: Path, log: Path | None = N
     return {**info, **row, "process_seconds": round(seconds, 2)}
 
 
-def time_one(method: str, s: BenchSettings, labels: int, model_dir: str) -> dict[str, Any]:
-    """The fixed-batch timing pass of ``method`` in a fresh process: ``{"step_seconds", "step_peak_mib"}`` or
-    ``{"error": ...}``."""
-    opts = train_options(method, s.steps)
+def run_lr(method: str, lr: float | None = None, steps: int = 1) -> float:
+    """The learning rate a bench run of ``method`` trains at: its ``--lr`` in OPTIONS, else ``lr`` (the bench's
+    ``--lr``), else the task's rate × the method's ``lr_scale`` — what ``peftkit train`` picks."""
     from ..core.registry import get as get_method
     from ..tasks import get_task  # the task's rate, which `peftkit train` scales the same way
 
-    lr = next((float(v) for f, v in zip(opts[::2], opts[1::2]) if f == "--lr"),
-              s.lr or get_task(TASK).defaults["lr"] * get_method(base_method(method)).lr_scale)
+    opts = train_options(method, steps)
+    return next((float(v) for f, v in zip(opts[::2], opts[1::2]) if f == "--lr"),
+                lr or get_task(TASK).defaults["lr"] * get_method(base_method(method)).lr_scale)
+
+
+def time_one(method: str, s: BenchSettings, labels: int, model_dir: str) -> dict[str, Any]:
+    """The fixed-batch timing pass of ``method`` in a fresh process: ``{"step_seconds", "step_peak_mib"}`` or
+    ``{"error": ...}``."""
+    lr = run_lr(method, s.lr, s.steps)
     spec = {"method": method, "model": model_dir, "labels": labels, "batch_size": s.batch_size,
             "max_length": s.max_length, "threads": s.threads, "steps": s.timing_steps, "seed": s.seed, "lr": lr,
             "opts": config_options(method, s.steps)}

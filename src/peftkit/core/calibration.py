@@ -31,6 +31,20 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def checked_gram(host: Host, gram: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """``gram`` as the symmetric float64 (d_in, d_in) matrix (G + Gᵀ)/2 on ``device``, after checking that it is a
+    finite matrix of the layer's input width and not zero (a clear PeftkitError naming the module otherwise)."""
+    d_in = host.d_in
+    if tuple(gram.shape) != (d_in, d_in) or not torch.isfinite(gram).all():
+        raise PeftkitError(f"module {host.name!r}: the calibration Gram must be a finite ({d_in}, {d_in}) matrix, "
+                           f"got shape {tuple(gram.shape)}")
+    g = gram.detach().to(device=device, dtype=torch.float64)
+    g = (g + g.t()) / 2
+    if float(g.diagonal().sum()) <= 0:  # a Gram Σ xᵀx is positive semi-definite: zero iff its trace is
+        raise PeftkitError(f"module {host.name!r}: the calibration Gram is zero (all calibration inputs were 0)")
+    return g
+
+
 def input_columns(host: Host, x: torch.Tensor) -> torch.Tensor:
     """The host input as an (N, d_in) float64 matrix of the vectors its (d_out, d_in) weight multiplies."""
     m = host.module
@@ -108,3 +122,4 @@ def input_grams(
 
     visit_inputs(model, adapter_cls, batches, add, name, who=who)
     return grams
+

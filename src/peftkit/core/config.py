@@ -197,6 +197,16 @@ class AdapterConfig(metaclass=_ConfigType):
         if value <= 0:
             raise PeftkitError(f"{name} must be > 0, got {value}")
 
+    @staticmethod
+    def at_least(name: str, value: int, low: int) -> None:
+        if value < low:
+            raise PeftkitError(f"{name} must be >= {low}, got {value}")
+
+    @staticmethod
+    def positive_int(name: str, value: int) -> None:
+        if value <= 0:
+            raise PeftkitError(f"{name} must be a positive integer, got {value}")
+
     # -- model-dependent fields -----------------------------------------------------------------------
     def resolve(self, model: Any) -> AdapterConfig:
         """This config made concrete for ``model`` (an ``nn.Module``). Configs with fields that depend on the model's

@@ -645,23 +645,23 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
             elif sm is not None:
                 rest = f"{sm}.original_module.{rest[len(sm) + 1:]}"
             tensors[f"{PREFIX}{rest}"] = v
-    task = task_type_of(model, cfg.task_type)
-    for path, state in _head_copies(model, task, saved).items():
-        saved.append(path)
-        tensors.update({f"{PREFIX}{path}.{k}": v for k, v in state.items()})
-    meta = {
-        "peft_type": info.hf_peft_type,
-        "task_type": task,
-        "inference_mode": True,
-        "base_model_name_or_path": _base_name(model),
-        "target_modules": [p for p, _ in layers],
-        "modules_to_save": saved or None,
-        **method_cfg,
-    }
+    meta = _peft_meta(model, info, task_type_of(model, cfg.task_type), saved, tensors, PREFIX, method_cfg,
+                      target_modules=[p for p, _ in layers])
     metadata = _meta_opts(opts, cfg, name)
     if kept:
         metadata[META_TENSORS] = io.dumps(kept).decode()
     io.write_adapter(directory, meta, tensors, metadata=metadata, **opts)
+
+
+def _peft_meta(model: nn.Module, info: MethodInfo, task: str | None, saved: list[str], tensors: dict[str, Any],
+               prefix: str, method_cfg: dict[str, Any], **targets: Any) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for both file kinds (layer and prompt learning); adds the copies of the task's
+    head that PEFT saves (:func:`_head_copies`) to ``tensors`` under ``prefix`` and to ``saved``."""
+    for path, state in _head_copies(model, task, saved).items():
+        saved.append(path)
+        tensors.update({f"{prefix}{path}.{k}": v for k, v in state.items()})
+    return {"peft_type": info.hf_peft_type, "task_type": task, "inference_mode": True,
+            "base_model_name_or_path": _base_name(model), **targets, "modules_to_save": saved or None, **method_cfg}
 
 
 # -- prompt learning (model-level methods): one ``prompt_embeddings`` tensor plus modules_to_save copies ---------
@@ -714,15 +714,5 @@ def _export_model_level(model: nn.Module, directory: str | os.PathLike, name: st
             tensors[f"{_PROMPT_PREFIX}{rest}"] = v
     task = task_type_of(model, cfg.task_type) or "FEATURE_EXTRACTION"  # PEFT's prompt models need one
     saved = [p for p, sm in saved_modules(model) if name in sm.copies]
-    for path, state in _head_copies(model, task, saved).items():
-        saved.append(path)
-        tensors.update({f"{_PROMPT_PREFIX}{path}.{k}": v for k, v in state.items()})
-    meta = {
-        "peft_type": info.hf_peft_type,
-        "task_type": task,
-        "inference_mode": True,
-        "base_model_name_or_path": _base_name(model),
-        "modules_to_save": saved or None,
-        **method_cfg,
-    }
+    meta = _peft_meta(model, info, task, saved, tensors, _PROMPT_PREFIX, method_cfg)
     io.write_adapter(directory, meta, tensors, metadata=_meta_opts(opts, cfg, name), **opts)

@@ -134,6 +134,13 @@ class Host:
     def bias(self) -> torch.Tensor | None:
         return getattr(self.module, "bias", None)
 
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype an adapter's parameters take on this host: the weight's, or float32 when the stored weight is not
+        floating point (packed integer codes of a quantised host)."""
+        w = self.module.weight
+        return w.dtype if w.is_floating_point() else torch.float32
+
     def weight_2d(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """The host weight (or ``w`` in the host's native layout) as a (d_out, d_in) view; a quantised host's
         weight is dequantised (a new float32 tensor); a norm's scale γ stays in its native shape."""

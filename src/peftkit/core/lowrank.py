@@ -72,7 +72,7 @@ def new_factors(host: Host, r: int, dtype: torch.dtype | None = None) -> tuple[n
     if r % host.groups:
         raise PeftkitError(f"module {host.name!r} is a grouped convolution (groups={host.groups}): the rank must be "
                            f"a multiple of the groups, got r={r}")
-    dt = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+    dt = dtype or host.param_dtype
     a = nn.Parameter(torch.empty(r, host.d_in, device=w.device, dtype=dt))
     b = nn.Parameter(torch.zeros(host.d_out, r // host.groups, device=w.device, dtype=dt))
     return a, b

@@ -28,6 +28,9 @@ from .errors import PeftkitError, did_you_mean
 
 ANY = object()   #: inert default: every value is accepted (metadata, or something peftkit reads from the model)
 DROP = object()  #: returned by a converter: leave the peftkit field at its default
+#: adapter_config.json fields that are metadata, not settings of the method
+PEFT_METADATA = frozenset({"peft_type", "task_type", "inference_mode", "auto_mapping", "peft_version",
+                           "base_model_name_or_path", "revision"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,16 @@ def or_default(field: str, convert: Callable[[Any], Any] | None = None) -> PeftN
     """An alias where PEFT's None means "PEFT picks" (e.g. targets from its per-architecture tables): None leaves
     peftkit's default."""
     return alias(field, lambda v: DROP if v is None else (convert(v) if convert else v))
+
+
+def bias_alias(only: str) -> PeftName:
+    """PEFT's ``bias`` of a method whose adapter-only mode is named ``only`` (``"boft_only"``, …): that mode reads
+    as peftkit's ``"adapter_only"``, other values as they are."""
+    return alias("bias", lambda v: "adapter_only" if plain(v) == only else plain(v))
+
+
+#: PEFT's boolean ``init_weights`` of the orthogonal methods: True = the identity rotation, False = a random one
+INIT_IDENTITY = alias("init", lambda v: "identity" if v else "random")
 
 
 def submodules(v: Any, _: Mapping[str, Any]) -> Any:

@@ -78,6 +78,23 @@ def find_adapters(model: nn.Module, adapter_cls: type, config: Any = None) -> di
     return found
 
 
+def adapter_layers(
+    model: nn.Module, adapter_cls: type, name: str | None, who: str
+) -> tuple[str, list[tuple[str, Any]]]:
+    """The name and the [(module path, adapter)] layers of the ``adapter_cls`` adapter ``name`` (None: the only
+    adapter of that class); ``who`` prefixes the errors (none or several such adapters, no adapter of that name)."""
+    found = find_adapters(model, adapter_cls)
+    kind = adapter_cls.__name__
+    if name is None:
+        if len(found) != 1:
+            raise PeftkitError(f"{who}: {len(found)} {kind} adapters loaded ({sorted(found)}); say which one "
+                               "with name=")
+        name = next(iter(found))
+    if name not in found:
+        raise PeftkitError(f"{who}: no {kind} adapter named {name!r}; {kind} adapters: {sorted(found)}")
+    return name, found[name]
+
+
 # -- what a procedure may use of the run: the task loss, the batch size, the process group ---------------------------
 def batch_size(batch: Any) -> int:
     """Leading dimension of the first tensor in the batch (1 if there is none)."""

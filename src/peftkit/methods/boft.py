@@ -40,7 +40,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor, config_from_hf
 from peftkit.core.host import Host
-from peftkit.core.peft_names import TARGETING, alias, plain
+from peftkit.core.peft_names import INIT_IDENTITY, TARGETING, alias, bias_alias
 from peftkit.core.registry import register
 
 _HOSTS = ("linear",)
@@ -62,12 +62,12 @@ class BOFTConfig(AdapterConfig):
     peft_type = "BOFT"
     peft_names = {
         **TARGETING,
-        "bias": alias("bias", lambda v: {"boft_only": "adapter_only"}.get(plain(v), plain(v))),
+        "bias": bias_alias("boft_only"),
         "boft_block_size": alias("block_size"),
         "boft_block_num": alias("block_num"),
         "boft_n_butterfly_factor": alias("n_butterfly_factor"),
         "boft_dropout": alias("dropout", lambda v: 0.0 if v is None else v),
-        "init_weights": alias("init", lambda v: "identity" if v else "random"),
+        "init_weights": INIT_IDENTITY,
     }
 
     def validate(self) -> None:

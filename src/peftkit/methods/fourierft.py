@@ -31,7 +31,7 @@ from peftkit.core.dense import DenseUpdate
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor, config_from_hf
 from peftkit.core.host import Host
-from peftkit.core.peft_names import DROP, TARGETING, PeftName, alias, plain
+from peftkit.core.peft_names import DROP, TARGETING, PeftName, alias, bias_alias, plain
 from peftkit.core.registry import register
 from peftkit.ops.spectral import random_frequencies, sparse_ifft2_real
 
@@ -60,7 +60,7 @@ class FourierFTConfig(AdapterConfig):
     peft_type = "FOURIERFT"
     peft_names = {
         **TARGETING,
-        "bias": alias("bias", lambda v: {"fourier_only": "adapter_only"}.get(plain(v), plain(v))),
+        "bias": bias_alias("fourier_only"),
         "n_frequency": alias("n"),
         "scaling": alias("scale"),
         "random_loc_seed": alias("seed"),

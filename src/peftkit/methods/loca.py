@@ -21,10 +21,10 @@ Gradients (:class:`_SparseIdct2d`, a custom autograd function): with G = ∂L/�
 which autograd multiplies by (d−1) (and by the clamp's 0/1 mask) on the way back to ℓ. Only the K entries needed are
 computed: gathered (5n of them while ℓ trains, n otherwise) or from the dense K, whichever is cheaper.
 
-Training: :class:`LocaSchedule` (attached by the trainer) alternates per optimiser step t: t = 0 coefficients only;
-0 < t < t_loc: in each cycle of b_a + b_l steps, b_a steps train a alone (ℓ frozen) then b_l steps train ℓ alone;
-t ≥ t_loc: ℓ frozen for good, a trains. The locations learn at ``location_lr`` (paper 1e-4) under the same
-warmup/decay multiplier as the coefficients: the procedure rescales their optimiser step (see the class).
+Training: :class:`LocaSchedule` (:mod:`.loca_schedule`, attached by the trainer) alternates per optimiser step t:
+t = 0 coefficients only; 0 < t < t_loc: in each cycle of b_a + b_l steps, b_a steps train a alone (ℓ frozen) then
+b_l steps train ℓ alone; t ≥ t_loc: ℓ frozen for good, a trains. The locations learn at ``location_lr`` (paper
+1e-4) under the same warmup/decay multiplier as the coefficients: the procedure rescales their optimiser step.
 Resolved: the schedule counts optimiser steps of the procedure (the official layer counts its own training forwards,
 which is the same in a plain loop, not under gradient accumulation); the DCT matrices are built once per size and
 shared by all layers of an adapter (non-persistent: regenerated at load); a persistent ``loca_shape`` buffer records
@@ -34,9 +34,7 @@ like the official code the position clamp at 0.999 makes the last row/column unr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -47,20 +45,13 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.dense import host_forward, trainable
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.procedure import Procedure, find_adapters
 from peftkit.core.registry import HOST_KINDS, register
+from peftkit.methods.loca_schedule import T_LOC_UNKNOWN_RUN, LocaSchedule, location_steps
+from peftkit.ops.spectral import dct2_entries, dct_matrix, sparse_idct2
+
+__all__ = ["LOCATION_CLAMP", "T_LOC_UNKNOWN_RUN", "Loca", "LocaConfig", "LocaSchedule", "dct_matrix", "location_steps"]
 
 LOCATION_CLAMP = 0.999  # the official upper clamp of ℓ before scaling to a position
-
-
-def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
-    """The orthonormal DCT-II matrix C_n (n×n): C[k, j] = √(2/n)·cos(π(2j+1)k/(2n)), row 0 divided by √2.
-    ``C·x`` is the DCT of x, ``Cᵀ·y`` its inverse; computed in float64, then cast."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    j = torch.arange(n, dtype=torch.float64)[None, :]
-    c = torch.cos(math.pi * (2 * j + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    c[0] /= math.sqrt(2.0)
-    return c.to(dtype=dtype, device=device)
 
 
 @dataclass
@@ -96,25 +87,6 @@ class LocaConfig(AdapterConfig):
             self.positive("LocaConfig.location_lr", self.location_lr)
 
 
-T_LOC_UNKNOWN_RUN = 100  # location-search steps when t_loc is a share and the run's length is unknown
-
-
-def location_steps(config: LocaConfig, run_steps: int | None) -> int:
-    """``t_loc`` in optimiser steps: an int as given; a share (float) of ``run_steps``."""
-    if isinstance(config.t_loc, float):
-        return T_LOC_UNKNOWN_RUN if run_steps is None else round(config.t_loc * run_steps)
-    return int(config.t_loc)
-
-
-def _entries(g: torch.Tensor, c_out: torch.Tensor, c_in: torch.Tensor, rows: torch.Tensor,
-             cols: torch.Tensor) -> torch.Tensor:
-    """K[rows, cols] for K = C_out·G·C_inᵀ: gathered (m·d_out·d_in multiply-adds) or dense, whichever is cheaper."""
-    d_out, d_in = g.shape
-    if rows.numel() < d_out + d_in:
-        return ((c_out[rows] @ g) * c_in[cols]).sum(1)
-    return (c_out @ g @ c_in.t())[rows, cols]
-
-
 class _SparseIdct2d(torch.autograd.Function):
     """ΔW/α = C_outᵀ·S·C_in with S = scatter(a at round(pos)); backward: ∂L/∂a = K[row, col] and the finite-difference
     location gradient on the continuous positions ``pos`` (2, n). In a's dtype, autocast off. A square layer passes
@@ -123,14 +95,8 @@ class _SparseIdct2d(torch.autograd.Function):
     @staticmethod
     @precision.kernel
     def forward(ctx, a, pos, c_out, c_in_given):  # type: ignore[override]
-        c_in = c_out if c_in_given is None else c_in_given
-        d_out, d_in = c_out.shape[0], c_in.shape[0]
         rows, cols = pos.detach().round().long().unbind(0)
-        if a.numel() < d_out + d_in:  # Σ_k a_k·C_out[row_k]ᵀ ⊗ C_in[col_k]
-            dw = (c_out[rows].t() * a) @ c_in[cols]
-        else:
-            s = a.new_zeros(d_out, d_in).index_put_((rows, cols), a, accumulate=True)
-            dw = c_out.t() @ s @ c_in
+        dw = sparse_idct2(a, rows, cols, c_out, c_out if c_in_given is None else c_in_given)
         ctx.save_for_backward(a, rows, cols, c_out, c_in_given)
         return dw
 
@@ -148,7 +114,7 @@ class _SparseIdct2d(torch.autograd.Function):
             d_out, d_in = g.shape
             r_sel += [(rows + 1).clamp(max=d_out - 1), (rows - 1).clamp(min=0), rows, rows]
             c_sel += [cols, cols, (cols + 1).clamp(max=d_in - 1), (cols - 1).clamp(min=0)]
-        k = _entries(g.to(c_out.dtype), c_out, c_in, torch.cat(r_sel), torch.cat(c_sel)).split(n)
+        k = dct2_entries(g.to(c_out.dtype), c_out, c_in, torch.cat(r_sel), torch.cat(c_sel)).split(n)
         grad_a = k[0].to(a.dtype) if need_a else None
         grad_pos = None
         if need_pos:
@@ -156,78 +122,6 @@ class _SparseIdct2d(torch.autograd.Function):
             grad_col = (0.5 * a * (k[3] - k[4])).clamp(-1.0, 1.0)
             grad_pos = torch.stack([grad_row, grad_col])
         return grad_a, grad_pos, None, None
-
-
-class LocaSchedule(Procedure):
-    """LoCA's alternating coefficient / location schedule (per adapter layer, from that layer's config).
-
-    Before optimiser step t (counted by the procedure, from 0): ``locations(t) = 0 < t < t_loc and t mod (b_a + b_l)
-    >= b_a``; in a location step only ℓ requires grad, otherwise only a (so the other tensor gets no gradient and
-    AdamW leaves it untouched). The locations' learning rate: the optimiser keeps one group (a param group added
-    after the LR scheduler breaks the scheduler), so after each location step the procedure scales ℓ's update by
-    ``location_lr / base lr`` of its group (``initial_lr`` when a scheduler set one) — exactly the step the optimiser
-    would have taken with lr = ``location_lr`` × the schedule's current multiplier, for any optimiser whose step is
-    proportional to lr (SGD with or without momentum, Adam, AdamW including its decoupled weight decay).
-    After training a trains and ℓ stays trainable only if the search is not over. Only LoCA adapters with a
-    trainable tensor when training starts take part (``config``: only those built from it).
-    """
-
-    def __init__(self, model: nn.Module | None = None, config: LocaConfig | None = None) -> None:
-        self.config = config
-        self.t = 0  # optimiser steps scheduled so far
-        self._layers: list[Loca] | None = None
-        self._ratio: dict[int, float] = {}  # id(ℓ) -> location_lr / base lr of its optimiser group
-        self._before: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (ℓ, ℓ before the step, ratio)
-
-    def _collect(self, model: nn.Module) -> list[Loca]:
-        found = find_adapters(model, Loca, self.config)
-        layers = [a for v in found.values() for _, a in v if a.loca_a.requires_grad or a.loca_l.requires_grad]
-        if not layers:
-            which = " built from this config" if self.config is not None else ""
-            raise PeftkitError(f"LocaSchedule: the model has no trainable LoCA adapter{which}")
-        return layers
-
-    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        self._layers = self._collect(model)
-        self._ratio = {}
-        if optimizer is None:
-            return
-        want = {id(a.loca_l): a.config.location_lr for a in self._layers if a.config.location_lr is not None}
-        for group in optimizer.param_groups:
-            base = float(group.get("initial_lr", group["lr"]))
-            for p in group["params"]:
-                if id(p) in want and base > 0:
-                    self._ratio[id(p)] = want[id(p)] / base
-
-    def on_step_start(self, model: nn.Module, step: int) -> None:
-        if self._layers is None:
-            self._layers = self._collect(model)
-        self._before = []
-        for a in self._layers:
-            loc = a.location_phase(self.t, location_steps(a.config, self.run_steps))
-            a.loca_a.requires_grad_(not loc)
-            a.loca_l.requires_grad_(loc)
-            ratio = self._ratio.get(id(a.loca_l), 1.0)
-            if loc and ratio != 1.0:
-                self._before.append((a.loca_l, a.loca_l.detach().clone(), ratio))
-        self.t += 1
-
-    def on_step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        with torch.no_grad():
-            for p, old, ratio in self._before:  # ℓ ← ℓ_old + ratio·(ℓ − ℓ_old)
-                p.sub_(old).mul_(ratio).add_(old)
-        self._before = []
-
-    def on_train_end(self, model: nn.Module) -> None:
-        for a in self._layers or []:
-            a.loca_a.requires_grad_(True)
-            a.loca_l.requires_grad_(self.t < location_steps(a.config, self.run_steps))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.t = int(state["t"])
 
 
 @register(
@@ -254,7 +148,7 @@ class Loca(Adapter):
         super().__init__(host, config, context)
         d_out, d_in = host.d_out, host.d_in
         w = host.weight
-        dev, dt = w.device, (w.dtype if w.is_floating_point() else torch.float32)
+        dev, dt = w.device, host.param_dtype
         if self.shared is None:  # built outside peftkit.adapt: own the matrices
             self.shared_store = SharedStore()
             object.__setattr__(self, "shared", self.shared_store)

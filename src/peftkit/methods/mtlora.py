@@ -13,10 +13,11 @@ Trainable: r·(d_in + d_out) per target plus T·r_t·(d_in + d_out) on each task
 r_t = 4, s_sh = s_t = 4, dropout 0.05); decoders / heads train as ``modules_to_save``.
 
 Streams. The official Swin code passes a dict of task tensors next to the shared one through its blocks. Here the
-streams are rows of one batch: :func:`forward_tasks` stacks the input T + 1 times (stream-major: the shared stream,
-then one copy per task), runs the model ONCE under ``peftkit.condition(model, stream ids)`` (0 = shared, k = the k-th
-entry of ``tasks``) and splits every output back per stream — ``{"shared": out, task: out, ...}``; a model with one
-head per task reads task t's prediction from its head in stream t. What this reading gives, layer by layer:
+streams are rows of one batch: :func:`forward_tasks` (:mod:`.mtlora_streams`) stacks the input T + 1 times
+(stream-major: the shared stream, then one copy per task), runs the model ONCE under ``peftkit.condition(model,
+stream ids)`` (0 = shared, k = the k-th entry of ``tasks``) and splits every output back per stream —
+``{"shared": out, task: out, ...}``; a model with one head per task reads task t's prediction from its head in
+stream t. What this reading gives, layer by layer:
 - before the first MT layer every row is computed alike, so a task row equals its shared row — the official
   ``x_t = x`` at the first MT layer;
 - an MT layer returns the shared row's own output for shared rows and y_t for task rows, whose frozen part W·x is
@@ -43,7 +44,6 @@ without a break.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,12 +55,12 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
 from peftkit.core.lowrank import fused_lowrank_forward, init_down_, lowrank_delta, new_factors
-from peftkit.core.model import active_adapters, get_config
-from peftkit.core.model import condition as run_under
 from peftkit.core.registry import HOST_KINDS, register
 from peftkit.core.targeting import find_targets, matches
+from peftkit.methods.mtlora_streams import SHARED, forward_tasks, stream_ids, task_names  # their own module
 
-SHARED = "shared"
+__all__ = ["SHARED", "Mtlora", "MtloraConfig", "forward_tasks", "stream_ids", "task_names"]
+
 
 
 @dataclass
@@ -199,64 +199,3 @@ class Mtlora(Adapter):
     def expected_params(cls, host: Host, config: MtloraConfig) -> int:
         per_task = len(config.tasks) * config.task_r if _is_task_module(host.name, config) else 0
         return (config.r + per_task) * (host.d_in + host.d_out)
-
-
-# -- running every stream in one forward -----------------------------------------------------------------------
-def task_names(model: nn.Module) -> list[str]:
-    """The tasks of the model's active MTLoRA adapter(s) (they must agree)."""
-    found = {n: get_config(model, n) for n in active_adapters(model)}
-    found = {n: c for n, c in found.items() if isinstance(c, MtloraConfig)}
-    if not found:
-        raise PeftkitError("forward_tasks: the model has no active mtlora adapter")
-    tasks = {tuple(c.tasks) for c in found.values()}
-    if len(tasks) != 1:
-        raise PeftkitError(f"forward_tasks: the active mtlora adapters have different tasks: "
-                           f"{ {n: c.tasks for n, c in found.items()} }")
-    return list(tasks.pop())
-
-
-def stream_ids(batch: int, num_tasks: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Stream id of each row of a stream-major stacked batch: ``[0]*batch + [1]*batch + … + [T]*batch``."""
-    return torch.arange(num_tasks + 1, device=device).repeat_interleave(batch)
-
-
-def _first_batch(obj: Any) -> int | None:
-    if isinstance(obj, torch.Tensor):
-        return int(obj.shape[0]) if obj.dim() else None
-    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, list | tuple) else ()
-    for v in items:
-        b = _first_batch(v)
-        if b is not None:
-            return b
-    return None
-
-
-def _map(obj: Any, fn: Any) -> Any:
-    """``fn`` applied to every tensor of a (nested) tuple / list / dict / Hugging Face ``ModelOutput``."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        parts = {k: _map(v, fn) for k, v in obj.items()}
-        return type(obj)(**parts) if hasattr(obj, "to_tuple") else type(obj)(parts)
-    if isinstance(obj, list | tuple):
-        return type(obj)(_map(v, fn) for v in obj)
-    return obj
-
-
-def forward_tasks(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``model(*args, **kwargs)`` for the shared stream and every task stream in ONE forward: every tensor argument
-    with the batch size B as its first dimension is stacked T + 1 times, the model runs under the stream ids, and
-    every output tensor with (T + 1)·B rows is split back. Returns ``{"shared": out, task: out, ...}`` (outputs
-    without such a batch dimension, e.g. a loss the model computed over all rows, are passed to every stream as is —
-    compute task losses from the split outputs)."""
-    tasks = task_names(model)
-    batch = _first_batch((args, kwargs))
-    if batch is None:
-        raise PeftkitError("forward_tasks: no tensor argument with a batch dimension")
-    copies = len(tasks) + 1
-    stacked = _map((args, kwargs), lambda t: torch.cat([t] * copies) if t.dim() and t.shape[0] == batch else t)
-    with run_under(model, stream_ids(batch, len(tasks))):
-        out = model(*stacked[0], **stacked[1])
-    rows = batch * copies
-    return {name: _map(out, lambda t, i=i: t[i * batch:(i + 1) * batch] if t.dim() and t.shape[0] == rows else t)
-            for i, name in enumerate([SHARED, *tasks])}

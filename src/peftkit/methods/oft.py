@@ -34,7 +34,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor, config_from_hf
 from peftkit.core.host import Host
-from peftkit.core.peft_names import TARGETING, alias, inert, plain
+from peftkit.core.peft_names import INIT_IDENTITY, TARGETING, alias, bias_alias, inert
 from peftkit.core.registry import register
 
 _HOSTS = ("linear", "gpt2_conv1d")
@@ -57,11 +57,11 @@ class OFTConfig(AdapterConfig):
     peft_type = "OFT"
     peft_names = {
         **TARGETING,
-        "bias": alias("bias", lambda v: {"oft_only": "adapter_only"}.get(plain(v), plain(v))),
+        "bias": bias_alias("oft_only"),
         "oft_block_size": alias("block_size"),
         "use_cayley_neumann": alias("cayley_neumann"),
         "num_cayley_neumann_terms": alias("neumann_terms"),
-        "init_weights": alias("init", lambda v: "identity" if v else "random"),
+        "init_weights": INIT_IDENTITY,
         "module_dropout": inert(),  # stored by PEFT 0.21 but never applied: accepted, no effect (as there)
         "coft": inert(False, "COFT rewrites the trained values inside the forward; peftkit's OFT is the plain one"),
         "eps": inert(),  # COFT's radius: meaningless without coft

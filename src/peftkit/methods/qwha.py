@@ -43,12 +43,11 @@ import torch
 from torch import nn
 
 from peftkit.core.adapter import Adapter
-from peftkit.core.calibration import input_grams
+from peftkit.core.calibration import checked_gram, input_grams
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.model import adapter_names
-from peftkit.core.procedure import find_adapters
+from peftkit.core.procedure import adapter_layers
 from peftkit.core.registry import register
 from peftkit.core.replace import ReplacedWeight
 from peftkit.ops.hadamard import hadamard_factor, hadamard_matrix, paley_hadamard, wht  # re-exported (tests, users)
@@ -108,13 +107,9 @@ def calibrate(
     model with its adapters disabled, under ``no_grad``; each QWHA layer accumulates G = Σ xᵀx over the tokens it
     sees, then :meth:`Qwha.initialize` chooses E (AdaAlloc + top-k) and c (refined) for it. Returns, per module
     path, the calibration quantisation error ``(‖ΔW_Q·X‖_F, ‖(ΔW_Q − α·F·Hᵀ)·X‖_F)`` before and after."""
-    if name is None:
-        names = adapter_names(model)
-        if len(names) != 1:
-            raise PeftkitError(f"qwha.calibrate: several adapters loaded ({names}); say which one with name=")
-        name = names[0]
-    grams = input_grams(model, Qwha, batches, name, who="qwha.calibrate")
-    return {p: a.initialize(grams[p], refine) for p, a in find_adapters(model, Qwha)[name]}
+    grams = input_grams(model, Qwha, batches, name, who="qwha.calibrate")  # checks the adapter first
+    _, layers = adapter_layers(model, Qwha, name, "qwha.calibrate")
+    return {p: a.initialize(grams[p], refine) for p, a in layers}
 
 
 @register(
@@ -145,7 +140,7 @@ class Qwha(ReplacedWeight, Adapter):
                                f"d_out·d_in = {d_out * d_in} entries of F; use r <= {d_out * d_in // (d_in + d_out)}")
         self.alpha, self.bits, self.group_size = config.alpha, config.bits, config.group_size
         w0 = host.weight_2d().detach()
-        dt = w0.dtype if w0.is_floating_point() else torch.float32
+        dt = host.param_dtype
         q = rtn.rtn(w0.float(), config.bits, config.group_size)
         self.register_buffer("qwha_codes", q.codes, persistent=False)
         self.register_buffer("qwha_qstep", q.step, persistent=False)
@@ -191,15 +186,8 @@ class Qwha(ReplacedWeight, Adapter):
         hm = None if self.qwha_hm is None else self.qwha_hm.double()
         g = g_raw = None
         if gram is not None:
-            if tuple(gram.shape) != (d_in, d_in) or not torch.isfinite(gram).all():
-                raise PeftkitError(f"module {h.name!r}: the calibration Gram must be a finite ({d_in}, {d_in}) "
-                                   f"matrix, got shape {tuple(gram.shape)}")
-            g_raw = gram.detach().to(device=dev, dtype=torch.float64)
-            g_raw = (g_raw + g_raw.t()) / 2
+            g = g_raw = checked_gram(h, gram, dev)
             ev = torch.linalg.eigvalsh(g_raw)
-            if float(ev[-1]) <= 0:
-                raise PeftkitError(f"module {h.name!r}: the calibration Gram is zero (all calibration inputs were 0)")
-            g = g_raw
             if float(ev[0]) <= d_in * torch.finfo(torch.float64).eps * float(ev[-1]):  # singular: damp
                 g = g_raw + torch.eye(d_in, dtype=g.dtype, device=dev) * (self.config.damping * float(g_raw.trace())
                                                                            / d_in)

@@ -38,7 +38,7 @@ from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor
 from peftkit.core.host import Host
 from peftkit.core.lowrank import lowrank_scaling
-from peftkit.core.peft_names import BIAS_OUT, TARGETING, alias, inert, plain_number
+from peftkit.core.peft_names import BIAS_OUT, PEFT_METADATA, TARGETING, alias, inert, plain_number
 from peftkit.core.registry import register
 
 
@@ -69,8 +69,7 @@ class RandLoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.r <= 0:
-            raise PeftkitError(f"RandLoraConfig.r must be a positive integer, got {self.r}")
+        self.positive_int("RandLoraConfig.r", self.r)
 
 
 def _dims(host: Host) -> tuple[int, int]:
@@ -141,19 +140,15 @@ class RandLora(DenseUpdate, Adapter):
         context = self.require_context(context)
         super().__init__(host, config, context)
         big_all, small_all = base_dims([h for _, h in context.targets])
-        store = context.shared
+        store, dev = context.shared, host.weight.device
         if "A" not in store._buffers:  # drawn on the CPU (same bases on every device), then moved to the host's
             a, b = make_bases(config, big_all, small_all)
-            dev = host.weight.device
             store.buffer("A", lambda: a.to(dev), persistent=False)
             store.buffer("B", lambda: b.to(dev), persistent=False)
             store.buffer("checksum", lambda: checksum(a, b).to(dev))
         self.big, self.small = _dims(host)
-        self.n = math.ceil(self.small / config.r)
-        self.r = config.r
-        self.s = lowrank_scaling(config.alpha, config.r)
+        self.n, self.r, self.s = math.ceil(self.small / config.r), config.r, lowrank_scaling(config.alpha, config.r)
         self.transposed = host.d_out < host.d_in  # ΔW_{M×m} is (d_in × d_out): apply its transpose
-        dev = host.weight.device
         self.lam = nn.Parameter(torch.zeros(self.r, self.n, device=dev))
         self.gamma = nn.Parameter(torch.full((self.n, self.small), 1.0 / self.big, device=dev))
         self.dropout = make_dropout(config.dropout)
@@ -251,6 +246,4 @@ class RandLora(DenseUpdate, Adapter):
 
 
 #: adapter_config.json fields that are metadata or targeting (the file's keys decide what is adapted)
-_HF_META = frozenset({"peft_type", "task_type", "inference_mode", "auto_mapping", "peft_version",
-                      "base_model_name_or_path", "revision", "target_modules", "exclude_modules",
-                      "layers_to_transform", "layers_pattern"})
+_HF_META = PEFT_METADATA | {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}

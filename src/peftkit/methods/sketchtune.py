@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from peftkit.core.adapter import Adapter
-from peftkit.core.calibration import input_grams
+from peftkit.core.calibration import checked_gram, input_grams
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.host import Host
-from peftkit.core.procedure import find_adapters
+from peftkit.core.procedure import adapter_layers
 from peftkit.core.registry import register
 from peftkit.core.replace import ReplacedWeight
 from peftkit.ops.kmeans import compensated_codes, weighted_kmeans
@@ -115,23 +115,10 @@ class SketchSize:
 
 
 # -- the method -----------------------------------------------------------------------------------------------------
-def _layers(model: nn.Module, name: str | None, who: str) -> tuple[str, list[tuple[str, SketchTune]]]:
-    """The name and the (path, adapter) layers of SketchTune adapter ``name`` (None: the only one)."""
-    found = find_adapters(model, SketchTune)
-    if name is None:
-        if len(found) != 1:
-            raise PeftkitError(f"{who}: {len(found)} SketchTune adapters loaded ({sorted(found)}); say which one "
-                               "with name=")
-        name = next(iter(found))
-    if name not in found:
-        raise PeftkitError(f"{who}: no SketchTune adapter named {name!r}; SketchTune adapters: {sorted(found)}")
-    return name, found[name]
-
-
 def sketch_size(model: nn.Module, name: str | None = None) -> SketchSize:
     """Total bytes of the SketchTune adapter ``name`` (default: the only one): codes at their bit width + tables, vs
     the weights they replace at the host dtype. ``str()`` gives a one-line report."""
-    _, layers = _layers(model, name, "sketch_size")
+    _, layers = adapter_layers(model, SketchTune, name, "sketch_size")
     total = layers[0][1].size()
     for _, a in layers[1:]:
         total = total + a.size()
@@ -150,7 +137,7 @@ def calibrate(
     error ``(‖(W0 − Ŵ)·X‖_F before, after)``; the tables restart from the new sketch."""
     if damping <= 0:
         raise PeftkitError(f"sketchtune.calibrate: damping must be > 0, got {damping}")
-    name, found = _layers(model, name, "sketchtune.calibrate")
+    name, found = adapter_layers(model, SketchTune, name, "sketchtune.calibrate")
     grams = input_grams(model, SketchTune, batches, name, who="sketchtune.calibrate")
     layers = dict(found)
     out = {}
@@ -183,7 +170,7 @@ class SketchTune(ReplacedWeight, Adapter):
                                f"row of d_in = {d_in} weights into equal groups; use a divisor of {d_in}")
         self.bits, self.groups, self.k = config.bits, g, 1 << config.bits
         w0 = host.weight_2d().detach()
-        dt = w0.dtype if w0.is_floating_point() else torch.float32
+        dt = host.param_dtype
         self.sketch_tables = nn.Parameter(torch.zeros(d_out, g, self.k, dtype=dt, device=w0.device))
         self.register_buffer("sketch_codes", torch.zeros(d_out, d_in, dtype=torch.uint8, device=w0.device))
         self.register_buffer("sketch_w0_norms", _row_norms(w0))
@@ -225,18 +212,10 @@ class SketchTune(ReplacedWeight, Adapter):
         return self.error(gram)
 
     def _hessian(self, gram: torch.Tensor, damping: float) -> torch.Tensor:
-        d_in, name = self.host.d_in, self.host.name
-        if tuple(gram.shape) != (d_in, d_in) or not torch.isfinite(gram).all():
-            raise PeftkitError(f"module {name!r}: the calibration Gram must be a finite ({d_in}, {d_in}) matrix, "
-                               f"got shape {tuple(gram.shape)}")
         if damping <= 0:
             raise PeftkitError(f"sketchtune: damping must be > 0, got {damping}")
-        g = gram.detach().to(device=self.sketch_tables.device, dtype=torch.float64)
-        g = (g + g.t()) / 2
-        mean_diag = float(g.diagonal().mean())
-        if mean_diag <= 0:
-            raise PeftkitError(f"module {name!r}: the calibration Gram is zero (all calibration inputs were 0)")
-        return g + torch.eye(d_in, dtype=g.dtype, device=g.device) * (damping * mean_diag)
+        g = checked_gram(self.host, gram, self.sketch_tables.device)
+        return g + torch.eye(g.shape[0], dtype=g.dtype, device=g.device) * (damping * float(g.diagonal().mean()))
 
     @torch.no_grad()
     def error(self, gram: torch.Tensor | None = None) -> float:

@@ -37,7 +37,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor, config_from_hf
 from peftkit.core.host import Host
-from peftkit.core.peft_names import TARGETING, alias, inert
+from peftkit.core.peft_names import TARGETING, alias, bias_alias, inert
 from peftkit.core.registry import register
 
 BANK_KEY = "base_model.vblora_vector_bank"
@@ -61,7 +61,7 @@ class VBLoRAConfig(AdapterConfig):
     peft_type = "VBLORA"
     peft_names = {
         **TARGETING,
-        "bias": alias("bias", lambda v: {"vblora_only": "adapter_only"}.get(v, v)),
+        "bias": bias_alias("vblora_only"),
         "vblora_dropout": alias("dropout", lambda v: 0.0 if v is None else v),
         "save_only_topk_weights": inert(False, "that file holds top-k indices and weights instead of the logits; "
                                                "save the adapter with save_only_topk_weights=False"),

@@ -33,14 +33,10 @@ from peftkit.core.dense import DenseUpdate
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor, config_from_hf
 from peftkit.core.host import Host
-from peftkit.core.peft_names import TARGETING, alias, inert
+from peftkit.core.peft_names import TARGETING, alias, bias_alias, inert
 from peftkit.core.registry import QUANTIZED_HOSTS, register
 
 SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
-
-
-def _bias_in(v: Any) -> Any:
-    return {"vera_only": "adapter_only"}.get(v, v)
 
 
 @dataclass
@@ -58,7 +54,7 @@ class VeraConfig(AdapterConfig):
     peft_type = "VERA"
     peft_names = {
         **TARGETING,
-        "bias": alias("bias", _bias_in),
+        "bias": bias_alias("vera_only"),
         "vera_dropout": alias("dropout", lambda v: 0.0 if v is None else v),
         "projection_prng_key": alias("projection_seed"),
         "init_weights": inert(True, "peftkit's VeRA starts at ΔW = 0 (b = 0, d = d_initial); PEFT's False draws d "

@@ -2,13 +2,49 @@
 
 FourierFT (``methods/fourierft.py``) draws its frequencies at random from a seed and maps them to the weight domain
 with the 2-D inverse DFT; LoCA (``methods/loca.py``) learns its locations and uses the orthonormal 2-D inverse DCT
-(its ``dct_matrix`` / sparse iDCT could move here next to these). The index convention is shared: a location is a
+(:func:`dct_matrix`, :func:`sparse_idct2`, :func:`dct2_entries`). The index convention is shared: a location is a
 flat index ``k`` into the row-major d_out×d_in grid, i.e. (row, col) = (k // d_in, k % d_in).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """The orthonormal DCT-II matrix C_n (n×n): C[k, j] = √(2/n)·cos(π(2j+1)k/(2n)), row 0 divided by √2.
+    ``C·x`` is the DCT of x (``scipy.fft.dct(x, norm="ortho")``), ``Cᵀ·y`` its inverse; computed in float64, then
+    cast."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    j = torch.arange(n, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2 * j + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] /= math.sqrt(2.0)
+    return c.to(dtype=dtype, device=device)
+
+
+def sparse_idct2(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, c_out: torch.Tensor,
+                 c_in: torch.Tensor) -> torch.Tensor:
+    """C_outᵀ·S·C_in, the 2-D inverse DCT of the sparse spectrum S with ``values`` (n,) at (``rows``, ``cols``)
+    (duplicate locations add up), in the matrices' dtype. Built as Σ_k v_k·C_out[row_k]ᵀ ⊗ C_in[col_k] from gathered
+    rows when n < d_out + d_in, else densely — whichever costs fewer multiply-adds (n·d_out·d_in against
+    d_out·d_in·(d_out + d_in))."""
+    d_out, d_in = c_out.shape[0], c_in.shape[0]
+    if values.numel() < d_out + d_in:
+        return (c_out[rows].t() * values) @ c_in[cols]
+    s = values.new_zeros(d_out, d_in).index_put_((rows, cols), values, accumulate=True)
+    return c_out.t() @ s @ c_in
+
+
+def dct2_entries(g: torch.Tensor, c_out: torch.Tensor, c_in: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
+    """K[rows, cols] for K = C_out·G·C_inᵀ (the 2-D DCT of G, i.e. the gradient of :func:`sparse_idct2` with respect
+    to S): gathered (m·d_out·d_in multiply-adds for m entries) or from the dense K, whichever is cheaper."""
+    d_out, d_in = g.shape
+    if rows.numel() < d_out + d_in:
+        return ((c_out[rows] @ g) * c_in[cols]).sum(1)
+    return (c_out @ g @ c_in.t())[rows, cols]
 
 
 def random_frequencies(d_out: int, d_in: int, n: int, seed: int) -> torch.Tensor:

@@ -67,3 +67,37 @@ def ring_chain(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     for c in cores[1:]:
         out = torch.einsum("kab,lbc->klac", out, c).reshape(-1, c.shape[1], c.shape[2])
     return out
+
+
+def ring_lowrank(
+    out_cores: Sequence[torch.Tensor], in_cores: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor-ring matrix Δ[ō, ī] = tr(B¹[o₁]⋯Bᴰ[o_D]·C¹[i₁]⋯Cᴰ[i_D]) of (J_d, R, R) ``out_cores`` Bᵈ and
+    (I_d, R, R) ``in_cores`` Cᵈ as a rank-R² product Δ = B·A: returns (A ∈ R^{R²×∏I_d}, B ∈ R^{∏J_d×R²}), with
+    Δ[o, i] = Σ_{ρσ} B̄[o]_{ρσ}·C̄[i]_{σρ} for the chained products B̄, C̄ of :func:`ring_chain`."""
+    b_full, c_full = ring_chain(out_cores), ring_chain(in_cores)
+    rr = b_full.shape[1] * b_full.shape[2]
+    return c_full.transpose(1, 2).reshape(-1, rr).t(), b_full.reshape(-1, rr)
+
+
+def identity_cores(sizes: Sequence[int], rank: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """Cores whose tensor-ring matrix is the identity: (I_d, I_d) identities for ``rank`` 1 (Kronecker factors), else
+    (I_d, I_d, R, R) with Aᵈ[:, :, ρ, ρ'] = I/R (tr of the R×R all-(1/R) products is 1 on the diagonal, 0 off it).
+    In ``like``'s dtype and device."""
+    out = []
+    for n in sizes:
+        eye = torch.eye(n, dtype=like.dtype, device=like.device)
+        out.append(eye if rank == 1 else (eye[:, :, None, None] / rank).expand(n, n, rank, rank).clone())
+    return out
+
+
+def identity_distance(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_d Σ_{ρ,ρ'} ‖Aᵈ[:, :, ρ, ρ'] − I/R‖_F: how far each core slice is from :func:`identity_cores`' (R = 1 for
+    (I_d, I_d) cores)."""
+    total = cores[0].new_zeros(())
+    for core in cores:
+        eye = torch.eye(core.shape[0], dtype=core.dtype, device=core.device)
+        if core.dim() == 4:
+            eye = (eye / core.shape[2])[:, :, None, None]
+        total = total + torch.linalg.vector_norm(core - eye, dim=(0, 1)).sum()
+    return total
