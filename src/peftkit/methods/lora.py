@@ -51,6 +51,7 @@ from peftkit.core.lowrank import (
 from peftkit.core.peft_names import INIT_TO_PEFT, lora_names, plain_number
 from peftkit.core.registry import CONV3D_HOSTS, GROUPED_CONV_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
 from peftkit.methods import _lora_blocks as _blocks
+from peftkit.methods import _lora_factors as _factors
 from peftkit.methods import _lora_kasa as _kasa
 from peftkit.methods import _lora_tokens as _tokens
 from peftkit.methods import lora_inits as inits
@@ -131,7 +132,7 @@ class Lora(LowRankUpdate, Adapter):
         plain_init = config.init in ("kaiming", "gaussian", "random")
         if (self.bd or self.kasa) and (not plain_init or self.bd and self.kasa):
             raise PeftkitError(f"{host.name!r}: init={config.init!r}, use_bdlora and kasa_config do not combine")
-        inits.init_factors_(self, host, config)
+        _factors.init_factors_(self, host, config)
         if self.bd:
             _blocks.compact_(self, self.bd, self.nb)
         if self.kasa:
@@ -156,6 +157,9 @@ class Lora(LowRankUpdate, Adapter):
         self.lora_B.copy_(b)
         self.register_buffer("pissa_A0", self.lora_A.detach().clone())
         self.register_buffer("pissa_B0", self.lora_B.detach().clone())
+
+    def set_eva(self, a: torch.Tensor, config: LoraConfig) -> None:
+        _factors.set_eva(self, a, config)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the update; for PiSSA the rank-2r pair [A; A0], [B, −B0] (ΔW relative to the true W0)."""
@@ -219,12 +223,12 @@ class Lora(LowRankUpdate, Adapter):
 
     @classmethod
     def to_hf_state(cls, config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return inits.kept_to_hf(state) if _keeps_init(config) else state
+        return _factors.kept_to_hf(state) if _keeps_init(config) else state
 
     @classmethod
     def from_hf_state(cls, config: LoraConfig, tensors: dict[str, torch.Tensor], hosts: list[Host]
                       ) -> dict[str, torch.Tensor]:
-        return inits.kept_from_hf(config, tensors, hosts) if _keeps_init(config) else tensors
+        return _factors.kept_from_hf(config, tensors, hosts) if _keeps_init(config) else tensors
 
 def _keeps_init(config: LoraConfig) -> bool:
     """PiSSA / OLoRA / CorDA: the initial factors are kept next to the trained ones."""

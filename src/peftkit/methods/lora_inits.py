@@ -17,7 +17,6 @@ CorDA — Yang et al. 2024, "CorDA: Context-Oriented Decomposition Adaptation of
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Iterable
@@ -27,7 +26,6 @@ import torch
 
 from peftkit.core.calibration import visit_inputs
 from peftkit.core.errors import PeftkitError
-from peftkit.core.lowrank import check_rank, init_down_
 from peftkit.quant.nf4 import nf4_round_trip
 
 #: the host kinds these inits read a 2-D weight and its inputs from (as Hugging Face PEFT)
@@ -145,7 +143,7 @@ def calibrate_lora(model: Any, adapter_cls: type, batches: Iterable[Any], name: 
                 ex = config.exclude_modules  # saved and reloaded without it, as PEFT drops the layer
                 config.exclude_modules = f"(?:{ex})|{re.escape(p)}" if isinstance(ex, str) else [*(ex or []), p]
             else:
-                set_eva(layers[p], comps[:k], config)
+                layers[p].set_eva(comps[:k], config)
     for p, a in layers.items():
         if kinds[p] == "corda":
             w = a.host.weight_2d()
@@ -153,79 +151,6 @@ def calibrate_lora(model: Any, adapter_cls: type, batches: Iterable[Any], name: 
             fa, fb = corda_factors(w, cov, a.r, corda_mode(a.config.init), a.s)
             a.keep_init(fa, fb)
             out[p] = moments_error([acc[p][0], cov], w, a.s * (fb @ fa))
-    return out
-
-
-# -- the starting factors of a LoRA adapter ---------------------------------------------------------------------
-@torch.no_grad()
-def init_factors_(lora: Any, host: Any, config: Any) -> None:
-    """Set ``lora``'s (A, B) for ``config.init`` (the formulas: :mod:`peftkit.methods.lora`'s docstring). PiSSA,
-    OLoRA and CorDA keep their factors (``lora.keep_init``); LoftQ's Q is written into the host on install."""
-    init, r, s = config.init, lora.r, lora.s
-    if lora.pissa:
-        if host.groups > 1:  # B is grouped there: no SVD / QR factor of the weight fits it
-            raise PeftkitError(f"init={init!r} on {host.name!r}: not supported on grouped convolutions")
-        check_rank(host, r)
-        w = host.weight_2d().detach().float()
-        if init == "olora":
-            q, r_ = torch.linalg.qr(w)
-            lora.keep_init(r_[:r], q[:, :r])
-        elif init.startswith("corda"):  # C = I until calibrate()
-            lora.keep_init(*corda_factors(host.weight_2d(), torch.eye(host.d_in, device=w.device), r,
-                                          corda_mode(init), s))
-        else:  # PiSSA, exact or randomised SVD with K subspace iterations
-            if "niter" in init:
-                u, sv, v = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[1]))
-                vh = v.t()
-            else:
-                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-            sr = (sv[:r] / s).sqrt()
-            lora.keep_init(sr[:, None] * vh[:r], u[:, :r] * sr[None, :])
-    elif init.startswith("loftq"):
-        check_rank(host, r)
-        q, a, b = loftq(host.weight_2d(), r, int(init.rsplit("_", 1)[1]) if "iter" in init else 1)
-        lora._loftq_base = q  # written into the host on install (a failed load changes nothing)
-        root = math.sqrt(s)  # s·B·A = L·R (PEFT copies L, R as they are: the same when α = r)
-        lora.lora_A.copy_(a / root)
-        lora.lora_B.copy_(b / root)
-    else:
-        init_down_(lora.lora_A, init, config.r)
-        if init == "random":  # nn.Linear's default init of B (fan_in r), as PEFT leaves it
-            torch.nn.init.kaiming_uniform_(lora.lora_B, a=math.sqrt(5))
-
-
-@torch.no_grad()
-def set_eva(lora: Any, a: torch.Tensor, config: Any) -> None:
-    """EVA: rank k = len(a), A = a, B = 0, α ← α·k/r; the model's ``config`` records the new rank and α."""
-    k, r, alpha = a.shape[0], lora.r, lora.config.alpha
-    lora.lora_A.data = a.to(lora.lora_A)
-    lora.lora_B.data = lora.lora_B.new_zeros(lora.lora_B.shape[0], k)
-    if k != r:
-        lora.config = dataclasses.replace(lora.config, r=k, alpha=alpha * k / r)
-        config.overrides[re.escape(lora.host.name)] = {"r": k, "alpha": alpha * k / r}
-    lora.r, lora.s = k, lora.config.scaling
-
-
-# Kept factors in Hugging Face PEFT's files: PiSSA / OLoRA / CorDA are written as PEFT converts them
-# (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with A' = [A; A0],
-# B' = [B, −B0] and α scaled to keep s — the same ΔW on the untouched base; the peftkit config in the file's metadata
-# splits it back on load.
-def kept_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {**{k: v for k, v in state.items() if k.startswith("lora_B_bias")},
-            "lora_A": torch.cat([state["lora_A"], state["pissa_A0"]]),
-            "lora_B": torch.cat([state["lora_B"], -state["pissa_B0"]], dim=1)}
-
-
-def kept_from_hf(config: Any, tensors: dict[str, torch.Tensor], hosts: list[Any]) -> dict[str, torch.Tensor]:
-    out = dict(tensors)
-    for host in hosts:
-        key = f"adapter.{host.name}."
-        r = config.for_module(host.name).r
-        a, b = out.get(key + "lora_A"), out.get(key + "lora_B")
-        if a is None or b is None or a.shape[0] != 2 * r or key + "pissa_A0" in out:
-            continue
-        out.update({key + "lora_A": a[:r], key + "pissa_A0": a[r:], key + "lora_B": b[:, :r],
-                    key + "pissa_B0": -b[:, r:]})
     return out
 
 
