@@ -66,7 +66,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--out", default="benchmarks/results/continual")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only combine the runs of these continual.json files (e.g. one per seed, run in parallel "
+                         "processes with the same settings) into OUT")
     args = ap.parse_args()
+    if args.merge:
+        merge([Path(p) for p in args.merge], Path(args.out))
+        return
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
@@ -104,6 +110,25 @@ def main() -> None:
     print((Path(args.out) / "continual.md").read_text())
 
 
+def merge(files: list[Path], out: Path) -> None:
+    """OUT/continual.{json,md} from the runs of several continual.json files written with the same settings."""
+    loaded = [json.loads(f.read_text()) for f in files]
+    keys = ("steps", "batch_size", "lr", "eval_per_class", "max_length", "memory", "ema_decay", "methods", "tasks")
+    first = loaded[0]["settings"]
+    for f, d in zip(files[1:], loaded[1:]):
+        diff = [k for k in keys if d["settings"].get(k) != first.get(k)]
+        if diff:
+            sys.exit(f"{f}: settings {diff} differ from {files[0]}'s")
+    order = METHODS.split(",")
+    runs = sorted((r for d in loaded for r in d["runs"]), key=lambda r: (r["seed"], order.index(r["method"])))
+    args = argparse.Namespace(**{**first, "seeds": ",".join(str(s) for s in sorted({r["seed"] for r in runs})),
+                                 "processes": len(files)})
+    tasks = [argparse.Namespace(name=n, classes=v["classes"], train=[None] * v["train"], eval=[None] * v["eval"])
+             for n, v in first["tasks"].items()]
+    write(out, args, tasks, runs)
+    print((out / "continual.md").read_text())
+
+
 def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
@@ -120,7 +145,7 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 
 def write(out: Path, args: argparse.Namespace, tasks: list[Any], runs: list[dict[str, Any]]) -> None:
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
     settings.update(setting="class-incremental", model="all-MiniLM-L6-v2", pet="lora r=8 alpha=16 on query,value",
                     tasks={t.name: {"classes": list(t.classes), "train": len(t.train), "eval": len(t.eval)}
                            for t in tasks})

@@ -264,7 +264,8 @@ def train(args: argparse.Namespace) -> int:
                 "accuracy_row": partial.matrix[-1],
                 "correct_row": [round(a * n) for a, n in zip(partial.matrix[-1], held_n)], "held_out_row": held_n,
                 **{key: v for key, v in partial.summary().items() if key in ("acc", "avg_inc_acc", "bwt", "fwt")}}
-        _save_stage(model, stage, info, bool(args.overwrite))
+        with method.exported():
+            _save_stage(model, stage, info, bool(args.overwrite))
         print(f"saved task {k + 1}'s adapter{'s' if len(info['adapters']) > 1 else ''} to {stage}")
 
     result = learner.run(on_task=on_task)
