@@ -113,7 +113,7 @@ def main() -> None:
 def merge(files: list[Path], out: Path) -> None:
     """OUT/continual.{json,md} from the runs of several continual.json files written with the same settings."""
     loaded = [json.loads(f.read_text()) for f in files]
-    keys = ("steps", "batch_size", "lr", "eval_per_class", "max_length", "memory", "ema_decay", "methods", "tasks")
+    keys = ("steps", "batch_size", "lr", "eval_per_class", "max_length", "memory", "ema_decay", "tasks")
     first = loaded[0]["settings"]
     for f, d in zip(files[1:], loaded[1:]):
         diff = [k for k in keys if d["settings"].get(k) != first.get(k)]

@@ -186,3 +186,20 @@ def test_r8_default_sequence_runs_from_the_cli(tmp_path: Path) -> None:
     assert sum(json.loads((out / "task_4" / "train_info.json").read_text())["held_out_row"]) == 80
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "task_1", "task_2", "task_3",
                                                      "task_4"]
+
+
+def test_benchmark_table_is_mean_and_sample_std_over_seeds() -> None:
+    import importlib.util
+    import statistics
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "continual.py"
+    spec = importlib.util.spec_from_file_location("bench_continual", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = [{"method": "lae", "seed": s, "acc": a, "avg_inc_acc": 0.5, "bwt": b, "fwt": 0.0, "seconds": 10.0 * s}
+            for s, a, b in ((0, 0.6, -0.2), (1, 0.7, -0.1), (2, 0.8, -0.3))]
+    row = bench.table(runs).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "lae" and cells[1] == "3"
+    assert cells[2] == f"{0.7:.3f} ± {statistics.stdev([0.6, 0.7, 0.8]):.3f}" == "0.700 ± 0.100"
+    assert cells[4] == "-0.200 ± 0.100" and cells[3] == "0.500 ± 0.000" and cells[6] == "10"

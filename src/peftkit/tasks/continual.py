@@ -217,6 +217,10 @@ def train(args: argparse.Namespace) -> int:
     from .run import TrainRun, check_head_fits
 
     run = TrainRun(args, DEFAULTS, tag=args.continual)  # cheap option checks, output folder, lock
+    if run.info.procedure is not None or run.info.calibrate is not None:
+        what = "a training procedure" if run.info.procedure is not None else "a data-aware calibration"
+        raise PeftkitError(f"--method {run.info.name} needs {what} of its own, which --task continual does not run "
+                           "(each continual method is the training procedure); use a method without one, e.g. lora")
     import peftkit
 
     from ..core.model import adapter_names
