@@ -362,3 +362,90 @@ def test_dynamic_conpet_top1_expert_trains_on_new_and_replayed_examples() -> Non
     assert len(seen[True]) == 4 and len(seen[False]) == 8  # task 1: selector 4 steps; experts 4 + 4 steps
     expert1 = torch.cat(seen[False][4:])
     assert int((expert1 < 2).sum()) == 4 * 4  # n_new = int(8·1/2) = 4: the other 4 of each batch are replayed
+
+
+# -- LAE's learnable PET output scaler (official Scaler(None) on each LoRA update) --------------------------------
+def _by_hand(x: torch.Tensor, base: MLP, pets: dict, scales: dict, head: torch.nn.Module) -> torch.Tensor:
+    """The MLP with fc_i(x) = x·W_iᵀ + b_i + (α/r)·s_i·(x·A_iᵀ)·B_iᵀ, from the plain tensors."""
+    def fc(name: str, h: torch.Tensor) -> torch.Tensor:
+        lin, (a, b, c) = getattr(base, name), pets[name]
+        return torch.nn.functional.linear(h, lin.weight, lin.bias) + c * scales[name] * ((h @ a.t()) @ b.t())
+
+    return head(fc("fc2", torch.tanh(fc("fc1", x))))
+
+
+def test_lae_scales_each_lora_update_by_its_own_learnt_scalar() -> None:
+    from peftkit.continual.lae import lora_pets
+
+    model, method = _model(), LAE(decay=0.9, freeze=0.0)
+    ContinualLearner(model, _cfg(), method, _tasks(), num_classes=4, steps=2, batch_size=8)
+    method.begin_task(0)
+    pets = dict(zip(("fc1", "fc2"), lora_pets(model, "online")))
+    scales = method.scales("online")
+    assert len(scales) == 2 and all(float(s.detach()) == 1.0 and s.requires_grad for s in scales)
+    with torch.no_grad():  # a non-zero B and scalars away from 1
+        for s, pet in zip((-0.7, 1.9), pets.values()):
+            pet.parametrizations.lora_B.original.normal_()
+            pet.parametrizations.lora_B[0].scale.fill_(s)
+    x = torch.randn(6, 16)
+    model.train()
+    y = model(x)
+    (y ** 2).sum().backward()
+    # the same function and the same ∂/∂s from the plain tensors
+    ref_s = {n: torch.tensor(v, requires_grad=True) for n, v in (("fc1", -0.7), ("fc2", 1.9))}
+    plain = {n: (p.lora_A.detach(), p.parametrizations.lora_B.original.detach(), p.s) for n, p in pets.items()}
+    head = model.head.copies["online"]
+    y_ref = _by_hand(x, _model(), plain, ref_s, head)
+    (y_ref ** 2).sum().backward()
+    assert_near(y.detach(), y_ref.detach(), 32, layers=3)
+    for name, s in zip(("fc1", "fc2"), scales):
+        assert s.grad is not None and float(s.grad.abs()) > 0
+        assert_near(s.grad, ref_s[name].grad, 6 * 32, layers=6)
+    assert LAE(scaler=False).scaler is False
+
+
+def test_lae_offline_pet_copies_and_averages_the_scalars() -> None:
+    model, method = _model(), LAE(decay=0.9, freeze=0.0)
+    learner = ContinualLearner(model, _cfg(), method, _tasks(), num_classes=4, steps=4, batch_size=8, lr=5e-2)
+    method.begin_task(0)
+    method.train_task(0, steps=4, batch_size=8, lr=5e-2, seed=0)
+    method.end_task(0)
+    online = [float(s.detach()) for s in method.scales("online")]
+    assert all(abs(s - 1.0) > 1e-4 for s in online)  # trained
+    method.begin_task(1)
+    assert [float(s.detach()) for s in method.scales("offline")] == online  # the offline PET starts as the trained one
+    assert not any(s.requires_grad for s in method.scales("offline"))
+    keys = [k for k in _named_adapter_params(model, "offline") if k.endswith(".scale")]
+    assert len(keys) == 2  # EMA'd with the rest of the PET
+    method.ema.update(model)
+    now_on = [float(s.detach()) for s in method.scales("online")]
+    for off, before, on in zip(method.scales("offline"), online, now_on):
+        assert abs(float(off.detach()) - (0.9 * before + 0.1 * on)) < 1e-6
+    assert learner.evaluate(0) >= 0.0
+
+
+def test_lae_saves_its_pets_with_the_scalars_folded_in(tmp_path) -> None:
+    from peftkit.continual.lae import lora_pets
+
+    model, method = _model(), LAE(decay=0.9, freeze=0.0)
+    learner = ContinualLearner(model, _cfg(), method, _tasks(), num_classes=4, steps=4, batch_size=8, lr=5e-2)
+    result = learner.run()
+    x = torch.randn(7, 16)
+    model.eval()
+    with peftkit.mixed_batch(model, ["online"] * 7):
+        before = model(x).detach()
+    b_before = [p.parametrizations.lora_B.original.detach().clone() for p in lora_pets(model, "online")]
+    with method.exported():
+        assert method.scales("online") == []
+        for name in ("online", "offline"):
+            peftkit.save(model, tmp_path / name, name)
+    assert [float(s.detach()) for s in method.scales("online")] != [1.0, 1.0]  # restored, still trained values
+    for p, b in zip(lora_pets(model, "online"), b_before):
+        assert torch.equal(p.parametrizations.lora_B.original, b)
+    with peftkit.mixed_batch(model, ["online"] * 7):
+        assert torch.equal(model(x), before)
+    fresh = _model()
+    peftkit.load(fresh, tmp_path / "online")
+    fresh.eval()
+    assert_near(fresh(x).detach(), before, 32, layers=3)  # a plain LoRA with the same function
+    assert len(result.matrix) == 2

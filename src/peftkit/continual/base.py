@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -110,6 +111,12 @@ class ContinualMethod(Procedure):
     def scores(self, model: nn.Module, inputs: Any, allowed: torch.Tensor) -> torch.Tensor:
         """(B, C) scores; prediction = argmax over ``allowed`` classes."""
         return forward_logits(model, inputs)
+
+    @contextmanager
+    def exported(self) -> Iterator[None]:
+        """While inside, the adapters are in the form :func:`peftkit.save` writes (a method that reparametrises its
+        PETs for training, as LAE's scalers do, folds them here)."""
+        yield
 
 
 class Sequential(ContinualMethod):

@@ -5,11 +5,15 @@
   over the *new* classes only (``logits[:, task classes]``, targets shifted into that slice).
 * Adaptation-speed calibration: for every task after the first the PET is frozen for the first part of the task's
   run while the new head rows train alone (official: ``num_freeze_epochs=3`` of ``num_epochs=5``, so 60 % of the
-  run; here ``freeze`` = 0.6 of each later task's steps by default, or an integer number of steps). The paper's other
-  two calibrations belong to the PET module, not to this procedure: a learnable scalar on the PET output (official
-  ``Scaler(None)``, init 1) — peftkit's parallel ``bottleneck`` adapter with ``scaling="learned"`` is the official
-  adapter PET with it — and prefix compensation (dividing the prefix columns of the attention probabilities by their
-  sum), which needs the attention probabilities and is not implemented.
+  run; here ``freeze`` = 0.6 of each later task's steps by default, or an integer number of steps). A learnable
+  scalar on every PET output (official ``Scaler(None)``, init 1; ``KVLoRA`` gives ΔW_k and ΔW_v one each): for a
+  LoRA-family PET (an adapter with ``lora_A`` / ``lora_B`` factors) each adapted layer's update becomes
+  ΔW = (α/r)·s·B·A with its own s (``scaler=True``, the default; :class:`PetScale`, a parametrisation of B, so the
+  fused kernel and mixed batches run unchanged); the offline PET's scalars are EMA'd with the rest; saving folds
+  s into B (:meth:`LAE.exported`), so a saved PET is a plain adapter with the same function. peftkit's parallel
+  ``bottleneck`` adapter with ``scaling="learned"`` is the official adapter PET with its scaler. Prefix
+  compensation (dividing the prefix columns of the post-softmax attention probabilities by their sum) needs an
+  attention function of peftkit's own and is not implemented (docs/continual.md says why).
 * Accumulation: the offline PET is created when task 1 starts, as a copy of the PET trained on task 0 (official
   ``setup_model``: ``ModelEmaV2(self.pets)`` once a task has been learnt), then after every step
   θ_off ← d·θ_off + (1−d)·θ_on (:class:`~peftkit.continual.ema.EMA`, d = 0.9999); the head is shared (the offline
@@ -20,19 +24,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.errors import PeftkitError
 from ..core.model import adapter_names, mixed_batch, set_active
 from ..core.procedure import Procedure
+from ..core.state import adapted_layers
 from .base import ContinualMethod, _batch_len, _inputs_labels, forward_logits
 from .ema import EMA, _named_adapter_params, max_prob_ensemble
 
 FREEZE = 0.6  # official num_freeze_epochs / num_epochs = 3 / 5
+
+
+class PetScale(nn.Module):
+    """LAE's learnable PET output scalar (official ``Scaler(None)``): a parametrisation B ↦ s·B, s init 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b * self.scale.to(b.dtype)
+
+
+def lora_pets(model: nn.Module, name: str) -> list[nn.Module]:
+    """The per-layer modules of adapter ``name`` that hold LoRA factors ``lora_A`` / ``lora_B``."""
+    out = []
+    for _, layer in adapted_layers(model):
+        a = layer.adapters[name] if name in layer.adapters else None
+        if a is not None and isinstance(getattr(a, "lora_A", None), torch.Tensor) and \
+                isinstance(getattr(a, "lora_B", None), torch.Tensor):
+            out.append(a)
+    return out
 
 
 class LAE(ContinualMethod):
@@ -45,7 +75,7 @@ class LAE(ContinualMethod):
     name = "lae"
 
     def __init__(self, decay: float = 0.9999, freeze: float = FREEZE, seed: int = 0, *,
-                 freeze_steps: int | None = None) -> None:
+                 freeze_steps: int | None = None, scaler: bool = True) -> None:
         super().__init__(0, seed=seed)
         if isinstance(freeze, bool) or not isinstance(freeze, int | float) or not 0.0 <= freeze < 1.0:
             raise PeftkitError(f"LAE freeze is the share of a later task's steps that trains the head alone, in "
@@ -54,15 +84,47 @@ class LAE(ContinualMethod):
                                          or freeze_steps < 0):
             raise PeftkitError(f"LAE freeze_steps must be a whole number >= 0, got {freeze_steps!r}")
         self.ema = EMA("online", "offline", decay)
-        self.freeze, self.freeze_steps = float(freeze), freeze_steps
+        self.freeze, self.freeze_steps, self.scaler = float(freeze), freeze_steps, bool(scaler)
         self._frozen_for = 0
+
+    def _add_scalers(self, name: str) -> None:
+        if self.scaler:
+            for pet in lora_pets(self.model, name):
+                if not parametrize.is_parametrized(pet, "lora_B"):
+                    parametrize.register_parametrization(pet, "lora_B", PetScale())
+
+    def scales(self, name: str) -> list[nn.Parameter]:
+        """The learnable output scalars of adapter ``name``'s LoRA PETs, one per adapted layer (empty without)."""
+        return [pet.parametrizations.lora_B[0].scale for pet in lora_pets(self.model, name)
+                if parametrize.is_parametrized(pet, "lora_B")]
+
+    @contextmanager
+    def exported(self) -> Iterator[None]:
+        """While inside: every scaled PET holds plain factors with s folded in (B ← s·B: the same ΔW), as
+        :func:`peftkit.save` writes them; on exit B and s are restored."""
+        kept = []
+        for name in adapter_names(self.model):
+            for pet in lora_pets(self.model, name):
+                if parametrize.is_parametrized(pet, "lora_B"):
+                    scale = pet.parametrizations.lora_B[0]
+                    kept.append((pet, scale, pet.parametrizations.lora_B.original.detach().clone()))
+                    parametrize.remove_parametrizations(pet, "lora_B", leave_parametrized=True)
+        try:
+            yield
+        finally:
+            for pet, scale, b in kept:
+                parametrize.register_parametrization(pet, "lora_B", scale)
+                with torch.no_grad():
+                    pet.parametrizations.lora_B.original.copy_(b)
 
     def begin_task(self, k: int) -> None:
         super().begin_task(k)
         if k == 0:
             self._new_adapter("online")
+            self._add_scalers("online")
         elif "offline" not in adapter_names(self.model):  # task 1: the PET learnt on task 0 starts the offline one
             self._new_adapter("offline", activate=False)
+            self._add_scalers("offline")
             self.ema.copy(self.model)
         set_active(self.model, "online")
 

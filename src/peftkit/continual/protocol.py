@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,9 +158,18 @@ class ContinualLearner:
             self.model.train(was_training)
         return correct / len(data)
 
-    def run(self) -> ContinualResult:
+    def run(self, *, baseline: Sequence[float] | None = None,
+            on_task: Callable[[int, ContinualResult], None] | None = None) -> ContinualResult:
+        """Train and evaluate every task in turn. ``baseline``: the untrained model's accuracies when already
+        measured (they depend only on the base model and the tasks, so runs of several methods on one base model
+        can share them); ``on_task(k, partial)`` is called after task k with the result over tasks 0..k."""
         start = time.perf_counter()
-        baseline = [self.evaluate(j, untrained=True) for j in range(len(self.tasks))]
+        if baseline is None:
+            baseline = [self.evaluate(j, untrained=True) for j in range(len(self.tasks))]
+        elif len(baseline) != len(self.tasks):
+            raise PeftkitError(f"{len(baseline)} baseline accuracies for {len(self.tasks)} tasks")
+        baseline = [float(b) for b in baseline]
+        names = [t.name for t in self.tasks]
         matrix: list[list[float]] = []
         for k in range(len(self.tasks)):
             self.method.begin_task(k)
@@ -168,5 +177,8 @@ class ContinualLearner:
                                    seed=self.seed + k, progress=self.progress)
             self.method.end_task(k)
             matrix.append([self.evaluate(j) for j in range(len(self.tasks))])
+            if on_task is not None:
+                on_task(k, ContinualResult(self.method.name, names[: k + 1], [r[: k + 1] for r in matrix],
+                                           baseline[: k + 1], seconds=time.perf_counter() - start))
         return ContinualResult(self.method.name, [t.name for t in self.tasks], matrix, baseline,
                                seconds=time.perf_counter() - start)

@@ -107,8 +107,9 @@ def json_objects(lines: Iterable[str], path: Path, expected: str = "a JSON objec
         yield n, rec
 
 
-def _read_rows(path: Path) -> list[tuple[int, Any, Any]]:
-    """(line number, text, raw label) for every record of a CSV / TSV / JSONL file."""
+def _read_rows(path: Path, text_col: str = "text", label_col: str = "label") -> list[tuple[int, Any, Any]]:
+    """(line number, text, raw label) for every record of a CSV / TSV / JSONL file (columns ``text_col``,
+    ``label_col``)."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
         raise PeftkitError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; use .csv, .tsv or .jsonl")
@@ -118,20 +119,20 @@ def _read_rows(path: Path) -> list[tuple[int, Any, Any]]:
             if suffix in (".csv", ".tsv"):
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 cols = reader.fieldnames or []
-                missing = [c for c in ("text", "label") if c not in cols]
+                missing = [c for c in (text_col, label_col) if c not in cols]
                 if missing:
                     raise PeftkitError(
-                        f"{path}: missing column(s) {missing}; found columns {cols}; the file needs 'text' and "
-                        "'label' columns"
+                        f"{path}: missing column(s) {missing}; found columns {cols}; the file needs {text_col!r} "
+                        f"and {label_col!r} columns"
                     )
                 for row in reader:
-                    rows.append((reader.line_num, row["text"], row["label"]))
+                    rows.append((reader.line_num, row[text_col], row[label_col]))
             else:
-                for n, rec in json_objects(f, path, "a JSON object with 'text' and 'label'"):
-                    missing = [c for c in ("text", "label") if c not in rec]
+                for n, rec in json_objects(f, path, f"a JSON object with {text_col!r} and {label_col!r}"):
+                    missing = [c for c in (text_col, label_col) if c not in rec]
                     if missing:
                         raise PeftkitError(f"{path}:{n}: missing field(s) {missing}; found {sorted(rec)}")
-                    rows.append((n, rec["text"], rec["label"]))
+                    rows.append((n, rec[text_col], rec[label_col]))
     except csv.Error as e:
         raise PeftkitError(f"{path}: malformed CSV ({e})") from None
     if not rows:
@@ -184,13 +185,13 @@ def present_labels(data: Any) -> list[str]:
 
 
 def load_table(path: str | Path, label_names: Sequence[str] | None = None, *,
-               max_classes: int = MAX_CLASSES) -> TextData:
-    """Read a ``.csv`` / ``.tsv`` / ``.jsonl`` file with ``text`` and ``label`` columns.
+               max_classes: int = MAX_CLASSES, text_column: str = "text", label_column: str = "label") -> TextData:
+    """Read a ``.csv`` / ``.tsv`` / ``.jsonl`` file with ``text`` and ``label`` columns (or the columns named).
 
     ``label_names`` (from a trained adapter) fixes the label numbering; a label outside it is an error. Without
     it the numbering is inferred (:func:`infer_label_names`, at most ``max_classes`` classes)."""
     path = Path(path)
-    rows = _read_rows(path)
+    rows = _read_rows(path, text_column, label_column)
     keys = [_label_key(path, n, raw) for n, _, raw in rows]
     for n, text, _ in rows:
         if not isinstance(text, str):
