@@ -122,6 +122,29 @@ def test_streams_equal_the_shared_one_until_a_task_lora_differs() -> None:
     assert torch.allclose(g["parity"][0], g["digit"][0], atol=1e-5, rtol=1e-5)  # the first stage does not
 
 
+def test_every_task_loss_falls_when_the_streams_train_together() -> None:
+    """One batch, 30 AdamW steps on the summed loss through every stream and the fusion: each task's own loss
+    falls (the streams train, not just one of them)."""
+    net = _net()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+
+    def losses() -> list[float]:
+        with torch.no_grad():
+            lg = net(X)["logits"]
+        return [float(torch.nn.functional.cross_entropy(lg[t], Y[:, i])) for i, t in enumerate(TASKS)]
+
+    before = losses()
+    net.train()
+    for _ in range(30):
+        opt.zero_grad()
+        net(X, Y)["loss"].backward()
+        opt.step()
+    net.eval()
+    after = losses()
+    assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
+
+
 @pytest.fixture
 def tiny_backbone(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setitem(V.BACKBONES, "tiny-lite", (lambda n: V.EfficientNetLite(n, **TINY), "tiny, for tests"))
@@ -136,7 +159,7 @@ def _train(model: str, out: Path, *extra: str) -> list[str]:
 def test_cli_trains_every_stream_saves_and_eval_reproduces(tiny_backbone: str, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    assert main(_train(tiny_backbone, out, "--steps", "40", "--lr", "0.3", "--batch-size", "32")) == 0
+    assert main(_train(tiny_backbone, out, "--steps", "10", "--batch-size", "16")) == 0
     stdout = capsys.readouterr().out
     info = json.loads((out / "train_info.json").read_text())
     assert info["task"] == "multitask-digits" and info["method"] == "mtlora" and info["stages"] == ["_blocks.0",
@@ -153,10 +176,7 @@ def test_cli_trains_every_stream_saves_and_eval_reproduces(tiny_backbone: str, t
         assert any(f"task_B.{t}" in k and float(v.abs().max()) > 0 for k, v in saved.items())
     heads = load_file(out / M.HEADS_FILE)
     assert {k.split(".")[2] for k in heads if k.startswith("features.downsampler.")} == set(TASKS)
-    # parity and ≥ 5 are learnable from a tiny random network in 40 steps; chance is about 0.5 for both
-    assert info["accuracy_after_parity"] > info["accuracy_before_parity"] + 0.1
-    assert info["accuracy_after_ge5"] > info["accuracy_before_ge5"] + 0.1
-    assert info["accuracy_after_digit"] > 0.2  # chance 0.1
+    assert info["steps"] == 10 and {f"accuracy_{w}_{t}" for w in ("before", "after") for t in TASKS} <= set(info)
     assert "held-out accuracy after:  digit " in stdout and "4 streams" in stdout
 
     assert main(["eval", "--adapter", str(out)]) == 0
