@@ -192,7 +192,7 @@ def test_cli_trains_every_stream_saves_and_eval_reproduces(tiny_backbone: str, t
 
 @pytest.mark.parametrize("extra, needle", [
     (["--method", "lora"], "use --method mtlora"),
-    (["--opt", "tasks=[\"a\"]"], "sets the tasks"),
+    (["--opt", "tasks=[\"a\"]", "--opt", "task_modules=[\"_conv_head\"]"], "sets the tasks"),
     (["--max-length", "16"], "--max-length does not apply"),
     (["--targets", "_conv_head"], "--targets does not apply"),
     (["--image-size", "4"], "--image-size must be >= 8"),
