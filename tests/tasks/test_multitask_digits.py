@@ -85,6 +85,14 @@ def test_task_specific_parameters_get_gradients_only_from_their_own_loss(task: s
 
 def test_every_scale_reaches_every_task_through_the_fusion() -> None:
     net = _net()
+    torch.set_grad_enabled(False)
+    try:
+        _check_every_scale(net)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _check_every_scale(net: torch.nn.Module) -> None:
     base = net(X)["logits"]
     for t in TASKS:
         for k, conv in enumerate(net.features.downsampler[t]):
