@@ -146,6 +146,23 @@ def _tampered(e: Env, change: Callable[[dict], object]) -> Path:
     return dest
 
 
+def _fewshot_tampered(e: Env, change: Callable[[dict], object]) -> Path:
+    """A copy of a CrossTune head trained by ``--task fewshot`` (trained once) with ``change`` applied to its
+    train_info.json."""
+    src = e.root / "fewshot-head"
+    if not src.exists():
+        with redirect_stdout(StringIO()):
+            assert main(["train", "--task", "fewshot", "--model", str(e.model), "--data", str(e.csv), "--output",
+                         str(src), "--examples", "4", "--epochs", "1", "--eval-size", "20"]) == 0
+    dest = e.root / "fewshot-tampered"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    info = json.loads((dest / "train_info.json").read_text())
+    change(info)
+    (dest / "train_info.json").write_text(json.dumps(info))
+    return dest
+
+
 def _eval(adapter: Path, *extra: str) -> list[str]:
     return ["eval", "--adapter", str(adapter), *extra]
 
@@ -245,6 +262,26 @@ CASES: list[Case] = [
     ("opt-loreft-layer-out-of-range", lambda e: _train(e, "--method", "loreft", "--opt", "layers=[99]"),
      "layers=[99] but"),
     ("examples-for-classification", lambda e: _train(e, "--examples", "2"), "--examples applies only to"),
+    # -- fewshot (CrossTune head) and multitask-digits (MTLoRA) ----------------------------------------------------
+    ("fewshot-examples-0", lambda e: _train(e, "--task", "fewshot", "--examples", "0"), "--examples must be >= 1"),
+    ("fewshot-examples-above-smallest-class", lambda e: _train(e, "--task", "fewshot", "--examples", "500"),
+     "--examples 500 exceeds the"),
+    ("fewshot-rank", lambda e: _train(e, "--task", "fewshot", "--rank", "4"), "--rank does not apply to --task few"),
+    ("fewshot-method", lambda e: _train(e, "--task", "fewshot", "--method", "dora"), "--method does not apply"),
+    ("fewshot-descriptions-unknown-label", lambda e: _train(e, "--task", "fewshot", "--label-descriptions", str(
+        _write(e.root / "desc.json", '{"pos": "good", "neg": "bad", "meh": "so-so"}'))), "unknown label(s) ['meh']"),
+    ("fewshot-descriptions-missing", lambda e: _train(e, "--task", "fewshot", "--label-descriptions",
+                                                      str(e.root / "none.json")), "file not found"),
+    ("label-descriptions-for-classification", lambda e: _train(e, "--label-descriptions", "d.json"),
+     "--label-descriptions applies only to --task fewshot"),
+    ("eval-fewshot-unknown-head", lambda e: _eval(_fewshot_tampered(e, _set("head", {"kind": "mlp"}))),
+     "head must be a CrossTune head config"),
+    ("eval-fewshot-head-bad-heads", lambda e: _eval(_fewshot_tampered(
+        e, lambda i: i["head"].__setitem__("n_heads", 5))), "must be a positive multiple of n_heads (5)"),
+    ("eval-fewshot-head-wider", lambda e: _eval(_fewshot_tampered(
+        e, lambda i: i["head"].__setitem__("d_model", 64))), "does not fit the head"),
+    ("multitask-not-mtlora", lambda e: ["train", "--task", "multitask-digits", "--output", str(e.out)],
+     "use --method mtlora"),
     ("max-classes-for-causal-lm", lambda e: _train(e, "--task", "causal-lm", "--max-classes", "5"),
      "--max-classes applies only to --task classification"),
     # -- --task continual ---------------------------------------------------------------------------------------

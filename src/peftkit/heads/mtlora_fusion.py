@@ -113,4 +113,36 @@ class MultiScaleTaskFeatures(nn.Module):
         return out
 
 
-__all__ = ["MultiScaleTaskFeatures", "fuse"]
+class MultiTaskClassifier(nn.Module):
+    """One classifier per task over an MTLoRA backbone's fused multi-scale task features: for task t,
+    ``logits_t = Linear(pool(ReLU(Conv1×1(fuse(Downsampler_t(stage features of stream t))))))`` — the HRNet-style
+    fusion head of the official decoders, pooled for a label per image. ``classes``: {task: number of classes}, in
+    the adapter's task order; ``hidden``: the fused map's 1×1 conv width. ``forward(images, labels=None)`` returns
+    ``{"logits": {task: [B, C_t]}, "loss": Σ_t cross-entropy}`` (loss with ``labels`` [B, T], column t = task t).
+    The backbone is a submodule (its adapters train with the heads); its own output is not used."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[str], dims: Sequence[int], classes: dict[str, int], *,
+                 channels: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        self.features = MultiScaleTaskFeatures(model, stages, dims, channels=[channels] * len(stages))
+        if list(classes) != self.features.tasks or any(int(c) < 2 for c in classes.values()):
+            raise PeftkitError(f"MultiTaskClassifier: one class count >= 2 per task of the adapter, in its order "
+                               f"{self.features.tasks}; got {classes}")
+        self.backbone = model
+        self.heads = nn.ModuleDict({t: nn.Sequential(nn.Conv2d(channels * len(stages), hidden, 1), nn.ReLU(),
+                                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, c))
+                                    for t, c in classes.items()})
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        feats = self.features(images)
+        logits = {t: self.heads[t](fuse(feats[t])) for t in self.heads}
+        out: dict[str, Any] = {"logits": logits}
+        if labels is not None:
+            if labels.dim() != 2 or labels.shape[1] != len(logits):
+                raise PeftkitError(f"MultiTaskClassifier: labels must be [B, {len(logits)}] (one column per task), "
+                                   f"got {tuple(labels.shape)}")
+            out["loss"] = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits.values()))
+        return out
+
+
+__all__ = ["MultiScaleTaskFeatures", "MultiTaskClassifier", "fuse"]

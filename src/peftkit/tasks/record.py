@@ -70,7 +70,7 @@ _INFO_FIELDS: dict[str, tuple[str, Any]] = {
 
 def _check_train_info(path: Path, info: dict[str, Any]) -> None:
     for key, (what, ok) in _INFO_FIELDS.items():
-        if key == "max_length" and info.get("task") == "image-classification" and info[key] is None:
+        if key == "max_length" and "image_size" in info and info[key] is None:
             continue  # images have no max length
         if key in info and not ok(info[key]):
             raise PeftkitError(f"{path}: {key} must be {what}, got {json.dumps(info[key])[:80]}")

@@ -616,10 +616,13 @@ def _train_task(args: argparse.Namespace) -> int:
     from . import all_tasks, get_task
 
     task = get_task(getattr(args, "task", None) or "classification")
-    for other in all_tasks():
-        for dest, flag in other.own_flags if other is not task else ():
-            if getattr(args, dest, None) is not None:
-                raise PeftkitError(f"{flag} applies only to --task {other.name}")
+    owners: dict[tuple[str, str], list[str]] = {}  # a flag may be read by several tasks (--examples)
+    for t in all_tasks():
+        for key in t.own_flags:
+            owners.setdefault(key, []).append(t.name)
+    for (dest, flag), names in owners.items():
+        if task.name not in names and getattr(args, dest, None) is not None:
+            raise PeftkitError(f"{flag} applies only to --task {' / '.join(names)}")
     return task.train(args)
 
 
