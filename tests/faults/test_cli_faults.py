@@ -249,7 +249,7 @@ CASES: list[Case] = [
      f"⌊{HIDDEN} / reduction_factor {HIDDEN * 2}⌋ = 0"),
     ("opt-init-misspelled", lambda e: _train(e, "--opt", "init=evaa"), "did you mean 'eva'"),
     ("opt-loftq-on-embedding", lambda e: _train(e, "--targets", "word_embeddings", "--opt", "init=loftq"),
-     "init='loftq' needs a float Linear or GPT-2 Conv1D layer, got a embedding"),
+     "init='loftq' needs a float Linear or GPT-2 Conv1D layer, got a layer of kind 'embedding'"),
     ("opt-eva-rank-above-width", lambda e: _train(e, "--opt", "init=eva", "--rank", str(HIDDEN + 1)),
      f"rank {HIDDEN + 1} exceeds"),
     ("opt-bad-type", lambda e: _train(e, "--opt", "r=\"eight\""), "LoraConfig.r must be"),

@@ -327,6 +327,6 @@ def test_unknown_init_suggests_the_closest() -> None:
 @pytest.mark.parametrize("init", ["loftq", "eva", "corda"])
 def test_data_inits_refuse_other_hosts(init: str) -> None:
     model = nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 4))
-    with pytest.raises(PeftkitError, match="needs a float Linear or GPT-2 Conv1D layer, got a embedding"):
+    with pytest.raises(PeftkitError, match="needs a float Linear or GPT-2 Conv1D layer, got a layer of kind 'embed"):
         peftkit.adapt(model, peftkit.config("lora", r=2, init=init, target_modules=["0"]))
     assert not any(isinstance(m, nn.Module) and hasattr(m, "adapters") for m in model.modules())

@@ -34,11 +34,12 @@ INIT_HOSTS = ("linear", "gpt2_conv1d")
 
 def check_host(host: Any, init: str) -> None:
     if host.kind not in INIT_HOSTS or host.quantized:
-        what = "a quantised" if host.quantized else f"a {host.kind}"
+        kind = f"a layer of kind {host.kind!r} ({type(host.module).__name__})"
+        what = "a quantised layer" if host.quantized else kind
         extra = (" — apply init='loftq' to the full-precision model, then quantise its base (the base becomes "
                  "NF4-representable)") if host.quantized and init.startswith("loftq") else ""
         raise PeftkitError(f"module {host.name!r}: LoRA init={init!r} needs a float Linear or GPT-2 Conv1D layer, "
-                           f"got {what} layer{extra}; target other layers or use another init")
+                           f"got {what}{extra}; target other layers or use another init")
 
 
 def svd_split(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

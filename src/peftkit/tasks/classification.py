@@ -19,12 +19,10 @@ from .options import positive_int
 from .record import (
     acc_line,
     accuracy_fields,
+    check_accuracy,
     check_train_info,
     load_for_eval,
-    not_reproduced,
-    other_device,
-    recorded_check,
-    reproduction_verdict,
+    text_eval_data,
 )
 from .run import TrainRun, check_head_fits, check_max_length, eval_setup
 
@@ -111,13 +109,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     from ..train.trainer import accuracy
 
     model_dir, names, device = eval_setup(args, info, default_model_dir)
-    if args.data is not None:
-        data = D.load_table(args.data, names) if args.data != D.ROTTEN_TOMATOES else D.load_data(args.data, names)
-        subset, what = data, f"all of {data.source}"
-    else:
-        data = D.load_data(info["data"], names)
-        _, eval_idx = D.split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
-        subset, what = data.subset(eval_idx), f"the held-out split of {data.source}"
+    subset, what = text_eval_data(args, info, names)
     model, tokenizer = load_classifier(model_dir, len(names), seed=int(info["seed"]), label_names=names,
                                        quantize=info.get("quantize"))
     check_max_length(model, int(info["max_length"]))
@@ -125,14 +117,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     batches = D.Batches(D.encode(tokenizer, subset.texts, int(info["max_length"])), subset.labels,
                         int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])), D.pad_token_id(tokenizer),
                         shuffle=False)
-    acc = accuracy(model, batches)
-    print(f"accuracy: {acc_line(acc)} on {what}")
-    if recorded_check(args, info, "correct_after"):
-        rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=bool(info.get("quantize")),
-                                       other_device=other_device(info, device))
-        print(f"recorded after training: {acc_line(rec)} — {verdict}")
-        not_reproduced(verdict, f"accuracy {acc_line(acc)}", f"{acc_line(rec)}")
+    check_accuracy(args, info, accuracy(model, batches), what, device)
     return 0
 
 

@@ -300,18 +300,11 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     except Exception as e:  # noqa: BLE001 - a damaged file or a head of another size: one line naming the file
         raise PeftkitError(f"{weights} does not fit the head in {record.TRAIN_INFO}: "
                            f"{str(e).strip().splitlines()[0][:200]}") from None
-    from .. import data as D
     from ..models import default_model_dir
     from .run import eval_setup
 
     model_dir, _, device = eval_setup(args, info, default_model_dir)
-    if args.data is not None:
-        data = D.load_table(args.data, names) if args.data != D.ROTTEN_TOMATOES else D.load_data(args.data, names)
-        subset, what = data, f"all of {data.source}"
-    else:
-        data = D.load_data(info["data"], names)
-        _, eval_idx = D.split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
-        subset, what = data.subset(eval_idx), f"the held-out split of {data.source}"
+    subset, what = record.text_eval_data(args, info, names)
     import torch
 
     from ..heads.crosstune import predict
@@ -327,13 +320,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     feats = _features(encoder, tokenizer, subset.texts, ml, eb, device)
     labels = _features(encoder, tokenizer, descriptions, ml, eb, device).pooled()
     acc = _acc(predict(head, feats, labels).argmax(-1), torch.tensor(subset.labels))
-    print(f"accuracy: {record.acc_line(acc)} on {what}")
-    if record.recorded_check(args, info, "correct_after"):
-        rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        verdict = record.reproduction_verdict(rec[1], acc[1], rec[2], quantized=False,
-                                              other_device=record.other_device(info, device))
-        print(f"recorded after training: {record.acc_line(rec)} — {verdict}")
-        record.not_reproduced(verdict, f"accuracy {record.acc_line(acc)}", record.acc_line(rec))
+    record.check_accuracy(args, info, acc, what, device)
     return 0
 
 

@@ -147,14 +147,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     what = record.load_for_eval(model, adapter, args.eval_rank, what, device)
     batches = ImageBatches(subset, int(info.get("eval_batch_size", DEFAULTS["eval_batch_size"])),
                            int(info["image_size"]), shuffle=False)
-    acc = accuracy(model, batches)
-    print(f"accuracy: {record.acc_line(acc)} on {what}")
-    if record.recorded_check(args, info, "correct_after"):
-        rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
-        verdict = record.reproduction_verdict(rec[1], acc[1], rec[2], quantized=False,
-                                              other_device=record.other_device(info, device))
-        print(f"recorded after training: {record.acc_line(rec)} — {verdict}")
-        record.not_reproduced(verdict, f"accuracy {record.acc_line(acc)}", record.acc_line(rec))
+    record.check_accuracy(args, info, accuracy(model, batches), what, device)
     return 0
 
 

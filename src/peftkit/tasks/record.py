@@ -144,3 +144,30 @@ def load_for_eval(model: nn.Module, adapter: Path, rank: int | None, what: str, 
 def recorded_check(args: argparse.Namespace, info: dict[str, Any], key: str) -> bool:
     """Whether ``eval`` compares with what training recorded: the run's own held-out split at its own rank."""
     return args.data is None and getattr(args, "eval_rank", None) is None and key in info
+
+
+def check_accuracy(args: argparse.Namespace, info: dict[str, Any], acc: tuple[float, int, int], what: str,
+                   device: Any) -> None:
+    """Print the re-evaluated accuracy ``acc`` on ``what`` and, on the run's own split, compare it with the accuracy
+    recorded after training (``eval`` exits 1 when it differs)."""
+    print(f"accuracy: {acc_line(acc)} on {what}")
+    if recorded_check(args, info, "correct_after"):
+        rec = (info["accuracy_after"], info["correct_after"], int(info["eval_size"]))
+        verdict = reproduction_verdict(rec[1], acc[1], rec[2], quantized=bool(info.get("quantize")),
+                                       other_device=other_device(info, device))
+        print(f"recorded after training: {acc_line(rec)} — {verdict}")
+        not_reproduced(verdict, f"accuracy {acc_line(acc)}", acc_line(rec))
+
+
+def text_eval_data(args: argparse.Namespace, info: dict[str, Any], names: list[str]) -> tuple[Any, str]:
+    """(examples, description) ``eval`` scores a text run on: all of ``--data`` when given, else the run's own
+    held-out split (its ``eval_size`` and ``split_seed``) of the data it trained on."""
+    from .. import data as D
+
+    if args.data is not None:
+        data = D.load_table(args.data, names) if args.data != D.ROTTEN_TOMATOES else D.load_data(args.data, names)
+        return data, f"all of {data.source}"
+    data = D.load_data(info["data"], names)
+    _, eval_idx = D.split_indices(len(data), int(info["eval_size"]), int(info["split_seed"]))
+    return data.subset(eval_idx), f"the held-out split of {data.source}"
+
