@@ -184,11 +184,20 @@ def test_lora_adapts_the_pointwise_convs_only() -> None:
     assert peftkit.summary(m).trainable == lora + 12_810 == 195_082
 
 
-def test_grouped_depthwise_convs_are_refused_by_name() -> None:
+def test_depthwise_convs_take_a_rank_that_is_a_multiple_of_their_groups() -> None:
+    # a depthwise conv is a grouped convolution (groups = channels): B is grouped as PEFT stores it, so r must be a
+    # multiple of the groups — anything else is refused naming the layer, with nothing installed
     m = tiny()
-    with pytest.raises(PeftkitError, match="grouped convolutions"):
+    with pytest.raises(PeftkitError, match=r"is a grouped convolution \(groups=16\): the rank must be a multiple"):
         peftkit.adapt(m, peftkit.config("lora", target_modules=["_depthwise_conv"]))
     assert not list(peftkit.adapted_layers(m))
+    x = _images(2)
+    with torch.no_grad():
+        before = m.eval()(x)
+    peftkit.adapt(m, peftkit.config("lora", target_modules=["_blocks.1._depthwise_conv"], r=16, init="random"))
+    assert len(list(peftkit.adapted_layers(m))) == 1
+    with torch.no_grad():
+        assert not torch.allclose(m(x), before)  # the random-B adapter changes the output
 
 
 def test_training_changes_only_adapters_and_head_and_keeps_bn_buffers() -> None:

@@ -60,9 +60,9 @@ def test_unsupported_host_type_names_the_module() -> None:
     model = spec.build()
     snap = _snapshot(model)
     with pytest.raises(peftkit.PeftkitError) as e:
-        peftkit.adapt(model, peftkit.config("dora", target_modules=["emb", "proj"]))
+        peftkit.adapt(model, peftkit.config("loha", target_modules=["emb", "proj"]))
     msg = str(e.value)
-    assert "'dora' does not support Embedding layers (module 'emb')" in msg and "linear" in msg
+    assert "'loha' does not support Embedding layers (module 'emb')" in msg and "linear" in msg
     assert _unchanged(model, snap)
 
 

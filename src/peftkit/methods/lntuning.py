@@ -113,6 +113,10 @@ class LnTuning(Adapter):
         params = {"weight": m.weight + self.d_gamma}
         if self.d_beta is not None:
             params["bias"] = m.bias + self.d_beta
+        w = params["weight"]
+        if (self.host.kind != "norm" and x.is_floating_point() and x.dtype != w.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            x = x.to(w.dtype)  # a Linear / conv: γ + Δγ is float32 on a half base; x joins it
         return functional_call(m, params, (x,))
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
