@@ -31,7 +31,8 @@ def _scaled_direction(
     not given."""
     v = folded_weight(w, a, b, s)
     if c is None:
-        assert m is not None
+        if m is None:
+            raise ValueError("_scaled_direction needs the magnitude m or the scale c")
         c = m / torch.linalg.vector_norm(v, dim=1)
     return v.mul_(c[:, None]), c
 
