@@ -135,7 +135,7 @@ def test_task_incremental_accuracy_is_at_least_class_incremental(env: tuple[Path
 
 
 def test_joint_trains_stage_k_on_every_task_seen() -> None:
-    """Joint's batches at stage k come from the union of tasks 0..k (the upper bound), without replacement."""
+    """Joint's batches at stage k come from tasks 0..k, each task without replacement."""
     import torch
 
     from conformance.models import MLP
@@ -145,11 +145,36 @@ def test_joint_trains_stage_k_on_every_task_seen() -> None:
     cfg = peftkit.config("lora", target_modules=["fc1", "fc2"], r=2, modules_to_save=["head"])
     method = Joint()
     ContinualLearner(MLP(n_out=6), cfg, method, tasks, num_classes=6, steps=1, batch_size=4)
-    # 9 batches of 2 = the 18 examples of tasks 0..2, each once
-    drawn = sorted(float(x[0]) for xs, _ in method.batches(2, steps=9, batch_size=2, seed=0) for x in xs)
+    # 6 batches of 3 = the 18 examples of tasks 0..2, each once
+    drawn = sorted(float(x[0]) for xs, _ in method.batches(2, steps=6, batch_size=3, seed=0) for x in xs)
     assert drawn == sorted(10.0 * k + i for k in range(3) for i in range(6))
     labels = {int(y) for _, ys in method.batches(0, steps=3, batch_size=2, seed=0) for y in ys}
     assert labels == {0, 1}  # stage 0: task 0 alone
+
+
+@pytest.mark.parametrize("batch_size", [8, 7])
+def test_joint_batches_are_balanced_over_tasks_not_over_examples(batch_size: int) -> None:
+    """An imbalanced sequence (task 0 has 40× task 2's examples, as R8's corporate dwarfs shipping): every joint
+    batch holds batch_size // 3 examples of each task, the rest from distinct tasks, so each task gets ~1/3 of the
+    examples (a uniform draw over the union gives task 2 about 1/61)."""
+    import torch
+
+    from conformance.models import MLP
+
+    sizes = (400, 200, 10)
+    tasks = [Task(f"t{k}", (2 * k, 2 * k + 1), [(torch.full((4,), float(k)), 2 * k + i % 2) for i in range(n)],
+                  [(torch.zeros(4), 2 * k)]) for k, n in enumerate(sizes)]
+    cfg = peftkit.config("lora", target_modules=["fc1", "fc2"], r=2, modules_to_save=["head"])
+    method = Joint()
+    ContinualLearner(MLP(d=4, n_out=6), cfg, method, tasks, num_classes=6, steps=1, batch_size=4)
+    counts = torch.zeros(3)
+    for xs, ys in method.batches(2, steps=60, batch_size=batch_size, seed=1):
+        per = torch.bincount(xs[:, 0].long(), minlength=3)
+        assert per.min() >= batch_size // 3 and per.max() <= batch_size // 3 + 1 and int(per.sum()) == batch_size
+        assert torch.equal(ys // 2, xs[:, 0].long())  # labels stay with their task
+        counts += per
+    share = counts / counts.sum()
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.03), share
 
 
 # -- R8 ---------------------------------------------------------------------------------------------------------
