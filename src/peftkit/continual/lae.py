@@ -11,9 +11,12 @@
   ΔW = (α/r)·s·B·A with its own s (``scaler=True``, the default; :class:`PetScale`, a parametrisation of B, so the
   fused kernel and mixed batches run unchanged); the offline PET's scalars are EMA'd with the rest; saving folds
   s into B (:meth:`LAE.exported`), so a saved PET is a plain adapter with the same function. peftkit's parallel
-  ``bottleneck`` adapter with ``scaling="learned"`` is the official adapter PET with its scaler. Prefix
-  compensation (dividing the prefix columns of the post-softmax attention probabilities by their sum) needs an
-  attention function of peftkit's own and is not implemented (docs/continual.md says why).
+  ``bottleneck`` adapter with ``scaling="learned"`` is the official adapter PET with its scaler. A key/value-prefix
+  PET (``prefix_tuning``, ``ptuning_v2``: :class:`~peftkit.core.kvprefix.KVPrefix`) gets a learnable scalar per
+  layer on its keys and another on its values (``scaler=True``) and the *prefix compensation*
+  (``compensation=True``, the default): the prefix columns of the post-softmax attention divided by their sum λ
+  (:mod:`peftkit.continual.prefix`). Saving folds the key/value scalars into the table; the compensation is part
+  of LAE's model, not of the saved adapter (``peftkit eval`` of a continual stage turns it on again).
 * Accumulation: the offline PET is created when task 1 starts, as a copy of the PET trained on task 0 (official
   ``setup_model``: ``ModelEmaV2(self.pets)`` once a task has been learnt), then after every step
   θ_off ← d·θ_off + (1−d)·θ_on (:class:`~peftkit.continual.ema.EMA`, d = 0.9999); the head is shared (the offline
@@ -24,7 +27,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,11 +37,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.errors import PeftkitError
+from ..core import model_level as ml
 from ..core.model import adapter_names, mixed_batch, set_active
 from ..core.procedure import Procedure
 from ..core.state import adapted_layers
 from .base import ContinualMethod, _batch_len, _inputs_labels, forward_logits
 from .ema import EMA, _named_adapter_params, max_prob_ensemble
+from .prefix import add_kv_scales, compensate, prefix_adapters, scaled_tensors
 
 FREEZE = 0.6  # official num_freeze_epochs / num_epochs = 3 / 5
 
@@ -75,7 +80,7 @@ class LAE(ContinualMethod):
     name = "lae"
 
     def __init__(self, decay: float = 0.9999, freeze: float = FREEZE, seed: int = 0, *,
-                 freeze_steps: int | None = None, scaler: bool = True) -> None:
+                 freeze_steps: int | None = None, scaler: bool = True, compensation: bool = True) -> None:
         super().__init__(0, seed=seed)
         if isinstance(freeze, bool) or not isinstance(freeze, int | float) or not 0.0 <= freeze < 1.0:
             raise PeftkitError(f"LAE freeze is the share of a later task's steps that trains the head alone, in "
@@ -85,6 +90,7 @@ class LAE(ContinualMethod):
             raise PeftkitError(f"LAE freeze_steps must be a whole number >= 0, got {freeze_steps!r}")
         self.ema = EMA("online", "offline", decay)
         self.freeze, self.freeze_steps, self.scaler = float(freeze), freeze_steps, bool(scaler)
+        self.compensation = bool(compensation)
         self._frozen_for = 0
 
     def _add_scalers(self, name: str) -> None:
@@ -92,6 +98,14 @@ class LAE(ContinualMethod):
             for pet in lora_pets(self.model, name):
                 if not parametrize.is_parametrized(pet, "lora_B"):
                     parametrize.register_parametrization(pet, "lora_B", PetScale())
+            for adapter in prefix_adapters(self.model, [name]).values():
+                add_kv_scales(adapter)
+        self._compensate()
+
+    def _compensate(self) -> None:
+        """Prefix compensation on, once the model has a key/value-prefix PET."""
+        if self.compensation and prefix_adapters(self.model):
+            compensate(self.model)
 
     def scales(self, name: str) -> list[nn.Parameter]:
         """The learnable output scalars of adapter ``name``'s LoRA PETs, one per adapted layer (empty without)."""
@@ -102,20 +116,26 @@ class LAE(ContinualMethod):
     def exported(self) -> Iterator[None]:
         """While inside: every scaled PET holds plain factors with s folded in (B ← s·B: the same ΔW), as
         :func:`peftkit.save` writes them; on exit B and s are restored."""
-        kept = []
+        held: list[tuple[nn.Module, str]] = []
         for name in adapter_names(self.model):
-            for pet in lora_pets(self.model, name):
-                if parametrize.is_parametrized(pet, "lora_B"):
-                    scale = pet.parametrizations.lora_B[0]
-                    kept.append((pet, scale, pet.parametrizations.lora_B.original.detach().clone()))
-                    parametrize.remove_parametrizations(pet, "lora_B", leave_parametrized=True)
+            held += [(pet, "lora_B") for pet in lora_pets(self.model, name)
+                     if parametrize.is_parametrized(pet, "lora_B")]
+            held += [pair for a in prefix_adapters(self.model, [name]).values() for pair in scaled_tensors(a)]
+        kept = []
+        for module, t in held:
+            plist = getattr(module.parametrizations, t)
+            kept.append((module, t, plist[0], plist.original.detach().clone(), plist.original.requires_grad))
+        for module, t in held:
+            parametrize.remove_parametrizations(module, t, leave_parametrized=True)
         try:
             yield
         finally:
-            for pet, scale, b in kept:
-                parametrize.register_parametrization(pet, "lora_B", scale)
+            for module, t, scale, original, grad in kept:
+                parametrize.register_parametrization(module, t, scale)
+                plist = getattr(module.parametrizations, t)
                 with torch.no_grad():
-                    pet.parametrizations.lora_B.original.copy_(b)
+                    plist.original.copy_(original)
+                plist.original.requires_grad_(grad)
 
     def begin_task(self, k: int) -> None:
         super().begin_task(k)
@@ -166,12 +186,19 @@ class LAE(ContinualMethod):
         local = (labels[:, None] == classes[None, :]).float().argmax(-1)
         return F.cross_entropy(logits.index_select(1, classes), local), logits
 
+    def _logits_of(self, model: nn.Module, name: str, inputs: Any) -> torch.Tensor:
+        if name in ml.model_adapters(model):  # a model-level PET (a prefix) changes the whole call: switch to it
+            before = list(model.__dict__.get("peftkit_active") or [])
+            set_active(model, name)
+            try:
+                return forward_logits(model, inputs)
+            finally:
+                set_active(model, before or name)
+        with mixed_batch(model, [name] * _batch_len(inputs)):
+            return forward_logits(model, inputs)
+
     def scores(self, model: nn.Module, inputs: Any, allowed: torch.Tensor) -> torch.Tensor:
-        n = _batch_len(inputs)
-        with mixed_batch(model, ["online"] * n):
-            on = forward_logits(model, inputs)
-        if not self.has_offline():
-            return max_prob_ensemble(on, mask=allowed)
-        with mixed_batch(model, ["offline"] * n):
-            off = forward_logits(model, inputs)
-        return max_prob_ensemble(on, off, mask=allowed)
+        self._compensate()
+        logits: Sequence[torch.Tensor] = [self._logits_of(model, n, inputs)
+                                          for n in (("online", "offline") if self.has_offline() else ("online",))]
+        return max_prob_ensemble(*logits, mask=allowed)
