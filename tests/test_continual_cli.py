@@ -117,6 +117,20 @@ def test_each_method_trains_prints_the_matrix_saves_and_eval_reproduces(method: 
         assert stdout.count("— reproduced") == k
 
 
+def test_lae_with_a_prefix_pet_trains_saves_and_eval_reproduces_with_compensation(env: tuple[Path, Path],
+                                                                                    tmp_path: Path) -> None:
+    """LAE over prefix tuning from the CLI: the compensation and key/value scalars train; the saved stage (scalars
+    folded into the table) re-measures the same row with the compensation turned on again by ``peftkit eval``."""
+    out = tmp_path / "lae-prefix"
+    rc, stdout = _run(_train(env, out, "--continual", "lae", "--tasks", "a,b;c,d", "--method", "prefix_tuning",
+                             "--opt", "num_virtual_tokens=4", "--ema-decay", "0.9"))
+    assert rc == 0, stdout
+    for k in (1, 2):
+        rc, stdout = _run(["eval", "--adapter", str(out / f"task_{k}"), "--threads", "1"])
+        assert rc == 0, stdout
+        assert stdout.count("— reproduced") == k
+
+
 def test_task_incremental_accuracy_is_at_least_class_incremental(env: tuple[Path, Path], tmp_path: Path) -> None:
     """The same training (same seed, the setting changes only the evaluation): predicting among a task's own classes
     is right wherever predicting among all seen classes is, so every seen-task entry is >= and the untrained and

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..core.errors import PeftkitError
 from ..core import model_level as ml
+from ..core.errors import PeftkitError
 from ..core.model import adapter_names, mixed_batch, set_active
 from ..core.procedure import Procedure
 from ..core.state import adapted_layers
