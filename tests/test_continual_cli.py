@@ -191,6 +191,44 @@ def test_joint_batches_are_balanced_over_tasks_not_over_examples(batch_size: int
     assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.03), share
 
 
+def test_eval_per_class_caps_each_label_and_eval_reproduces(env: tuple[Path, Path], tmp_path: Path) -> None:
+    """--eval-per-class 4 on the file's 40 held-out examples (about 10 per label): 4 per label, 8 per task, and the
+    saved stage re-measures them."""
+    out = tmp_path / "capped"
+    rc, stdout = _run(_train(env, out, "--continual", "sequential", "--tasks", "a,b;c,d", "--eval-per-class", "4"))
+    assert rc == 0, stdout
+    info = json.loads((out / "task_2" / "train_info.json").read_text())
+    assert info["held_out_row"] == [8, 8] and info["eval_per_class"] == 4 and "(at most 4 per class)" in stdout
+    rc, stdout = _run(["eval", "--adapter", str(out / "task_2"), "--threads", "1"])
+    assert rc == 0 and stdout.count("— reproduced") == 2, stdout
+
+
+def test_r8_default_held_out_is_capped_per_class() -> None:
+    """R8's default held-out set: at most 50 test documents per class (346 of 2,189: ship and grain have 36 and
+    10), a fixed draw; --eval-per-class all or --eval-size keep the old choices."""
+    import argparse
+
+    from peftkit.data.reuters import R8
+    from peftkit.data.text import TextData
+    from peftkit.tasks.continual import R8_PER_CLASS, cap_per_class, resolve_per_class
+
+    def ns(**kw: object) -> argparse.Namespace:
+        return argparse.Namespace(**{"data": None, "eval_size": None, "eval_per_class": None, **kw})
+
+    assert resolve_per_class(ns()) == R8_PER_CLASS == resolve_per_class(ns(data=R8))
+    assert resolve_per_class(ns(eval_size=500)) == 0 and resolve_per_class(ns(eval_per_class=0)) == 0
+    assert resolve_per_class(ns(data="my.csv")) == 0 and resolve_per_class(ns(data="my.csv", eval_per_class=3)) == 3
+    with pytest.raises(PeftkitError, match="give one"):
+        resolve_per_class(ns(eval_size=500, eval_per_class=3))
+    labels = [0] * 120 + [1] * 7 + [2] * 60
+    data = TextData([f"doc {i}" for i in range(len(labels))], labels, ["x", "y", "z"], "test")
+    held, capped = cap_per_class(data, 50, 0)
+    assert capped and sorted(held.labels) == [0] * 50 + [1] * 7 + [2] * 50
+    assert held.texts == sorted(held.texts, key=lambda t: int(t.split()[1]))  # order kept
+    assert cap_per_class(data, 50, 0)[0].texts == held.texts  # a fixed draw
+    assert cap_per_class(data, 0, 0) == (data, False)
+
+
 # -- R8 ---------------------------------------------------------------------------------------------------------
 def test_r8_reader_names_the_bad_line(tmp_path: Path) -> None:
     from peftkit.data.reuters import R8_LABELS, load_r8, read_tab

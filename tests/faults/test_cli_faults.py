@@ -309,6 +309,11 @@ CASES: list[Case] = [
      "--method lora with these options needs a data-aware calibration, which --task continual does not run"),
     ("continual-ema-decay-above-1", lambda e: _train(e, "--task", "continual", "--ema-decay", "2"),
      "argument --ema-decay: must be in [0, 1]"),
+    ("continual-eval-per-class-zero", lambda e: _train(e, "--task", "continual", "--eval-per-class", "0"),
+     "argument --eval-per-class: expected a whole number >= 1 or 'all', got '0'"),
+    ("continual-eval-per-class-and-eval-size-on-r8",
+     lambda e: _train(e, "--task", "continual", "--eval-per-class", "5", data=Path("reuters-r8")),
+     "--eval-size and --eval-per-class both choose R8's held-out documents; give one"),
     # -- data --------------------------------------------------------------------------------------------------
     ("data-missing", lambda e: _train(e, data=e.root / "nowhere.csv"), "data file not found"),
     ("data-folder", lambda e: _train(e, data=e.files["folder"]), "is a directory, not a file"),

