@@ -7,8 +7,9 @@ grain have only 36 and 10; ``--eval-per-class all`` keeps all 2,189, ``--eval-si
 instead; 4 tasks of 2 topics — earn/acq, crude/trade, money-fx/interest, ship/grain), or any CSV / TSV / JSONL with a
 text and a label column (``--text-column`` / ``--label-column``; a held-out split of ``--eval-size`` examples,
 default a fifth, at most 1000, capped per class only when ``--eval-per-class`` is given). ``--tasks`` cuts the
-labels into tasks: ``"a,b;c,d"`` names each task's labels (``;`` between tasks, ``,`` between labels; labels in no task are dropped), a number N cuts the labels, in their order (sorted names; integer
-labels by value), into N consecutive groups of (nearly) equal size. Default: R8's four topic tasks; for a file,
+labels into tasks: ``"a,b;c,d"`` names each task's labels (``;`` between tasks, ``,`` between labels; labels in
+no task are dropped), a number N cuts the labels, in their order (sorted names; integer labels by value), into N
+consecutive groups of (nearly) equal size. Default: R8's four topic tasks; for a file,
 groups of two labels.
 
 ``--continual`` picks the method (:mod:`peftkit.continual`): ``sequential`` (fine-tuning, the forgetting
