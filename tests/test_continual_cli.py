@@ -11,6 +11,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+import torch
 
 import peftkit
 from peftkit import PeftkitError
@@ -129,6 +130,45 @@ def test_lae_with_a_prefix_pet_trains_saves_and_eval_reproduces_with_compensatio
         rc, stdout = _run(["eval", "--adapter", str(out / f"task_{k}"), "--threads", "1"])
         assert rc == 0, stdout
         assert stdout.count("— reproduced") == k
+
+
+@pytest.mark.parametrize("method", ["lae", "conpet-dynamic"])
+def test_resume_after_an_interrupted_task_gives_the_uninterrupted_run(method: str, env: tuple[Path, Path],
+                                                                      tmp_path: Path, monkeypatch) -> None:
+    """A run stopped while saving task 3 resumes after task 2 (finished tasks skipped, their adapters / LAE state /
+    replay memory restored) and ends with the matrix, metrics and adapters of the run that was never stopped."""
+    import peftkit.tasks.continual as tc
+
+    extra = ("--continual", method, "--tasks", "a;b,c;d", "--memory", "12", "--ema-decay", "0.9")
+    whole = tmp_path / "whole"
+    rc, stdout = _run(_train(env, whole, *extra))
+    assert rc == 0, stdout
+    assert not (whole / "checkpoints").exists()  # a finished run keeps no resume point
+    save = tc._save_stage
+
+    def stop_at_task_3(model: object, stage: Path, info: dict, overwrite: bool) -> None:
+        if stage.name == "task_3":
+            raise PeftkitError("stopped for the test")
+        save(model, stage, info, overwrite)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(tc, "_save_stage", stop_at_task_3)
+    rc, stdout = _run(_train(env, cut, *extra))
+    assert rc != 0 and (cut / "task_2").is_dir() and not (cut / "results.json").exists()
+    monkeypatch.setattr(tc, "_save_stage", save)
+    rc, stdout = _run(["train", "--resume", str(cut), "--threads", "1", "--no-progress"])
+    assert rc == 0, stdout
+    assert "resuming after task 2 (b+c)" in stdout and "after task 1 " not in stdout and "after task 3 " in stdout
+    got, want = (json.loads((d / "results.json").read_text()) for d in (cut, whole))
+    assert got["matrix"] == want["matrix"] and got["baseline"] == want["baseline"]
+    assert [got[k] for k in ("acc", "bwt", "fwt")] == [want[k] for k in ("acc", "bwt", "fwt")]
+    import safetensors.torch as st
+
+    for sub in sorted(p.relative_to(whole / "task_3") for p in (whole / "task_3").rglob("*.safetensors")):
+        a, b = st.load_file(str(whole / "task_3" / sub)), st.load_file(str(cut / "task_3" / sub))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    rc, stdout = _run(["eval", "--adapter", str(cut / "task_3"), "--threads", "1"])
+    assert rc == 0 and stdout.count("— reproduced") == 3, stdout
 
 
 def test_task_incremental_accuracy_is_at_least_class_incremental(env: tuple[Path, Path], tmp_path: Path) -> None:

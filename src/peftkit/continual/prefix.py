@@ -131,14 +131,17 @@ class PrefixKVScale(nn.Module):
     """Per-layer learnable scalars of a prefix table's keys and values (init 1): multiplies the table's columns
     (``dim=-1``, a free table) or the rows of the layer computing it (``dim=0``); layout (P, L, 2, H_kv, d_h)."""
 
-    def __init__(self, layers: int, dim: int) -> None:
+    def __init__(self, layers: int, dim: int, tied: PrefixKVScale | None = None) -> None:
         super().__init__()
-        self.key_scale = nn.Parameter(torch.ones(layers))
-        self.value_scale = nn.Parameter(torch.ones(layers))
+        if tied is None:
+            self.key_scale = nn.Parameter(torch.ones(layers))
+            self.value_scale = nn.Parameter(torch.ones(layers))
+        self.__dict__["tied"] = tied  # the bias of a projection uses its weight's scalars (one copy in the state)
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        s = torch.stack([self.key_scale, self.value_scale], 1).to(t.dtype)  # (L, 2)
+        own = self if self.tied is None else self.tied
+        s = torch.stack([own.key_scale, own.value_scale], 1).to(t.dtype)  # (L, 2)
         width = t.shape[self.dim]
         v = s[:, :, None].expand(*s.shape, width // s.numel()).reshape(width)
         return t * (v if self.dim == -1 else v.view(-1, *[1] * (t.ndim - 1)))
@@ -152,7 +155,7 @@ def add_kv_scales(adapter: KVPrefix) -> PrefixKVScale | None:
             return None
         scale = PrefixKVScale(adapter.geo.layers, 0).to(last.weight.device)
         parametrize.register_parametrization(last, "weight", scale)
-        parametrize.register_parametrization(last, "bias", scale)
+        parametrize.register_parametrization(last, "bias", PrefixKVScale(adapter.geo.layers, 0, tied=scale))
         return scale
     if parametrize.is_parametrized(adapter.embedding, "weight"):
         return None

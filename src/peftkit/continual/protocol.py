@@ -159,19 +159,27 @@ class ContinualLearner:
         return correct / len(data)
 
     def run(self, *, baseline: Sequence[float] | None = None,
-            on_task: Callable[[int, ContinualResult], None] | None = None) -> ContinualResult:
+            on_task: Callable[[int, ContinualResult], None] | None = None,
+            done: Sequence[Sequence[float]] = ()) -> ContinualResult:
         """Train and evaluate every task in turn. ``baseline``: the untrained model's accuracies when already
         measured (they depend only on the base model and the tasks, so runs of several methods on one base model
-        can share them); ``on_task(k, partial)`` is called after task k with the result over tasks 0..k."""
+        can share them); ``on_task(k, partial)`` is called after task k with the result over tasks 0..k (its
+        ``extra["rows"]``: the matrix rows so far over *all* tasks). ``done``: the full rows of tasks already trained
+        (a resumed run: the method and model already hold their state after task ``len(done) - 1``); training
+        continues with the next task."""
         start = time.perf_counter()
+        if len(done) >= len(self.tasks) or any(len(r) != len(self.tasks) for r in done) or \
+                self.method.task != len(done) - 1:
+            raise PeftkitError(f"cannot continue after {len(done)} tasks: the sequence has {len(self.tasks)} tasks "
+                               f"and the method has seen {self.method.task + 1}")
         if baseline is None:
             baseline = [self.evaluate(j, untrained=True) for j in range(len(self.tasks))]
         elif len(baseline) != len(self.tasks):
             raise PeftkitError(f"{len(baseline)} baseline accuracies for {len(self.tasks)} tasks")
         baseline = [float(b) for b in baseline]
         names = [t.name for t in self.tasks]
-        matrix: list[list[float]] = []
-        for k in range(len(self.tasks)):
+        matrix: list[list[float]] = [[float(a) for a in r] for r in done]
+        for k in range(len(done), len(self.tasks)):
             self.method.begin_task(k)
             self.method.train_task(k, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                                    seed=self.seed + k, progress=self.progress)
@@ -179,6 +187,7 @@ class ContinualLearner:
             matrix.append([self.evaluate(j) for j in range(len(self.tasks))])
             if on_task is not None:
                 on_task(k, ContinualResult(self.method.name, names[: k + 1], [r[: k + 1] for r in matrix],
-                                           baseline[: k + 1], seconds=time.perf_counter() - start))
+                                           baseline[: k + 1], seconds=time.perf_counter() - start,
+                                           extra={"rows": [list(r) for r in matrix], "baseline": list(baseline)}))
         return ContinualResult(self.method.name, [t.name for t in self.tasks], matrix, baseline,
                                seconds=time.perf_counter() - start)

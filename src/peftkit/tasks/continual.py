@@ -185,7 +185,7 @@ def resolve_per_class(args: Any) -> int:
     from ..data.reuters import R8
 
     if args.eval_per_class is not None:
-        if args.eval_size is not None and args.data in (None, R8):
+        if args.eval_per_class and args.eval_size is not None and args.data in (None, R8):
             raise PeftkitError("--eval-size and --eval-per-class both choose R8's held-out documents; give one")
         return int(args.eval_per_class)
     return R8_PER_CLASS if args.data in (None, R8) and args.eval_size is None else 0
@@ -246,12 +246,13 @@ def _config(run: Any, model: Any) -> Any:
 
 def _refuse_unused(args: argparse.Namespace) -> None:
     for flag, bad in (("--epochs", args.epochs is not None), ("--head-lr", args.head_lr is not None),
-                      ("--density-loss", args.density_loss is not None), ("--resume", args.resume is not None),
+                      ("--density-loss", args.density_loss is not None),
                       ("--grad-accum", getattr(args, "grad_accum", 1) != 1),
                       ("--precision", getattr(args, "precision", "fp32") != "fp32")):
         if bad:
             raise PeftkitError(f"{flag} does not apply to --task continual (it trains --steps optimiser steps per "
-                               "task, in fp32, with one learning rate, without checkpoints)")
+                               "task, in fp32, with one learning rate; --resume restarts after the last finished "
+                               "task)")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -290,6 +291,8 @@ def train(args: argparse.Namespace) -> int:
     method = make_method(args.continual, seed=args.seed, memory=args.memory, ema_decay=args.ema_decay)
     learner = _learner(args, model, tok, cfg, method, train_d, held, groups)
     names = [t.name for t in learner.tasks]
+    ckpt = _checkpointing(args, run.output)
+    done, baseline = _resume(args, learner, ckpt) if args.resume is not None else ([], None)
     print(f"model: {model_label(model_dir)} — {type(model).__name__}, {len(train_d.label_names)} labels")
     print(f"data: {what}")
     for i, t in enumerate(learner.tasks, 1):
@@ -325,8 +328,11 @@ def train(args: argparse.Namespace) -> int:
         with method.exported():
             _save_stage(model, stage, info, bool(args.overwrite))
         print(f"saved task {k + 1}'s adapter{'s' if len(info['adapters']) > 1 else ''} to {stage}")
+        _save_resume_point(model, ckpt, k + 1, partial.extra["rows"], partial.extra["baseline"])
 
-    result = learner.run(on_task=on_task)
+    if done:
+        print(f"\nresuming after task {len(done)} ({names[len(done) - 1]}) from {ckpt['checkpoint_dir']}")
+    result = learner.run(on_task=on_task, done=done, baseline=baseline)
     result.extra["trainable_per_module"] = sum(p.numel() for p in peftkit.trainable_parameters(model))
     summary = {"settings": {k: v for k, v in base_info.items() if k != "peftkit_version"}, **result.summary()}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -337,8 +343,60 @@ def train(args: argparse.Namespace) -> int:
         f"{result.matrix_markdown()}\n")
     print(f"\nfinal: {_metrics_line(result)} ({result.seconds:.0f} s)")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    from .run import finish_checkpoints
+
+    finish_checkpoints(ckpt)
     run.lock.release()
     return 0
+
+
+def _checkpointing(args: argparse.Namespace, output: Path) -> dict[str, Any]:
+    """Where the resume point goes (``OUTPUT/checkpoints``, the shared ``--resume`` machinery's folder) and what it
+    records: the run's options and the data file's fingerprint."""
+    from ..train.checkpoint import file_fingerprints, latest_checkpoint
+    from .run import checkpointing
+
+    ckpt = checkpointing(args, output)
+    ckpt["checkpoint_meta"]["files"] = (file_fingerprints({"data": args.data}) if args.resume is None else
+                                        latest_checkpoint(ckpt["checkpoint_dir"]).meta.get("files", {}))
+    return ckpt
+
+
+def _save_resume_point(model: Any, ckpt: dict[str, Any], stage: int, rows: list, baseline: list) -> None:
+    """After a finished task: every adapter tensor (as trained: LAE's scalars not folded), the random-number
+    state, the matrix rows over all tasks and the baseline — what ``--resume`` needs to go on with the next task
+    exactly as an uninterrupted run would (each task's optimiser starts fresh, so none is kept)."""
+    import torch
+
+    from ..train.checkpoint import save_checkpoint, training_state
+
+    names = set(training_state(model))
+    params = [p for n, p in model.named_parameters() if n in names] or [next(model.parameters())]
+    optimizer = torch.optim.SGD(params, lr=0.0)  # stateless: each task's optimiser starts fresh, none is kept
+    save_checkpoint(ckpt["checkpoint_dir"], step=stage, model=model, optimizer=optimizer, schedule=None,
+                    meta={**ckpt["checkpoint_meta"], "continual_stage": stage, "matrix": rows, "baseline": baseline})
+
+
+def _resume(args: argparse.Namespace, learner: Any, ckpt: dict[str, Any]) -> tuple[list, list]:
+    """Bring ``learner`` to its state after the last finished task of the run in ``--resume``: the method's task
+    hooks replayed for the finished tasks (adapters created, replay memory filled, as in the first run), then the
+    saved adapter tensors and random-number state restored. Returns (finished rows, baseline)."""
+    from ..train.checkpoint import latest_checkpoint
+
+    point = latest_checkpoint(ckpt["checkpoint_dir"])
+    meta = point.meta
+    stage, rows, baseline = meta.get("continual_stage"), meta.get("matrix"), meta.get("baseline")
+    n = len(learner.tasks)
+    if not isinstance(stage, int) or not isinstance(rows, list) or len(rows) != stage or not 1 <= stage < n \
+            or not isinstance(baseline, list) or len(baseline) != n:
+        raise PeftkitError(f"--resume: {point.folder} is not a resume point of a continual run over these {n} tasks")
+    method = learner.method
+    for k in range(stage):
+        method.begin_task(k)
+        method.end_task(k)
+    point.restore_model(learner.model)
+    point.restore_rng()
+    return rows, baseline
 
 
 def _threads() -> int:
