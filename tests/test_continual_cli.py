@@ -298,13 +298,15 @@ def test_r8_default_sequence_runs_from_the_cli(tmp_path: Path) -> None:
     assert (len(train), len(test)) == (5485, 2189)
     out = tmp_path / "r8"
     rc, stdout = _run(["train", "--task", "continual", "--continual", "sequential", "--output", str(out), "--steps",
-                       "2", "--batch-size", "4", "--max-length", "16", "--eval-size", "80", "--no-progress",
+                       "2", "--batch-size", "4", "--max-length", "16", "--no-progress",
                        "--threads", "1", "--method", "lora", "--targets", "query,value"])
     assert rc == 0, stdout
     res = json.loads((out / "results.json").read_text())
     assert res["tasks"] == ["corporate", "commodities", "money", "shipping"]
     assert "task 1: corporate (earn, acq)" in stdout and "task 4: shipping (ship, grain)" in stdout
-    assert sum(json.loads((out / "task_4" / "train_info.json").read_text())["held_out_row"]) == 80
+    # the default held-out set: at most 50 test documents per class (ship 36, grain 10)
+    assert json.loads((out / "task_4" / "train_info.json").read_text())["held_out_row"] == [100, 100, 100, 46]
+    assert "train split / 346 test documents (at most 50 per class)" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "task_1", "task_2", "task_3",
                                                      "task_4"]
 
