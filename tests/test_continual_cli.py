@@ -132,14 +132,16 @@ def test_lae_with_a_prefix_pet_trains_saves_and_eval_reproduces_with_compensatio
         assert stdout.count("— reproduced") == k
 
 
-@pytest.mark.parametrize("method", ["lae", "conpet-dynamic"])
-def test_resume_after_an_interrupted_task_gives_the_uninterrupted_run(method: str, env: tuple[Path, Path],
-                                                                      tmp_path: Path, monkeypatch) -> None:
-    """A run stopped while saving task 3 resumes after task 2 (finished tasks skipped, their adapters / LAE state /
-    replay memory restored) and ends with the matrix, metrics and adapters of the run that was never stopped."""
+@pytest.mark.parametrize("method, pet", [("lae", ()), ("conpet-dynamic", ()),
+                                         ("lae", ("--method", "prefix_tuning", "--opt", "num_virtual_tokens=4"))])
+def test_resume_after_an_interrupted_task_gives_the_uninterrupted_run(method: str, pet: tuple[str, ...],
+                                                                      env: tuple[Path, Path], tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """A run stopped while saving task 3 resumes after task 2 (finished tasks skipped, their adapters / LAE state and
+    scalars / replay memory restored) and ends with the matrix, metrics and adapters of the run never stopped."""
     import peftkit.tasks.continual as tc
 
-    extra = ("--continual", method, "--tasks", "a;b,c;d", "--memory", "12", "--ema-decay", "0.9")
+    extra = ("--continual", method, "--tasks", "a;b,c;d", "--memory", "12", "--ema-decay", "0.9", *pet)
     whole = tmp_path / "whole"
     rc, stdout = _run(_train(env, whole, *extra))
     assert rc == 0, stdout

@@ -268,6 +268,7 @@ def train(args: argparse.Namespace) -> int:
         raise PeftkitError("--text-column / --label-column name the columns of a --data file (R8 has its own)")
     from .run import TrainRun, check_head_fits
 
+    given = argparse.Namespace(**vars(args))  # the options as given, for --resume (TrainRun fills in derived ones)
     run = TrainRun(args, DEFAULTS, tag=args.continual)  # cheap option checks, output folder, lock
     if run.info.procedure is not None:
         raise PeftkitError(f"--method {run.info.name} needs a training procedure of its own, which --task continual "
@@ -293,7 +294,7 @@ def train(args: argparse.Namespace) -> int:
     method = make_method(args.continual, seed=args.seed, memory=args.memory, ema_decay=args.ema_decay)
     learner = _learner(args, model, tok, cfg, method, train_d, held, groups)
     names = [t.name for t in learner.tasks]
-    ckpt = _checkpointing(args, run.output)
+    ckpt = _checkpointing(given, run.output)
     done, baseline = _resume(args, learner, ckpt) if args.resume is not None else ([], None)
     print(f"model: {model_label(model_dir)} — {type(model).__name__}, {len(train_d.label_names)} labels")
     print(f"data: {what}")
