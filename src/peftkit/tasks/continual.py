@@ -24,9 +24,9 @@ ACC, average incremental accuracy, BWT and FWT (:class:`~peftkit.continual.Conti
 the *untrained* base model's accuracy on task j among its own classes, GEM's definition). Each stage's adapter(s) go
 to ``OUTPUT/task_<k>/`` (one PET: the folder itself is the adapter; several — LAE's online/offline, dynamic ConPET's
 selector and experts — one subfolder per adapter name) with ``train_info.json``; ``peftkit eval --adapter
-OUTPUT/task_<k>`` re-measures that stage's row. ``OUTPUT/results.json`` / ``results.md`` hold the whole run. After each task a resume point goes to
-``OUTPUT/checkpoints`` (adapter tensors as trained, random state, matrix rows); ``peftkit train --resume OUTPUT``
-skips the finished tasks and goes on as the uninterrupted run would.
+OUTPUT/task_<k>`` re-measures that stage's row. ``OUTPUT/results.json`` / ``results.md`` hold the whole run.
+After each task a resume point goes to ``OUTPUT/checkpoints`` (adapter tensors as trained, random state, matrix
+rows); ``peftkit train --resume OUTPUT`` skips the finished tasks and goes on as the uninterrupted run would.
 """
 
 from __future__ import annotations
