@@ -490,3 +490,22 @@ def test_train_triadaptlora_needs_no_total_steps(tiny_model_dir: Path, csv_file:
                  "3", "--eval-size", "40", "--batch-size", "8", "--no-progress", "--method", "triadaptlora"]) == 0
     cfg = json.loads((out / "adapter_config.json").read_text())["config"]
     assert cfg["total_steps"] is None and cfg["block_ranks"]  # grew on the schedule of T = 3
+
+
+def test_eva_calibration_reports_the_resized_adapter(tiny_model_dir: Path, csv_file: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """EVA moves rank between layers of different shapes (every Linear): the trainable count printed after
+    calibration and saved with the run is the calibrated adapter's, not the one built before it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "eva"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(csv_file), "--output", str(out), "--steps",
+                 "2", "--eval-size", "60", "--batch-size", "16", "--no-progress", "--targets", "all-linear",
+                 "--opt", "init=eva_rho_2"]) == 0
+    stdout = capsys.readouterr().out
+    info = json.loads((out / "train_info.json").read_text())
+    saved = sum(t.numel() for t in load_file(out / "adapter_model.safetensors").values())
+    assert info["trainable_params"] == saved  # the adapter (LoRA factors + the head) as calibrated and saved
+    built = int(stdout.split("trainable params:")[1].split()[0].replace(",", ""))
+    assert built != saved  # this model's shapes make EVA's redistribution change the size ...
+    assert f"after calibration: trainable params: {saved:,}" in stdout  # ... and the run says so

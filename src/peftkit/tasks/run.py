@@ -197,6 +197,12 @@ class TrainRun:
 
         n = min(self.defaults.get("calibration_size", 256), available)
         self.calibration = calibrate_model(self.info, model, (to_device(b, self.device) for b in make(n)), n)
+        if self.summary is not None:  # a calibration may change the adapter's size (EVA redistributes ranks)
+            import peftkit
+
+            before, self.summary = self.summary, peftkit.summary(model)
+            if self.summary.trainable != before.trainable:
+                print(f"after calibration: {str(self.summary).splitlines()[0]}")
 
     # -- training -------------------------------------------------------------------------------------------
     def train(self, model: nn.Module, batches: Iterable[Any], steps: int, procedures: Sequence[Any],
