@@ -225,6 +225,11 @@ class AdapterConfig(metaclass=_ConfigType):
         are targeted as named, whatever the other targeting fields say."""
         return []
 
+    def parameter_targets(self) -> list[str]:
+        """Parameter names (``"experts.w1"``, or a suffix of the full name) the config adapts as bare parameters —
+        each one a substituted host (:mod:`peftkit.core.host`) on the module that holds it (none here)."""
+        return []
+
     # -- per-module view ----------------------------------------------------------------------------
     def for_module(self, module_name: str) -> AdapterConfig:
         """This config with the ``overrides`` whose pattern matches ``module_name`` applied (last match wins)."""
