@@ -243,7 +243,8 @@ LORA_TRAINING_ONLY = {
 LORA_BLOCK_DIAGONAL = "use_bdlora"
 _LORA_INSTEAD = {
     "lora_bias": "use bias='lora_only' (the adapted layers' own biases train) instead",
-    "target_parameters": "target the module that holds the parameter with target_modules instead",
+    "target_parameters": "peftkit's lora has it (peftkit.config('lora', target_parameters=[...])); PEFT has no "
+                         "DoRA on a bare parameter either",
     "trainable_token_indices": "train the whole embedding with modules_to_save instead",
     "megatron_config": "adapt the unsharded model instead",
 }
