@@ -74,6 +74,32 @@ class Params(nn.Module):
         return self.lin(torch.tanh(self.hand(x)))
 
 
+class Experts(nn.Module):
+    """A mixture of 3 experts as MoE layers store them: ``up`` (3, 6, 12) maps 12 → 6 per expert (or, with
+    ``is_transposed``, (3, 12, 6) used as x·W), ``down`` a 3-D stack read by another module; a fixed soft routing."""
+
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.is_transposed = transposed
+        self.up = nn.Parameter(torch.randn(3, 12, 6) / 4 if transposed else torch.randn(3, 6, 12) / 4)
+        self.route = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("bti,eio->bteo" if self.is_transposed else "bti,eoi->bteo", x, self.up)
+        return (torch.softmax(self.route(x), -1).unsqueeze(-1) * torch.tanh(h)).sum(2)
+
+
+class MoE(nn.Module):
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        self.experts = Experts(transposed)
+        self.head = nn.Linear(6, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.experts(x))
+
+
 class Tokens(nn.Module):
     """Embedding (30 × 12) → Linear 12 → 12."""
 
@@ -242,6 +268,19 @@ def test_target_parameters_move_both_ways(kwargs: dict, kinds: set[str], tmp_pat
     cfg = peftkit.get_config(ours, "default")
     assert cfg.target_parameters == kwargs["target_parameters"]
     assert {la.host.kind for _, la in peftkit.core.state.adapted_layers(ours)} == kinds
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_expert_stacks_move_both_ways(transposed: bool, tmp_path: Path) -> None:
+    """LoRA on a 3-D stack of experts (PEFT's ParamWrapper with num_experts > 1): one factor pair per expert, in
+    PEFT's stacking, either expert layout."""
+    config = peft.LoraConfig(target_parameters=["experts.up"], target_modules=["head"], r=2, init_lora_weights=False)
+    _both_ways(lambda: MoE(transposed), config, tmp_path)
+    ours = MoE(transposed)
+    peftkit.load(ours, tmp_path / "peft")
+    host = ours.experts.host
+    assert (host.experts, host.transposed, host.d_in, host.d_out) == (3, transposed, 12, 18)
+    assert ours.experts.adapters["default"].lora_A.shape == (6, 12)
 
 
 def test_mica_moves_both_ways_and_keeps_b_frozen(tmp_path: Path) -> None:

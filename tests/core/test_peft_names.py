@@ -206,7 +206,7 @@ REFUSED = [
     ("lora", {"use_qalora": True}, "use_qalora"),
     ("lora", {"layer_replication": [[0, 1]]}, "layer_replication"),
     ("dora", {"target_parameters": ["experts.w"]}, "target_parameters"),
-    ("lora", {"init_lora_weights": "MiCA", "use_dora": True}, "DoraConfig.init must be one of 'kaiming', 'gaussian', got str 'mica'"),
+    ("lora", {"init_lora_weights": "MiCA", "use_dora": True}, "DoraConfig.init must be one of 'kaiming', 'gaussian'"),
     ("dora", {"trainable_token_indices": [1, 2]}, "modules_to_save"),
     ("dora", {"init_lora_weights": "eva"}, "init='eva'"),
     ("dora", {"init_lora_weights": "corda"}, "init='corda'"),

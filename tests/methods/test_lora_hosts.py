@@ -172,10 +172,29 @@ def test_parameter_refusals_name_the_option(cfg: dict, pattern: str) -> None:
     assert not peftkit.adapter_names(model)
 
 
-def test_three_dimensional_parameters_are_refused_by_name() -> None:
+def test_expert_stacks_get_one_update_per_expert() -> None:
+    """A 3-D (E, out, in) parameter: expert e gets ΔP_e = s·B_e·A_e, A_e = A[e·r:(e+1)·r], B_e = B[:, e::E]."""
     model = WithGate()
-    model.gate.experts = nn.Parameter(torch.randn(2, 6, 10))
-    with pytest.raises(peftkit.PeftkitError, match=r"gate.experts has 3 dimensions.*2-D parameters only"):
+    model.gate.experts = nn.Parameter(torch.randn(3, 6, 10))  # read by nothing: its update is checked by merging
+    peftkit.adapt(model, peftkit.LoraConfig(target_parameters=["experts"], r=2, alpha=4))
+    _randomise(model)
+    a = model.gate.adapters["default"]
+    assert a.lora_A.shape == (6, 10) and a.lora_B.shape == (6, 6)
+    before = model.gate.base_layer.experts.detach().clone()
+    peftkit.merge(model)
+    for e in range(3):
+        want = before[e] + 2 * a.lora_B[:, e::3] @ a.lora_A[2 * e:2 * e + 2]
+        assert_near(model.gate.base_layer.experts[e], want)
+    peftkit.unmerge(model)
+    assert_near(model.gate.base_layer.experts, before)
+    expected = peftkit.get_method("lora").adapter.expected_params(model.gate.host, model.peftkit_configs["default"])
+    assert peftkit.summary(model).trainable == 2 * (3 * 10 + 3 * 6) == expected
+
+
+def test_four_dimensional_parameters_are_refused_by_name() -> None:
+    model = WithGate()
+    model.gate.experts = nn.Parameter(torch.randn(2, 2, 6, 10))
+    with pytest.raises(peftkit.PeftkitError, match=r"gate.experts has 4 dimensions.*2-D parameters and 3-D"):
         peftkit.adapt(model, peftkit.LoraConfig(target_parameters=["experts"], r=1))
 
 

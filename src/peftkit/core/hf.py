@@ -257,6 +257,8 @@ def lowrank_layout(host: Host, r: int) -> dict[str, HFTensor]:
     ``lora_A.weight`` / ``lora_B.weight`` (convolutions: A as a kernel like the host's, B as a 1×1 kernel),
     embeddings: ``lora_embedding_A`` / ``lora_embedding_B``."""
     a, b = (r, host.d_in), (host.d_out, r)
+    if host.experts > 1:  # a stack of experts: PEFT's lora_A (E·r, in), lora_B (out, E·r)
+        a, b = (host.experts * r, host.d_in), (host.d_out // host.experts, host.experts * r)
     if host.kind == "embedding":
         return {"lora_A": HFTensor("lora_embedding_A", a, a), "lora_B": HFTensor("lora_embedding_B", b, b)}
     if host.is_conv:  # a grouped convolution's B is grouped: (d_out, r/G) (see Host.dense_up)

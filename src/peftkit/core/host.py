@@ -20,8 +20,11 @@ so no ``base(x) + delta`` exists: the adapted layer runs the module itself with 
 (:meth:`Host.run`, ``torch.func.functional_call``: gradients reach the update, the stored weight is untouched).
 ``"mha"``: an ``nn.MultiheadAttention`` (q, k, v of one size); W is its packed input projection stacked over its
 output projection, ``[in_proj_weight; out_proj.weight]`` ∈ R^{4E×E}, which its forward reads as parameters.
-``"parameter"``: one bare 2-D ``nn.Parameter`` of any module (``Host(module, name, param="weight")``), W = the
+``"parameter"``: one bare ``nn.Parameter`` of any module (``Host(module, name, param="weight")``). 2-D: W = the
 parameter as stored (d_out, d_in = its two dimensions), e.g. a weight a hand-written layer multiplies by itself.
+3-D (E, s1, s2), a stack of E experts as Hugging Face PEFT reads it: expert e maps s2 → s1 (or s1 → s2 when the
+module says ``is_transposed``), W = the experts' (out, in) matrices stacked, (E·out, in); a low-rank update on it
+has one factor pair per expert, stored as PEFT stacks them: A (E·r, in), B (out, E·r) (:meth:`Host.lowrank_weight`).
 Neither has an activation path or a bias of its own; only methods that list them in their hosts adapt them.
 """
 
@@ -122,6 +125,7 @@ class Host:
         self.name = name
         self.kind = kind
         self.param = param
+        self.experts, self.transposed = 1, False
         self.groups = module.groups if kind == "grouped_conv" else 1
         self.quantized = kind in QUANTIZED_KINDS
         self.substituted = kind in SUBSTITUTED_KINDS
@@ -133,6 +137,10 @@ class Host:
             self.d_out, self.d_in = module.out_features, module.in_features
         elif kind == "mha":
             self.d_in, self.d_out = module.embed_dim, 4 * module.embed_dim
+        elif kind == "parameter" and w.dim() == 3:
+            self.experts, self.transposed = w.shape[0], bool(getattr(module, "is_transposed", False))
+            out, self.d_in = (w.shape[2], w.shape[1]) if self.transposed else (w.shape[1], w.shape[2])
+            self.d_out = self.experts * out
         elif kind in ("linear", "parameter"):
             self.d_out, self.d_in = w.shape
         elif kind in ("gpt2_conv1d", "embedding"):
@@ -154,9 +162,9 @@ class Host:
         p = getattr(m, self.param, None) if isinstance(self.param, str) else None
         if not isinstance(p, nn.Parameter):
             raise PeftkitError(f"{where} ({type(m).__name__}) has no parameter {self.param!r}")
-        if p.dim() != 2:
+        if p.dim() not in (2, 3):
             raise PeftkitError(f"parameter {self.name}.{self.param} has {p.dim()} dimensions {tuple(p.shape)}; "
-                               "target_parameters adapts 2-D parameters only (not 3-D expert stacks)")
+                               "target_parameters adapts 2-D parameters and 3-D expert stacks only")
 
     # -- weights --------------------------------------------------------------------------------------
     @property
@@ -188,6 +196,8 @@ class Host:
         if self.kind == "mha" and w is None:
             return torch.cat([self.module.in_proj_weight, self.module.out_proj.weight])
         w = self.weight if w is None else w
+        if self.experts > 1:  # (E, out, in) stacked, or (E, in, out) transposed per expert
+            return (w.transpose(1, 2) if self.transposed else w).reshape(self.d_out, self.d_in)
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w.t()
         if self.groups > 1:
@@ -200,6 +210,16 @@ class Host:
     def filter_shape(self) -> tuple[int, ...]:
         """A convolution's dense filter shape (C_in, *kernel): the native shape of one row of the 2-D view."""
         return (self.module.in_channels, *self.module.kernel_size)
+
+    def lowrank_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The (d_out, d_in) matrix B·A of factors as stored: grouped / per-expert where the host has groups or
+        experts (expert e: B[:, e::E]·A[e·r:(e+1)·r], PEFT's stacking), else ``b @ a``."""
+        if self.experts > 1:
+            e = self.experts
+            r = a.shape[0] // e
+            return torch.einsum("ore,eri->eoi", b.reshape(b.shape[0], r, e), a.reshape(e, r, -1)).reshape(
+                self.d_out, self.d_in)
+        return self.dense_up(b) @ a
 
     def dense_up(self, b: torch.Tensor) -> torch.Tensor:
         """A (d_out, r) up-projection matrix from an up-projection as stored: grouped (d_out, r/G) on a grouped
@@ -222,6 +242,9 @@ class Host:
         ``check`` raises when anything lies outside them)."""
         if self.quantized:
             return w2d
+        if self.experts > 1:
+            w = w2d.reshape(self.experts, self.d_out // self.experts, self.d_in)
+            return w.transpose(1, 2) if self.transposed else w
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w2d.t()
         if self.groups > 1:
@@ -311,7 +334,7 @@ class Host:
             e = self.d_in
             new = {"in_proj_weight": w2d[:3 * e], "out_proj.weight": w2d[3 * e:]}
         else:
-            new = {self.param: w2d}
+            new = {self.param: self.to_native(w2d)}
         return torch.func.functional_call(self.module, new, args, kwargs)
 
     # -- activation path -----------------------------------------------------------------------------

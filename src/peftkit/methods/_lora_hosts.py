@@ -11,6 +11,9 @@ module with ``W + ΔW`` in their place — as Hugging Face PEFT's ``lora.Multihe
         computes the same function, so adapters move both ways with equal outputs.
     a bare 2-D parameter P ∈ R^{d0×d1} (``target_parameters``): ΔP = s·B·A, A ∈ R^{r×d1}, B ∈ R^{d0×r}, on P as
         stored (whatever the module does with it). PEFT's keys: ``<module>.lora_A.weight`` / ``lora_B.weight``.
+    a 3-D stack of E experts (E, out, in) (``is_transposed``: (E, in, out)): ΔP_e = s·B_e·A_e per expert, stored as
+        PEFT stacks them: A (E·r, in) with A_e = rows e·r…(e+1)·r, B (out, E·r) with B_e = columns e, e+E, …
+        (:meth:`~peftkit.core.host.Host.lowrank_weight`); the same keys.
 
 The update is a weight, so input dropout has no place: PEFT refuses ``lora_dropout`` on a parameter (peftkit too)
 and ignores it on nn.MultiheadAttention (peftkit too). Plain inits (kaiming, gaussian, random) only; no
@@ -89,7 +92,10 @@ def layout(host: Host, r: int) -> dict[str, HFTensor]:
 
 
 def params(host: Host, config: Any) -> int | None:
-    """Trainable parameters on an nn.MultiheadAttention: 2·r·E + r·(3E + E); None on other hosts."""
+    """Trainable parameters on an nn.MultiheadAttention: 2·r·E + r·(3E + E); on a stack of E experts E·r·(in + out);
+    None on other hosts."""
+    if host.experts > 1:
+        return config.r * (host.experts * host.d_in + host.d_out)
     return 6 * config.r * host.d_in if host.kind == "mha" else None
 
 
