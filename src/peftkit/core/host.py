@@ -73,7 +73,7 @@ SUBSTITUTED_KINDS = ("mha", "parameter")
 #: the layer types that can host an adapter, in words (for error messages)
 HOST_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "grouped Conv1d/2d/3d", "Embedding", "transformers' Conv1D",
               "bitsandbytes Linear4bit / Linear8bitLt", "nn.MultiheadAttention",
-              "a bare 2-D nn.Parameter (target_parameters)", "LayerNorm / RMSNorm with a learned scale")
+              "a bare 2-D / 3-D nn.Parameter (target_parameters)", "LayerNorm / RMSNorm with a learned scale")
 
 
 def _is_norm(module: nn.Module) -> bool:

@@ -24,7 +24,7 @@ CONV3D_HOSTS = ("conv3d",)
 #: grouped convolutions (any dimension, groups > 1), seen through their dense block-diagonal weight; methods whose
 #: update keeps that view honest (and that refuse a merge leaving the blocks) opt in by listing them
 GROUPED_CONV_HOSTS = ("grouped_conv",)
-#: weights a module reads directly (nn.MultiheadAttention's projections; one bare 2-D nn.Parameter named by the
+#: weights a module reads directly (nn.MultiheadAttention's projections; one bare nn.Parameter named by the
 #: config's ``target_parameters``), adapted by running the module with the weight substituted (core.host); methods
 #: whose ΔW does not need an activation path opt in by listing them
 SUBSTITUTED_HOSTS = ("mha", "parameter")

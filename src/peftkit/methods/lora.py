@@ -16,8 +16,8 @@ LoftQ (Li et al. 2023), EVA (Paischer et al. 2024) and CorDA (Yang et al. 2024),
     use_bdlora (PEFT's option): A or B block-diagonal on chosen layers (BD-LoRA, see methods/_lora_blocks.py)
     kasa_config (PEFT's option): KaSA — base's r smallest singular directions dropped, ΔW = s·B·diag(d)·A (_lora_kasa)
     MiCA init: B = U[:, −r:] (left singular vectors of W0 with the r smallest singular values), A = 0; B is frozen
-    nn.MultiheadAttention, target_parameters (PEFT's option: bare 2-D parameters): ΔW on the weight the module
-      reads, the module run with W + ΔW (see methods/_lora_hosts.py)
+    nn.MultiheadAttention, target_parameters (PEFT's option: bare 2-D parameters, 3-D expert stacks): ΔW on the
+      weight the module reads, the module run with W + ΔW (see methods/_lora_hosts.py)
 
 Trainable: A, B — r·(d_in + d_out) per layer (MiCA: A only). PiSSA (and OLoRA likewise) keeps its initial factors
 (A0, B0) as saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as
