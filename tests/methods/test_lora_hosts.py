@@ -255,3 +255,27 @@ def test_mica_on_a_convolution_is_refused_by_name() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(peftkit.PeftkitError, match="init='mica' on '0': Linear, GPT-2 Conv1D and Embedding"):
         peftkit.adapt(model, peftkit.LoraConfig(target_modules=["0"], r=2, init="mica"))
+
+
+def test_transformer_encoder_layer_reads_the_attention_only_when_it_holds_the_adapter() -> None:
+    """nn.TransformerEncoderLayer's inference fast path runs attention from ``self_attn.in_proj_weight`` etc.: with
+    the adapter live that would skip it (refused, naming what to do); merged, the fast path sees the merged weights
+    and gives the adapted output."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    peftkit.adapt(layer, peftkit.LoraConfig(target_modules=["self_attn"], r=2, init="random"))
+    x = _x(2, 3, 8)
+    with torch.no_grad():
+        y = layer(x)  # training mode: the slow path, through the adapted layer's forward
+        base = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        base.load_state_dict({k.replace("self_attn.base_layer.", "self_attn."): v for k, v in layer.state_dict().items()
+                              if ".adapters." not in k})
+        assert (base.eval()(x) - y).abs().max() > 1e-3
+        layer.eval()
+        with pytest.raises(AttributeError, match="read past its adapter.*merge the adapter"):
+            layer(x)
+        peftkit.merge(layer)
+        assert_near(layer(x), y)
+        peftkit.unmerge(layer)
+        with peftkit.disable(layer):
+            assert_near(layer(x), base(x))

@@ -487,6 +487,31 @@ class AdaptedLayer(nn.Module):
         return f"active={self.active}, merged={self.merged}"
 
 
+class SubstitutedLayer(AdaptedLayer):
+    """The adapted layer of a substituted host (:data:`~peftkit.core.host.SUBSTITUTED_KINDS`: the module runs with
+    its weight replaced, see :meth:`AdaptedLayer._forward_substituted`), which also answers for the module's own
+    attributes (a parent module may read them instead of calling it)."""
+
+    def __getattr__(self, item: str) -> Any:
+        """A substituted host's module attributes (an nn.MultiheadAttention's ``batch_first``, ``in_proj_weight``,
+        ...) read through the wrapper while nothing unmerged is live on it — its weights are then what the layer
+        computes with. With a live adapter, code reading them (nn.TransformerEncoderLayer's inference fast path runs
+        attention from them) would skip the adapter: refused, saying what to do."""
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            host, base = self.__dict__.get("host"), self.__dict__.get("_modules", {}).get("base_layer")
+            if host is None or base is None or not host.substituted or not hasattr(base, item):
+                raise
+            live = [n for n in self.__dict__.get("active", []) if n not in self.__dict__.get("merged", [])]
+            if live and not self.__dict__.get("disabled", False):
+                raise AttributeError(
+                    f"{item!r} of {type(base).__name__} {host.name!r} is read past its adapter(s) {live}, which "
+                    f"act through its weights when it runs (e.g. nn.TransformerEncoderLayer's inference fast path "
+                    f"reads them instead): merge the adapter (peftkit.merge) or run in training mode") from None
+            return getattr(base, item)
+
+
 class SavedModule(nn.Module):
     """``modules_to_save``: the original module (frozen) plus a trainable copy per adapter."""
 

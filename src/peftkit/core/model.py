@@ -20,7 +20,7 @@ from .adapter import Adapter, PlanContext, SharedStore, ranks_from_file
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import QUANTIZED_KINDS, Host, host_kind
-from .layer import AdaptedLayer, Route, SavedModule
+from .layer import AdaptedLayer, Route, SavedModule, SubstitutedLayer
 from .state import (  # what is on a model: shared with the PEFT format (hf) and the procedures, no circle
     active_adapters,
     adapted_layers,
@@ -127,7 +127,8 @@ def _install(model: nn.Module, plan: _Plan) -> None:
     for path, module, host, adapter in plan.layers:
         layer = module if isinstance(module, AdaptedLayer) else None
         if layer is None:
-            layer = AdaptedLayer(module, host).train(module.training)  # new modules follow the model's mode
+            wrap = SubstitutedLayer if host.substituted else AdaptedLayer
+            layer = wrap(module, host).train(module.training)  # new modules follow the model's mode
             _set_submodule(model, path, layer)
         layer.adapters[plan.name] = adapter.train(layer.training)
         adapter.on_install()
