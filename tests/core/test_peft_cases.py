@@ -1,7 +1,8 @@
 """Hugging Face PEFT adapters of the kinds its own custom-model tests build (``tests/test_custom_models.py``:
 ``scripts/peft_test_cases.py`` runs that whole list): Conv3d and grouped-convolution hosts, ranks above a layer's
-min(d_in, d_out), ``lora_bias``, DoRA on an Embedding, LoRA's ``trainable_token_indices``, options that change only
-training (VeLoRA, MonteCLoRA, one-block BD-LoRA), and refusals that name the layer type or option."""
+min(d_in, d_out), ``lora_bias``, DoRA on an Embedding, LoRA's ``trainable_token_indices``, nn.MultiheadAttention,
+``target_parameters``, MiCA, options that change only training (VeLoRA, MonteCLoRA, one-block BD-LoRA), and
+refusals that name the layer type or option."""
 
 from __future__ import annotations
 
@@ -45,6 +46,58 @@ class Narrow(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(self.norm(self.down(x)))
         return h + self.mha(h, h, h)[0] + self.grouped(h.view(-1, 4, 3)).view_as(h)
+
+
+class _ParamLinear(nn.Module):
+    """A linear map a hand-written module computes from its own parameter (stored (d_in, d_out), as in PEFT's
+    tests): no nn.Linear to adapt, only the parameter."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) / d_in ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+class Params(nn.Module):
+    """_ParamLinear 12 → 8 → tanh → nn.Linear 8 → 12."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hand = _ParamLinear(12, 8)
+        self.lin = nn.Linear(8, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.tanh(self.hand(x)))
+
+
+class Experts(nn.Module):
+    """A mixture of 3 experts as MoE layers store them: ``up`` (3, 6, 12) maps 12 → 6 per expert (or, with
+    ``is_transposed``, (3, 12, 6) used as x·W), ``down`` a 3-D stack read by another module; a fixed soft routing."""
+
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.is_transposed = transposed
+        self.up = nn.Parameter(torch.randn(3, 12, 6) / 4 if transposed else torch.randn(3, 6, 12) / 4)
+        self.route = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("bti,eio->bteo" if self.is_transposed else "bti,eoi->bteo", x, self.up)
+        return (torch.softmax(self.route(x), -1).unsqueeze(-1) * torch.tanh(h)).sum(2)
+
+
+class MoE(nn.Module):
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        self.experts = Experts(transposed)
+        self.head = nn.Linear(6, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.experts(x))
 
 
 class Tokens(nn.Module):
@@ -190,9 +243,69 @@ def test_ln_tuning_of_a_linear_layer_moves_both_ways(tmp_path: Path) -> None:
     _both_ways(Narrow, peft.LNTuningConfig(target_modules=["down", "norm"]), tmp_path)
 
 
+@pytest.mark.parametrize("targets", [["mha", "up"], ["mha"]])
+def test_multihead_attention_moves_both_ways(targets: list[str], tmp_path: Path) -> None:
+    """PEFT adapts the packed in_proj_weight and out_proj of an nn.MultiheadAttention together (out_proj's update
+    counted twice, as PEFT computes it); peftkit reads, merges and writes it back with the same outputs."""
+    _both_ways(Narrow, peft.LoraConfig(target_modules=targets, r=2, init_lora_weights=False), tmp_path)
+    ours = Narrow()
+    peftkit.load(ours, tmp_path / "peft")
+    assert ours.mha.host.kind == "mha" and set(ours.mha.adapters["default"].state_dict()) == {
+        "lora_A", "lora_B", "lora_A_out", "lora_B_out"}
+
+
+@pytest.mark.parametrize("kwargs,kinds", [
+    ({"target_parameters": ["hand.weight"]}, {"parameter"}),
+    ({"target_parameters": ["hand.weight"], "target_modules": ["lin"]}, {"parameter", "linear"}),
+    ({"target_parameters": ["weight"], "r": 3, "lora_alpha": 6, "use_rslora": True}, {"parameter"}),
+])
+def test_target_parameters_move_both_ways(kwargs: dict, kinds: set[str], tmp_path: Path) -> None:
+    """LoRA on bare parameters (PEFT's ``ParamWrapper``): a hand-written module's weight, with a layer targeted as
+    usual, and a suffix that names both weights."""
+    _both_ways(Params, peft.LoraConfig(init_lora_weights=False, **{"r": 2, **kwargs}), tmp_path)
+    ours = Params()
+    peftkit.load(ours, tmp_path / "peft")
+    cfg = peftkit.get_config(ours, "default")
+    assert cfg.target_parameters == kwargs["target_parameters"]
+    assert {la.host.kind for _, la in peftkit.core.state.adapted_layers(ours)} == kinds
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_expert_stacks_move_both_ways(transposed: bool, tmp_path: Path) -> None:
+    """LoRA on a 3-D stack of experts (PEFT's ParamWrapper with num_experts > 1): one factor pair per expert, in
+    PEFT's stacking, either expert layout."""
+    config = peft.LoraConfig(target_parameters=["experts.up"], target_modules=["head"], r=2, init_lora_weights=False)
+    _both_ways(lambda: MoE(transposed), config, tmp_path)
+    ours = MoE(transposed)
+    peftkit.load(ours, tmp_path / "peft")
+    host = ours.experts.host
+    assert (host.experts, host.transposed, host.d_in, host.d_out) == (3, transposed, 12, 18)
+    assert ours.experts.adapters["default"].lora_A.shape == (6, 12)
+
+
+def test_mica_moves_both_ways_and_keeps_b_frozen(tmp_path: Path) -> None:
+    """PEFT's MiCA (init_lora_weights="mica"): B frozen, A trained. Loaded in peftkit B stays frozen when training
+    continues, and the adapter goes back to PEFT with that init."""
+    y = _peft_saved(Narrow(), peft.LoraConfig(target_modules=["down", "up"], r=2, init_lora_weights="mica"),
+                    tmp_path / "peft")
+    ours = Narrow().eval()
+    peftkit.load(ours, tmp_path / "peft", trainable=True)
+    x = _input(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
+    adapter = ours.up.adapters["default"]
+    assert peftkit.get_config(ours, "default").init == "mica"
+    assert not adapter.lora_B.requires_grad and adapter.lora_A.requires_grad
+    peftkit.save(ours, tmp_path / "back", format="hf")
+    back = peft.PeftModel.from_pretrained(Narrow(), tmp_path / "back").eval()
+    assert back.peft_config["default"].init_lora_weights == "mica"
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), y, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("targets,config,pattern", [
-    (["mha"], "lora", r"'mha', a MultiheadAttention layer.*cannot adapt nn.MultiheadAttention"),
-    (["out_proj"], "lora", r"'mha.out_proj' is a projection of an nn.MultiheadAttention"),
+    (["out_proj"], "lora", r"'mha.out_proj' is a projection of an nn.MultiheadAttention.*target the "
+                           r"nn.MultiheadAttention itself"),
 ])
 def test_refusals_name_the_layer_type(targets: list[str], config: str, pattern: str, tmp_path: Path) -> None:
     if config == "ln_tuning":

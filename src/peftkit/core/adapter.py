@@ -384,8 +384,15 @@ class Adapter(nn.Module):
         the shared store (``uses_context``) or sized by all targeted ``hosts`` together. Checked by the tests."""
         return 0
 
+    def frozen_parameters(self) -> frozenset[str]:
+        """Names (as in ``named_parameters()``) of this adapter's parameters that are saved but never trained (e.g.
+        a factor fixed by its init): the core leaves them ``requires_grad=False`` when it makes the adapter
+        trainable, after an unmerge too, and they do not count as trainable. None by default."""
+        return frozenset()
+
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.named_parameters()}
+        frozen = self.frozen_parameters()
+        return {n: p for n, p in self.named_parameters() if n not in frozen}
 
     def extra_repr(self) -> str:
         return f"host={self.host.kind}, d_in={self.host.d_in}, d_out={self.host.d_out}"

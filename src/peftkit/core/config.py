@@ -73,6 +73,8 @@ def all_finite(value: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -223,6 +225,11 @@ class AdapterConfig(metaclass=_ConfigType):
     def extra_targets(self) -> list[str]:
         """Full module names the config adapts besides ``target_modules`` (after :meth:`resolve`; none here): they
         are targeted as named, whatever the other targeting fields say."""
+        return []
+
+    def parameter_targets(self) -> list[str]:
+        """Parameter names (``"experts.w1"``, or a suffix of the full name) the config adapts as bare parameters —
+        each one a substituted host (:mod:`peftkit.core.host`) on the module that holds it (none here)."""
         return []
 
     # -- per-module view ----------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from .peft_names import (
     overrides_to_patterns,
     plain_number,
 )
+from .targeting import find_parameter_targets
 
 if TYPE_CHECKING:
     from .registry import MethodInfo
@@ -217,8 +218,9 @@ def lowrank_config_from_hf(config_cls: type[AdapterConfig], hf: dict[str, Any]) 
             f"adapter; peftkit cannot load it as is — convert it to a plain LoRA adapter first (PEFT's "
             f"save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
-    # the weights come from the file, so the init only matters if training continues; eva/orthogonal -> kaiming
-    init = "gaussian" if isinstance(init_hf, str) and init_hf.lower() == "gaussian" else True
+    # the weights come from the file, so the init only matters if training continues; eva/orthogonal -> kaiming;
+    # MiCA's is kept: its B stays frozen when training continues, as in PEFT
+    init = init_hf.lower() if isinstance(init_hf, str) and init_hf.lower() in ("gaussian", "mica") else True
     bias = hf.get("bias", "none")
     if bias not in BIAS_IN:
         raise PeftkitError(f"Hugging Face PEFT option bias={bias!r} is not one of {sorted(BIAS_IN)}")
@@ -255,6 +257,8 @@ def lowrank_layout(host: Host, r: int) -> dict[str, HFTensor]:
     ``lora_A.weight`` / ``lora_B.weight`` (convolutions: A as a kernel like the host's, B as a 1×1 kernel),
     embeddings: ``lora_embedding_A`` / ``lora_embedding_B``."""
     a, b = (r, host.d_in), (host.d_out, r)
+    if host.experts > 1:  # a stack of experts: PEFT's lora_A (E·r, in), lora_B (out, E·r)
+        a, b = (host.experts * r, host.d_in), (host.d_out // host.experts, host.experts * r)
     if host.kind == "embedding":
         return {"lora_A": HFTensor("lora_embedding_A", a, a), "lora_B": HFTensor("lora_embedding_B", b, b)}
     if host.is_conv:  # a grouped convolution's B is grouped: (d_out, r/G) (see Host.dense_up)
@@ -364,9 +368,6 @@ def _why_no_place(model: nn.Module, key: str, info: Any) -> str:
     if owner is None or module is None:
         return " — was the adapter made for another architecture?"
     what = f"; it belongs to {owner!r}, a {type(module).__name__} layer"
-    if isinstance(module, nn.MultiheadAttention):
-        return what + (", whose projections are parameters, not layers: peftkit cannot adapt nn.MultiheadAttention "
-                       "(target the layers around it, or a model whose attention uses nn.Linear projections)")
     kind = host_kind(module)
     if kind is None:
         return what + f", which peftkit cannot adapt (host layers: {', '.join(HOST_NAMES)})"
@@ -410,11 +411,21 @@ def import_adapter(
     hf, prefix, common = _read_hf_tensors(directory, source, files, info.adapter.hf_shared_keys,
                                           info.adapter.hf_regenerated_keys)
 
-    # 1. adapter tensors: every host layer says where its tensors would be
+    # 1. adapter tensors: every host layer says where its tensors would be (a bare parameter the config targets is
+    # the host on its module: PEFT keys its tensors by that module's path)
     hosts = _hosts(model)
+    try:
+        from .layer import AdaptedLayer
+
+        hosts.update({path: module.host if isinstance(module, AdaptedLayer) else Host(module, path, param=pname)
+                      for path, module, pname in find_parameter_targets(model, cfg)})
+    except PeftkitError as e:
+        raise PeftkitError(f"{source}: {e}") from None
     wanted: dict[str, tuple[str, str, HFTensor]] = {}
     layouts: dict[str, dict[str, HFTensor]] = {}
     for path, host in hosts.items():
+        if host.substituted and host.kind not in info.hosts:
+            continue
         layout = info.adapter.hf_layout(host, cfg.for_module(path))
         if not layout:
             continue
@@ -512,8 +523,9 @@ def import_adapter(
     out.update({f"adapter.{order[0]}.{k}": v for k, v in shared_state.items()})  # the store lives on the first layer
     out.update({f"hf_shared.{k}": t for k, t in shared.items() if k.rpartition(".")[0] in targets})
     out = info.adapter.from_hf_state(cfg, out, [hosts[p] for p in order])
+    modules = [p for p in order if hosts[p].kind != "parameter"] or None  # parameters: by target_parameters
     cfg = dataclasses.replace(
-        cfg, target_modules=order, exclude_modules=None, target_types=None, layers_to_transform=None,
+        cfg, target_modules=modules, exclude_modules=None, target_types=None, layers_to_transform=None,
         layers_pattern=None, modules_to_save=[p for p in saved_paths if p in saved_used] or None,
     )
     return cfg, out, DEFAULT_NAME
@@ -646,7 +658,7 @@ def export_adapter(model: nn.Module, directory: str | os.PathLike, name: str | N
                 rest = f"{sm}.original_module.{rest[len(sm) + 1:]}"
             tensors[f"{PREFIX}{rest}"] = v
     meta = _peft_meta(model, info, task_type_of(model, cfg.task_type), saved, tensors, PREFIX, method_cfg,
-                      target_modules=[p for p, _ in layers])
+                      target_modules=[p for p, la in layers if la.host.kind != "parameter"] or None)
     metadata = _meta_opts(opts, cfg, name)
     if kept:
         metadata[META_TENSORS] = io.dumps(kept).decode()

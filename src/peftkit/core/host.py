@@ -14,6 +14,18 @@ channels of its group (:meth:`Host.dense_up`) — and a weight that leaves the b
 Normalisation layers (kind ``"norm"``: LayerNorm / RMSNorm with a learned scale) are hosts of their own kind: their
 "weight" is the scale γ in its native shape (d_in = d_out = γ.numel()) and the bias β is the shift, if any. Only
 methods that list ``"norm"`` in their registered hosts adapt them; the matrix helpers below do not apply to them.
+
+Substituted hosts (:data:`SUBSTITUTED_KINDS`) are weights a module reads directly instead of running a layer on them,
+so no ``base(x) + delta`` exists: the adapted layer runs the module itself with ``W + ΔW`` in place of ``W``
+(:meth:`Host.run`, ``torch.func.functional_call``: gradients reach the update, the stored weight is untouched).
+``"mha"``: an ``nn.MultiheadAttention`` (q, k, v of one size); W is its packed input projection stacked over its
+output projection, ``[in_proj_weight; out_proj.weight]`` ∈ R^{4E×E}, which its forward reads as parameters.
+``"parameter"``: one bare ``nn.Parameter`` of any module (``Host(module, name, param="weight")``). 2-D: W = the
+parameter as stored (d_out, d_in = its two dimensions), e.g. a weight a hand-written layer multiplies by itself.
+3-D (E, s1, s2), a stack of E experts as Hugging Face PEFT reads it: expert e maps s2 → s1 (or s1 → s2 when the
+module says ``is_transposed``), W = the experts' (out, in) matrices stacked, (E·out, in); a low-rank update on it
+has one factor pair per expert, stored as PEFT stacks them: A (E·r, in), B (out, E·r) (:meth:`Host.lowrank_weight`).
+Neither has an activation path or a bias of its own; only methods that list them in their hosts adapt them.
 """
 
 from __future__ import annotations
@@ -56,9 +68,12 @@ def _quantized(module: nn.Module) -> tuple[str, Any] | None:
     return None
 NORM_KINDS = ("norm",)
 CONV_KINDS = ("conv1d", "conv2d", "conv3d", "grouped_conv")
+#: hosts whose weight the module reads directly: adapted by running the module with the weight substituted
+SUBSTITUTED_KINDS = ("mha", "parameter")
 #: the layer types that can host an adapter, in words (for error messages)
 HOST_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "grouped Conv1d/2d/3d", "Embedding", "transformers' Conv1D",
-              "bitsandbytes Linear4bit / Linear8bitLt", "LayerNorm / RMSNorm with a learned scale")
+              "bitsandbytes Linear4bit / Linear8bitLt", "nn.MultiheadAttention",
+              "a bare 2-D / 3-D nn.Parameter (target_parameters)", "LayerNorm / RMSNorm with a learned scale")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -89,6 +104,8 @@ def host_kind(module: nn.Module) -> str | None:
         return "conv1d"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
     if _is_norm(module):
         return "norm"
     return None
@@ -97,8 +114,8 @@ def host_kind(module: nn.Module) -> str | None:
 class Host:
     """Shapes and elementary operations of one host layer (holds no parameters of its own)."""
 
-    def __init__(self, module: nn.Module, name: str = "") -> None:
-        kind = host_kind(module)
+    def __init__(self, module: nn.Module, name: str = "", param: str | None = None) -> None:
+        kind = "parameter" if param is not None else host_kind(module)
         if kind is None:
             raise PeftkitError(
                 f"module {name!r} is a {type(module).__name__}; supported host layers are "
@@ -107,13 +124,24 @@ class Host:
         self.module = module
         self.name = name
         self.kind = kind
-        w = module.weight
+        self.param = param
+        self.experts, self.transposed = 1, False
         self.groups = module.groups if kind == "grouped_conv" else 1
         self.quantized = kind in QUANTIZED_KINDS
+        self.substituted = kind in SUBSTITUTED_KINDS
         self._quant = _quantized(module)[1] if self.quantized else None  # type: ignore[index]
+        if kind in SUBSTITUTED_KINDS:
+            self._check_substituted()
+        w = self.weight
         if self.quantized:
             self.d_out, self.d_in = module.out_features, module.in_features
-        elif kind == "linear":
+        elif kind == "mha":
+            self.d_in, self.d_out = module.embed_dim, 4 * module.embed_dim
+        elif kind == "parameter" and w.dim() == 3:
+            self.experts, self.transposed = w.shape[0], bool(getattr(module, "is_transposed", False))
+            out, self.d_in = (w.shape[2], w.shape[1]) if self.transposed else (w.shape[1], w.shape[2])
+            self.d_out = self.experts * out
+        elif kind in ("linear", "parameter"):
             self.d_out, self.d_in = w.shape
         elif kind in ("gpt2_conv1d", "embedding"):
             self.d_in, self.d_out = w.shape
@@ -124,21 +152,40 @@ class Host:
             self.d_in = w[0].numel() * self.groups
         self.is_conv = kind in CONV_KINDS
 
+    def _check_substituted(self) -> None:
+        m, where = self.module, f"module {self.name!r}"
+        if self.kind == "mha":
+            if not m._qkv_same_embed_dim or not isinstance(m.out_proj, nn.Linear):
+                raise PeftkitError(f"{where} is an nn.MultiheadAttention with separate q/k/v projections (kdim / "
+                                   "vdim differ from embed_dim); only the packed in_proj_weight can be adapted")
+            return
+        p = getattr(m, self.param, None) if isinstance(self.param, str) else None
+        if not isinstance(p, nn.Parameter):
+            raise PeftkitError(f"{where} ({type(m).__name__}) has no parameter {self.param!r}")
+        if p.dim() not in (2, 3):
+            raise PeftkitError(f"parameter {self.name}.{self.param} has {p.dim()} dimensions {tuple(p.shape)}; "
+                               "target_parameters adapts 2-D parameters and 3-D expert stacks only")
+
     # -- weights --------------------------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
-        """The module's weight parameter as stored (packed integer codes for a quantised host)."""
+        """The module's weight parameter as stored (packed integer codes for a quantised host; an
+        nn.MultiheadAttention's in_proj_weight; a parameter host's parameter)."""
+        if self.kind == "mha":
+            return self.module.in_proj_weight
+        if self.kind == "parameter":
+            return getattr(self.module, self.param)  # type: ignore[arg-type]
         return self.module.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self.module, "bias", None)
+        return None if self.substituted else getattr(self.module, "bias", None)
 
     @property
     def param_dtype(self) -> torch.dtype:
         """The dtype an adapter's parameters take on this host: the weight's, or float32 when the stored weight is not
         floating point (packed integer codes of a quantised host)."""
-        w = self.module.weight
+        w = self.weight
         return w.dtype if w.is_floating_point() else torch.float32
 
     def weight_2d(self, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,7 +193,11 @@ class Host:
         weight is dequantised (a new float32 tensor); a norm's scale γ stays in its native shape."""
         if self.quantized:
             return self._quant.dequantize(self.module) if w is None else w
-        w = self.module.weight if w is None else w
+        if self.kind == "mha" and w is None:
+            return torch.cat([self.module.in_proj_weight, self.module.out_proj.weight])
+        w = self.weight if w is None else w
+        if self.experts > 1:  # (E, out, in) stacked, or (E, in, out) transposed per expert
+            return (w.transpose(1, 2) if self.transposed else w).reshape(self.d_out, self.d_in)
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w.t()
         if self.groups > 1:
@@ -159,6 +210,16 @@ class Host:
     def filter_shape(self) -> tuple[int, ...]:
         """A convolution's dense filter shape (C_in, *kernel): the native shape of one row of the 2-D view."""
         return (self.module.in_channels, *self.module.kernel_size)
+
+    def lowrank_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The (d_out, d_in) matrix B·A of factors as stored: grouped / per-expert where the host has groups or
+        experts (expert e: B[:, e::E]·A[e·r:(e+1)·r], PEFT's stacking), else ``b @ a``."""
+        if self.experts > 1:
+            e = self.experts
+            r = a.shape[0] // e
+            return torch.einsum("ore,eri->eoi", b.reshape(b.shape[0], r, e), a.reshape(e, r, -1)).reshape(
+                self.d_out, self.d_in)
+        return self.dense_up(b) @ a
 
     def dense_up(self, b: torch.Tensor) -> torch.Tensor:
         """A (d_out, r) up-projection matrix from an up-projection as stored: grouped (d_out, r/G) on a grouped
@@ -181,6 +242,9 @@ class Host:
         ``check`` raises when anything lies outside them)."""
         if self.quantized:
             return w2d
+        if self.experts > 1:
+            w = w2d.reshape(self.experts, self.d_out // self.experts, self.d_in)
+            return w.transpose(1, 2) if self.transposed else w
         if self.kind in ("gpt2_conv1d", "embedding"):
             return w2d.t()
         if self.groups > 1:
@@ -197,7 +261,7 @@ class Host:
     def half(self) -> bool:
         """A bfloat16 / float16 (not quantised) weight: merges compute in float32 and round once, and the weight
         before the first merge is kept for an exact unmerge (:meth:`snapshot`), as for a quantised host."""
-        return not self.quantized and self.module.weight.dtype in precision.HALF
+        return not self.quantized and self.weight.dtype in precision.HALF
 
     def write_weight_2d(self, w2d: torch.Tensor) -> float | None:
         """Write a (d_out, d_in) weight into the host. A quantised host quantises it again and returns the largest
@@ -205,20 +269,30 @@ class Host:
         absolute rounding error too; a float32/64 host copies it (cast to its dtype) and returns None."""
         if self.quantized:
             return self._quant.requantize_(self.module, w2d)
+        if self.kind == "mha":
+            e, m = self.d_in, self.module
+            m.in_proj_weight.data.copy_(w2d[:3 * e].to(m.in_proj_weight.dtype))
+            m.out_proj.weight.data.copy_(w2d[3 * e:].to(m.out_proj.weight.dtype))
+            return precision.rounding_error(w2d, self.weight.dtype) if self.half else None
         native = self.to_native(w2d)
         self.weight.data.copy_(native.to(self.weight.dtype))
         return precision.rounding_error(native, self.weight.dtype) if self.half else None
 
-    def snapshot(self) -> tuple[Any, ...] | None:
+    def snapshot(self, force: bool = False) -> tuple[Any, ...] | None:
         """A quantised or half-precision host's exact weight state (for an exact unmerge); None for float32/64
-        hosts (their unmerge subtracts)."""
-        if not (self.quantized or self.half):
+        hosts (their unmerge subtracts) unless ``force``."""
+        if not (self.quantized or self.half or force):
             return None
+        if self.substituted:
+            return self.weight_2d().detach().clone(), None
         bias = self.bias
         state = self._quant.snapshot(self.module) if self.quantized else self.module.weight.detach().clone()
         return state, None if bias is None else bias.detach().clone()
 
     def restore(self, snap: tuple[Any, ...]) -> None:
+        if self.substituted:
+            self.write_weight_2d(snap[0])
+            return
         self.module.weight.requires_grad_(False)
         if self.quantized:
             self._quant.restore(self.module, snap[0])
@@ -251,6 +325,17 @@ class Host:
         if self.is_conv:
             return v.view(v.shape[0], v.shape[1], *mid)
         return v.view(v.shape[0], *mid, v.shape[1])
+
+    # -- substituted hosts -----------------------------------------------------------------------------
+    def run(self, w2d: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A substituted host's module run on ``args`` / ``kwargs`` with its (d_out, d_in) weight replaced by
+        ``w2d`` (differentiable in ``w2d``; the stored weight is not touched)."""
+        if self.kind == "mha":
+            e = self.d_in
+            new = {"in_proj_weight": w2d[:3 * e], "out_proj.weight": w2d[3 * e:]}
+        else:
+            new = {self.param: self.to_native(w2d)}
+        return torch.func.functional_call(self.module, new, args, kwargs)
 
     # -- activation path -----------------------------------------------------------------------------
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,8 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.condition is not None and self.merged:
             self._check_unmerged_for_condition()
+        if self.host.substituted:
+            return self._forward_substituted(x, *args, **kwargs)
         if self.block is not None and not self.merged:
             return self.block.run_layer(self, x, *args, **kwargs)
         if self.route is not None:
@@ -110,6 +112,31 @@ class AdaptedLayer(nn.Module):
         for n in live:
             out = out + self._delta(n, x, base_out).to(base_out.dtype)
         return out
+
+    def _forward_substituted(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """A host whose module reads its weight directly (:data:`~peftkit.core.host.SUBSTITUTED_KINDS`): the module
+        runs with ``W + Σ ΔW`` in place of its weight — each active unmerged adapter's update taken from the weight
+        as it is now, as a merge would add it (additive adapters: ``delta_weight``). No mixed batches or
+        compositions here: one weight serves the whole batch."""
+        if self.route is not None or self.block is not None:
+            raise PeftkitError(
+                f"layer {self.host.name!r} ({type(self.host.module).__name__}, adapted through its weight "
+                f"{self.host.kind!r}) runs one weight for the whole batch: mixed batches and compositions are not "
+                "supported there")
+        live = [n for n in self.active if n in self.adapters and n not in self.merged]
+        if not live:
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            self.check_live(self.merged)
+        w0 = self.host.weight_2d()
+        w = w0
+        for n in live:
+            adapter = self.adapters[n]
+            if adapter.is_additive():
+                w = w + adapter.delta_weight().to(w0.dtype)
+            else:
+                w = w + (adapter.merge(w0, None)[0].to(w0.dtype) - w0)
+        return self.host.run(w, (x, *args), kwargs)
 
     def _check_unmerged_for_condition(self) -> None:
         """A merged adapter runs as part of the host weight: it cannot follow per-sample conditions."""
@@ -238,11 +265,7 @@ class AdaptedLayer(nn.Module):
 
     def _state(self) -> tuple[Any, ...]:
         """An exact copy of the host's weight state (quantised codes, or the weight and bias as stored)."""
-        snap = self.host.snapshot()
-        if snap is None:
-            b = self.host.bias
-            snap = self.host.weight.detach().clone(), None if b is None else b.detach().clone()
-        return snap
+        return self.host.snapshot(force=True)
 
     @contextlib.contextmanager
     def _at_base(self) -> Iterator[None]:
@@ -264,6 +287,14 @@ class AdaptedLayer(nn.Module):
         w = precision.upcast(host.weight_2d().detach()).clone()
         b = None if host.bias is None else precision.upcast(host.bias.detach()).clone()
         w, b = self._undo(self.merged, w, b)
+        if host.substituted:  # no bias of its own; the weight may span several tensors (restored bit-exactly)
+            current = self._state()
+            host.write_weight_2d(w)
+            try:
+                yield
+            finally:
+                host.restore(current)
+            return
         m = host.module
         kept_w = m.weight.data
         kept_b = None if m.bias is None else m.bias.data
@@ -384,14 +415,15 @@ class AdaptedLayer(nn.Module):
 
     def _thaw(self, name: str) -> None:
         self._merged_copy.pop(name, None)
-        for p in self._merge_inputs(self.adapters[name]).values():
+        frozen = self.adapters[name].frozen_parameters()  # never trained: they stay frozen after an unmerge
+        for k, p in self._merge_inputs(self.adapters[name]).items():
             entry = _FROZEN.get(p)
             if entry is None:
                 continue
             entry[0] -= 1
             if entry[0] <= 0:
                 del _FROZEN[p]
-                p.requires_grad_(entry[1])
+                p.requires_grad_(entry[1] and k not in frozen)
 
     @contextlib.contextmanager
     def _as_merged(self, name: str) -> Iterator[None]:
@@ -453,6 +485,31 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+class SubstitutedLayer(AdaptedLayer):
+    """The adapted layer of a substituted host (:data:`~peftkit.core.host.SUBSTITUTED_KINDS`: the module runs with
+    its weight replaced, see :meth:`AdaptedLayer._forward_substituted`), which also answers for the module's own
+    attributes (a parent module may read them instead of calling it)."""
+
+    def __getattr__(self, item: str) -> Any:
+        """A substituted host's module attributes (an nn.MultiheadAttention's ``batch_first``, ``in_proj_weight``,
+        ...) read through the wrapper while nothing unmerged is live on it — its weights are then what the layer
+        computes with. With a live adapter, code reading them (nn.TransformerEncoderLayer's inference fast path runs
+        attention from them) would skip the adapter: refused, saying what to do."""
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            host, base = self.__dict__.get("host"), self.__dict__.get("_modules", {}).get("base_layer")
+            if host is None or base is None or not host.substituted or not hasattr(base, item):
+                raise
+            live = [n for n in self.__dict__.get("active", []) if n not in self.__dict__.get("merged", [])]
+            if live and not self.__dict__.get("disabled", False):
+                raise AttributeError(
+                    f"{item!r} of {type(base).__name__} {host.name!r} is read past its adapter(s) {live}, which "
+                    f"act through its weights when it runs (e.g. nn.TransformerEncoderLayer's inference fast path "
+                    f"reads them instead): merge the adapter (peftkit.merge) or run in training mode") from None
+            return getattr(base, item)
 
 
 class SavedModule(nn.Module):

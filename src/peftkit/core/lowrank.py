@@ -67,14 +67,16 @@ def init_down_(a: torch.Tensor, how: str, r: int) -> None:
 
 def new_factors(host: Host, r: int, dtype: torch.dtype | None = None) -> tuple[nn.Parameter, nn.Parameter]:
     """Empty ``A ∈ R^{r×d_in}`` and zero ``B ∈ R^{d_out×r}`` on the host's device; on a grouped convolution (G
-    groups) B is grouped, ``R^{d_out×r/G}`` (:meth:`Host.dense_up`), so r must be a multiple of G."""
+    groups) B is grouped, ``R^{d_out×r/G}`` (:meth:`Host.dense_up`), so r must be a multiple of G; on a stack of E
+    experts A is (E·r, d_in) and B (d_out/E, E·r) (:meth:`Host.lowrank_weight`)."""
     w = host.weight
     if r % host.groups:
         raise PeftkitError(f"module {host.name!r} is a grouped convolution (groups={host.groups}): the rank must be "
                            f"a multiple of the groups, got r={r}")
     dt = dtype or host.param_dtype
-    a = nn.Parameter(torch.empty(r, host.d_in, device=w.device, dtype=dt))
-    b = nn.Parameter(torch.zeros(host.d_out, r // host.groups, device=w.device, dtype=dt))
+    e = host.experts  # a 3-D expert stack: a pair per expert, stacked as Hugging Face PEFT stacks them
+    a = nn.Parameter(torch.empty(e * r, host.d_in, device=w.device, dtype=dt))
+    b = nn.Parameter(torch.zeros(host.d_out // e, e * r // host.groups, device=w.device, dtype=dt))
     return a, b
 
 
@@ -84,6 +86,9 @@ def pad_factors_(owner: nn.Module, a: nn.Parameter, b: nn.Parameter, r: int, sca
     (``.data`` replaced: the same Parameter objects), and with ``scaling`` B multiplied by ``owner.s / scaling`` and
     ``owner.s`` set to it — ``s·B·A`` unchanged either way. ``owner.r`` follows."""
     r0 = a.shape[0]
+    if owner.host.experts > 1 and r != r0:
+        raise PeftkitError(f"{type(owner).__name__} on {owner.host.name!r}: cannot pad the rank of an update on a "
+                           f"stack of experts")
     if owner.host.groups > 1 and r != r0:
         raise PeftkitError(f"{type(owner).__name__} on {owner.host.name!r}: cannot pad the rank of an update on a "
                            f"grouped convolution (its up-projection is grouped)")
@@ -273,7 +278,7 @@ class LowRankUpdate:
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
-        return self.s * (self.host.dense_up(b) @ a)
+        return self.s * self.host.lowrank_weight(a, b)
 
     def _moved_bias(self, bias: torch.Tensor | None, sign: int) -> torch.Tensor | None:
         c = self.out_bias()

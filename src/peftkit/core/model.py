@@ -20,7 +20,7 @@ from .adapter import Adapter, PlanContext, SharedStore, ranks_from_file
 from .config import AdapterConfig
 from .errors import PeftkitError
 from .host import QUANTIZED_KINDS, Host, host_kind
-from .layer import AdaptedLayer, Route, SavedModule
+from .layer import AdaptedLayer, Route, SavedModule, SubstitutedLayer
 from .state import (  # what is on a model: shared with the PEFT format (hf) and the procedures, no circle
     active_adapters,
     adapted_layers,
@@ -33,7 +33,7 @@ from .state import bias_params as _bias_params
 from .state import configs as _configs
 from .state import saved_modules as _saved_modules
 from .state import single_name as _single_name
-from .targeting import _matches, find_targets
+from .targeting import _matches, find_parameter_targets, find_targets
 
 FORMAT_VERSION = 2  # 2: the weights carry sha256 checksums of the unit (1: older files, still read)
 
@@ -77,9 +77,18 @@ def _plan(model: nn.Module, config: AdapterConfig, name: str) -> _Plan:
     config = config.resolve(model)
     plan = _Plan(name, config)
     targets: list[tuple[str, nn.Module, Host]] = []
-    for path, module in [] if info.model_level else find_targets(model, config):
+    params = {} if info.model_level else {p: (m, n) for p, m, n in find_parameter_targets(model, config)}
+    found = [] if info.model_level else find_targets(model, config)
+    both = next((p for p, _ in found if p in params), None)
+    if both is not None:
+        raise PeftkitError(f"module {both!r} is targeted both as a layer (target_modules) and through its parameter "
+                           f"{params[both][1]!r} (target_parameters); target it one way")
+    if params:  # in model order, with the module targets
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        found = sorted(found + [(p, m) for p, (m, _) in params.items()], key=lambda pm: order[pm[0]])
+    for path, module in found:
         layer = module if isinstance(module, AdaptedLayer) else None
-        host = layer.host if layer is not None else Host(module, path)
+        host = layer.host if layer is not None else Host(module, path, param=params.get(path, (None, None))[1])
         if host.kind not in info.hosts:
             raise PeftkitError(
                 f"method {info.name!r} does not support {type(host.module).__name__} layers "
@@ -118,7 +127,8 @@ def _install(model: nn.Module, plan: _Plan) -> None:
     for path, module, host, adapter in plan.layers:
         layer = module if isinstance(module, AdaptedLayer) else None
         if layer is None:
-            layer = AdaptedLayer(module, host).train(module.training)  # new modules follow the model's mode
+            wrap = SubstitutedLayer if host.substituted else AdaptedLayer
+            layer = wrap(module, host).train(module.training)  # new modules follow the model's mode
             _set_submodule(model, path, layer)
         layer.adapters[plan.name] = adapter.train(layer.training)
         adapter.on_install()
@@ -145,7 +155,7 @@ def _refresh_trainable(model: nn.Module, trainable: bool = True) -> None:
     for _, layer in adapted_layers(model):
         for n, a in layer.adapters.items():
             if n in active and n not in layer.merged:  # a merged adapter stays frozen until unmerged
-                for p in a.parameters():
+                for p in a.trainable_tensors().values():  # not its frozen_parameters()
                     p.requires_grad_(True)
     for _, sm in _saved_modules(model):
         for n, c in sm.copies.items():

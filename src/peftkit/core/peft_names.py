@@ -213,9 +213,9 @@ def translate(cls: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 BIAS_IN = {"none": "none", "all": "all", "lora_only": "adapter_only"}
 BIAS_OUT = {v: k for k, v in BIAS_IN.items()}
 #: peftkit's LoRA inits that a PEFT file can name (the others keep their initial factors next to the trained ones)
-INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "random": False}
+INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "random": False, "mica": "mica"}
 #: init_lora_weights values that make PEFT rewrite the base weight (or swap in a LoRA variant) when it loads
-BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 #: PEFT LoRA options that change the function the adapter computes and that peftkit does not reproduce
 LORA_UNSUPPORTED = {
     "lora_bias": "a trainable bias on lora_B",
@@ -243,7 +243,8 @@ LORA_TRAINING_ONLY = {
 LORA_BLOCK_DIAGONAL = "use_bdlora"
 _LORA_INSTEAD = {
     "lora_bias": "use bias='lora_only' (the adapted layers' own biases train) instead",
-    "target_parameters": "target the module that holds the parameter with target_modules instead",
+    "target_parameters": "peftkit's lora has it (peftkit.config('lora', target_parameters=[...])); PEFT has no "
+                         "DoRA on a bare parameter either",
     "trainable_token_indices": "train the whole embedding with modules_to_save instead",
     "megatron_config": "adapt the unsharded model instead",
 }
@@ -255,7 +256,6 @@ _INIT_REFUSED = {
     "loftq": "LoftQ is an init of peftkit's lora: init='loftq' or 'loftq_iter_T' (4-bit NF4; no loftq_config)",
     "lora_ga": "LoRA-GA initialises from gradients of data; use init_lora_weights=True or 'pissa'",
     "orthogonal": "use init_lora_weights='olora' (orthonormal B from the weight's QR) or True",
-    "mica": "use init_lora_weights='pissa' (the leading singular vectors) or True",
 }
 
 
@@ -316,7 +316,7 @@ def lora_init(v: Any, allowed: tuple[str, ...], method: str = "lora") -> str:
     if v is False:
         name = "random"
     elif isinstance(v, str):
-        name = v.lower() if v.lower() in ("gaussian", "olora") else v
+        name = v.lower() if v.lower() in ("gaussian", "olora", "mica") else v
     else:
         raise PeftkitError(f"init_lora_weights must be True, False or a string, got {v!r}")
     if re.fullmatch("|".join(allowed), name):

@@ -24,6 +24,10 @@ CONV3D_HOSTS = ("conv3d",)
 #: grouped convolutions (any dimension, groups > 1), seen through their dense block-diagonal weight; methods whose
 #: update keeps that view honest (and that refuse a merge leaving the blocks) opt in by listing them
 GROUPED_CONV_HOSTS = ("grouped_conv",)
+#: weights a module reads directly (nn.MultiheadAttention's projections; one bare nn.Parameter named by the
+#: config's ``target_parameters``), adapted by running the module with the weight substituted (core.host); methods
+#: whose ΔW does not need an activation path opt in by listing them
+SUBSTITUTED_HOSTS = ("mha", "parameter")
 #: the families of the PEFT survey's taxonomy (Han et al. 2024, "Parameter-Efficient Fine-Tuning for Large Models: A
 #: Comprehensive Survey", arXiv 2403.14608: additive, selective, reparameterised, hybrid), plus what peftkit also
 #: registers: quantisation-aware methods, methods defined by their training procedure, and heads over a frozen model.
@@ -120,7 +124,7 @@ def register(
     """Class decorator: ``@register("lora", config=LoraConfig, ...)`` on the adapter class."""
 
     def deco(adapter_cls: type[Adapter]) -> type[Adapter]:
-        known = HOST_KINDS + QUANTIZED_HOSTS + NORM_HOSTS + CONV3D_HOSTS + GROUPED_CONV_HOSTS
+        known = HOST_KINDS + QUANTIZED_HOSTS + NORM_HOSTS + CONV3D_HOSTS + GROUPED_CONV_HOSTS + SUBSTITUTED_HOSTS
         bad = set(hosts) - set(known)
         if bad:
             raise ValueError(f"unknown host kinds {bad}; known: {known}")

@@ -8,7 +8,9 @@ Rules (Hugging Face PEFT compatible):
 - ``"all-norm"`` selects every LayerNorm / RMSNorm with a learned scale (host kind ``"norm"``), heads excluded alike;
 - ``target_types`` keeps modules whose class name is listed; ``layers_to_transform`` keeps modules whose layer
   index (the number after ``layers_pattern``, or after any of layers/layer/h/blocks/block) is listed;
-- ``exclude_modules`` removes matches (same rules as targets).
+- ``exclude_modules`` removes matches (same rules as targets);
+- :meth:`~peftkit.core.config.AdapterConfig.parameter_targets` (LoRA's ``target_parameters``) names bare parameters
+  (full name, or a suffix after a dot, as in Hugging Face PEFT): :func:`find_parameter_targets`.
 A config that matches nothing raises an error listing the closest candidate module names.
 """
 
@@ -74,6 +76,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     spec = config.target_modules
     extra = set(config.extra_targets())
     if spec is None and not config.target_types and not extra:
+        if config.parameter_targets():
+            return []
         raise PeftkitError(
             f"{type(config).__name__}.target_modules is not set; give module names, a regex, or 'all-linear'. "
             f"Candidates: {', '.join(_short_list(candidate_names(model)))}"
@@ -113,12 +117,48 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
                 continue
             raise PeftkitError(
                 f"target {name!r} is a projection of an nn.MultiheadAttention, which reads its weight directly and "
-                f"never runs the layer: an adapter there would compute nothing; peftkit cannot adapt "
-                f"nn.MultiheadAttention (target the layers around it)"
+                f"never runs the layer: an adapter there would compute nothing; target the nn.MultiheadAttention "
+                f"itself (its input and output projections are adapted together, as in Hugging Face PEFT)"
             )
         out.append((name, module))
     if not out:
         raise PeftkitError(_no_match_message(model, config))
+    return out
+
+
+def find_parameter_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, parameter name) of every bare parameter ``config.parameter_targets()`` names, in model
+    order: a parameter whose full name equals an entry or ends with ``"." + entry``. One parameter per module, on a
+    module no other target of the config adapts; an entry that matches nothing is an error."""
+    from .layer import AdaptedLayer
+
+    wanted = config.parameter_targets()
+    if not wanted:
+        return []
+    out: list[tuple[str, nn.Module, str]] = []
+    used: set[str] = set()
+    for name, module in model.named_modules():
+        if ".base_layer" in name or name.endswith("base_layer") or name.startswith(CONTAINER) or (
+                ".original_module" in name or ".copies." in name):
+            continue
+        owner = module.base_layer if isinstance(module, AdaptedLayer) else module
+        for pname, _ in owner.named_parameters(recurse=False):
+            key = f"{name}.{pname}" if name else pname
+            hit = [t for t in wanted if key == t or key.endswith("." + t)]
+            if not hit:
+                continue
+            used.update(hit)
+            if out and out[-1][0] == name:
+                raise PeftkitError(f"target_parameters: module {name!r} holds two targeted parameters "
+                                   f"({out[-1][2]!r}, {pname!r}); peftkit adapts one parameter per module")
+            if isinstance(module, AdaptedLayer) and module.host.param != pname:
+                raise PeftkitError(f"target_parameters: {key!r} belongs to {name!r}, which is already adapted "
+                                   f"as a {module.host.kind!r} host; one kind of host per module")
+            out.append((name, module, pname))
+    missing = [t for t in wanted if t not in used]
+    if missing:
+        raise PeftkitError(f"target_parameters entry {missing[0]!r} matched no parameter of the model (give the "
+                           f"parameter's full name, e.g. 'mlp.experts.w1', or its last parts)")
     return out
 
 

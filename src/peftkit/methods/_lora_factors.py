@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from peftkit.core.errors import PeftkitError
+from peftkit.core.hf import lowrank_config_to_hf
 from peftkit.core.lowrank import check_rank, init_down_
+from peftkit.core.peft_names import INIT_TO_PEFT, plain_number
 from peftkit.methods.lora_inits import corda_factors, corda_mode, loftq
 
 
@@ -41,6 +43,14 @@ def init_factors_(lora: Any, host: Any, config: Any) -> None:
                 u, sv, vh = torch.linalg.svd(w, full_matrices=False)
             sr = (sv[:r] / s).sqrt()
             lora.keep_init(sr[:, None] * vh[:r], u[:, :r] * sr[None, :])
+    elif init == "mica":  # B = the left singular vectors of the r smallest singular values, A = 0; B frozen
+        if host.kind not in ("linear", "gpt2_conv1d", "embedding"):
+            raise PeftkitError(f"init='mica' on {host.name!r}: Linear, GPT-2 Conv1D and Embedding layers only (as in "
+                               "Hugging Face PEFT)")
+        check_rank(host, r)
+        u = torch.linalg.svd(host.weight_2d().detach().float(), full_matrices=False)[0]
+        lora.lora_B.copy_(u[:, -r:])
+        lora.lora_A.zero_()
     elif init.startswith("loftq"):
         check_rank(host, r)
         q, a, b = loftq(host.weight_2d(), r, int(init.rsplit("_", 1)[1]) if "iter" in init else 1)
@@ -70,6 +80,18 @@ def set_eva(lora: Any, a: torch.Tensor, config: Any) -> None:
 # (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with A' = [A; A0],
 # B' = [B, −B0] and α scaled to keep s — the same ΔW on the untouched base; the peftkit config in the file's metadata
 # splits it back on load.
+def hf_config(config: Any, hosts: list[Any], keeps: bool) -> dict[str, Any]:
+    """LoRA's Hugging Face ``LORA`` config fields; ``keeps`` (PiSSA / OLoRA / CorDA): the rank-2r form above."""
+    plain = config if config.init in INIT_TO_PEFT else dataclasses.replace(config, init="kaiming")
+    out = lowrank_config_to_hf(plain, hosts)  # EVA / LoftQ: plain factors (LoftQ: its base is the rewritten Q)
+    if keeps:
+        grow = math.sqrt(2) if config.rslora else 2  # α/r (rsLoRA α/√r) unchanged at rank 2r
+        out.update(r=2 * out["r"], lora_alpha=plain_number(out["lora_alpha"] * grow),
+                   rank_pattern={k: 2 * v for k, v in out["rank_pattern"].items()},
+                   alpha_pattern={k: plain_number(v * grow) for k, v in out["alpha_pattern"].items()})
+    return {**out, "use_dora": False}
+
+
 def kept_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**{k: v for k, v in state.items() if k.startswith("lora_B_bias")},
             "lora_A": torch.cat([state["lora_A"], state["pissa_A0"]]),

@@ -88,11 +88,12 @@ def token_layout(host: Host, ids: list[int]) -> dict[str, HFTensor]:
 
 
 #: LoRA's fields that are Hugging Face PEFT options of the same name (read and written as they are)
-OPTIONS = ("lora_bias", "trainable_token_indices", "use_bdlora", "kasa_config")
+OPTIONS = ("lora_bias", "trainable_token_indices", "use_bdlora", "kasa_config", "target_parameters")
 
 
 def hf_fields(config: Any, hosts: list[Host]) -> dict[str, Any]:
-    """PEFT's ``lora_bias`` / ``trainable_token_indices`` / ``use_bdlora`` / ``kasa_config`` fields, and the
+    """PEFT's ``lora_bias`` / ``trainable_token_indices`` / ``use_bdlora`` / ``kasa_config`` / ``target_parameters``
+    fields, and the
     low-rank layers alone as its ``target_modules`` (PEFT refuses a low-rank update on a token layer)."""
     out = {k: getattr(config, k) for k in OPTIONS}
     if config.trainable_token_indices:

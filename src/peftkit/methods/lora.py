@@ -15,22 +15,24 @@ LoftQ (Li et al. 2023), EVA (Paischer et al. 2024) and CorDA (Yang et al. 2024),
     trainable_token_indices (PEFT's option): chosen embedding rows train too (see methods/_lora_tokens.py)
     use_bdlora (PEFT's option): A or B block-diagonal on chosen layers (BD-LoRA, see methods/_lora_blocks.py)
     kasa_config (PEFT's option): KaSA — base's r smallest singular directions dropped, ΔW = s·B·diag(d)·A (_lora_kasa)
+    MiCA init: B = U[:, −r:] (left singular vectors of W0 with the r smallest singular values), A = 0; B is frozen
+    nn.MultiheadAttention, target_parameters (PEFT's option: bare 2-D parameters, 3-D expert stacks): ΔW on the
+      weight the module reads, the module run with W + ΔW (see methods/_lora_hosts.py)
 
-Trainable: A, B — r·(d_in + d_out) per layer. PiSSA (and OLoRA likewise) keeps its initial factors (A0, B0) as
-saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as W0·x + s·[B, −B0]·[A; A0]·x
-(one rank-2r pass; with dropout while training, the −B0·A0 part sees x undropped, as W_res·x does in the paper and
-in PEFT), which is the same function, so ``disable()``, mixed batches and other adapters on the layer still
-see the true W0, and loading into a fresh base reproduces the outputs exactly (Hugging Face PEFT instead rewrites the
-base weight). CorDA keeps its factors the same way. LoftQ rewrites the host weight to its dequantised NF4 Q (as PEFT
-does; ``disable()`` then gives Q's output; loading a LoftQ adapter reruns it on the fresh base, so outputs reload
-exactly). EVA and CorDA initialise in :func:`calibrate` (``peftkit train`` calls it with the first
-``calibration_size`` training examples); until then EVA's A is kaiming and CorDA uses C = I.
+Trainable: A, B — r·(d_in + d_out) per layer (MiCA: A only). PiSSA (and OLoRA likewise) keeps its initial factors
+(A0, B0) as saved buffers and leaves the host weight untouched: it computes W_res·x + s·B·A·x as
+W0·x + s·[B, −B0]·[A; A0]·x (one rank-2r pass; with dropout while training, the −B0·A0 part sees x undropped, as
+W_res·x does in the paper and in PEFT), which is the same function, so ``disable()``, mixed batches and other
+adapters on the layer still see the true W0, and loading into a fresh base reproduces the outputs exactly (Hugging
+Face PEFT instead rewrites the base weight). CorDA keeps its factors the same way. LoftQ rewrites the host weight to
+its dequantised NF4 Q (as PEFT does; ``disable()`` then gives Q's output; loading a LoftQ adapter reruns it on the
+fresh base, so outputs reload exactly). EVA and CorDA initialise in :func:`calibrate` (``peftkit train`` calls it
+with the first ``calibration_size`` training examples); until then EVA's A is kaiming and CorDA uses C = I.
 With ``dropout = 0`` on a Linear / GPT-2 Conv1D host the forward and backward run in one fused autograd function.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -40,26 +42,22 @@ import torch
 
 from peftkit.core.adapter import Adapter, make_dropout
 from peftkit.core.errors import PeftkitError, did_you_mean
-from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_config_to_hf, lowrank_layout
+from peftkit.core.hf import HFTensor, lowrank_config_from_hf, lowrank_layout
 from peftkit.core.host import Host
-from peftkit.core.lowrank import (
-    LowRankConfig,
-    LowRankUpdate,
-    new_factors,
-    pad_factors_,
-)
-from peftkit.core.peft_names import INIT_TO_PEFT, lora_names, plain_number
+from peftkit.core.lowrank import LowRankConfig, LowRankUpdate, new_factors, pad_factors_
+from peftkit.core.peft_names import lora_names
 from peftkit.core.registry import CONV3D_HOSTS, GROUPED_CONV_HOSTS, HOST_KINDS, QUANTIZED_HOSTS, register
 from peftkit.methods import _lora_blocks as _blocks
 from peftkit.methods import _lora_factors as _factors
+from peftkit.methods import _lora_hosts as _hosts
 from peftkit.methods import _lora_kasa as _kasa
 from peftkit.methods import _lora_tokens as _tokens
 from peftkit.methods import lora_inits as inits
 
 _INITS = ("kaiming", "gaussian", "random", "pissa", r"pissa_niter_\d+", "olora", "loftq", r"loftq_iter_\d+", "eva",
-          r"eva_rho_\d+(\.\d+)?", "corda", "corda_kpm")
+          r"eva_rho_\d+(\.\d+)?", "corda", "corda_kpm", "mica")
 _INIT_NAMES = ("kaiming", "gaussian", "random", "pissa", "pissa_niter_K", "olora", "loftq", "loftq_iter_T", "eva",
-               "eva_rho_X", "corda", "corda_kpm")
+               "eva_rho_X", "corda", "corda_kpm", "mica")
 
 
 @dataclass
@@ -68,16 +66,17 @@ class LoraConfig(LowRankConfig):
     tests — PEFT's ``init_lora_weights=False``), ``"pissa"``, ``"pissa_niter_K"`` (randomised SVD with K subspace
     iterations), ``"olora"``, ``"loftq"`` / ``"loftq_iter_T"`` (NF4 base, T alternations, default 1), ``"eva"`` /
     ``"eva_rho_X"`` (activation SVD with rank redistribution up to ρ·r per layer, default ρ = 2; needs
-    :func:`calibrate`), ``"corda"`` (IPM) or ``"corda_kpm"`` (needs :func:`calibrate`). Accepts Hugging Face PEFT
-    ``LoraConfig``'s field names (``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``,
-    ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's config. ``lora_bias``,
-    ``trainable_token_indices``, ``use_bdlora``, ``kasa_config``: PEFT's options (above)."""
+    :func:`calibrate`), ``"corda"`` (IPM) or ``"corda_kpm"`` (needs :func:`calibrate`), ``"mica"`` (B frozen).
+    Accepts Hugging Face PEFT ``LoraConfig``'s field names (``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+    ``init_lora_weights``, ``rank_pattern``, ...); ``use_dora=True`` builds DoRA's config. ``lora_bias``,
+    ``trainable_token_indices``, ``use_bdlora``, ``kasa_config``, ``target_parameters``: PEFT's options (above)."""
 
     init: str = "kaiming"
     lora_bias: bool = False
     trainable_token_indices: dict[str, list[int]] | list[int] | None = None
     use_bdlora: dict[str, Any] | None = None
     kasa_config: dict[str, float] | None = None
+    target_parameters: list[str] | None = None
 
     peft_type = "LORA"
     peft_names = lora_names(inits=_INITS, dora=False, own=tuple(_tokens.OPTIONS))
@@ -93,9 +92,13 @@ class LoraConfig(LowRankConfig):
         spec = self.trainable_token_indices
         return list(spec) if isinstance(spec, dict) else []
 
+    def parameter_targets(self) -> list[str]:
+        return list(self.target_parameters or [])
+
     def validate(self) -> None:
         super().validate()
         _tokens.check(self.trainable_token_indices)
+        _hosts.check_config(self.target_parameters)
         _blocks.check(self.use_bdlora)
         _kasa.check(self.kasa_config)
         if not re.fullmatch("|".join(_INITS), self.init):
@@ -110,9 +113,9 @@ class LoraConfig(LowRankConfig):
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); rsLoRA (arXiv 2312.03732); PiSSA (arXiv 2404.02948); LoftQ (arXiv "
     "2310.08659); EVA (arXiv 2410.07170); CorDA (arXiv 2406.05223)",
     description="additive low-rank update s·BA; α/r or rsLoRA α/√r scaling; init kaiming, gaussian, PiSSA, OLoRA, "
-    "LoftQ (NF4 base), EVA or CorDA (calibrate() from data)",
+    "LoftQ (NF4 base), EVA or CorDA (calibrate() from data), MiCA (frozen minor singular B)",
     params="r·(d_in + d_out)",
-    hosts=HOST_KINDS + CONV3D_HOSTS + GROUPED_CONV_HOSTS + QUANTIZED_HOSTS,
+    hosts=HOST_KINDS + CONV3D_HOSTS + GROUPED_CONV_HOSTS + QUANTIZED_HOSTS + _hosts.KINDS,
     hf_peft_type="LORA",
     calibrate=lambda model, batches, name=None: calibrate(model, batches, name),
 )
@@ -124,7 +127,8 @@ class Lora(LowRankUpdate, Adapter):
 
     def __init__(self, host: Host, config: LoraConfig) -> None:
         super().__init__(host, config)
-        self.r, self.s = config.r, config.scaling
+        _hosts.check(host, config)
+        self.r, self.s, self.mha = config.r, config.scaling, host.kind == "mha"
         self.lora_A, self.lora_B = new_factors(host, config.r)
         self.dropout = make_dropout(config.dropout)
         # PiSSA, OLoRA and CorDA start from factors of W0 and keep them (buffers pissa_A0 / pissa_B0): see the docstring
@@ -137,6 +141,7 @@ class Lora(LowRankUpdate, Adapter):
         if (self.bd or self.kasa) and (not plain_init or self.bd and self.kasa):
             raise PeftkitError(f"{host.name!r}: init={config.init!r}, use_bdlora and kasa_config do not combine")
         _factors.init_factors_(self, host, config)
+        _hosts.setup_(self, host, config)
         if self.bd:
             _blocks.compact_(self, self.bd, self.nb)
         if self.kasa:
@@ -165,8 +170,13 @@ class Lora(LowRankUpdate, Adapter):
     def set_eva(self, a: torch.Tensor, config: LoraConfig) -> None:
         _factors.set_eva(self, a, config)
 
+    def frozen_parameters(self) -> frozenset[str]:  # MiCA's B: saved, never trained
+        return frozenset({"lora_B"}) if self.config.init == "mica" else frozenset()
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the update; for PiSSA the rank-2r pair [A; A0], [B, −B0] (ΔW relative to the true W0)."""
+        if self.mha:
+            return _hosts.factors(self)
         if self.kasa:
             return _kasa.factors(self)
         if not self.pissa:
@@ -177,8 +187,9 @@ class Lora(LowRankUpdate, Adapter):
         return self.lora_B_bias
 
     def pad_rank(self, r: int, scaling: float | None = None) -> None:
-        if self.bd or self.kasa:
-            raise PeftkitError(f"LoRA on {self.host.name!r}: cannot pad the rank of a block-diagonal / KaSA update")
+        if self.bd or self.kasa or self.mha:
+            raise PeftkitError(f"LoRA on {self.host.name!r}: cannot pad the rank of a block-diagonal / KaSA / "
+                               "nn.MultiheadAttention update")
         if self.pissa:  # the kept A0/B0 are part of the update: their rank is the trained one
             super().pad_rank(r, scaling)
         pad_factors_(self, self.lora_A, self.lora_B, r, scaling)
@@ -192,33 +203,25 @@ class Lora(LowRankUpdate, Adapter):
     def expected_params(cls, host: Host, config: LoraConfig) -> int:
         if _tokens.token_ids(config, host.name) is not None:
             return len(_tokens.token_ids(config, host.name)) * host.d_out
-        n = _blocks.params(host, config) or config.r * host.d_in + host.d_out * config.r // host.groups
+        n = (_blocks.params(host, config) or _hosts.params(host, config)
+             or config.r * host.d_in + host.d_out * config.r // host.groups * (config.init != "mica"))
         return n + (host.d_out if config.lora_bias else 0) + (config.r if config.kasa_config is not None else 0)
 
-    # Hugging Face PEFT: peft_type LORA without use_dora. PiSSA / OLoRA are written as PEFT converts them
-    # (save_pretrained(..., path_initial_model_for_weight_conversion=...)): a plain LoRA of rank 2r with
-    # A' = [A; A0], B' = [B, −B0] and α scaled to keep s — the same ΔW on the untouched base; the peftkit config in
-    # the file's metadata splits it back on load.
+    # Hugging Face PEFT: peft_type LORA without use_dora; PiSSA / OLoRA / CorDA as PEFT converts them (_lora_factors)
     @classmethod
     def from_hf_config(cls, hf_config: dict[str, Any]) -> LoraConfig | None:
         return None if hf_config.get("use_dora") else lowrank_config_from_hf(LoraConfig, hf_config)
 
     @classmethod
     def to_hf_config(cls, config: LoraConfig, hosts: list[Host]) -> dict[str, Any]:
-        plain = config if config.init in INIT_TO_PEFT else dataclasses.replace(config, init="kaiming")
-        if not _keeps_init(config):  # EVA / LoftQ: plain factors (LoftQ: its base is the rewritten Q)
-            return {**lowrank_config_to_hf(plain, hosts), "use_dora": False, **_tokens.hf_fields(config, hosts)}
-        out = lowrank_config_to_hf(plain, hosts)
-        grow = math.sqrt(2) if config.rslora else 2  # α/r (rsLoRA α/√r) unchanged at rank 2r
-        out.update(r=2 * out["r"], lora_alpha=plain_number(out["lora_alpha"] * grow),
-                   rank_pattern={k: 2 * v for k, v in out["rank_pattern"].items()},
-                   alpha_pattern={k: plain_number(v * grow) for k, v in out["alpha_pattern"].items()})
-        return {**out, "use_dora": False, **_tokens.hf_fields(config, hosts)}
+        return {**_factors.hf_config(config, hosts, _keeps_init(config)), **_tokens.hf_fields(config, hosts)}
 
     @classmethod
     def hf_layout(cls, host: Host, config: LoraConfig) -> dict[str, HFTensor]:
         if _tokens.token_ids(config, host.name) is not None:
             return _tokens.token_layout(host, _tokens.token_ids(config, host.name))
+        if host.substituted:
+            return _hosts.layout(host, config.r)
         out = _blocks.layout(lowrank_layout(host, 2 * config.r if _keeps_init(config) else config.r), host, config)
         out = _kasa.layout(out, config.r) if config.kasa_config is not None else out
         if config.lora_bias:
