@@ -245,6 +245,20 @@ def test_lae_freezes_the_pet_for_the_first_steps_of_later_tasks() -> None:
     assert learner.evaluate(1) >= 0.0
 
 
+def test_lae_keeps_a_factor_its_method_freezes_frozen_after_the_head_only_phase() -> None:
+    """MiCA's B is saved but never trained: LAE's freeze/unfreeze of the online PET must leave it alone."""
+    model = _model()
+    cfg = peftkit.config("lora", target_modules=["fc1", "fc2"], r=4, init="mica", modules_to_save=["head"])
+    m = LAE(decay=0.5, freeze_steps=1)
+    ContinualLearner(model, cfg, m, _tasks(), num_classes=4, steps=2, batch_size=8)
+    for k in (0, 1):
+        m.begin_task(k)
+        m.train_task(k, steps=2, batch_size=8, lr=1e-2, seed=k)
+    online = {k: p for k, (p, s) in _named_adapter_params(model, "online").items() if not s}
+    assert online and all(not p.requires_grad for k, p in online.items() if k.endswith("lora_B"))
+    assert any(p.requires_grad for k, p in online.items() if k.endswith("lora_A"))
+
+
 def test_bad_sequences_are_rejected_and_the_model_is_unchanged() -> None:
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -167,7 +167,12 @@ class LAE(ContinualMethod):
                                   weight_decay=weight_decay)
 
     def _online_pet(self) -> list[nn.Parameter]:
-        return [p for k, (p, saved) in _named_adapter_params(self.model, "online").items() if not saved]
+        """The online PET's trained parameters (not its head copy, not those its method keeps frozen, e.g. MiCA's B)."""
+        frozen = {id(p) for _, layer in adapted_layers(self.model) if "online" in layer.adapters
+                  for n, p in layer.adapters["online"].named_parameters()
+                  if n in layer.adapters["online"].frozen_parameters()}
+        return [p for k, (p, saved) in _named_adapter_params(self.model, "online").items()
+                if not saved and id(p) not in frozen]
 
     def on_step_start(self, model: nn.Module, step: int) -> None:
         if self._frozen_for:  # the PET waits while the new head rows catch up
