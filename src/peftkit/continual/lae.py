@@ -169,8 +169,7 @@ class LAE(ContinualMethod):
     def _online_pet(self) -> list[nn.Parameter]:
         """The online PET's trained parameters (not its head copy, not those its method keeps frozen, e.g. MiCA's B)."""
         frozen = {id(p) for _, layer in adapted_layers(self.model) if "online" in layer.adapters
-                  for n, p in layer.adapters["online"].named_parameters()
-                  if n in layer.adapters["online"].frozen_parameters()}
+                  for n, p in layer.adapters["online"].named_parameters() if layer.adapters["online"].is_frozen(n)}
         return [p for k, (p, saved) in _named_adapter_params(self.model, "online").items()
                 if not saved and id(p) not in frozen]
 

@@ -390,9 +390,15 @@ class Adapter(nn.Module):
         trainable, after an unmerge too, and they do not count as trainable. None by default."""
         return frozenset()
 
+    def is_frozen(self, name: str) -> bool:
+        """Whether parameter ``name`` (as in ``named_parameters()``) is one of :meth:`frozen_parameters` — also
+        under a ``torch.nn.utils.parametrize`` parametrisation, which renames ``p`` ``parametrizations.p.original``."""
+        if name.startswith("parametrizations.") and name.endswith(".original"):
+            name = name[len("parametrizations."):-len(".original")]
+        return name in self.frozen_parameters()
+
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
-        frozen = self.frozen_parameters()
-        return {n: p for n, p in self.named_parameters() if n not in frozen}
+        return {n: p for n, p in self.named_parameters() if not self.is_frozen(n)}
 
     def extra_repr(self) -> str:
         return f"host={self.host.kind}, d_in={self.host.d_in}, d_out={self.host.d_out}"

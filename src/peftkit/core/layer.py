@@ -415,15 +415,15 @@ class AdaptedLayer(nn.Module):
 
     def _thaw(self, name: str) -> None:
         self._merged_copy.pop(name, None)
-        frozen = self.adapters[name].frozen_parameters()  # never trained: they stay frozen after an unmerge
-        for k, p in self._merge_inputs(self.adapters[name]).items():
+        adapter = self.adapters[name]  # its frozen_parameters() are never trained: they stay frozen after an unmerge
+        for k, p in self._merge_inputs(adapter).items():
             entry = _FROZEN.get(p)
             if entry is None:
                 continue
             entry[0] -= 1
             if entry[0] <= 0:
                 del _FROZEN[p]
-                p.requires_grad_(entry[1] and k not in frozen)
+                p.requires_grad_(entry[1] and not adapter.is_frozen(k))
 
     @contextlib.contextmanager
     def _as_merged(self, name: str) -> Iterator[None]:
