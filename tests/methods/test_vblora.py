@@ -63,7 +63,7 @@ def test_init_draws_are_peft_s_and_the_bank_is_trained_once() -> None:
     model = copy.deepcopy(base)
     peftkit.adapt(model, peftkit.config("vblora", target_modules=T, **SMALL))
     with torch.no_grad():
-        assert torch.equal(model(X), pm(X))  # same bank (the last draw) and same logits, same order
+        assert_near(model(X), pm(X), 16, layers=2)  # same bank (the last draw) and logits, same order (fp32 rounding)
         assert not torch.equal(model(X), base(X))  # ΔW ≠ 0 at init (PEFT's random bank and logits)
     assert peftkit.summary(model).trainable == 10 * 8 + 3 * (16 + 32) // 8 * 10 + 3 * (32 + 16) // 8 * 10
     model(X).square().sum().backward()

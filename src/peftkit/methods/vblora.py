@@ -15,7 +15,8 @@ which also assembles every layer's factors from pieces shared across layers: MoS
 seeded index (each rank-one vector a concatenation of shard *rows* chosen once), its pools are per module type and
 its LoRA scale α/r stays; VB-LoRA's routing is *learned* — each sub-vector is a differentiable top-k softmax mixture
 over one bank for the whole adapter, and the logits are what each layer trains. Hosts: Linear and GPT-2 Conv1D (as
-PEFT); b must divide every targeted d_in and d_out.
+PEFT); b must divide every targeted d_in and d_out. As the only active adapter (no active dropout) the layer runs
+through LoRA's fused path (``core.lowrank``) with the mixed A and B.
 
 Following PEFT's code: the bank is drawn again for every targeted module (``_init_vblora_vector_bank`` runs inside
 ``_create_and_replace``) and the last draw is kept — peftkit draws in the same order from the global RNG (bank, then
@@ -32,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.adapter import Adapter, PlanContext, make_dropout
+from peftkit.core.adapter import Adapter, PlanContext, drops, make_dropout
 from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor, config_from_hf
 from peftkit.core.host import Host
+from peftkit.core.lowrank import fused_lowrank_forward
 from peftkit.core.peft_names import TARGETING, alias, bias_alias, inert
 from peftkit.core.registry import register
 
@@ -141,6 +143,14 @@ class VBLoRA(Adapter):
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
         return F.linear(F.linear(self.dropout(x).to(a.dtype), a), b)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mixed factors through LoRA's fused layer (core.lowrank: one output write, x kept without a copy
+        where its producer allows; ∂A, ∂B flow back through the mixture to the logits and the bank)."""
+        if drops(self, self.host):
+            return None
+        a, b = self.factors()
+        return fused_lowrank_forward(self.host, x, a, b, 1.0)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()
