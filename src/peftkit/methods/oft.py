@@ -17,11 +17,11 @@ exact form (I − Q)(I + Q)⁻¹ — the two are each other's transpose); PEFT's
 PEFT 0.21 (which never applies it), has no effect; COFT (``coft=True``: projecting the trained values in place during
 the forward) is refused — an adapter here is a pure function of its parameters. Hosts: Linear (PEFT's) and GPT-2
 Conv1D (peftkit only: no PEFT file); PEFT's Conv2d / Embedding OFT are not reproduced.
-As the only active adapter with at least d_out rows (frozen float32/64 weight, no dropout) the layer runs as
-x·(W0·Rᵀ)ᵀ + b through ``core.dense`` (W0·Rᵀ built block by block, rebuilt in backward instead of kept; x kept
-without a copy where its producer allows) — fewer products than rotating every input row, and PEFT's rotated-input
-activations are not kept; otherwise base(x·R) (one small rotation, the base GEMM); next to other adapters it adds
-base(x·R) − base(x) = (x·R − x)·W0ᵀ.
+As the only active adapter with at least d_out rows (frozen float32/64 weight, no dropout) the layer runs as x·(W0·Rᵀ)ᵀ + b
+through ``core.dense`` (W0·Rᵀ built block by block, rebuilt in backward instead of kept; x kept without a copy where its
+producer allows) — fewer products than rotating every input row, and PEFT's rotated-input activations are not kept;
+otherwise base(x·R) (one small rotation, the base GEMM); next to other adapters it adds base(x·R) − base(x) =
+(x·R − x)·W0ᵀ.
 """
 
 from __future__ import annotations
