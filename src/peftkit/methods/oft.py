@@ -17,11 +17,8 @@ exact form (I − Q)(I + Q)⁻¹ — the two are each other's transpose); PEFT's
 PEFT 0.21 (which never applies it), has no effect; COFT (``coft=True``: projecting the trained values in place during
 the forward) is refused — an adapter here is a pure function of its parameters. Hosts: Linear (PEFT's) and GPT-2
 Conv1D (peftkit only: no PEFT file); PEFT's Conv2d / Embedding OFT are not reproduced.
-As the only active adapter with at least d_out rows (frozen float32/64 weight, no dropout) the layer runs as x·(W0·Rᵀ)ᵀ + b
-through ``core.dense`` (W0·Rᵀ built block by block, rebuilt in backward instead of kept; x kept without a copy where its
-producer allows) — fewer products than rotating every input row, and PEFT's rotated-input activations are not kept;
-otherwise base(x·R) (one small rotation, the base GEMM); next to other adapters it adds base(x·R) − base(x) =
-(x·R − x)·W0ᵀ.
+As the only active adapter the layer runs base(x·R) (one small rotation, the base GEMM); next to other adapters it adds
+base(x·R) − base(x) = (x·R − x)·W0ᵀ.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ from torch import nn
 
 from peftkit.core.adapter import Adapter
 from peftkit.core.config import AdapterConfig
-from peftkit.core.dense import DenseUpdate
 from peftkit.core.errors import PeftkitError
 from peftkit.core.hf import HFTensor, config_from_hf
 from peftkit.core.host import Host
@@ -140,7 +136,7 @@ def cayley(q: torch.Tensor, b: int, neumann_terms: int | None) -> torch.Tensor:
     hosts=_HOSTS,
     hf_peft_type="OFT",
 )
-class OFT(DenseUpdate, Adapter):
+class OFT(Adapter):
     additive = False  # rotates the host weight (W·R): its update depends on W (see Adapter.additive)
     def __init__(self, host: Host, config: OFTConfig) -> None:
         super().__init__(host, config)
@@ -165,15 +161,7 @@ class OFT(DenseUpdate, Adapter):
         return xr.reshape(shape)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = DenseUpdate.fused_forward(self, x)  # x·(W0·Rᵀ)ᵀ through core.dense when that pays, else base(x·R)
-        return out if out is not None else self.host.module(self.rotate(x).to(x.dtype))
-
-    def dense_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """W0·Rᵀ, block by block: (W0·Rᵀ)[:, block i] = W0[:, block i]·R_iᵀ — d_out·d_in·b products, fewer than
-        rotating N ≥ d_out input rows."""
-        d_out = w.shape[0]
-        blocks_ = torch.einsum("ork,rck->orc", w.reshape(d_out, self.n, self.b), self.rotations().to(w.dtype))
-        return blocks_.reshape(d_out, -1)
+        return self.host.module(self.rotate(x).to(x.dtype))
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         w = self.host.weight_2d()
