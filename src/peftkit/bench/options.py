@@ -33,6 +33,9 @@ OPTIONS: dict[str, list[str]] = {
     "qwha": [],
     "triadaptlora": ["--opt", "total_steps={steps}"],  # T of the rank-growth schedule = the run
     "diffora": ["--opt", "search_steps={steps_third}"],  # relaxed search for the first third, then discretise
+    # VB-LoRA's (and PEFT's) default vector length 256 does not divide MiniLM's width 384: its sub-vectors must tile
+    # every targeted d_in and d_out
+    "vblora": ["--opt", "vector_length=128"],
 }
 
 #: ``--quick``: one fast method per family (LoRA is the reference), each well under a second per step at 2 threads
